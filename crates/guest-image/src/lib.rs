@@ -1,0 +1,206 @@
+//! The hugevisor guest image: one PVH ELF holding every built-in workload.
+//!
+//! Built by `build.rs` from `guest/` (GNU as + gcc + ld, no cross toolchain). Any VMM
+//! that boots PVH ELFs (QEMU `-M microvm`, Cloud Hypervisor, Firecracker) can run it;
+//! parameters come from the PVH start-info command line, or from the default command
+//! line stored in the image header when the loader passes none
+//! ([`image_with_default_cmdline`]). hugevisor itself enters at the 64-bit ring-3 entry
+//! ([`abi::ImageInfo::user_entry`]) after writing the tables the PVH path would build.
+
+pub mod abi;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The image as built, with its stock default command line.
+pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hvguest.elf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown workload {0:?}; choose one of: touch, verify, stream, random, fault")]
+    UnknownWorkload(String),
+    #[error("guest command line is {len} bytes; at most {max} fit in the image header")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("guest command line must be printable ASCII without NUL: {0:?}")]
+    CmdlineNotAscii(String),
+    #[error("guest image is malformed: {0} (rebuild hugevisor)")]
+    Malformed(&'static str),
+}
+
+/// The built-in workloads (see `guest/workloads.c`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Workload {
+    /// Each vCPU writes every page of its partition once per pass.
+    Touch,
+    /// Memory-integrity checker: (page number, generation) per page, checked every pass.
+    Verify,
+    /// Sequential read-modify-write of every word.
+    Stream,
+    /// One read-modify-write per page, pages in a scrambled order.
+    Random,
+    /// Takes a deliberate page fault (tests the exception path).
+    Fault,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::Touch,
+        Workload::Verify,
+        Workload::Stream,
+        Workload::Random,
+        Workload::Fault,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Touch => "touch",
+            Workload::Verify => "verify",
+            Workload::Stream => "stream",
+            Workload::Random => "random",
+            Workload::Fault => "fault",
+        }
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Workload {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| Error::UnknownWorkload(s.to_string()))
+    }
+}
+
+/// Guest parameters, rendered as the command line the guest parses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestParams {
+    pub workload: Workload,
+    /// Passes per vCPU; `None` runs until the VMM sets the mailbox stop flag.
+    pub passes: Option<u64>,
+    pub vcpus: u32,
+    pub seed: u64,
+}
+
+impl GuestParams {
+    pub fn cmdline(&self) -> String {
+        format!(
+            "workload={} passes={} vcpus={} seed={}",
+            self.workload,
+            self.passes.unwrap_or(0),
+            self.vcpus,
+            self.seed
+        )
+    }
+}
+
+fn read_u16(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+fn read_u64(b: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+/// File offset of the image header (the bytes loaded at [`abi::IMAGE_BASE`]).
+///
+/// Hand-parsed: only the ELF64 program headers of our own image are read, which is less
+/// code than adapting a general ELF crate to in-place patching.
+pub fn header_file_offset(elf: &[u8]) -> Result<usize, Error> {
+    if elf.get(0..4) != Some(b"\x7fELF".as_slice()) || elf.get(4) != Some(&2) {
+        return Err(Error::Malformed("not an ELF64 file"));
+    }
+    let phoff = read_u64(elf, 0x20).ok_or(Error::Malformed("truncated ELF header"))? as usize;
+    let phentsize = read_u16(elf, 0x36).ok_or(Error::Malformed("truncated ELF header"))? as usize;
+    let phnum = read_u16(elf, 0x38).ok_or(Error::Malformed("truncated ELF header"))? as usize;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let p_type = elf.get(ph..ph + 4).ok_or(Error::Malformed("truncated program header"))?;
+        let p_offset = read_u64(elf, ph + 8).ok_or(Error::Malformed("truncated program header"))?;
+        let p_paddr = read_u64(elf, ph + 24).ok_or(Error::Malformed("truncated program header"))?;
+        let p_filesz = read_u64(elf, ph + 32).ok_or(Error::Malformed("truncated program header"))?;
+        if p_type == 1u32.to_le_bytes() && p_paddr <= abi::IMAGE_BASE && abi::IMAGE_BASE < p_paddr + p_filesz {
+            return Ok((p_offset + abi::IMAGE_BASE - p_paddr) as usize);
+        }
+    }
+    Err(Error::Malformed("no loadable segment at the image base"))
+}
+
+/// Reads the image header from an ELF image.
+pub fn image_info(elf: &[u8]) -> Result<abi::ImageInfo, Error> {
+    let off = header_file_offset(elf)?;
+    let size = std::mem::size_of::<abi::ImageInfo>();
+    let bytes = elf.get(off..off + size).ok_or(Error::Malformed("truncated image header"))?;
+    // SAFETY: `bytes` is exactly size_of::<ImageInfo>() long and ImageInfo is a repr(C)
+    // struct of integers and a byte array, valid for any bit pattern; read_unaligned
+    // copes with the slice's alignment.
+    let info = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<abi::ImageInfo>()) };
+    if info.magic != abi::IMAGE_MAGIC {
+        return Err(Error::Malformed("bad image header magic"));
+    }
+    if info.abi_version != abi::ABI_VERSION {
+        return Err(Error::Malformed("image ABI version differs from this hugevisor"));
+    }
+    Ok(info)
+}
+
+/// The image with `cmdline` stored as its default command line: what the guest runs
+/// when the loader passes an empty PVH command line (`qemu -kernel FILE` without `-append`).
+pub fn image_with_default_cmdline(cmdline: &str) -> Result<Vec<u8>, Error> {
+    if !cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(Error::CmdlineNotAscii(cmdline.to_string()));
+    }
+    if cmdline.len() >= abi::CMDLINE_MAX {
+        return Err(Error::CmdlineTooLong { len: cmdline.len(), max: abi::CMDLINE_MAX - 1 });
+    }
+    let mut elf = IMAGE.to_vec();
+    let off = header_file_offset(&elf)? + std::mem::offset_of!(abi::ImageInfo, default_cmdline);
+    let field = elf
+        .get_mut(off..off + abi::CMDLINE_MAX)
+        .ok_or(Error::Malformed("truncated image header"))?;
+    field.fill(0);
+    field[..cmdline.len()].copy_from_slice(cmdline.as_bytes());
+    Ok(elf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_matches_abi() {
+        let info = image_info(IMAGE).unwrap();
+        assert_eq!(info.max_vcpus as usize, abi::MAX_VCPUS);
+        assert_eq!(info.data_start, abi::DATA_START);
+        assert!(info.image_end <= abi::DATA_START);
+        assert_eq!(info.kernel_stacks % abi::KSTACK_SIZE, 0);
+        assert_eq!(info.page_tables % 4096, 0);
+        assert!(info.mailbox >= abi::IMAGE_BASE && info.mailbox + 0x5000 <= info.image_end);
+        assert!(info.user_entry > abi::IMAGE_BASE && info.user_entry < info.image_end);
+    }
+
+    #[test]
+    fn default_cmdline_is_patched() {
+        let elf = image_with_default_cmdline("workload=random passes=2").unwrap();
+        let info = image_info(&elf).unwrap();
+        assert!(info.default_cmdline.starts_with(b"workload=random passes=2\0"));
+        assert!(matches!(
+            image_with_default_cmdline(&"x".repeat(300)),
+            Err(Error::CmdlineTooLong { .. })
+        ));
+        assert!(image_with_default_cmdline("a\nb").is_err());
+    }
+
+    #[test]
+    fn workload_names_round_trip() {
+        for w in Workload::ALL {
+            assert_eq!(w.name().parse::<Workload>().unwrap(), w);
+        }
+        assert!("nope".parse::<Workload>().is_err());
+    }
+}

@@ -37,7 +37,13 @@ fn main() {
     let compiler = build.get_compiler();
     let image = out.join("hvguest.elf");
     let status = Command::new(compiler.path())
-        .args(["-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,-n"])
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,--build-id=none",
+            "-Wl,-n",
+        ])
         .arg("-Wl,-T,guest/link.ld")
         .args(&objects)
         .arg("-o")

@@ -112,30 +112,70 @@ fn read_u64(b: &[u8], off: usize) -> Option<u64> {
 /// Hand-parsed: only the ELF64 program headers of our own image are read, which is less
 /// code than adapting a general ELF crate to in-place patching.
 pub fn header_file_offset(elf: &[u8]) -> Result<usize, Error> {
+    let base = elf.as_ptr() as usize;
+    load_segments(elf)?
+        .iter()
+        .find(|s| s.paddr <= abi::IMAGE_BASE && abi::IMAGE_BASE < s.paddr + s.file.len() as u64)
+        .map(|s| s.file.as_ptr() as usize - base + (abi::IMAGE_BASE - s.paddr) as usize)
+        .ok_or(Error::Malformed("no loadable segment at the image base"))
+}
+
+/// A loadable segment of the image: `file` bytes go to `paddr`; the rest of `mem_size`
+/// is zero (fresh guest RAM already is).
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    pub paddr: u64,
+    pub file: &'a [u8],
+    pub mem_size: u64,
+}
+
+/// The PT_LOAD segments of an ELF64 image.
+pub fn load_segments(elf: &[u8]) -> Result<Vec<Segment<'_>>, Error> {
+    let (phoff, phentsize, phnum) = program_headers(elf)?;
+    let mut out = Vec::new();
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        let trunc = || Error::Malformed("truncated program header");
+        let p_type = elf.get(ph..ph + 4).ok_or_else(trunc)?;
+        if p_type != 1u32.to_le_bytes() {
+            continue;
+        }
+        let p_offset = read_u64(elf, ph + 8).ok_or_else(trunc)?;
+        let p_paddr = read_u64(elf, ph + 24).ok_or_else(trunc)?;
+        let p_filesz = read_u64(elf, ph + 32).ok_or_else(trunc)?;
+        let p_memsz = read_u64(elf, ph + 40).ok_or_else(trunc)?;
+        let file = usize::try_from(p_offset)
+            .ok()
+            .zip(usize::try_from(p_filesz).ok())
+            .and_then(|(o, n)| elf.get(o..o.checked_add(n)?))
+            .ok_or(Error::Malformed("segment outside the file"))?;
+        out.push(Segment {
+            paddr: p_paddr,
+            file,
+            mem_size: p_memsz.max(p_filesz),
+        });
+    }
+    Ok(out)
+}
+
+fn program_headers(elf: &[u8]) -> Result<(usize, usize, usize), Error> {
     if elf.get(0..4) != Some(b"\x7fELF".as_slice()) || elf.get(4) != Some(&2) {
         return Err(Error::Malformed("not an ELF64 file"));
     }
-    let phoff = read_u64(elf, 0x20).ok_or(Error::Malformed("truncated ELF header"))? as usize;
-    let phentsize = read_u16(elf, 0x36).ok_or(Error::Malformed("truncated ELF header"))? as usize;
-    let phnum = read_u16(elf, 0x38).ok_or(Error::Malformed("truncated ELF header"))? as usize;
-    for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        let p_type = elf.get(ph..ph + 4).ok_or(Error::Malformed("truncated program header"))?;
-        let p_offset = read_u64(elf, ph + 8).ok_or(Error::Malformed("truncated program header"))?;
-        let p_paddr = read_u64(elf, ph + 24).ok_or(Error::Malformed("truncated program header"))?;
-        let p_filesz = read_u64(elf, ph + 32).ok_or(Error::Malformed("truncated program header"))?;
-        if p_type == 1u32.to_le_bytes() && p_paddr <= abi::IMAGE_BASE && abi::IMAGE_BASE < p_paddr + p_filesz {
-            return Ok((p_offset + abi::IMAGE_BASE - p_paddr) as usize);
-        }
-    }
-    Err(Error::Malformed("no loadable segment at the image base"))
+    let trunc = || Error::Malformed("truncated ELF header");
+    let phoff = read_u64(elf, 0x20).ok_or_else(trunc)? as usize;
+    let phentsize = read_u16(elf, 0x36).ok_or_else(trunc)? as usize;
+    let phnum = read_u16(elf, 0x38).ok_or_else(trunc)? as usize;
+    Ok((phoff, phentsize, phnum))
 }
 
 /// Reads the image header from an ELF image.
 pub fn image_info(elf: &[u8]) -> Result<abi::ImageInfo, Error> {
     let off = header_file_offset(elf)?;
     let size = std::mem::size_of::<abi::ImageInfo>();
-    let bytes = elf.get(off..off + size).ok_or(Error::Malformed("truncated image header"))?;
+    let bytes = elf
+        .get(off..off + size)
+        .ok_or(Error::Malformed("truncated image header"))?;
     // SAFETY: `bytes` is exactly size_of::<ImageInfo>() long and ImageInfo is a repr(C)
     // struct of integers and a byte array, valid for any bit pattern; read_unaligned
     // copes with the slice's alignment.
@@ -144,7 +184,9 @@ pub fn image_info(elf: &[u8]) -> Result<abi::ImageInfo, Error> {
         return Err(Error::Malformed("bad image header magic"));
     }
     if info.abi_version != abi::ABI_VERSION {
-        return Err(Error::Malformed("image ABI version differs from this hugevisor"));
+        return Err(Error::Malformed(
+            "image ABI version differs from this hugevisor",
+        ));
     }
     Ok(info)
 }
@@ -156,7 +198,10 @@ pub fn image_with_default_cmdline(cmdline: &str) -> Result<Vec<u8>, Error> {
         return Err(Error::CmdlineNotAscii(cmdline.to_string()));
     }
     if cmdline.len() >= abi::CMDLINE_MAX {
-        return Err(Error::CmdlineTooLong { len: cmdline.len(), max: abi::CMDLINE_MAX - 1 });
+        return Err(Error::CmdlineTooLong {
+            len: cmdline.len(),
+            max: abi::CMDLINE_MAX - 1,
+        });
     }
     let mut elf = IMAGE.to_vec();
     let off = header_file_offset(&elf)? + std::mem::offset_of!(abi::ImageInfo, default_cmdline);
@@ -188,7 +233,9 @@ mod tests {
     fn default_cmdline_is_patched() {
         let elf = image_with_default_cmdline("workload=random passes=2").unwrap();
         let info = image_info(&elf).unwrap();
-        assert!(info.default_cmdline.starts_with(b"workload=random passes=2\0"));
+        assert!(info
+            .default_cmdline
+            .starts_with(b"workload=random passes=2\0"));
         assert!(matches!(
             image_with_default_cmdline(&"x".repeat(300)),
             Err(Error::CmdlineTooLong { .. })

@@ -1,0 +1,15 @@
+//! Guest RAM for hugevisor: backings (shmem and hugetlb memfds, anonymous memory with
+//! optional thp), the guest view and the staging view, and the host memory facts that
+//! decide whether a request can be met (hugetlb pools, MemAvailable, thp settings).
+//!
+//! Words: **hugetlb** means pages from hugetlbfs pools; **thp** means transparent huge
+//! pages. The **guest view** is what KVM maps; the **staging view** is the VMM's.
+
+pub mod backing;
+pub mod error;
+pub mod host;
+pub mod size;
+
+pub use backing::{BackingKind, GuestRam, Prefault, RamConfig, ThpMode, ViewLayout};
+pub use error::Error;
+pub use host::HostPaths;

@@ -1,0 +1,119 @@
+//! Helpers for hugevisor's end-to-end tests: find the real `hugevisor` binary, check the
+//! host capabilities a test needs, run the binary and parse its JSON.
+//!
+//! A test whose capability is missing prints why and skips — unless
+//! `HUGEVISOR_REQUIRE_HOST=1` (set by `.ci/run` on machines with /dev/kvm), where a
+//! skip is a failure.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// Serialises tests that take hugetlb pool pages, so parallel tests do not starve
+/// each other's pools.
+pub static HUGETLB_POOL: Mutex<()> = Mutex::new(());
+
+/// Path of the `hugevisor` binary built alongside the tests (`target/<profile>/hugevisor`),
+/// or `$HUGEVISOR_BIN`.
+pub fn hugevisor_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUGEVISOR_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/hugevisor
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile> directory");
+    let bin = profile_dir.join("hugevisor");
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with `cargo test --workspace` (which builds it) or set HUGEVISOR_BIN",
+        bin.display()
+    );
+    bin
+}
+
+pub fn hugevisor() -> Command {
+    Command::new(hugevisor_path())
+}
+
+fn require_host() -> bool {
+    std::env::var("HUGEVISOR_REQUIRE_HOST").is_ok_and(|v| v == "1")
+}
+
+/// Skips (returns false) when the host lacks `what`, or panics under HUGEVISOR_REQUIRE_HOST=1.
+pub fn host_has(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if require_host() {
+        panic!("HUGEVISOR_REQUIRE_HOST=1 but this host lacks {what}");
+    }
+    eprintln!("SKIP: this host lacks {what}");
+    false
+}
+
+pub fn have_kvm() -> bool {
+    host_has(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm")
+}
+
+fn read_num(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Free (unreserved) pages in the hugetlb pool of `page_kib` KiB pages.
+pub fn hugetlb_free_pages(page_kib: u64) -> u64 {
+    let dir = format!("/sys/kernel/mm/hugepages/hugepages-{page_kib}kB");
+    read_num(&format!("{dir}/free_hugepages"))
+        .saturating_sub(read_num(&format!("{dir}/resv_hugepages")))
+}
+
+pub fn have_hugetlb(page_kib: u64, pages: u64) -> bool {
+    host_has(
+        hugetlb_free_pages(page_kib) >= pages,
+        &format!("{pages} free {page_kib} KiB hugetlb pages (.ci/run reserves them)"),
+    )
+}
+
+/// Result of one `hugevisor` invocation.
+pub struct Run {
+    pub output: Output,
+    pub json: Option<serde_json::Value>,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.output.status.code().unwrap_or(-1)
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn json(&self) -> &serde_json::Value {
+        self.json.as_ref().unwrap_or_else(|| {
+            panic!(
+                "no JSON on stdout; exit {}; stderr:\n{}",
+                self.code(),
+                self.stderr()
+            )
+        })
+    }
+    pub fn u64(&self, key: &str) -> u64 {
+        self.json()[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} missing in {}", self.json()))
+    }
+}
+
+/// Runs `hugevisor` with `args`, parsing stdout as JSON when it is JSON.
+pub fn run(args: &[&str]) -> Run {
+    let output = hugevisor().args(args).output().expect("spawning hugevisor");
+    let json = serde_json::from_slice(&output.stdout).ok();
+    Run { output, json }
+}

@@ -1,0 +1,274 @@
+//! The `hugevisor` command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use guest_image::Workload;
+use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
+
+use crate::console::ConsoleMode;
+use crate::run::{CorruptionTest, Outcome, RunConfig, RunLimit};
+use crate::vstate::vm::DEFAULT_KVM_DEVICE;
+
+/// Exit status: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: bad input or a host/VMM problem (message on stderr).
+pub const EXIT_ERROR: i32 = 1;
+/// Exit status: the guest found integrity errors.
+pub const EXIT_INTEGRITY: i32 = 2;
+/// Exit status: the guest took an exception.
+pub const EXIT_GUEST_EXCEPTION: i32 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hugevisor",
+    version,
+    about = "A KVM VMM about guest memory management"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a built-in guest workload in a new VM.
+    Run(RunArgs),
+    /// Write the built-in guest image (a PVH ELF other VMMs can boot).
+    GuestImage(GuestImageArgs),
+    /// Report what this host offers (KVM, userfaultfd, huge pages, THP, NUMA) and how to fix what is missing.
+    Caps(CapsArgs),
+    /// Benchmarks (see docs/benchmarks.md).
+    Bench(crate::bench::BenchArgs),
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    guest_mm::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 5s, 500ms, 2m"))?;
+    if d.is_zero() {
+        return Err("duration must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_workload(s: &str) -> Result<Workload, String> {
+    s.parse().map_err(|e: guest_image::Error| e.to_string())
+}
+
+fn parse_backing(s: &str) -> Result<BackingKind, String> {
+    s.parse().map_err(|e: guest_mm::Error| e.to_string())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ThpArg {
+    Off,
+    On,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Guest RAM size (e.g. 512M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size, allow_hyphen_values = true)]
+    memory: u64,
+    /// Guest RAM backing: shmem, hugetlb-2m, hugetlb-1g, anon.
+    #[arg(long, default_value = "shmem", value_parser = parse_backing)]
+    backing: BackingKind,
+    /// Transparent huge pages for the anon backing (MADV_HUGEPAGE).
+    #[arg(long, value_enum, default_value = "off")]
+    thp: ThpArg,
+    /// Populate all guest RAM before the guest starts (MADV_POPULATE_WRITE).
+    #[arg(long)]
+    prefault: bool,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Workload: touch, verify, stream, random, fault.
+    #[arg(long, default_value = "verify", value_parser = parse_workload)]
+    workload: Workload,
+    /// Run the workload for this long (e.g. 5s); the default is 5s (one pass for touch).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "passes")]
+    duration: Option<Duration>,
+    /// Run this many passes per vCPU instead of a duration.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    passes: Option<u64>,
+    /// Seed for the random workload.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object instead of the human summary.
+    #[arg(long)]
+    json: bool,
+    /// Where guest console output goes.
+    #[arg(long, value_enum, default_value = "stderr")]
+    console: ConsoleMode,
+    /// Give up (and stop the guest) after this long.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// KVM device node.
+    #[arg(long, default_value = DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+    /// Testing: after vCPU 0's first pass, corrupt one word of a guest page through the
+    /// staging view; `verify` must then report that page.
+    #[arg(long)]
+    inject_corruption: bool,
+}
+
+#[derive(Args, Debug)]
+struct GuestImageArgs {
+    /// Workload the image runs when the loader gives no command line.
+    #[arg(long, default_value = "verify", value_parser = parse_workload)]
+    workload: Workload,
+    /// Passes per vCPU in the default command line (other VMMs cannot stop it otherwise).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    passes: u64,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CapsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// KVM device node to check.
+    #[arg(long, default_value = DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+}
+
+impl RunArgs {
+    pub fn to_config(&self, process_start_ns: u64) -> Result<RunConfig, String> {
+        let limit = match (self.duration, self.passes) {
+            (Some(d), _) => RunLimit::Duration(d),
+            (None, Some(p)) => RunLimit::Passes(p),
+            (None, None) if self.workload == Workload::Touch => RunLimit::Passes(1),
+            (None, None) => RunLimit::Duration(Duration::from_secs(5)),
+        };
+        let timeout = self.timeout.unwrap_or(match limit {
+            RunLimit::Duration(d) => d + Duration::from_secs(60),
+            RunLimit::Passes(_) => Duration::from_secs(600),
+        });
+        Ok(RunConfig {
+            ram: RamConfig {
+                size: self.memory,
+                backing: self.backing,
+                thp: match self.thp {
+                    ThpArg::Off => ThpMode::Off,
+                    ThpArg::On => ThpMode::Madvise,
+                },
+                prefault: if self.prefault {
+                    Prefault::Populate
+                } else {
+                    Prefault::No
+                },
+                ..RamConfig::default()
+            },
+            vcpus: self.vcpus,
+            workload: self.workload,
+            limit,
+            seed: self.seed,
+            console: self.console,
+            kvm_device: self.kvm_device.clone(),
+            timeout,
+            corruption: if self.inject_corruption {
+                CorruptionTest::AfterFirstPass
+            } else {
+                CorruptionTest::None
+            },
+            process_start_ns,
+        })
+    }
+}
+
+fn cmd_run(args: &RunArgs, start_ns: u64) -> i32 {
+    let cfg = match args.to_config(start_ns) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    match crate::run::run(&cfg) {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => return fail(&format!("serializing the report: {e}")),
+                }
+            } else {
+                print!("{report}");
+            }
+            match report.outcome {
+                Outcome::Ok => EXIT_OK,
+                Outcome::IntegrityErrors => {
+                    if let Some(e) = &report.first_error {
+                        eprintln!(
+                            "hugevisor: error: guest found {} integrity error(s); first on vCPU {} at GPA {:#x}: expected {:#x}, found {:#x}",
+                            report.integrity_errors, e.vcpu, e.gpa, e.expected, e.found
+                        );
+                    }
+                    EXIT_INTEGRITY
+                }
+                Outcome::GuestException => {
+                    if let Some(x) = &report.exception {
+                        eprintln!(
+                            "hugevisor: error: guest exception on vCPU {}: {} (vector {}), error code {:#x}, CR2 {:#x}, RIP {:#x}",
+                            x.vcpu, x.name, x.vector, x.error_code, x.cr2, x.rip
+                        );
+                    }
+                    EXIT_GUEST_EXCEPTION
+                }
+            }
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn cmd_guest_image(args: &GuestImageArgs) -> i32 {
+    let cmdline = format!("workload={} passes={}", args.workload, args.passes);
+    let elf = match guest_image::image_with_default_cmdline(&cmdline) {
+        Ok(e) => e,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if let Err(e) = std::fs::write(&args.out, &elf) {
+        return fail(&format!("writing {}: {e}", args.out.display()));
+    }
+    eprintln!(
+        "wrote {} ({} bytes): PVH ELF, default command line \"{cmdline}\"",
+        args.out.display(),
+        elf.len()
+    );
+    EXIT_OK
+}
+
+pub fn fail(msg: &str) -> i32 {
+    eprintln!("hugevisor: error: {msg}");
+    EXIT_ERROR
+}
+
+/// Runs the CLI; returns the process exit status.
+pub fn main(process_start_ns: u64) -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // One line: clap's first line names the problem; usage is one --help away.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            return fail(&format!(
+                "{} (see --help)",
+                first.trim_start_matches("error: ")
+            ));
+        }
+        Err(e) => {
+            let _ = e.print();
+            return EXIT_OK;
+        }
+    };
+    match &cli.command {
+        Command::Run(a) => cmd_run(a, process_start_ns),
+        Command::GuestImage(a) => cmd_guest_image(a),
+        Command::Caps(a) => crate::caps::cmd_caps(a.json, &a.kvm_device),
+        Command::Bench(a) => crate::bench::cmd_bench(a),
+    }
+}

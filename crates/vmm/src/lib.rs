@@ -1,0 +1,23 @@
+//! hugevisor's VMM: KVM VM and vCPU threads, the fast-path boot of the built-in guest,
+//! the run loop and its report. The binary's CLI is in `cli.rs`.
+//!
+//! Where things are:
+//! - vCPU loop and exit handling: [`vstate::vcpu`]
+//! - VM, memslots: [`vstate::vm`]
+//! - entering the guest image (tables, registers): [`boot`]
+//! - one workload run, start to report: [`run`]
+//! - guest RAM (backings, views): the `guest-mm` crate
+
+pub mod bench;
+pub mod boot;
+pub mod caps;
+pub mod cli;
+pub mod clock;
+pub mod console;
+pub mod error;
+pub mod mailbox;
+pub mod procfs;
+pub mod run;
+pub mod vstate;
+
+pub use error::{Error, Result};

@@ -1,0 +1,508 @@
+//! One run of a built-in guest workload: build the VM, run the vCPUs, watch the mailbox,
+//! stop on time, and report what the guest measured.
+//!
+//! Order matters for "nothing half-built": host capabilities are checked first (KVM),
+//! then guest RAM is validated and created (guest-mm checks pools and limits before it
+//! maps anything), then the VM. Everything is owned by this function's stack, so an error
+//! at any step drops what exists in reverse order.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use guest_image::abi;
+use guest_image::{GuestParams, Workload};
+use guest_mm::{GuestRam, RamConfig};
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::Killable;
+
+use crate::boot;
+use crate::clock::{monotonic_ns, TscClock, TscPoint};
+use crate::console::{Console, ConsoleMode};
+use crate::error::{Error, Result};
+use crate::mailbox::Mailbox;
+use crate::procfs;
+use crate::vstate::vcpu::{
+    install_kick_handler, kick_signal, Vcpu, VcpuEnd, VcpuOutcome, VcpuShared,
+};
+use crate::vstate::vm::{open_kvm, Vm};
+
+/// When the workload ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunLimit {
+    /// The VMM sets the mailbox stop flag after this long; vCPUs finish their pass.
+    Duration(Duration),
+    /// Each vCPU runs this many passes.
+    Passes(u64),
+}
+
+/// A deliberate fault injected by the VMM, to prove the guest's checks work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CorruptionTest {
+    None,
+    /// After vCPU 0's first pass, overwrite one word of a page in its partition through
+    /// the staging view (the VMM's own access path).
+    AfterFirstPass,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub ram: RamConfig,
+    pub vcpus: u32,
+    pub workload: Workload,
+    pub limit: RunLimit,
+    pub seed: u64,
+    pub console: ConsoleMode,
+    pub kvm_device: PathBuf,
+    pub timeout: Duration,
+    pub corruption: CorruptionTest,
+    /// Monotonic time at process start (for start-up latency).
+    pub process_start_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    IntegrityErrors,
+    GuestException,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IntegrityError {
+    pub vcpu: usize,
+    pub gpa: u64,
+    pub expected: u64,
+    pub found: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GuestException {
+    pub vcpu: usize,
+    pub vector: u64,
+    pub name: &'static str,
+    pub error_code: u64,
+    pub cr2: u64,
+    pub rip: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Startup {
+    /// Process start to the first guest instruction (the earliest vCPU's ring-3 entry).
+    pub to_first_insn_ms: f64,
+    /// Process start to the end of the workload's last pass.
+    pub to_workload_end_ms: f64,
+    pub first_insn_monotonic_ns: u64,
+    pub process_start_monotonic_ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuReport {
+    pub vcpu: usize,
+    pub passes: u64,
+    pub pages_touched: u64,
+    pub bytes: u64,
+    pub integrity_errors: u64,
+    pub last_pass_ms: f64,
+    pub max_pass_ms: f64,
+    pub bytes_per_sec: f64,
+    /// Throughput of the last pass alone: warm memory, no first-touch faults.
+    pub steady_bytes_per_sec: f64,
+    pub guest_exits: u64,
+    pub partition: [u64; 2],
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub workload: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub backing: String,
+    pub page_size: u64,
+    pub prefault: bool,
+    pub entry: &'static str,
+    pub outcome: Outcome,
+    pub elapsed_ms: f64,
+    pub passes: u64,
+    pub pages_touched: u64,
+    pub integrity_errors: u64,
+    pub guest_exits: u64,
+    pub bytes_per_sec: f64,
+    /// Sum over vCPUs of their last pass's throughput (warm memory).
+    pub steady_bytes_per_sec: f64,
+    pub max_pass_ms: f64,
+    pub first_error: Option<IntegrityError>,
+    pub exception: Option<GuestException>,
+    pub corrupted_gpa: Option<u64>,
+    pub startup: Startup,
+    pub tsc_khz: u64,
+    pub vmm_rss_bytes: u64,
+    pub guest_ram_rss_bytes: u64,
+    /// Resident memory of the VMM itself: everything but the guest RAM views.
+    pub vmm_overhead_rss_bytes: u64,
+    pub per_vcpu: Vec<VcpuReport>,
+}
+
+const VECTOR_NAMES: [&str; 32] = [
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
+    "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "reserved", "reserved",
+    "reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
+];
+
+const POLL: Duration = Duration::from_millis(2);
+/// How long vCPUs get to finish their pass after the stop flag before they are kicked.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+struct RunningVcpu {
+    handle: JoinHandle<VcpuOutcome>,
+}
+
+fn kick_until_finished(threads: &[RunningVcpu]) {
+    for _ in 0..500 {
+        if threads.iter().all(|t| t.handle.is_finished()) {
+            return;
+        }
+        for t in threads.iter().filter(|t| !t.handle.is_finished()) {
+            let _ = t.handle.kill(kick_signal());
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Builds the VM, runs the workload and reports. Errors are returned only for problems
+/// of the VMM or the host; guest-detected failures are in [`RunReport::outcome`].
+pub fn run(cfg: &RunConfig) -> Result<RunReport> {
+    let origin = TscPoint::now();
+    cfg.ram.check_shape()?;
+    let vcpus = cfg.vcpus as usize;
+    if vcpus == 0 || vcpus > abi::MAX_VCPUS {
+        return Err(Error::Config(format!(
+            "--vcpus {vcpus}: must be between 1 and {}",
+            abi::MAX_VCPUS
+        )));
+    }
+    if !cfg.ram.size.is_multiple_of(2 << 20) {
+        return Err(Error::Config(format!(
+            "--memory {}: must be a multiple of 2 MiB (the guest maps its RAM with 2 MiB pages)",
+            cfg.ram.size
+        )));
+    }
+    let data_pages = cfg.ram.size.saturating_sub(abi::DATA_START) / 4096;
+    if data_pages < vcpus as u64 {
+        return Err(Error::Config(format!(
+            "--memory {} leaves {data_pages} data pages for {vcpus} vCPUs; give each vCPU at least one page",
+            cfg.ram.size
+        )));
+    }
+    // Host capabilities first, so a missing KVM leaves nothing behind.
+    let kvm = open_kvm(&cfg.kvm_device)?;
+    install_kick_handler()?;
+
+    let ram = GuestRam::create(&cfg.ram)?;
+    let mem = ram.staging();
+    let image = boot::load_image(mem, guest_image::IMAGE, ram.size())?;
+    let params = GuestParams {
+        workload: cfg.workload,
+        passes: match cfg.limit {
+            RunLimit::Passes(p) => Some(p),
+            RunLimit::Duration(_) => None,
+        },
+        vcpus: cfg.vcpus,
+        seed: cfg.seed,
+    };
+    boot::write_boot_tables(mem, &image, ram.size(), vcpus, &params.cmdline())?;
+    let mailbox = Mailbox::new(image.info.mailbox);
+
+    let vm = Vm::new(&kvm)?;
+    vm.register_ram(&ram)?;
+    let built: Vec<Vcpu> = (0..vcpus)
+        .map(|i| Vcpu::new(&vm, i, &image))
+        .collect::<Result<_>>()?;
+
+    let shared = Arc::new(VcpuShared {
+        stop: Default::default(),
+    });
+    let console = Arc::new(Console::new(cfg.console));
+    let launch_ns = monotonic_ns();
+    let mut threads = Vec::with_capacity(vcpus);
+    for vcpu in built {
+        let index = vcpu.index();
+        let (s, c) = (shared.clone(), console.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu.run(s, c));
+        match spawned {
+            Ok(handle) => threads.push(RunningVcpu { handle }),
+            Err(source) => {
+                shared.stop.store(true, Ordering::Release);
+                kick_until_finished(&threads);
+                return Err(Error::Thread { index, source });
+            }
+        }
+    }
+
+    // Watch the run.
+    let deadline = launch_ns + cfg.timeout.as_nanos() as u64;
+    let stop_at = match cfg.limit {
+        RunLimit::Duration(d) => Some(launch_ns + d.as_nanos() as u64),
+        RunLimit::Passes(_) => None,
+    };
+    let mut stop_requested_at: Option<u64> = None;
+    let mut corrupted_gpa = None;
+    let mut timed_out = false;
+    while !threads.iter().all(|t| t.handle.is_finished()) {
+        std::thread::sleep(POLL);
+        let now = monotonic_ns();
+        if stop_requested_at.is_none() && stop_at.is_some_and(|t| now >= t) {
+            mailbox.request_stop(mem);
+            stop_requested_at = Some(now);
+        }
+        if cfg.corruption == CorruptionTest::AfterFirstPass && corrupted_gpa.is_none() {
+            let slot = mailbox.slot(mem, 0);
+            if slot.passes >= 1 {
+                let pages = (slot.part_end - slot.part_start) / 4096;
+                let gpa = slot.part_start + pages / 2 * 4096 + 8;
+                let word: u64 = mem.read_obj(GuestAddress(gpa)).unwrap_or(0);
+                mem.write_obj(word ^ 0x5a5a_0000_0000_5a5a, GuestAddress(gpa))
+                    .map_err(|e| Error::GuestWrite {
+                        gpa,
+                        what: e.to_string(),
+                    })?;
+                corrupted_gpa = Some(gpa & !0xfff);
+            }
+        }
+        // One vCPU's failure ends the run for all.
+        if threads.iter().any(|t| t.handle.is_finished()) && stop_requested_at.is_none() {
+            let failed = (0..vcpus).any(|i| {
+                let st = mailbox.slot(mem, i).state;
+                st == abi::STATE_EXCEPTION || st == abi::STATE_BAD_PARAMS
+            });
+            if failed {
+                mailbox.request_stop(mem);
+                stop_requested_at = Some(now);
+            }
+        }
+        let grace_over = stop_requested_at.is_some_and(|t| now >= t + STOP_GRACE.as_nanos() as u64);
+        if now >= deadline || grace_over {
+            timed_out = true;
+            shared.stop.store(true, Ordering::Release);
+            kick_until_finished(&threads);
+            break;
+        }
+    }
+    let mut outcomes = Vec::with_capacity(vcpus);
+    for (index, t) in threads.into_iter().enumerate() {
+        let o = t.handle.join().map_err(|_| Error::Vcpu {
+            index,
+            what: "vCPU thread panicked".into(),
+        })?;
+        outcomes.push(o);
+    }
+    let end_ns = monotonic_ns();
+    let clock = TscClock::calibrate(origin);
+
+    // Resident memory while guest RAM is still mapped.
+    let (vmm_rss, ram_rss) = procfs::rss_split(&ram.host_ranges()).map_err(|source| Error::Io {
+        what: "reading /proc/self/smaps".into(),
+        source,
+    })?;
+
+    let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
+    for (index, o) in outcomes.iter().enumerate() {
+        if let Err(what) = &o.end {
+            return Err(Error::Vcpu {
+                index,
+                what: with_console(what, &console),
+            });
+        }
+        if o.end
+            == Ok(VcpuEnd::Exited {
+                code: abi::EXIT_BAD_PARAMS,
+            })
+        {
+            return Err(Error::Vcpu {
+                index,
+                what: with_console("the guest rejected its parameters", &console),
+            });
+        }
+    }
+    let exception = slots
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.state == abi::STATE_EXCEPTION)
+        .map(|(i, s)| GuestException {
+            vcpu: i,
+            vector: s.exc_vector,
+            name: VECTOR_NAMES[(s.exc_vector & 31) as usize],
+            error_code: s.exc_error_code,
+            cr2: s.exc_cr2,
+            rip: s.exc_rip,
+        });
+    if timed_out && exception.is_none() {
+        return Err(Error::Timeout(cfg.timeout));
+    }
+
+    let per_vcpu: Vec<VcpuReport> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let secs = clock.cycles_to_ms(s.end_tsc.saturating_sub(s.start_tsc)) / 1000.0;
+            VcpuReport {
+                vcpu: i,
+                passes: s.passes,
+                pages_touched: s.pages_touched,
+                bytes: s.bytes,
+                integrity_errors: s.integrity_errors,
+                last_pass_ms: clock.cycles_to_ms(s.last_pass_cycles),
+                max_pass_ms: clock.cycles_to_ms(s.max_pass_cycles),
+                bytes_per_sec: if secs > 0.0 {
+                    s.bytes as f64 / secs
+                } else {
+                    0.0
+                },
+                steady_bytes_per_sec: {
+                    let last = clock.cycles_to_ms(s.last_pass_cycles) / 1000.0;
+                    if last > 0.0 && s.passes > 0 {
+                        s.bytes as f64 / s.passes as f64 / last
+                    } else {
+                        0.0
+                    }
+                },
+                guest_exits: outcomes[i].exits,
+                partition: [s.part_start, s.part_end],
+            }
+        })
+        .collect();
+    let first_error = slots
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.integrity_errors > 0)
+        .map(|(i, s)| IntegrityError {
+            vcpu: i,
+            gpa: s.err_gpa,
+            expected: s.err_expected,
+            found: s.err_found,
+        });
+    let integrity_errors: u64 = slots.iter().map(|s| s.integrity_errors).sum();
+    let first_insn_tsc = slots
+        .iter()
+        .map(|s| s.entry_tsc)
+        .filter(|&t| t != 0)
+        .min()
+        .unwrap_or(origin.tsc);
+    let first_insn_ns = clock.tsc_to_monotonic_ns(first_insn_tsc);
+    let last_end_tsc = slots.iter().map(|s| s.end_tsc).max().unwrap_or(0);
+    let end_ns_guest = if last_end_tsc > 0 {
+        clock.tsc_to_monotonic_ns(last_end_tsc)
+    } else {
+        end_ns
+    };
+    let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e6;
+
+    Ok(RunReport {
+        workload: cfg.workload.to_string(),
+        vcpus: cfg.vcpus,
+        memory_bytes: ram.size(),
+        backing: ram.backing().to_string(),
+        page_size: ram.page_size(),
+        prefault: cfg.ram.prefault == guest_mm::Prefault::Populate,
+        entry: "ring-3 fast path",
+        outcome: if exception.is_some() {
+            Outcome::GuestException
+        } else if integrity_errors > 0 {
+            Outcome::IntegrityErrors
+        } else {
+            Outcome::Ok
+        },
+        elapsed_ms: ms(launch_ns, end_ns),
+        passes: per_vcpu.iter().map(|v| v.passes).sum(),
+        pages_touched: per_vcpu.iter().map(|v| v.pages_touched).sum(),
+        integrity_errors,
+        guest_exits: outcomes.iter().map(|o| o.exits).sum(),
+        bytes_per_sec: per_vcpu.iter().map(|v| v.bytes_per_sec).sum(),
+        steady_bytes_per_sec: per_vcpu.iter().map(|v| v.steady_bytes_per_sec).sum(),
+        max_pass_ms: per_vcpu.iter().map(|v| v.max_pass_ms).fold(0.0, f64::max),
+        first_error,
+        exception,
+        corrupted_gpa,
+        startup: Startup {
+            to_first_insn_ms: ms(cfg.process_start_ns, first_insn_ns),
+            to_workload_end_ms: ms(cfg.process_start_ns, end_ns_guest),
+            first_insn_monotonic_ns: first_insn_ns,
+            process_start_monotonic_ns: cfg.process_start_ns,
+        },
+        tsc_khz: clock.khz(),
+        vmm_rss_bytes: vmm_rss,
+        guest_ram_rss_bytes: ram_rss,
+        vmm_overhead_rss_bytes: vmm_rss.saturating_sub(ram_rss),
+        per_vcpu,
+    })
+}
+
+fn with_console(what: &str, console: &Console) -> String {
+    let recent = console.recent();
+    if recent.is_empty() {
+        what.to_string()
+    } else {
+        format!(
+            "{what}\n  last guest console lines:\n    {}",
+            recent.join("\n    ")
+        )
+    }
+}
+
+impl std::fmt::Display for RunReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} on {} vCPU(s), {} MiB {} ({} KiB pages){}: {}",
+            self.workload,
+            self.vcpus,
+            self.memory_bytes >> 20,
+            self.backing,
+            self.page_size >> 10,
+            if self.prefault { ", prefaulted" } else { "" },
+            match self.outcome {
+                Outcome::Ok => "ok",
+                Outcome::IntegrityErrors => "INTEGRITY ERRORS",
+                Outcome::GuestException => "GUEST EXCEPTION",
+            }
+        )?;
+        writeln!(
+            f,
+            "  {:.1} ms, {} passes, {} pages, {:.1} MiB/s ({:.1} MiB/s warm), worst pass {:.2} ms, {} guest exits",
+            self.elapsed_ms,
+            self.passes,
+            self.pages_touched,
+            self.bytes_per_sec / (1 << 20) as f64,
+            self.steady_bytes_per_sec / (1 << 20) as f64,
+            self.max_pass_ms,
+            self.guest_exits
+        )?;
+        writeln!(
+            f,
+            "  start-up: first guest instruction at {:.1} ms, workload end at {:.1} ms; VMM overhead RSS {} KiB",
+            self.startup.to_first_insn_ms,
+            self.startup.to_workload_end_ms,
+            self.vmm_overhead_rss_bytes >> 10
+        )?;
+        if let Some(e) = &self.first_error {
+            writeln!(
+                f,
+                "  integrity errors: {} (first on vCPU {} at GPA {:#x}: expected {:#x}, found {:#x})",
+                self.integrity_errors, e.vcpu, e.gpa, e.expected, e.found
+            )?;
+        }
+        if let Some(x) = &self.exception {
+            writeln!(
+                f,
+                "  guest exception on vCPU {}: {} (vector {}) error code {:#x}, CR2 {:#x}, RIP {:#x}",
+                x.vcpu, x.name, x.vector, x.error_code, x.cr2, x.rip
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,3 @@
+//! KVM state: the VM ([`vm`]) and its vCPUs with the vCPU loop ([`vcpu`]).
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,162 @@
+//! vCPUs and the vCPU loop: one thread per vCPU running `KVM_RUN` and handling exits.
+//!
+//! Guests report through the shared mailbox, so exits are rare: console bytes, the
+//! per-vCPU exit port, and errors. The VMM interrupts a vCPU with a signal
+//! ([`kick_signal`]) that makes `KVM_RUN` return `EINTR`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use guest_image::abi;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::boot::{self, LoadedImage};
+use crate::console::{Console, LineBuffer};
+use crate::error::{kvm, Error, Result};
+use crate::vstate::vm::Vm;
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process; its only job is to make
+/// `KVM_RUN` return with `EINTR`.
+pub fn install_kick_handler() -> Result<()> {
+    static INSTALLED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(Error::Signal)
+}
+
+/// How a vCPU's loop ended, when it ended normally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// The guest wrote `code` to the exit port (see `abi::EXIT_*`).
+    Exited { code: u8 },
+    /// The vCPU executed `hlt` in ring 0 (after an exception report, or a stray halt).
+    Halted,
+    /// The VMM stopped it (timeout or teardown).
+    Stopped,
+}
+
+#[derive(Debug)]
+pub struct VcpuOutcome {
+    pub end: std::result::Result<VcpuEnd, String>,
+    /// Number of `KVM_RUN` returns (guest exits) this vCPU took.
+    pub exits: u64,
+}
+
+enum Step {
+    Continue,
+    End(VcpuEnd),
+    Fail(String),
+}
+
+/// State shared between a vCPU thread and the VMM.
+pub struct VcpuShared {
+    pub stop: AtomicBool,
+}
+
+pub struct Vcpu {
+    index: usize,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` and puts it at the image's ring-3 entry (the fast path).
+    pub fn new(vm: &Vm, index: usize, image: &LoadedImage) -> Result<Vcpu> {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(vm.cpuid()).map_err(kvm("KVM_SET_CPUID2"))?;
+        let base = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        fd.set_sregs(&boot::ring3_sregs(&base, image, index))
+            .map_err(kvm("KVM_SET_SREGS"))?;
+        fd.set_regs(&boot::ring3_regs(image, index))
+            .map_err(kvm("KVM_SET_REGS"))?;
+        Ok(Vcpu { index, fd })
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr2={:#x}",
+                r.rip, r.rsp, r.rflags, s.cs.selector, s.cr2
+            ),
+            _ => "registers unavailable".to_string(),
+        }
+    }
+
+    /// The vCPU loop. Runs until the guest finishes, fails, or `shared.stop` is set.
+    pub fn run(mut self, shared: Arc<VcpuShared>, console: Arc<Console>) -> VcpuOutcome {
+        let mut exits = 0u64;
+        let mut line = LineBuffer::default();
+        let end = loop {
+            if shared.stop.load(Ordering::Acquire) {
+                break Ok(VcpuEnd::Stopped);
+            }
+            exits += 1;
+            // Decide inside the match (which borrows the kvm_run page), describe the
+            // vCPU's registers after it.
+            let step = match self.fd.run() {
+                Ok(VcpuExit::IoOut(abi::PORT_SERIAL, data)) => {
+                    for &b in data {
+                        line.push(&console, b);
+                    }
+                    Step::Continue
+                }
+                Ok(VcpuExit::IoOut(abi::PORT_EXIT, data)) => Step::End(VcpuEnd::Exited {
+                    code: data.first().copied().unwrap_or(0),
+                }),
+                // Other 16550 registers and unknown ports: writes are ignored.
+                Ok(VcpuExit::IoOut(..)) => Step::Continue,
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    // 16550 line status: transmitter empty; everything else floats high.
+                    data.fill(if port == abi::PORT_SERIAL + 5 {
+                        0x60
+                    } else {
+                        0xff
+                    });
+                    Step::Continue
+                }
+                Ok(VcpuExit::Hlt) => Step::End(VcpuEnd::Halted),
+                Ok(VcpuExit::Intr) => Step::Continue,
+                Ok(VcpuExit::Shutdown) => Step::Fail("guest triple fault (shutdown)".into()),
+                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Step::Fail(
+                    format!("guest accessed guest-physical {addr:#x}, outside guest RAM"),
+                ),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fail(format!(
+                    "KVM entry failed (reason {reason:#x} on host cpu {cpu})"
+                )),
+                Ok(other) => Step::Fail(format!("unexpected KVM exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Err(e) if e.errno() == libc::EFAULT => Step::Fail(
+                    "KVM_RUN: bad address: the host mapping behind a guest access is missing or \
+                     inaccessible"
+                        .into(),
+                ),
+                Err(e) => Step::Fail(format!("KVM_RUN failed: {e}")),
+            };
+            match step {
+                Step::Continue => {}
+                Step::End(end) => break Ok(end),
+                Step::Fail(what) => break Err(format!("{what}; {}", self.describe_state())),
+            }
+        };
+        line.flush(&console);
+        VcpuOutcome { end, exits }
+    }
+}

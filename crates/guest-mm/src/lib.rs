@@ -8,7 +8,10 @@
 pub mod backing;
 pub mod error;
 pub mod host;
+pub mod notifier;
 pub mod size;
+pub mod stage;
+pub mod table;
 
 pub use backing::{BackingKind, GuestRam, Prefault, RamConfig, ThpMode, ViewLayout};
 pub use error::Error;

@@ -1,6 +1,9 @@
 //! Reading this process's memory use from /proc/self/smaps.
 
-/// Resident bytes of this process: (total, inside the given host VA ranges).
+/// Resident bytes of this process: (total, in mappings overlapping the given host VA ranges).
+///
+/// Overlap rather than containment: the kernel may merge an anonymous guest-RAM mapping
+/// with a neighbouring anonymous VMA, and smaps reports RSS per VMA.
 pub fn rss_split(ranges: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let (mut total, mut inside) = (0u64, 0u64);
@@ -9,7 +12,7 @@ pub fn rss_split(ranges: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some((lo, hi)) = first.split_once('-') {
             if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
-                current_inside = ranges.iter().any(|&(s, e)| lo >= s && hi <= e);
+                current_inside = ranges.iter().any(|&(s, e)| lo < e && hi > s);
                 continue;
             }
         }

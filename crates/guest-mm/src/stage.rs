@@ -1,0 +1,221 @@
+//! The second-stage table behind its one door: every change is widened, notified, applied.
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::notifier::{GpaRange, InvalidateReason, MmuNotifier, SeqToken};
+use crate::table::{
+    Accounting, Dirtied, Intent, LeafSize, LeafSpec, Lookup, PageState, Run, Table, TableError,
+};
+
+/// A change to the table that the guest may observe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Map [start, end) with leaves of `size` (linear backing from `spec.backing`).
+    Map {
+        range: GpaRange,
+        size: LeafSize,
+        spec: LeafSpec,
+    },
+    Unmap {
+        range: GpaRange,
+    },
+    /// Split the leaf at `gpa` down to `to`.
+    Split {
+        gpa: u64,
+        to: LeafSize,
+    },
+    /// Merge the `to`-sized region at `gpa` into one leaf.
+    Merge {
+        gpa: u64,
+        to: LeafSize,
+    },
+    /// Present leaves in the range become hinted (whole leaves: the range is widened).
+    Hint {
+        range: GpaRange,
+    },
+    /// Leaves in the range become absent (their content must come again).
+    MarkAbsent {
+        range: GpaRange,
+    },
+}
+
+impl Change {
+    fn range(&self) -> GpaRange {
+        match *self {
+            Change::Map { range, .. }
+            | Change::Unmap { range }
+            | Change::Hint { range }
+            | Change::MarkAbsent { range } => range,
+            Change::Split { gpa, to } => GpaRange::new(gpa, gpa + to.bytes()),
+            Change::Merge { gpa, to } => GpaRange::new(gpa, gpa + to.bytes()),
+        }
+    }
+
+    fn reason(&self) -> InvalidateReason {
+        match self {
+            Change::Map { .. } | Change::Unmap { .. } => InvalidateReason::Unmap,
+            Change::Split { .. } => InvalidateReason::Split,
+            Change::Merge { .. } => InvalidateReason::Collapse,
+            Change::Hint { .. } => InvalidateReason::NumaHint,
+            Change::MarkAbsent { .. } => InvalidateReason::StateChange,
+        }
+    }
+}
+
+/// The table, its notifier, and the host backing page size (a change is never narrower
+/// than one backing page: the host cannot zap part of a hugetlb page).
+pub struct SecondStage {
+    table: Mutex<Table>,
+    notifier: MmuNotifier,
+    backing_page: u64,
+}
+
+impl SecondStage {
+    pub fn new(backing_page: u64) -> SecondStage {
+        SecondStage {
+            table: Mutex::new(Table::empty()),
+            notifier: MmuNotifier::default(),
+            backing_page,
+        }
+    }
+
+    pub fn notifier(&self) -> &MmuNotifier {
+        &self.notifier
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock leaves a consistent table (every operation
+        // completes its writes before returning), so a poisoned lock is still usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The range a change of `range` may zap: every leaf overlapping it, whole piecewise
+    /// huge pages, and whole backing pages (seed 002: notify at least what is cleared).
+    pub fn widen(&self, range: GpaRange) -> GpaRange {
+        widen(&self.lock(), range, self.backing_page)
+    }
+
+    /// Applies `change` through the notifier; returns the range that was invalidated.
+    pub fn apply(&self, change: Change) -> Result<GpaRange, TableError> {
+        let mut t = self.lock();
+        let range = widen(&t, change.range(), self.backing_page);
+        let reason = change.reason();
+        self.notifier.start(range, reason);
+        let r = apply_to(&mut t, change, range);
+        self.notifier.end(range, reason);
+        r.map(|_| range)
+    }
+
+    pub fn lookup(&self, gpa: u64, intent: Intent) -> Lookup {
+        self.lock().lookup(gpa, intent)
+    }
+
+    pub fn seq(&self) -> SeqToken {
+        self.notifier.seq()
+    }
+
+    /// The fault path's commit: if no invalidation ran since `token`, make the leaf at
+    /// `gpa` present and accessed, then run `install` (the host-side mapping, e.g.
+    /// UFFDIO_CONTINUE) while still holding the table, so no invalidation can slip
+    /// between the check and the install. Returns `Ok(false)` when the caller must retry.
+    pub fn resolve<E>(
+        &self,
+        gpa: u64,
+        token: SeqToken,
+        dirtied: Dirtied,
+        install: impl FnOnce() -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let mut t = self.lock();
+        if !self.notifier.unchanged_since(token) {
+            return Ok(false);
+        }
+        let span = t.zap_span(gpa);
+        t.set_state(
+            span.0,
+            span.1,
+            &[PageState::Hinted, PageState::Absent],
+            PageState::Present,
+        );
+        t.mark_accessed(gpa, dirtied);
+        install()?;
+        Ok(true)
+    }
+
+    pub fn accounting(&self) -> Accounting {
+        self.lock().accounting()
+    }
+
+    pub fn runs(&self) -> Vec<Run> {
+        self.lock().runs()
+    }
+
+    pub fn occupancy_2m(&self, gpa: u64) -> u32 {
+        self.lock().occupancy_2m(gpa)
+    }
+
+    /// Runs `f` on the table without notification: for read-only inspection.
+    pub fn inspect<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
+        f(&self.lock())
+    }
+}
+
+fn widen(t: &Table, range: GpaRange, backing_page: u64) -> GpaRange {
+    if range.is_empty() {
+        return range;
+    }
+    let first = t.zap_span(range.start);
+    let last = t.zap_span(range.end - 1);
+    let mut r = GpaRange::new(range.start.min(first.0), range.end.max(last.1));
+    r.start &= !(backing_page - 1);
+    r.end = r.end.div_ceil(backing_page) * backing_page;
+    r
+}
+
+fn apply_to(t: &mut Table, change: Change, widened: GpaRange) -> Result<(), TableError> {
+    match change {
+        Change::Map { range, size, spec } => {
+            let step = size.bytes();
+            if !range.start.is_multiple_of(step) || !range.end.is_multiple_of(step) {
+                return Err(TableError::Unaligned {
+                    gpa: range.start,
+                    size,
+                });
+            }
+            let mut gpa = range.start;
+            while gpa < range.end {
+                let backing = crate::table::BackingRef {
+                    zone: spec.backing.zone,
+                    offset: spec.backing.offset + (gpa - range.start),
+                };
+                t.map(gpa, size, LeafSpec { backing, ..spec })?;
+                gpa += step;
+            }
+            Ok(())
+        }
+        Change::Unmap { range } => {
+            t.unmap(range.start, range.end);
+            Ok(())
+        }
+        Change::Split { gpa, to } => t.split(gpa, to),
+        Change::Merge { gpa, to } => t.merge(gpa, to),
+        // Whole leaves: the widened range, so no leaf is split to hint part of it.
+        Change::Hint { .. } => {
+            t.set_state(
+                widened.start,
+                widened.end,
+                &[PageState::Present],
+                PageState::Hinted,
+            );
+            Ok(())
+        }
+        Change::MarkAbsent { .. } => {
+            t.set_state(
+                widened.start,
+                widened.end,
+                &[PageState::Present, PageState::Hinted],
+                PageState::Absent,
+            );
+            Ok(())
+        }
+    }
+}

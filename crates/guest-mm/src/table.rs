@@ -1,0 +1,799 @@
+//! The second-stage table: hugevisor's own map of guest-physical memory, what EPT is to
+//! the hardware, kept by the VMM.
+//!
+//! A 512-way radix table like the hardware's: a root of 1 GiB entries, tables of 2 MiB
+//! entries, tables of 4 KiB entries. Each entry is empty, a **leaf** (4 KiB, 2 MiB or
+//! 1 GiB) or a table. A leaf records its backing (zone and offset), NUMA node, state
+//! (present, absent, hinted) and accessed/dirty.
+//!
+//! **High-granularity mapping** (seed 004): a huge backing page (hugetlb 2 MiB/1 GiB) may
+//! be present piecewise, as 4 KiB leaves in a table marked with the huge page it maps
+//! pieces of. However many pieces are present it counts as **one** logical mapping.
+//! Only creating paths (post-copy CONTINUE of a piece: [`Table::map_piece`]) create such
+//! tables.
+//!
+//! This module is the data structure only. Every change a guest may observe goes through
+//! [`crate::stage::SecondStage`], which widens the range and runs the mmu notifier.
+
+use serde::Serialize;
+
+pub const SIZE_4K: u64 = 1 << 12;
+pub const SIZE_2M: u64 = 1 << 21;
+pub const SIZE_1G: u64 = 1 << 30;
+/// The table covers guest-physical [0, 512 GiB).
+pub const GPA_LIMIT: u64 = 512 * SIZE_1G;
+const FANOUT: usize = 512;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum LeafSize {
+    #[serde(rename = "4K")]
+    Size4K,
+    #[serde(rename = "2M")]
+    Size2M,
+    #[serde(rename = "1G")]
+    Size1G,
+}
+
+impl LeafSize {
+    pub const ALL: [LeafSize; 3] = [LeafSize::Size4K, LeafSize::Size2M, LeafSize::Size1G];
+
+    pub fn bytes(self) -> u64 {
+        match self {
+            LeafSize::Size4K => SIZE_4K,
+            LeafSize::Size2M => SIZE_2M,
+            LeafSize::Size1G => SIZE_1G,
+        }
+    }
+
+    fn shift(self) -> u32 {
+        self.bytes().trailing_zeros()
+    }
+
+    fn from_shift(shift: u32) -> LeafSize {
+        match shift {
+            12 => LeafSize::Size4K,
+            21 => LeafSize::Size2M,
+            _ => LeafSize::Size1G,
+        }
+    }
+
+    /// The next smaller leaf size, if any.
+    pub fn smaller(self) -> Option<LeafSize> {
+        match self {
+            LeafSize::Size4K => None,
+            LeafSize::Size2M => Some(LeafSize::Size4K),
+            LeafSize::Size1G => Some(LeafSize::Size2M),
+        }
+    }
+
+    pub fn for_bytes(bytes: u64) -> Option<LeafSize> {
+        LeafSize::ALL.into_iter().find(|s| s.bytes() == bytes)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PageState {
+    /// Content is here and the guest view maps it.
+    Present,
+    /// Content is not here yet (e.g. during post-copy): any access must wait for it.
+    Absent,
+    /// Content is here but the guest-view mapping was zapped so that the next vCPU access
+    /// takes a NUMA-hint fault. Internal accesses and accounting treat it as present.
+    Hinted,
+}
+
+impl PageState {
+    /// Whether the content is final (present or hinted): what occupancy counts.
+    pub fn has_content(self) -> bool {
+        !matches!(self, PageState::Absent)
+    }
+}
+
+/// Where a leaf's content lives: a zone (one memfd / backing object) and a byte offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct BackingRef {
+    pub zone: u16,
+    pub offset: u64,
+}
+
+impl BackingRef {
+    fn plus(self, bytes: u64) -> BackingRef {
+        BackingRef {
+            zone: self.zone,
+            offset: self.offset + bytes,
+        }
+    }
+}
+
+/// What a new leaf holds (the part of a leaf its creator chooses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafSpec {
+    pub state: PageState,
+    pub node: u16,
+    /// Backing of the first byte; later bytes follow linearly.
+    pub backing: BackingRef,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Leaf {
+    pub size: LeafSize,
+    pub state: PageState,
+    pub node: u16,
+    pub backing: BackingRef,
+    pub accessed: bool,
+    pub dirty: bool,
+}
+
+impl Leaf {
+    fn new(size: LeafSize, spec: LeafSpec) -> Leaf {
+        Leaf {
+            size,
+            state: spec.state,
+            node: spec.node,
+            backing: spec.backing,
+            accessed: false,
+            dirty: false,
+        }
+    }
+
+    /// Whether `self` followed by 511 more leaves like it could be one leaf of the next size.
+    fn continues(&self, first: &Leaf, index: u64) -> bool {
+        self.size == first.size
+            && self.state == first.state
+            && self.node == first.node
+            && self.backing == first.backing.plus(index * first.size.bytes())
+    }
+}
+
+/// Who is asking, and so whether a hinted entry faults (the FOLL_HONOR_NUMA_FAULT lesson,
+/// seed 003, named for what it means).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// A vCPU's access: a hinted entry takes the hint fault.
+    Vcpu,
+    /// The VMM's own access (device emulation, migration sender, introspection): a hinted
+    /// entry is present and does not fault.
+    Internal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultCause {
+    /// The content is not here yet.
+    Absent,
+    /// A NUMA-hint fault (vCPU accesses only).
+    Hint,
+}
+
+/// The leaf that maps an address, with its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    pub start: u64,
+    pub leaf: Leaf,
+}
+
+impl Mapped {
+    /// Backing of the byte at `gpa` (inside this leaf).
+    pub fn backing_at(&self, gpa: u64) -> BackingRef {
+        self.leaf.backing.plus(gpa - self.start)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Mapped(Mapped),
+    Fault(Mapped, FaultCause),
+    Unmapped,
+}
+
+/// A huge backing page mapped piecewise by a table of smaller leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct HugePiecewise {
+    pub page: LeafSize,
+    pub backing: BackingRef,
+    pub node: u16,
+}
+
+#[derive(Clone, Debug, Default)]
+enum Entry {
+    #[default]
+    Empty,
+    Leaf(Leaf),
+    Table(Box<Table>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Table {
+    /// log2 of the bytes one entry maps (30, 21, 12).
+    shift: u32,
+    entries: Vec<Entry>,
+    /// Set when this table maps pieces of one huge backing page.
+    piecewise: Option<HugePiecewise>,
+}
+
+/// Errors of table operations: misuse by the caller, reported rather than panicking.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("guest-physical {gpa:#x} is not aligned to {size:?}")]
+    Unaligned { gpa: u64, size: LeafSize },
+    #[error("guest-physical {gpa:#x} is beyond the table's 512 GiB")]
+    OutOfRange { gpa: u64 },
+    #[error("nothing is mapped at guest-physical {gpa:#x}")]
+    NotMapped { gpa: u64 },
+    #[error("the {size:?} region at {gpa:#x} cannot merge: {why}")]
+    NotMergeable {
+        gpa: u64,
+        size: LeafSize,
+        why: &'static str,
+    },
+    #[error("the leaf at {gpa:#x} is already {size:?}; cannot split to that size")]
+    NotSplittable { gpa: u64, size: LeafSize },
+}
+
+/// Counts for the VMM's smaps-like accounting. Hinted pages count as present.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Accounting {
+    pub present_bytes: u64,
+    pub absent_bytes: u64,
+    /// Included in `present_bytes`.
+    pub hinted_bytes: u64,
+    pub leaves_4k: u64,
+    pub leaves_2m: u64,
+    pub leaves_1g: u64,
+    /// Huge backing pages mapped piecewise (each also one logical mapping).
+    pub piecewise_huge_pages: u64,
+    /// Mappings as a huge backing page's owner sees them: a leaf is one, a piecewise huge
+    /// page is one however many pieces it has.
+    pub logical_mappings: u64,
+}
+
+/// A run of equal leaves, for the memory map listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Run {
+    pub start: u64,
+    pub end: u64,
+    pub size: LeafSize,
+    pub state: PageState,
+    pub node: u16,
+    pub zone: u16,
+    pub piecewise: bool,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table::new(LeafSize::Size1G.shift(), None)
+    }
+}
+
+impl Table {
+    fn new(shift: u32, piecewise: Option<HugePiecewise>) -> Table {
+        Table {
+            shift,
+            entries: vec![Entry::Empty; FANOUT],
+            piecewise,
+        }
+    }
+
+    /// An empty table covering [0, 512 GiB).
+    pub fn empty() -> Table {
+        Table::default()
+    }
+
+    fn entry_size(&self) -> u64 {
+        1 << self.shift
+    }
+
+    fn index(&self, gpa: u64) -> usize {
+        ((gpa >> self.shift) as usize) & (FANOUT - 1)
+    }
+
+    fn check(gpa: u64, size: LeafSize) -> Result<(), TableError> {
+        if gpa >= GPA_LIMIT {
+            return Err(TableError::OutOfRange { gpa });
+        }
+        if !gpa.is_multiple_of(size.bytes()) {
+            return Err(TableError::Unaligned { gpa, size });
+        }
+        Ok(())
+    }
+
+    /// Installs a leaf of `size` at `gpa`, replacing whatever mapped that range (a larger
+    /// leaf around it is split first).
+    pub fn map(&mut self, gpa: u64, size: LeafSize, spec: LeafSpec) -> Result<(), TableError> {
+        Self::check(gpa, size)?;
+        self.map_at(gpa, size, spec);
+        Ok(())
+    }
+
+    fn map_at(&mut self, gpa: u64, size: LeafSize, spec: LeafSpec) {
+        let i = self.index(gpa);
+        if self.shift == size.shift() {
+            self.entries[i] = Entry::Leaf(Leaf::new(size, spec));
+            return;
+        }
+        let child = self.child_for(i);
+        child.map_at(gpa, size, spec);
+    }
+
+    /// The table under entry `i`, splitting a leaf or creating an empty table as needed.
+    fn child_for(&mut self, i: usize) -> &mut Table {
+        let child_shift = self.shift - 9;
+        let replaced = std::mem::take(&mut self.entries[i]);
+        self.entries[i] = match replaced {
+            Entry::Table(t) => Entry::Table(t),
+            Entry::Empty => Entry::Table(Box::new(Table::new(child_shift, None))),
+            Entry::Leaf(leaf) => Entry::Table(Box::new(Table::split_leaf(leaf, child_shift))),
+        };
+        match &mut self.entries[i] {
+            Entry::Table(t) => t,
+            _ => unreachable!("entry was just made a table"),
+        }
+    }
+
+    /// 512 leaves of the next smaller size with the same state and linear backing. If the
+    /// leaf was one huge backing page, the new table maps pieces of it.
+    fn split_leaf(leaf: Leaf, child_shift: u32) -> Table {
+        let child = LeafSize::from_shift(child_shift);
+        let mut t = Table::new(
+            child_shift,
+            Some(HugePiecewise {
+                page: leaf.size,
+                backing: leaf.backing,
+                node: leaf.node,
+            }),
+        );
+        for (k, e) in t.entries.iter_mut().enumerate() {
+            let mut l = leaf;
+            l.size = child;
+            l.backing = leaf.backing.plus(k as u64 * child.bytes());
+            *e = Entry::Leaf(l);
+        }
+        t
+    }
+
+    /// Maps one `piece` of a huge backing page (post-copy CONTINUE of part of a hugetlb
+    /// page): creates the piecewise table for the huge page at `huge_start` if needed;
+    /// other pieces stay as they were (absent ones are not mapped).
+    pub fn map_piece(
+        &mut self,
+        gpa: u64,
+        piece: LeafSize,
+        huge: LeafSize,
+        spec: LeafSpec,
+    ) -> Result<(), TableError> {
+        Self::check(gpa, piece)?;
+        if piece >= huge {
+            return Err(TableError::NotSplittable { gpa, size: piece });
+        }
+        let huge_start = gpa & !(huge.bytes() - 1);
+        let huge_backing = BackingRef {
+            zone: spec.backing.zone,
+            offset: spec.backing.offset.saturating_sub(gpa - huge_start),
+        };
+        let pw = HugePiecewise {
+            page: huge,
+            backing: huge_backing,
+            node: spec.node,
+        };
+        self.map_piece_at(gpa, piece, huge, pw, spec);
+        Ok(())
+    }
+
+    fn map_piece_at(
+        &mut self,
+        gpa: u64,
+        piece: LeafSize,
+        huge: LeafSize,
+        pw: HugePiecewise,
+        spec: LeafSpec,
+    ) {
+        let i = self.index(gpa);
+        if self.shift == huge.shift() {
+            // The entry for the huge page itself: make it a piecewise table.
+            let child_shift = self.shift - 9;
+            let is_piecewise_table =
+                matches!(&self.entries[i], Entry::Table(t) if t.piecewise == Some(pw));
+            if !is_piecewise_table {
+                let mut t = Table::new(child_shift, Some(pw));
+                if let Entry::Leaf(l) = self.entries[i] {
+                    t = Table::split_leaf(l, child_shift);
+                    t.piecewise = Some(pw);
+                }
+                self.entries[i] = Entry::Table(Box::new(t));
+            }
+            if let Entry::Table(t) = &mut self.entries[i] {
+                t.map_at(gpa, piece, spec);
+            }
+            return;
+        }
+        let child = self.child_for(i);
+        child.map_piece_at(gpa, piece, huge, pw, spec);
+    }
+
+    /// Removes every mapping in [start, end); partly covered leaves are split first.
+    pub fn unmap(&mut self, start: u64, end: u64) {
+        self.for_range_mut(start, end.min(GPA_LIMIT), &mut |e| *e = Entry::Empty);
+    }
+
+    /// Applies `f` to every entry fully inside [start, end), splitting leaves that are
+    /// partly inside. Empty tables left behind are freed.
+    fn for_range_mut(&mut self, start: u64, end: u64, f: &mut dyn FnMut(&mut Entry)) {
+        self.for_range_mut_at(0, start, end, f);
+    }
+
+    fn for_range_mut_at(&mut self, base: u64, start: u64, end: u64, f: &mut dyn FnMut(&mut Entry)) {
+        let size = self.entry_size();
+        for i in 0..FANOUT {
+            let es = base + i as u64 * size;
+            let ee = es + size;
+            if ee <= start || es >= end {
+                continue;
+            }
+            if start <= es && ee <= end {
+                f(&mut self.entries[i]);
+                continue;
+            }
+            if matches!(self.entries[i], Entry::Empty) {
+                continue;
+            }
+            let child = self.child_for(i);
+            child.for_range_mut_at(es, start, end, f);
+            if child.entries.iter().all(|e| matches!(e, Entry::Empty)) {
+                self.entries[i] = Entry::Empty;
+            }
+        }
+    }
+
+    /// Sets the state of every mapped leaf in [start, end) whose state is in `from`.
+    /// Leaves partly in the range are split (callers that must not split widen first).
+    pub fn set_state(&mut self, start: u64, end: u64, from: &[PageState], to: PageState) {
+        self.for_range_mut(start, end.min(GPA_LIMIT), &mut |e| {
+            set_state_entry(e, from, to)
+        });
+    }
+
+    /// Splits the leaf that maps `gpa` down to leaves of `to`.
+    pub fn split(&mut self, gpa: u64, to: LeafSize) -> Result<(), TableError> {
+        Self::check(gpa, to)?;
+        let m = match self.lookup(gpa, Intent::Internal) {
+            Lookup::Mapped(m) | Lookup::Fault(m, _) => m,
+            Lookup::Unmapped => return Err(TableError::NotMapped { gpa }),
+        };
+        if m.leaf.size <= to {
+            return Err(TableError::NotSplittable {
+                gpa,
+                size: m.leaf.size,
+            });
+        }
+        let mut size = m.leaf.size;
+        while size > to {
+            let Some(smaller) = size.smaller() else { break };
+            self.split_entry_at(gpa, size);
+            size = smaller;
+        }
+        Ok(())
+    }
+
+    fn split_entry_at(&mut self, gpa: u64, leaf: LeafSize) {
+        let i = self.index(gpa);
+        if self.shift == leaf.shift() {
+            self.child_for(i);
+            return;
+        }
+        if let Entry::Table(t) = &mut self.entries[i] {
+            t.split_entry_at(gpa, leaf);
+        }
+    }
+
+    /// Replaces the 512 leaves under the `to`-sized region at `gpa` with one leaf of
+    /// `to`: they must all be leaves of the next smaller size, with equal state and node
+    /// and linear backing (a 1 GiB merge first merges each 2 MiB).
+    pub fn merge(&mut self, gpa: u64, to: LeafSize) -> Result<(), TableError> {
+        Self::check(gpa, to)?;
+        let Some(smaller) = to.smaller() else {
+            return Err(TableError::NotMergeable {
+                gpa,
+                size: to,
+                why: "4 KiB is the smallest leaf",
+            });
+        };
+        self.merge_at(gpa, to, smaller)
+    }
+
+    fn merge_at(&mut self, gpa: u64, to: LeafSize, smaller: LeafSize) -> Result<(), TableError> {
+        let i = self.index(gpa);
+        if self.shift != to.shift() {
+            return match &mut self.entries[i] {
+                Entry::Table(t) => t.merge_at(gpa, to, smaller),
+                Entry::Leaf(l) if l.size > to => Err(TableError::NotMergeable {
+                    gpa,
+                    size: to,
+                    why: "already inside a larger leaf",
+                }),
+                _ => Err(TableError::NotMapped { gpa }),
+            };
+        }
+        let merged = match &mut self.entries[i] {
+            Entry::Leaf(_) => {
+                return Err(TableError::NotMergeable {
+                    gpa,
+                    size: to,
+                    why: "already one leaf",
+                })
+            }
+            Entry::Empty => return Err(TableError::NotMapped { gpa }),
+            Entry::Table(t) => {
+                if let Some(next) = smaller.smaller() {
+                    for k in 0..FANOUT {
+                        let sub = gpa + k as u64 * smaller.bytes();
+                        if matches!(t.entries[k], Entry::Table(_)) {
+                            t.merge_at(sub, smaller, next)?;
+                        }
+                    }
+                }
+                let first = match t.entries[0] {
+                    Entry::Leaf(l) => l,
+                    _ => {
+                        return Err(TableError::NotMergeable {
+                            gpa,
+                            size: to,
+                            why: "not fully mapped",
+                        })
+                    }
+                };
+                for (k, e) in t.entries.iter().enumerate() {
+                    match e {
+                        Entry::Leaf(l) if l.continues(&first, k as u64) => {}
+                        Entry::Leaf(_) => {
+                            return Err(TableError::NotMergeable {
+                                gpa,
+                                size: to,
+                                why: "leaves differ in state, node or backing",
+                            })
+                        }
+                        _ => {
+                            return Err(TableError::NotMergeable {
+                                gpa,
+                                size: to,
+                                why: "not fully mapped",
+                            })
+                        }
+                    }
+                }
+                let accessed = t
+                    .entries
+                    .iter()
+                    .any(|e| matches!(e, Entry::Leaf(l) if l.accessed));
+                let dirty = t
+                    .entries
+                    .iter()
+                    .any(|e| matches!(e, Entry::Leaf(l) if l.dirty));
+                Leaf {
+                    size: to,
+                    accessed,
+                    dirty,
+                    ..first
+                }
+            }
+        };
+        self.entries[i] = Entry::Leaf(merged);
+        Ok(())
+    }
+
+    /// The leaf mapping `gpa` and, for `intent`, whether the access faults.
+    pub fn lookup(&self, gpa: u64, intent: Intent) -> Lookup {
+        if gpa >= GPA_LIMIT {
+            return Lookup::Unmapped;
+        }
+        let mut t = self;
+        loop {
+            let i = t.index(gpa);
+            match &t.entries[i] {
+                Entry::Empty => return Lookup::Unmapped,
+                Entry::Table(child) => t = child,
+                Entry::Leaf(leaf) => {
+                    let start = gpa & !(t.entry_size() - 1);
+                    let m = Mapped { start, leaf: *leaf };
+                    return match (leaf.state, intent) {
+                        (PageState::Absent, _) => Lookup::Fault(m, FaultCause::Absent),
+                        (PageState::Hinted, Intent::Vcpu) => Lookup::Fault(m, FaultCause::Hint),
+                        _ => Lookup::Mapped(m),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Marks the leaf mapping `gpa` accessed (and dirty for a write).
+    pub fn mark_accessed(&mut self, gpa: u64, dirty: Dirtied) {
+        if gpa >= GPA_LIMIT {
+            return;
+        }
+        let mut t = self;
+        loop {
+            let i = t.index(gpa);
+            match &mut t.entries[i] {
+                Entry::Empty => return,
+                Entry::Table(child) => t = child,
+                Entry::Leaf(leaf) => {
+                    leaf.accessed = true;
+                    if dirty == Dirtied::Yes {
+                        leaf.dirty = true;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The span that a change touching `gpa` may zap: the leaf that maps it, or the whole
+    /// huge backing page when it is mapped piecewise (or 4 KiB when nothing is mapped).
+    pub fn zap_span(&self, gpa: u64) -> (u64, u64) {
+        if gpa >= GPA_LIMIT {
+            return (gpa, gpa + SIZE_4K);
+        }
+        let mut t = self;
+        let mut span = (gpa & !(SIZE_4K - 1), (gpa & !(SIZE_4K - 1)) + SIZE_4K);
+        loop {
+            let i = t.index(gpa);
+            let start = gpa & !(t.entry_size() - 1);
+            match &t.entries[i] {
+                Entry::Empty => return span,
+                Entry::Leaf(_) => return (start, start + t.entry_size()),
+                Entry::Table(child) => {
+                    if child
+                        .piecewise
+                        .is_some_and(|pw| pw.page.bytes() == t.entry_size())
+                    {
+                        // The whole huge page: its pieces share one logical mapping.
+                        span = (start, start + t.entry_size());
+                        return span;
+                    }
+                    t = child;
+                }
+            }
+        }
+    }
+
+    /// Pages with content (present or hinted) in the 2 MiB region at `gpa`: 0..=512.
+    pub fn occupancy_2m(&self, gpa: u64) -> u32 {
+        let start = gpa & !(SIZE_2M - 1);
+        let mut n = 0u64;
+        self.walk(&mut |s, leaf, _| {
+            let e = s + leaf.size.bytes();
+            let (lo, hi) = (s.max(start), e.min(start + SIZE_2M));
+            if lo < hi && leaf.state.has_content() {
+                n += (hi - lo) / SIZE_4K;
+            }
+        });
+        n as u32
+    }
+
+    /// Visits every leaf in address order with its start and whether it is a piece of a
+    /// piecewise huge page.
+    pub fn walk(&self, f: &mut dyn FnMut(u64, &Leaf, Option<HugePiecewise>)) {
+        self.walk_at(0, None, f);
+    }
+
+    fn walk_at(
+        &self,
+        base: u64,
+        pw: Option<HugePiecewise>,
+        f: &mut dyn FnMut(u64, &Leaf, Option<HugePiecewise>),
+    ) {
+        let pw = self.piecewise.or(pw);
+        for (i, e) in self.entries.iter().enumerate() {
+            let s = base + i as u64 * self.entry_size();
+            match e {
+                Entry::Empty => {}
+                Entry::Leaf(l) => f(s, l, pw),
+                Entry::Table(t) => t.walk_at(s, pw, f),
+            }
+        }
+    }
+
+    pub fn accounting(&self) -> Accounting {
+        let mut a = Accounting::default();
+        self.account_at(&mut a, false);
+        a
+    }
+
+    fn account_at(&self, a: &mut Accounting, inside_piecewise: bool) {
+        let piecewise_here = self.piecewise.is_some() && !inside_piecewise;
+        let mut any_content = false;
+        for e in &self.entries {
+            match e {
+                Entry::Empty => {}
+                Entry::Leaf(l) => {
+                    let b = l.size.bytes();
+                    match l.state {
+                        PageState::Absent => a.absent_bytes += b,
+                        PageState::Hinted => {
+                            a.present_bytes += b;
+                            a.hinted_bytes += b;
+                        }
+                        PageState::Present => a.present_bytes += b,
+                    }
+                    match l.size {
+                        LeafSize::Size4K => a.leaves_4k += 1,
+                        LeafSize::Size2M => a.leaves_2m += 1,
+                        LeafSize::Size1G => a.leaves_1g += 1,
+                    }
+                    if l.state.has_content() {
+                        any_content = true;
+                        if !(piecewise_here || inside_piecewise) {
+                            a.logical_mappings += 1;
+                        }
+                    }
+                }
+                Entry::Table(t) => t.account_at(a, inside_piecewise || piecewise_here),
+            }
+        }
+        if piecewise_here {
+            a.piecewise_huge_pages += 1;
+            if any_content || self.has_content_below() {
+                a.logical_mappings += 1;
+            }
+        }
+    }
+
+    fn has_content_below(&self) -> bool {
+        self.entries.iter().any(|e| match e {
+            Entry::Leaf(l) => l.state.has_content(),
+            Entry::Table(t) => t.has_content_below(),
+            Entry::Empty => false,
+        })
+    }
+
+    /// Coalesced runs of equal leaves, for the memory map listing.
+    pub fn runs(&self) -> Vec<Run> {
+        let mut out: Vec<Run> = Vec::new();
+        self.walk(&mut |s, l, pw| {
+            let e = s + l.size.bytes();
+            if let Some(last) = out.last_mut() {
+                if last.end == s
+                    && last.size == l.size
+                    && last.state == l.state
+                    && last.node == l.node
+                    && last.zone == l.backing.zone
+                    && last.piecewise == pw.is_some()
+                {
+                    last.end = e;
+                    return;
+                }
+            }
+            out.push(Run {
+                start: s,
+                end: e,
+                size: l.size,
+                state: l.state,
+                node: l.node,
+                zone: l.backing.zone,
+                piecewise: pw.is_some(),
+            });
+        });
+        out
+    }
+}
+
+/// Whether an access dirtied the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dirtied {
+    Yes,
+    No,
+}
+
+fn set_state_entry(e: &mut Entry, from: &[PageState], to: PageState) {
+    match e {
+        Entry::Empty => {}
+        Entry::Leaf(l) => {
+            if from.contains(&l.state) {
+                l.state = to;
+            }
+        }
+        Entry::Table(t) => t
+            .entries
+            .iter_mut()
+            .for_each(|c| set_state_entry(c, from, to)),
+    }
+}

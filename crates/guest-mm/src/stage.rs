@@ -33,6 +33,11 @@ pub enum Change {
     Hint {
         range: GpaRange,
     },
+    /// Like `Hint` (content stays, the mapping goes, the next vCPU access faults), for no
+    /// policy reason: tests and stress.
+    Zap {
+        range: GpaRange,
+    },
     /// Leaves in the range become absent (their content must come again).
     MarkAbsent {
         range: GpaRange,
@@ -45,6 +50,7 @@ impl Change {
             Change::Map { range, .. }
             | Change::Unmap { range }
             | Change::Hint { range }
+            | Change::Zap { range }
             | Change::MarkAbsent { range } => range,
             Change::Split { gpa, to } => GpaRange::new(gpa, gpa + to.bytes()),
             Change::Merge { gpa, to } => GpaRange::new(gpa, gpa + to.bytes()),
@@ -57,6 +63,7 @@ impl Change {
             Change::Split { .. } => InvalidateReason::Split,
             Change::Merge { .. } => InvalidateReason::Collapse,
             Change::Hint { .. } => InvalidateReason::NumaHint,
+            Change::Zap { .. } => InvalidateReason::Zap,
             Change::MarkAbsent { .. } => InvalidateReason::StateChange,
         }
     }
@@ -199,7 +206,7 @@ fn apply_to(t: &mut Table, change: Change, widened: GpaRange) -> Result<(), Tabl
         Change::Split { gpa, to } => t.split(gpa, to),
         Change::Merge { gpa, to } => t.merge(gpa, to),
         // Whole leaves: the widened range, so no leaf is split to hint part of it.
-        Change::Hint { .. } => {
+        Change::Hint { .. } | Change::Zap { .. } => {
             t.set_state(
                 widened.start,
                 widened.end,

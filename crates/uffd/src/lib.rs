@@ -86,11 +86,28 @@ pub enum Access {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
-    Pagefault { address: u64, kind: FaultKind, access: Access, thread_id: Option<u32> },
-    Fork { child_fd: i32 },
-    Remap { from: u64, to: u64, len: u64 },
-    Remove { start: u64, end: u64 },
-    Unmap { start: u64, end: u64 },
+    Pagefault {
+        address: u64,
+        kind: FaultKind,
+        access: Access,
+        thread_id: Option<u32>,
+    },
+    Fork {
+        child_fd: i32,
+    },
+    Remap {
+        from: u64,
+        to: u64,
+        len: u64,
+    },
+    Remove {
+        start: u64,
+        end: u64,
+    },
+    Unmap {
+        start: u64,
+        end: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,11 +119,25 @@ pub enum Error {
     #[error("this kernel's userfaultfd lacks {}: MINOR faults on shmem need Linux 5.14, on hugetlbfs 5.13, THREAD_ID 4.14", .missing.join(", "))]
     MissingFeatures { missing: Vec<&'static str> },
     #[error("{op} of [{start:#x}, +{len:#x}): {source}{hint}")]
-    Ioctl { op: &'static str, start: u64, len: u64, source: std::io::Error, hint: &'static str },
+    Ioctl {
+        op: &'static str,
+        start: u64,
+        len: u64,
+        source: std::io::Error,
+        hint: &'static str,
+    },
     #[error("{op} of [{start:#x}, +{len:#x}): already mapped")]
-    AlreadyMapped { op: &'static str, start: u64, len: u64 },
+    AlreadyMapped {
+        op: &'static str,
+        start: u64,
+        len: u64,
+    },
     #[error("{op} of [{start:#x}, +{len:#x}): the mapping changed under the operation; retry")]
-    Retry { op: &'static str, start: u64, len: u64 },
+    Retry {
+        op: &'static str,
+        start: u64,
+        len: u64,
+    },
     #[error("reading userfaultfd events: {source}")]
     Read { source: std::io::Error },
     #[error("unknown userfaultfd event {0:#x}")]
@@ -152,18 +183,32 @@ fn new_fd() -> Result<OwnedFd, Error> {
     // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and returns a new fd.
     let fd = unsafe { libc::ioctl(dev.as_raw_fd(), sys::USERFAULTFD_IOC_NEW as _, flags) };
     if fd < 0 {
-        return Err(Error::Open { source: std::io::Error::last_os_error() });
+        return Err(Error::Open {
+            source: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: fd is a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn api(fd: &OwnedFd, features: Features) -> Result<sys::uffdio_api, Error> {
-    let mut api = sys::uffdio_api { api: sys::UFFD_API, features: features.bits(), ioctls: 0 };
+    let mut api = sys::uffdio_api {
+        api: sys::UFFD_API,
+        features: features.bits(),
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API reads and writes exactly one uffdio_api, which we own.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut api as *mut sys::uffdio_api) };
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            sys::UFFDIO_API as _,
+            &mut api as *mut sys::uffdio_api,
+        )
+    };
     if r < 0 {
-        return Err(Error::Api { source: std::io::Error::last_os_error() });
+        return Err(Error::Api {
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(api)
 }
@@ -172,7 +217,9 @@ impl Uffd {
     /// The features this kernel offers (probed on a throwaway fd: UFFDIO_API is once per fd).
     pub fn available_features() -> Result<Features, Error> {
         let fd = new_fd()?;
-        Ok(Features::from_bits_truncate(api(&fd, Features::empty())?.features))
+        Ok(Features::from_bits_truncate(
+            api(&fd, Features::empty())?.features,
+        ))
     }
 
     /// Opens a userfaultfd with `required` features, naming any the kernel lacks.
@@ -180,18 +227,30 @@ impl Uffd {
         let available = Uffd::available_features()?;
         let missing = required.difference(available);
         if !missing.is_empty() {
-            return Err(Error::MissingFeatures { missing: missing.names() });
+            return Err(Error::MissingFeatures {
+                missing: missing.names(),
+            });
         }
         let fd = new_fd()?;
         let got = api(&fd, required)?;
-        Ok(Uffd { fd, features: Features::from_bits_truncate(got.features) | required })
+        Ok(Uffd {
+            fd,
+            features: Features::from_bits_truncate(got.features) | required,
+        })
     }
 
     pub fn features(&self) -> Features {
         self.features
     }
 
-    fn ioctl<T>(&self, op: &'static str, nr: u64, arg: &mut T, start: u64, len: u64) -> Result<(), Error> {
+    fn ioctl<T>(
+        &self,
+        op: &'static str,
+        nr: u64,
+        arg: &mut T,
+        start: u64,
+        len: u64,
+    ) -> Result<(), Error> {
         // SAFETY: each caller passes the ioctl number matching T's layout (checked in
         // `sys`); the kernel reads/writes only that struct, which we own.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), nr as _, arg as *mut T) };
@@ -215,20 +274,38 @@ impl Uffd {
 
     /// Registers [start, start+len); returns the ioctls the range supports.
     pub fn register(&self, start: u64, len: u64, mode: RegisterMode) -> Result<u64, Error> {
-        let mut r = sys::uffdio_register { range: sys::uffdio_range { start, len }, mode: mode.bits(), ioctls: 0 };
+        let mut r = sys::uffdio_register {
+            range: sys::uffdio_range { start, len },
+            mode: mode.bits(),
+            ioctls: 0,
+        };
         self.ioctl("UFFDIO_REGISTER", sys::UFFDIO_REGISTER, &mut r, start, len)?;
         Ok(r.ioctls)
     }
 
     pub fn unregister(&self, start: u64, len: u64) -> Result<(), Error> {
         let mut r = sys::uffdio_range { start, len };
-        self.ioctl("UFFDIO_UNREGISTER", sys::UFFDIO_UNREGISTER, &mut r, start, len)
+        self.ioctl(
+            "UFFDIO_UNREGISTER",
+            sys::UFFDIO_UNREGISTER,
+            &mut r,
+            start,
+            len,
+        )
     }
 
     /// Maps the page-cache pages of [start, start+len) (MINOR faults).
     pub fn continue_range(&self, start: u64, len: u64, wake: Wake) -> Result<(), Error> {
-        let mode = if wake == Wake::No { sys::UFFDIO_CONTINUE_MODE_DONTWAKE } else { 0 };
-        let mut c = sys::uffdio_continue { range: sys::uffdio_range { start, len }, mode, mapped: 0 };
+        let mode = if wake == Wake::No {
+            sys::UFFDIO_CONTINUE_MODE_DONTWAKE
+        } else {
+            0
+        };
+        let mut c = sys::uffdio_continue {
+            range: sys::uffdio_range { start, len },
+            mode,
+            mapped: 0,
+        };
         self.ioctl("UFFDIO_CONTINUE", sys::UFFDIO_CONTINUE, &mut c, start, len)
     }
 
@@ -236,26 +313,63 @@ impl Uffd {
     ///
     /// `src` must point at `len` readable bytes (the kernel copies from this process).
     pub fn copy(&self, dst: u64, src: *const u8, len: u64, wake: Wake) -> Result<u64, Error> {
-        let mode = if wake == Wake::No { sys::UFFDIO_COPY_MODE_DONTWAKE } else { 0 };
-        let mut c = sys::uffdio_copy { dst, src: src as u64, len, mode, copy: 0 };
+        let mode = if wake == Wake::No {
+            sys::UFFDIO_COPY_MODE_DONTWAKE
+        } else {
+            0
+        };
+        let mut c = sys::uffdio_copy {
+            dst,
+            src: src as u64,
+            len,
+            mode,
+            copy: 0,
+        };
         self.ioctl("UFFDIO_COPY", sys::UFFDIO_COPY, &mut c, dst, len)?;
         Ok(c.copy.max(0) as u64)
     }
 
     pub fn zeropage(&self, start: u64, len: u64, wake: Wake) -> Result<u64, Error> {
-        let mode = if wake == Wake::No { sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE } else { 0 };
-        let mut z = sys::uffdio_zeropage { range: sys::uffdio_range { start, len }, mode, zeropage: 0 };
+        let mode = if wake == Wake::No {
+            sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE
+        } else {
+            0
+        };
+        let mut z = sys::uffdio_zeropage {
+            range: sys::uffdio_range { start, len },
+            mode,
+            zeropage: 0,
+        };
         self.ioctl("UFFDIO_ZEROPAGE", sys::UFFDIO_ZEROPAGE, &mut z, start, len)?;
         Ok(z.zeropage.max(0) as u64)
     }
 
-    pub fn write_protect(&self, start: u64, len: u64, prot: Protection, wake: Wake) -> Result<(), Error> {
-        let mut mode = if prot == Protection::On { sys::UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
+    pub fn write_protect(
+        &self,
+        start: u64,
+        len: u64,
+        prot: Protection,
+        wake: Wake,
+    ) -> Result<(), Error> {
+        let mut mode = if prot == Protection::On {
+            sys::UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        };
         if wake == Wake::No {
             mode |= sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
         }
-        let mut w = sys::uffdio_writeprotect { range: sys::uffdio_range { start, len }, mode };
-        self.ioctl("UFFDIO_WRITEPROTECT", sys::UFFDIO_WRITEPROTECT, &mut w, start, len)
+        let mut w = sys::uffdio_writeprotect {
+            range: sys::uffdio_range { start, len },
+            mode,
+        };
+        self.ioctl(
+            "UFFDIO_WRITEPROTECT",
+            sys::UFFDIO_WRITEPROTECT,
+            &mut w,
+            start,
+            len,
+        )
     }
 
     pub fn wake(&self, start: u64, len: u64) -> Result<(), Error> {
@@ -265,8 +379,16 @@ impl Uffd {
 
     /// Marks [start, start+len) poisoned: accesses get SIGBUS.
     pub fn poison(&self, start: u64, len: u64, wake: Wake) -> Result<u64, Error> {
-        let mode = if wake == Wake::No { sys::UFFDIO_POISON_MODE_DONTWAKE } else { 0 };
-        let mut p = sys::uffdio_poison { range: sys::uffdio_range { start, len }, mode, updated: 0 };
+        let mode = if wake == Wake::No {
+            sys::UFFDIO_POISON_MODE_DONTWAKE
+        } else {
+            0
+        };
+        let mut p = sys::uffdio_poison {
+            range: sys::uffdio_range { start, len },
+            mode,
+            updated: 0,
+        };
         self.ioctl("UFFDIO_POISON", sys::UFFDIO_POISON, &mut p, start, len)?;
         Ok(p.updated.max(0) as u64)
     }
@@ -276,7 +398,13 @@ impl Uffd {
         let mut msg = sys::uffd_msg::default();
         let size = std::mem::size_of::<sys::uffd_msg>();
         // SAFETY: reads at most one uffd_msg into memory we own; the fd is non-blocking.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut msg as *mut sys::uffd_msg).cast(), size) };
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut msg as *mut sys::uffd_msg).cast(),
+                size,
+            )
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             return match e.raw_os_error() {
@@ -285,7 +413,9 @@ impl Uffd {
             };
         }
         if n as usize != size {
-            return Err(Error::Read { source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof) });
+            return Err(Error::Read {
+                source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            });
         }
         decode(&msg, self.features).map(Some)
     }
@@ -303,11 +433,21 @@ fn decode(msg: &sys::uffd_msg, features: Features) -> Result<Event, Error> {
             } else {
                 FaultKind::Missing
             },
-            access: if a0 & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0 { Access::Write } else { Access::Read },
+            access: if a0 & sys::UFFD_PAGEFAULT_FLAG_WRITE != 0 {
+                Access::Write
+            } else {
+                Access::Read
+            },
             thread_id: features.contains(Features::THREAD_ID).then_some(a2 as u32),
         },
-        sys::UFFD_EVENT_FORK => Event::Fork { child_fd: a0 as u32 as i32 },
-        sys::UFFD_EVENT_REMAP => Event::Remap { from: a0, to: a1, len: a2 },
+        sys::UFFD_EVENT_FORK => Event::Fork {
+            child_fd: a0 as u32 as i32,
+        },
+        sys::UFFD_EVENT_REMAP => Event::Remap {
+            from: a0,
+            to: a1,
+            len: a2,
+        },
         sys::UFFD_EVENT_REMOVE => Event::Remove { start: a0, end: a1 },
         sys::UFFD_EVENT_UNMAP => Event::Unmap { start: a0, end: a1 },
         other => return Err(Error::UnknownEvent(other)),
@@ -324,10 +464,14 @@ impl StopFd {
         // SAFETY: eventfd(2) returns a new fd or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
-            return Err(Error::EventFd { source: std::io::Error::last_os_error() });
+            return Err(Error::EventFd {
+                source: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: fd is fresh and ours.
-        Ok(StopFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(StopFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     pub fn stop(&self) {
@@ -345,11 +489,23 @@ impl AsRawFd for StopFd {
 }
 
 /// Handles events of `uffd` with `on_event` until `stop` is signalled.
-pub fn run_until_stopped(uffd: &Uffd, stop: &StopFd, mut on_event: impl FnMut(Event)) -> Result<(), Error> {
+pub fn run_until_stopped(
+    uffd: &Uffd,
+    stop: &StopFd,
+    mut on_event: impl FnMut(Event),
+) -> Result<(), Error> {
     loop {
         let mut fds = [
-            libc::pollfd { fd: uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: polls two valid fds described by a local array.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -375,7 +531,9 @@ mod tests {
 
     #[test]
     fn missing_feature_message_names_them() {
-        let e = Error::MissingFeatures { missing: (Features::MINOR_SHMEM | Features::THREAD_ID).names() };
+        let e = Error::MissingFeatures {
+            missing: (Features::MINOR_SHMEM | Features::THREAD_ID).names(),
+        };
         let s = e.to_string();
         assert!(s.contains("THREAD_ID") && s.contains("MINOR_SHMEM"), "{s}");
     }
@@ -384,15 +542,36 @@ mod tests {
     fn decodes_pagefault_messages() {
         let msg = sys::uffd_msg {
             event: sys::UFFD_EVENT_PAGEFAULT,
-            arg: [sys::UFFD_PAGEFAULT_FLAG_MINOR | sys::UFFD_PAGEFAULT_FLAG_WRITE, 0x7000, 1234],
+            arg: [
+                sys::UFFD_PAGEFAULT_FLAG_MINOR | sys::UFFD_PAGEFAULT_FLAG_WRITE,
+                0x7000,
+                1234,
+            ],
             ..Default::default()
         };
         assert_eq!(
             decode(&msg, Features::THREAD_ID).unwrap(),
-            Event::Pagefault { address: 0x7000, kind: FaultKind::Minor, access: Access::Write, thread_id: Some(1234) }
+            Event::Pagefault {
+                address: 0x7000,
+                kind: FaultKind::Minor,
+                access: Access::Write,
+                thread_id: Some(1234)
+            }
         );
-        assert!(matches!(decode(&msg, Features::empty()).unwrap(), Event::Pagefault { thread_id: None, .. }));
-        let bad = sys::uffd_msg { event: 0x99, ..Default::default() };
-        assert!(matches!(decode(&bad, Features::empty()), Err(Error::UnknownEvent(0x99))));
+        assert!(matches!(
+            decode(&msg, Features::empty()).unwrap(),
+            Event::Pagefault {
+                thread_id: None,
+                ..
+            }
+        ));
+        let bad = sys::uffd_msg {
+            event: 0x99,
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode(&bad, Features::empty()),
+            Err(Error::UnknownEvent(0x99))
+        ));
     }
 }

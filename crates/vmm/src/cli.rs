@@ -8,7 +8,7 @@ use guest_image::Workload;
 use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 
 use crate::console::ConsoleMode;
-use crate::run::{CorruptionTest, Outcome, RunConfig, RunLimit};
+use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
 use crate::vstate::vm::DEFAULT_KVM_DEVICE;
 
 /// Exit status: success.
@@ -115,6 +115,13 @@ pub struct RunArgs {
     /// staging view; `verify` must then report that page.
     #[arg(long)]
     inject_corruption: bool,
+    /// Testing: a VMM thread zaps a random range of the guest view this often (e.g. 1ms);
+    /// every zapped page comes back through the userfaultfd fault path.
+    #[arg(long, value_parser = parse_duration)]
+    stress_zap: Option<Duration>,
+    /// Print the second-stage table (like smaps) at exit.
+    #[arg(long)]
+    memmap: bool,
 }
 
 #[derive(Args, Debug)]
@@ -180,6 +187,12 @@ impl RunArgs {
                 CorruptionTest::None
             },
             process_start_ns,
+            stress_zap: self.stress_zap,
+            memmap: if self.memmap {
+                MemmapListing::AtExit
+            } else {
+                MemmapListing::Off
+            },
         })
     }
 }

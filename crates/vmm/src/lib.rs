@@ -3,6 +3,7 @@
 //!
 //! Where things are:
 //! - vCPU loop and exit handling: [`vstate::vcpu`]
+//! - the fault path (userfaultfd events → second-stage table → CONTINUE): [`fault`]
 //! - VM, memslots: [`vstate::vm`]
 //! - entering the guest image (tables, registers): [`boot`]
 //! - one workload run, start to report: [`run`]
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod console;
 pub mod error;
+pub mod fault;
 pub mod mailbox;
 pub mod procfs;
 pub mod run;

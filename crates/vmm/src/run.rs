@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use guest_image::abi;
 use guest_image::{GuestParams, Workload};
-use guest_mm::{GuestRam, RamConfig};
+use guest_mm::notifier::GpaRange;
+use guest_mm::stage::{Change, SecondStage};
+use guest_mm::table::{Accounting, BackingRef, LeafSize, LeafSpec, PageState, Run};
+use guest_mm::{GuestRam, RamConfig, ViewLayout};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::Killable;
@@ -23,6 +26,7 @@ use crate::boot;
 use crate::clock::{monotonic_ns, TscClock, TscPoint};
 use crate::console::{Console, ConsoleMode};
 use crate::error::{Error, Result};
+use crate::fault::{FaultPath, FaultReport, GuestViewZapper, VcpuThreads};
 use crate::mailbox::Mailbox;
 use crate::procfs;
 use crate::vstate::vcpu::{
@@ -61,6 +65,23 @@ pub struct RunConfig {
     pub corruption: CorruptionTest,
     /// Monotonic time at process start (for start-up latency).
     pub process_start_ns: u64,
+    /// Testing: a VMM thread zaps a random range of the guest view this often.
+    pub stress_zap: Option<Duration>,
+    pub memmap: MemmapListing,
+}
+
+/// Whether the run report includes the second-stage table's memory map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemmapListing {
+    Off,
+    AtExit,
+}
+
+/// The second-stage table as listed by `--memmap`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Memmap {
+    pub accounting: Accounting,
+    pub runs: Vec<Run>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -144,6 +165,14 @@ pub struct RunReport {
     /// Resident memory of the VMM itself: everything but the guest RAM views.
     pub vmm_overhead_rss_bytes: u64,
     pub per_vcpu: Vec<VcpuReport>,
+    /// "uffd-minor" when the fault path runs (file-backed RAM), else why not.
+    pub fault_path: String,
+    pub uffd_faults: u64,
+    pub fault_us_p50: f64,
+    pub fault_us_p99: f64,
+    pub faults: Option<FaultReport>,
+    pub zaps: u64,
+    pub memmap: Option<Memmap>,
 }
 
 const VECTOR_NAMES: [&str; 32] = [
@@ -216,6 +245,47 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     boot::write_boot_tables(mem, &image, ram.size(), vcpus, &params.cmdline())?;
     let mailbox = Mailbox::new(image.info.mailbox);
 
+    // The second-stage table: all of guest RAM present, in leaves of the backing page.
+    let stage = Arc::new(SecondStage::new(ram.page_size()));
+    let leaf = LeafSize::for_bytes(ram.page_size()).ok_or_else(|| {
+        Error::Config(format!(
+            "backing page size {} has no leaf size",
+            ram.page_size()
+        ))
+    })?;
+    let spec = LeafSpec {
+        state: PageState::Present,
+        node: 0,
+        backing: BackingRef { zone: 0, offset: 0 },
+    };
+    stage
+        .apply(Change::Map {
+            range: GpaRange::new(0, ram.size()),
+            size: leaf,
+            spec,
+        })
+        .map_err(|e| Error::Config(format!("building the second-stage table: {e}")))?;
+    let vcpu_threads = Arc::new(VcpuThreads::new(vcpus));
+    let (fault_path, fault_path_name) = match ram.view_layout() {
+        ViewLayout::GuestAndStaging => {
+            let base = ram.guest_view_addr() as u64;
+            stage
+                .notifier()
+                .subscribe(Arc::new(GuestViewZapper::new(base, ram.size())));
+            let fp = FaultPath::start(stage.clone(), vcpu_threads.clone(), base, ram.size())?;
+            (Some(fp), "uffd-minor".to_string())
+        }
+        ViewLayout::SingleView => (
+            None,
+            "off: anon RAM has a single view and no page cache for MINOR faults".to_string(),
+        ),
+    };
+    if cfg.stress_zap.is_some() && fault_path.is_none() {
+        return Err(Error::Config(
+            "--stress-zap needs file-backed RAM (shmem or hugetlb): zapping anon RAM would discard it".into(),
+        ));
+    }
+
     let vm = Vm::new(&kvm)?;
     vm.register_ram(&ram)?;
     let built: Vec<Vcpu> = (0..vcpus)
@@ -230,10 +300,13 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let mut threads = Vec::with_capacity(vcpus);
     for vcpu in built {
         let index = vcpu.index();
-        let (s, c) = (shared.clone(), console.clone());
+        let (s, c, t) = (shared.clone(), console.clone(), vcpu_threads.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu.run(s, c));
+            .spawn(move || {
+                t.register_current(index);
+                vcpu.run(s, c)
+            });
         match spawned {
             Ok(handle) => threads.push(RunningVcpu { handle }),
             Err(source) => {
@@ -243,6 +316,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             }
         }
     }
+
+    let zapper = cfg
+        .stress_zap
+        .map(|period| StressZapper::start(stage.clone(), ram.size(), period, cfg.seed));
 
     // Watch the run.
     let deadline = launch_ns + cfg.timeout.as_nanos() as u64;
@@ -302,7 +379,19 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         outcomes.push(o);
     }
     let end_ns = monotonic_ns();
+    let zaps = zapper.map(StressZapper::stop).unwrap_or(0);
+    let faults = fault_path.map(|fp| fp.stop().report());
     let clock = TscClock::calibrate(origin);
+    if let Some(e) = faults.as_ref().and_then(|f| f.error.clone()) {
+        return Err(Error::Config(format!("fault path: {e}")));
+    }
+    let memmap = match cfg.memmap {
+        MemmapListing::AtExit => Some(Memmap {
+            accounting: stage.accounting(),
+            runs: stage.runs(),
+        }),
+        MemmapListing::Off => None,
+    };
 
     // Resident memory while guest RAM is still mapped.
     let (vmm_rss, ram_rss) = procfs::rss_split(&ram.host_ranges()).map_err(|source| Error::Io {
@@ -439,7 +528,53 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         guest_ram_rss_bytes: ram_rss,
         vmm_overhead_rss_bytes: vmm_rss.saturating_sub(ram_rss),
         per_vcpu,
+        fault_path: fault_path_name,
+        uffd_faults: faults.as_ref().map(|f| f.uffd_faults).unwrap_or(0),
+        fault_us_p50: faults.as_ref().map(|f| f.fault_us_p50).unwrap_or(0.0),
+        fault_us_p99: faults.as_ref().map(|f| f.fault_us_p99).unwrap_or(0.0),
+        faults,
+        zaps,
+        memmap,
     })
+}
+
+/// Testing: zaps random ranges of guest RAM through the second-stage table (and so the
+/// guest view) until stopped. The guest keeps running; every zapped page comes back as a
+/// MINOR fault on its next vCPU touch.
+struct StressZapper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: JoinHandle<u64>,
+}
+
+impl StressZapper {
+    fn start(stage: Arc<SecondStage>, size: u64, period: Duration, seed: u64) -> StressZapper {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut zaps = 0u64;
+            let pages = size / 4096;
+            while !s.load(Ordering::Acquire) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let start = (x % pages) * 4096;
+                let len = (1 + (x >> 32) % 512) * 4096;
+                let range = GpaRange::new(start, (start + len).min(size));
+                if stage.apply(Change::Zap { range }).is_ok() {
+                    zaps += 1;
+                }
+                std::thread::sleep(period);
+            }
+            zaps
+        });
+        StressZapper { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 fn with_console(what: &str, console: &Console) -> String {
@@ -496,6 +631,20 @@ impl std::fmt::Display for RunReport {
                 self.integrity_errors, e.vcpu, e.gpa, e.expected, e.found
             )?;
         }
+        if self.fault_path == "uffd-minor" {
+            writeln!(
+                f,
+                "  fault path: {} MINOR faults, p50 {:.0} µs, p99 {:.0} µs{}",
+                self.uffd_faults,
+                self.fault_us_p50,
+                self.fault_us_p99,
+                if self.zaps > 0 {
+                    format!(", {} zaps", self.zaps)
+                } else {
+                    String::new()
+                }
+            )?;
+        }
         if let Some(x) = &self.exception {
             writeln!(
                 f,
@@ -503,6 +652,54 @@ impl std::fmt::Display for RunReport {
                 x.vcpu, x.name, x.vector, x.error_code, x.cr2, x.rip
             )?;
         }
+        if let Some(m) = &self.memmap {
+            write_memmap(f, m)?;
+        }
         Ok(())
     }
+}
+
+fn write_memmap(f: &mut std::fmt::Formatter<'_>, m: &Memmap) -> std::fmt::Result {
+    let a = &m.accounting;
+    writeln!(f, "second-stage table:")?;
+    writeln!(
+        f,
+        "  present {} KiB (hinted {} KiB), absent {} KiB; leaves 4K {} 2M {} 1G {}; piecewise huge pages {}; logical mappings {}",
+        a.present_bytes >> 10,
+        a.hinted_bytes >> 10,
+        a.absent_bytes >> 10,
+        a.leaves_4k,
+        a.leaves_2m,
+        a.leaves_1g,
+        a.piecewise_huge_pages,
+        a.logical_mappings
+    )?;
+    writeln!(
+        f,
+        "  {:>18} {:>18} {:>10} {:>4} {:>8} {:>4} {:>4}",
+        "start", "end", "size KiB", "leaf", "state", "node", "zone"
+    )?;
+    for r in &m.runs {
+        writeln!(
+            f,
+            "  {:#018x} {:#018x} {:>10} {:>4} {:>8} {:>4} {:>4}{}",
+            r.start,
+            r.end,
+            (r.end - r.start) >> 10,
+            match r.size {
+                LeafSize::Size4K => "4K",
+                LeafSize::Size2M => "2M",
+                LeafSize::Size1G => "1G",
+            },
+            match r.state {
+                PageState::Present => "present",
+                PageState::Absent => "absent",
+                PageState::Hinted => "hinted",
+            },
+            r.node,
+            r.zone,
+            if r.piecewise { " piecewise" } else { "" }
+        )?;
+    }
+    Ok(())
 }

@@ -41,6 +41,8 @@ pub enum Error {
         op: &'static str,
         source: std::io::Error,
     },
+    #[error("NUMA: {0}")]
+    Numa(String),
     #[error("vm-memory: {0}")]
     VmMemory(String),
 }

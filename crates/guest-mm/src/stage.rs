@@ -7,6 +7,22 @@ use crate::table::{
     Accounting, Dirtied, Intent, LeafSize, LeafSpec, Lookup, PageState, Run, Table, TableError,
 };
 
+/// Why [`SecondStage::apply_with`] failed.
+#[derive(Debug)]
+pub enum ApplyError<E> {
+    Table(TableError),
+    Host(E),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for ApplyError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Table(e) => e.fmt(f),
+            ApplyError::Host(e) => e.fmt(f),
+        }
+    }
+}
+
 /// A change to the table that the guest may observe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -38,6 +54,11 @@ pub enum Change {
     Zap {
         range: GpaRange,
     },
+    /// The range's content moves to `node` (its zone); every mapping goes first.
+    Migrate {
+        range: GpaRange,
+        node: u16,
+    },
     /// Leaves in the range become absent (their content must come again).
     MarkAbsent {
         range: GpaRange,
@@ -51,6 +72,7 @@ impl Change {
             | Change::Unmap { range }
             | Change::Hint { range }
             | Change::Zap { range }
+            | Change::Migrate { range, .. }
             | Change::MarkAbsent { range } => range,
             Change::Split { gpa, to } => GpaRange::new(gpa, gpa + to.bytes()),
             Change::Merge { gpa, to } => GpaRange::new(gpa, gpa + to.bytes()),
@@ -64,6 +86,7 @@ impl Change {
             Change::Merge { .. } => InvalidateReason::Collapse,
             Change::Hint { .. } => InvalidateReason::NumaHint,
             Change::Zap { .. } => InvalidateReason::Zap,
+            Change::Migrate { .. } => InvalidateReason::Migrate,
             Change::MarkAbsent { .. } => InvalidateReason::StateChange,
         }
     }
@@ -104,11 +127,29 @@ impl SecondStage {
 
     /// Applies `change` through the notifier; returns the range that was invalidated.
     pub fn apply(&self, change: Change) -> Result<GpaRange, TableError> {
+        self.apply_with(change, |_| Ok::<(), TableError>(()))
+            .map_err(|e| match e {
+                ApplyError::Table(t) | ApplyError::Host(t) => t,
+            })
+    }
+
+    /// Applies `change` through the notifier, running `host` (the host-side operation,
+    /// e.g. copying and remapping a NUMA move) after every subscriber has invalidated the
+    /// widened range and before the table changes. If `host` fails the table is left
+    /// as it was (the content did not move) and the error is returned.
+    pub fn apply_with<E>(
+        &self,
+        change: Change,
+        host: impl FnOnce(GpaRange) -> Result<(), E>,
+    ) -> Result<GpaRange, ApplyError<E>> {
         let mut t = self.lock();
         let range = widen(&t, change.range(), self.backing_page);
         let reason = change.reason();
         self.notifier.start(range, reason);
-        let r = apply_to(&mut t, change, range);
+        let r = match host(range) {
+            Ok(()) => apply_to(&mut t, change, range).map_err(ApplyError::Table),
+            Err(e) => Err(ApplyError::Host(e)),
+        };
         self.notifier.end(range, reason);
         r.map(|_| range)
     }
@@ -213,6 +254,10 @@ fn apply_to(t: &mut Table, change: Change, widened: GpaRange) -> Result<(), Tabl
                 &[PageState::Present],
                 PageState::Hinted,
             );
+            Ok(())
+        }
+        Change::Migrate { node, .. } => {
+            t.set_node(widened.start, widened.end, node, node);
             Ok(())
         }
         Change::MarkAbsent { .. } => {

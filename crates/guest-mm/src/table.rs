@@ -452,6 +452,14 @@ impl Table {
         });
     }
 
+    /// Sets the node and backing zone of every leaf in [start, end) (a NUMA move: the
+    /// offset stays, the zone is the node's).
+    pub fn set_node(&mut self, start: u64, end: u64, node: u16, zone: u16) {
+        self.for_range_mut(start, end.min(GPA_LIMIT), &mut |e| {
+            set_node_entry(e, node, zone)
+        });
+    }
+
     /// Splits the leaf that maps `gpa` down to leaves of `to`.
     pub fn split(&mut self, gpa: u64, to: LeafSize) -> Result<(), TableError> {
         Self::check(gpa, to)?;
@@ -781,6 +789,25 @@ impl Table {
 pub enum Dirtied {
     Yes,
     No,
+}
+
+fn set_node_entry(e: &mut Entry, node: u16, zone: u16) {
+    match e {
+        Entry::Empty => {}
+        Entry::Leaf(l) => {
+            l.node = node;
+            l.backing.zone = zone;
+        }
+        Entry::Table(t) => {
+            if let Some(pw) = &mut t.piecewise {
+                pw.node = node;
+                pw.backing.zone = zone;
+            }
+            t.entries
+                .iter_mut()
+                .for_each(|c| set_node_entry(c, node, zone));
+        }
+    }
 }
 
 fn set_state_entry(e: &mut Entry, from: &[PageState], to: PageState) {

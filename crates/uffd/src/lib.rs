@@ -112,9 +112,9 @@ pub enum Event {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open userfaultfd: {source}; run as root, or set vm.unprivileged_userfaultfd=1, or give access to /dev/userfaultfd")]
+    #[error("cannot open userfaultfd: {source}; run as root, or set vm.unprivileged_userfaultfd=1, or give access to /dev/userfaultfd (ENOSYS: the kernel lacks CONFIG_USERFAULTFD)")]
     Open { source: std::io::Error },
-    #[error("UFFDIO_API: {source}")]
+    #[error("UFFDIO_API: {source} (EINVAL: a requested feature is unknown to this kernel, or the fd was already negotiated)")]
     Api { source: std::io::Error },
     #[error("this kernel's userfaultfd lacks {}: MINOR faults on shmem need Linux 5.14, on hugetlbfs 5.13, THREAD_ID 4.14", .missing.join(", "))]
     MissingFeatures { missing: Vec<&'static str> },
@@ -146,6 +146,10 @@ pub enum Error {
     EventFd { source: std::io::Error },
     #[error("poll: {source}")]
     Poll { source: std::io::Error },
+    #[error(
+        "userfaultfd poll reported {revents:#x} (error/hangup); the fd is unusable, open a new one"
+    )]
+    PollError { revents: i16 },
 }
 
 pub struct Uffd {
@@ -213,6 +217,18 @@ fn api(fd: &OwnedFd, features: Features) -> Result<sys::uffdio_api, Error> {
     Ok(api)
 }
 
+/// `Err(MissingFeatures)` naming the bits of `required` that `available` lacks.
+fn check_features(required: Features, available: Features) -> Result<(), Error> {
+    let missing = required.difference(available);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingFeatures {
+            missing: missing.names(),
+        })
+    }
+}
+
 impl Uffd {
     /// The features this kernel offers (probed on a throwaway fd: UFFDIO_API is once per fd).
     pub fn available_features() -> Result<Features, Error> {
@@ -224,21 +240,18 @@ impl Uffd {
 
     /// Opens a userfaultfd with `required` features, naming any the kernel lacks.
     pub fn open(required: Features) -> Result<Uffd, Error> {
-        let available = Uffd::available_features()?;
-        let missing = required.difference(available);
-        if !missing.is_empty() {
-            return Err(Error::MissingFeatures {
-                missing: missing.names(),
-            });
-        }
+        check_features(required, Uffd::available_features()?)?;
         let fd = new_fd()?;
-        let got = api(&fd, required)?;
+        // The kernel answers with *all* the features it offers; only `required` are
+        // enabled on this fd (e.g. without THREAD_ID the ptid field stays 0).
+        api(&fd, required)?;
         Ok(Uffd {
             fd,
-            features: Features::from_bits_truncate(got.features) | required,
+            features: required,
         })
     }
 
+    /// The features negotiated on this fd (exactly those passed to [`Uffd::open`]).
     pub fn features(&self) -> Features {
         self.features
     }
@@ -519,6 +532,10 @@ pub fn run_until_stopped(
         if fds[1].revents != 0 {
             return Ok(());
         }
+        let bad = fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL);
+        if bad != 0 {
+            return Err(Error::PollError { revents: bad });
+        }
         while let Some(ev) = uffd.read_event()? {
             on_event(ev);
         }
@@ -528,6 +545,36 @@ pub fn run_until_stopped(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_features_names_exactly_the_missing_bits() {
+        let available = Features::all() - Features::MINOR_SHMEM - Features::POISON;
+        assert!(check_features(Features::THREAD_ID, available).is_ok());
+        assert!(check_features(Features::empty(), Features::empty()).is_ok());
+        match check_features(
+            Features::THREAD_ID | Features::MINOR_SHMEM | Features::POISON,
+            available,
+        ) {
+            Err(Error::MissingFeatures { missing }) => {
+                assert_eq!(missing, vec!["MINOR_SHMEM", "POISON"])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn feature_names_cover_bits_0_to_16() {
+        assert_eq!(Features::all().bits(), 0x1ffff);
+        let names = Features::all().names();
+        assert_eq!(names.len(), 17);
+        assert_eq!(names[0], "PAGEFAULT_FLAG_WP");
+        assert_eq!(names[16], "MOVE");
+        // Unknown kernel bits are dropped, not misnamed.
+        assert_eq!(
+            Features::from_bits_truncate(1 << 40).names(),
+            Vec::<&str>::new()
+        );
+    }
 
     #[test]
     fn missing_feature_message_names_them() {

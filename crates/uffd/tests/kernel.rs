@@ -220,7 +220,7 @@ fn minor_only_zero_fills_holes_and_missing_minor_reports_them() {
 
 #[test]
 fn hugetlb_minor_and_continue_at_huge_page_granularity() {
-    if !hugetlb_pages_available(2) {
+    if !hugetlb_pages_available(4) {
         return;
     }
     let len = 2 * HUGE;
@@ -323,6 +323,11 @@ fn anon_missing_copy_zeropage_and_write_protect() {
             .unwrap(),
         PAGE as u64
     );
+    // The poisoned page now has a (poison) PTE: poisoning it again reports it mapped.
+    assert!(matches!(
+        u.poison(m.at(5 * PAGE) as u64, PAGE as u64, Wake::Yes),
+        Err(uffd::Error::AlreadyMapped { .. })
+    ));
     u.wake(m.addr as u64, len as u64).unwrap();
 }
 
@@ -374,4 +379,26 @@ fn handler_loop_handles_events_until_stopped() {
     );
     stop.stop();
     assert_eq!(handler.join().unwrap(), 4);
+}
+
+#[test]
+fn features_are_the_negotiated_ones_and_thread_id_only_when_asked() {
+    let len = 4 * PAGE;
+    let fd = memfd(len, 0);
+    let guest = Map::new(len, libc::MAP_SHARED, fd.as_raw_fd());
+    let staging = Map::new(len, libc::MAP_SHARED, fd.as_raw_fd());
+    write_u64(staging.at(PAGE), 9);
+    let u = Uffd::open(Features::MINOR_SHMEM).unwrap();
+    assert_eq!(u.features(), Features::MINOR_SHMEM);
+    u.register(guest.addr as u64, len as u64, RegisterMode::MINOR)
+        .unwrap();
+    let addr = guest.at(PAGE);
+    let (_tid, rx) = spawn_reader(move || read_u64(addr));
+    match next_event(&u) {
+        Event::Pagefault { thread_id, .. } => assert_eq!(thread_id, None),
+        other => panic!("{other:?}"),
+    }
+    u.continue_range(addr as u64, PAGE as u64, Wake::Yes)
+        .unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(2)).unwrap(), 9);
 }

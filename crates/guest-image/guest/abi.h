@@ -93,7 +93,8 @@ struct hv_vcpu_slot {
     u64 exc_rip;
     u64 part_start;        /* the vCPU's partition [start, end) */
     u64 part_end;
-    u64 pad[13];
+    u64 node;              /* the vCPU's guest NUMA node (from the command line) */
+    u64 pad[12];
 };
 
 struct hv_mailbox_header {

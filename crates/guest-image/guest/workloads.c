@@ -7,13 +7,19 @@
  */
 #include "hv.h"
 
-enum workload { W_NONE, W_TOUCH, W_VERIFY, W_STREAM, W_RANDOM, W_FAULT };
+enum workload {
+    W_NONE, W_TOUCH, W_VERIFY, W_STREAM, W_RANDOM, W_FAULT,
+    W_NUMA01,              /* all vCPUs share the whole data area */
+    W_NUMA02,              /* each vCPU works on its own partition */
+    W_NUMA01_THREAD_ALLOC, /* as numa02; the VMM interleaves the initial placement */
+};
 
 struct params {
     enum workload workload;
     u64 passes;            /* 0: until the VMM sets mailbox.hdr.stop */
     u64 vcpus;
     u64 seed;
+    u64 node;              /* this vCPU's node, from nodes=<n0>,<n1>,... */
 };
 
 /* ---- tiny libc ---- */
@@ -104,12 +110,28 @@ static const struct {
     enum workload w;
 } workload_names[] = {
     {"touch", W_TOUCH}, {"verify", W_VERIFY}, {"stream", W_STREAM},
-    {"random", W_RANDOM}, {"fault", W_FAULT},
+    {"random", W_RANDOM}, {"fault", W_FAULT}, {"numa01", W_NUMA01}, {"numa02", W_NUMA02},
+    {"numa01_thread_alloc", W_NUMA01_THREAD_ALLOC},
 };
 
 /* Parses "key=value key=value ..."; unknown keys are ignored (they may be for
  * another component), bad values are errors. Returns 0 and prints on error. */
-static int parse_cmdline(const char *s, struct params *p)
+/* The cpu-th entry of a comma-separated list of numbers. */
+static int parse_nth(const char *s, u64 n, u64 cpu, u64 *out)
+{
+    u64 i = 0, start = 0;
+    for (u64 k = 0; k <= n; k++) {
+        if (k == n || s[k] == ',') {
+            if (i == cpu)
+                return parse_u64(s + start, k - start, out);
+            i++;
+            start = k + 1;
+        }
+    }
+    return 0;
+}
+
+static int parse_cmdline(const char *s, struct params *p, u64 cpu)
 {
     while (*s) {
         while (*s == ' ')
@@ -139,6 +161,8 @@ static int parse_cmdline(const char *s, struct params *p)
             ok = parse_u64(val, vlen, &p->vcpus) && p->vcpus >= 1 && p->vcpus <= HV_MAX_VCPUS;
         } else if (streq_n(key, "seed", klen)) {
             ok = parse_u64(val, vlen, &p->seed);
+        } else if (streq_n(key, "nodes", klen)) {
+            ok = parse_nth(val, vlen, cpu, &p->node);
         }
         if (!ok) {
             serial_puts("hvguest: bad command line value near: ");
@@ -245,6 +269,16 @@ static u64 pass_stream(const struct part *pt, u64 pass)
     return n * 16;
 }
 
+/* numa01: every vCPU walks the whole shared area, updating its own word of each page. */
+static u64 pass_shared(const struct part *pt, u64 start, u64 npages)
+{
+    for (u64 i = 0; i < npages; i++) {
+        volatile u64 *w = (volatile u64 *)(start + (i << 12)) + 8 * (pt->cpu & 63);
+        *w += 1;
+    }
+    return npages * 16;
+}
+
 static u64 gcd(u64 a, u64 b)
 {
     while (b) {
@@ -294,12 +328,12 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     WRITE_ONCE(slot->entry_tsc, entry);
     WRITE_ONCE(slot->state, HV_STATE_RUNNING);
 
-    struct params p = {.workload = W_NONE, .passes = 0, .vcpus = 1, .seed = 1};
+    struct params p = {.workload = W_NONE, .passes = 0, .vcpus = 1, .seed = 1, .node = 0};
     const char *cmdline = hv_default_cmdline;
     if (si && si->magic == HVM_START_MAGIC && si->cmdline_paddr && *(const char *)si->cmdline_paddr)
         cmdline = (const char *)si->cmdline_paddr;
     u64 end = si && si->magic == HVM_START_MAGIC ? data_end(si) : 0;
-    if (cpu >= HV_MAX_VCPUS || !parse_cmdline(cmdline, &p) || cpu >= p.vcpus ||
+    if (cpu >= HV_MAX_VCPUS || !parse_cmdline(cmdline, &p, cpu) || cpu >= p.vcpus ||
         end <= HV_DATA_START) {
         serial_puts("hvguest: bad parameters (command line: ");
         serial_puts(cmdline);
@@ -323,6 +357,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     };
     WRITE_ONCE(slot->part_start, pt.start);
     WRITE_ONCE(slot->part_end, pt.start + (pt.npages << 12));
+    WRITE_ONCE(slot->node, p.node);
     if (cpu == 0) {
         serial_puts("hvguest: start");
         serial_puts(" cmdline=\"");
@@ -352,6 +387,9 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
         case W_VERIFY: bytes += pass_verify(&pt, pass); break;
         case W_STREAM: bytes += pass_stream(&pt, pass); break;
         case W_RANDOM: bytes += pass_random(&pt, pass, &rng); break;
+        case W_NUMA01: bytes += pass_shared(&pt, HV_DATA_START, total); break;
+        case W_NUMA02:
+        case W_NUMA01_THREAD_ALLOC: bytes += pass_stream(&pt, pass); break;
         default: break;
         }
         u64 t1 = rdtsc();

@@ -91,7 +91,9 @@ pub struct VcpuSlot {
     pub exc_rip: u64,
     pub part_start: u64,
     pub part_end: u64,
-    pub pad: [u64; 13],
+    /// The vCPU's guest NUMA node.
+    pub node: u64,
+    pub pad: [u64; 12],
 }
 
 /// `struct hv_mailbox_header`.

@@ -17,7 +17,7 @@ pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hvguest.elf"
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown workload {0:?}; choose one of: touch, verify, stream, random, fault")]
+    #[error("unknown workload {0:?}; choose one of: touch, verify, stream, random, fault, numa01, numa02, numa01_thread_alloc")]
     UnknownWorkload(String),
     #[error("guest command line is {len} bytes; at most {max} fit in the image header")]
     CmdlineTooLong { len: usize, max: usize },
@@ -40,15 +40,24 @@ pub enum Workload {
     Random,
     /// Takes a deliberate page fault (tests the exception path).
     Fault,
+    /// autonuma-benchmark numa01: all vCPUs share one buffer (the whole data area).
+    Numa01,
+    /// numa02: each vCPU works on its own partition (placed on the wrong node at start).
+    Numa02,
+    /// numa01_thread_alloc: each vCPU's partition, interleaved over the nodes at start.
+    Numa01ThreadAlloc,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Touch,
         Workload::Verify,
         Workload::Stream,
         Workload::Random,
         Workload::Fault,
+        Workload::Numa01,
+        Workload::Numa02,
+        Workload::Numa01ThreadAlloc,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +67,9 @@ impl Workload {
             Workload::Stream => "stream",
             Workload::Random => "random",
             Workload::Fault => "fault",
+            Workload::Numa01 => "numa01",
+            Workload::Numa02 => "numa02",
+            Workload::Numa01ThreadAlloc => "numa01_thread_alloc",
         }
     }
 }
@@ -86,17 +98,24 @@ pub struct GuestParams {
     pub passes: Option<u64>,
     pub vcpus: u32,
     pub seed: u64,
+    /// Guest NUMA node of each vCPU (empty: all on node 0).
+    pub vcpu_nodes: Vec<u16>,
 }
 
 impl GuestParams {
     pub fn cmdline(&self) -> String {
-        format!(
+        let mut s = format!(
             "workload={} passes={} vcpus={} seed={}",
             self.workload,
             self.passes.unwrap_or(0),
             self.vcpus,
             self.seed
-        )
+        );
+        if !self.vcpu_nodes.is_empty() {
+            let nodes: Vec<String> = self.vcpu_nodes.iter().map(|n| n.to_string()).collect();
+            s.push_str(&format!(" nodes={}", nodes.join(",")));
+        }
+        s
     }
 }
 

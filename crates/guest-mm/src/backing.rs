@@ -28,7 +28,6 @@ pub const MIN_RAM: u64 = 8 << 20;
 /// Largest guest RAM: what the guest image's page-table area maps.
 pub const MAX_RAM: u64 = 64 << 30;
 
-const MADV_POPULATE_WRITE: libc::c_int = 23;
 /// Most guest NUMA nodes supported.
 pub const MAX_NODES: u16 = 8;
 const SIZE_2M: u64 = 2 << 20;
@@ -177,12 +176,17 @@ impl RamConfig {
         }
         if !self.size.is_multiple_of(page) {
             let below = self.size / page * page;
+            let above = below + page;
+            let nearest = if below >= MIN_RAM {
+                format!("{} or {}", format_size(below), format_size(above))
+            } else {
+                format_size(above)
+            };
             return Err(Error::Unaligned {
                 size: format_size(self.size),
                 backing: self.backing.to_string(),
                 page: format_size(page),
-                below: format_size(below.max(page)),
-                above: format_size(below + page),
+                nearest,
             });
         }
         if self.numa.nodes == 0 || self.numa.nodes > MAX_NODES {
@@ -310,6 +314,34 @@ impl Mapping {
 }
 
 impl Mapping {
+    /// Allocates every page of the mapping for writing. MADV_POPULATE_WRITE (Linux 5.14)
+    /// first; on EINVAL (an older kernel that does not know the advice) one byte of each
+    /// `page`-sized page is written instead. Only used on freshly made, zero-filled views.
+    fn populate_write(&self, page: u64) -> Result<(), Error> {
+        // SAFETY: the range is exactly this live mapping; POPULATE_WRITE only faults pages
+        // in (as a write would) and does not change their content.
+        if unsafe { libc::madvise(self.addr.cast(), self.len, libc::MADV_POPULATE_WRITE) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(Error::Os {
+                op: "madvise(MADV_POPULATE_WRITE)",
+                source: err,
+            });
+        }
+        let step = usize::try_from(page).unwrap_or(4096).max(1);
+        for off in (0..self.len).step_by(step) {
+            // SAFETY: off < len, so the byte lies inside this live read/write mapping;
+            // writing back the value just read leaves the content unchanged.
+            unsafe {
+                let p = self.addr.add(off);
+                std::ptr::write_volatile(p, std::ptr::read_volatile(p));
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces [off, off+len) of this mapping with `fd` at `file_off` (same address).
     fn remap(&self, off: u64, len: u64, fd: BorrowedFd<'_>, file_off: u64) -> Result<(), Error> {
         if off + len > self.len as u64 {
@@ -336,6 +368,14 @@ impl Mapping {
     }
 }
 
+// SAFETY: a Mapping is an address range in this process's address space, valid until
+// Drop; the pointer is never dereferenced by Mapping itself. Guest memory behind it is
+// accessed through vm-memory's volatile accessors or by KVM, both usable from any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; &Mapping only hands out the address and issues madvise/mmap calls on
+// its own range, which the kernel serialises.
+unsafe impl Sync for Mapping {}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: addr/len are a mapping made by Mapping::new and unmapped only here.
@@ -360,13 +400,6 @@ pub struct GuestRam {
     backing: BackingKind,
     size: u64,
 }
-
-// SAFETY: the raw pointers in Mapping are addresses of process-wide mappings that live as
-// long as GuestRam; all access to guest memory goes through vm-memory's volatile accessors
-// or KVM, which are safe to use from any thread.
-unsafe impl Send for GuestRam {}
-// SAFETY: as above; GuestRam has no interior mutability of its own.
-unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
     /// Validates `cfg` against the host, then creates the backing and its views. On error
@@ -395,8 +428,10 @@ impl GuestRam {
                 (None, m, None)
             }
         };
-        if cfg.prefault == Prefault::Populate {
-            guest_view.madvise(MADV_POPULATE_WRITE, "madvise(MADV_POPULATE_WRITE)")?;
+        // Emulated NUMA nodes need every page allocated (see move_emulated).
+        let emulated_numa = cfg.numa.nodes > 1 && cfg.numa.backend == NodeBackendKind::Emulated;
+        if cfg.prefault == Prefault::Populate || emulated_numa {
+            guest_view.populate_write(cfg.backing.page_size())?;
         }
         let (view, flags) = match &staging_view {
             Some(s) => (s, libc::MAP_SHARED),
@@ -517,40 +552,27 @@ impl GuestRam {
                 "emulated nodes need file-backed RAM with a staging view".into(),
             ));
         };
-        // Copy only the data extents of the region (holes stay holes).
-        let end = off + SIZE_2M;
-        let mut pos = off;
-        while pos < end {
-            // SAFETY: lseek on our memfd; no memory is touched.
-            let data = unsafe { libc::lseek(src.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 || data as u64 >= end {
-                break;
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
-            let stop = if hole < 0 {
-                end
-            } else {
-                (hole as u64).min(end)
+        // Copy the whole region, holes included, so that every page of guest RAM stays
+        // allocated in its node's memfd. The guest view is registered MINOR only, which
+        // does not guard holes (a first touch of a hole is zero-filled without an event,
+        // host-facts.md): a hole in the old copy would let a vCPU's first write land
+        // there during the move, and be lost (measured: verify found zeroed pages).
+        let mut at = off;
+        while at < off + SIZE_2M {
+            // SAFETY: reads [at, off+2M) of the staging view (inside it: off+2M <= size)
+            // and writes it to the destination memfd at the same offset.
+            let n = unsafe {
+                libc::pwrite(
+                    dst.as_raw_fd(),
+                    staging.addr.add(at as usize).cast(),
+                    (off + SIZE_2M - at) as usize,
+                    at as libc::off_t,
+                )
             };
-            let mut at = data as u64;
-            while at < stop {
-                // SAFETY: reads [at, stop) of the staging view (inside it: stop <= size)
-                // and writes it to the destination memfd at the same offset.
-                let n = unsafe {
-                    libc::pwrite(
-                        dst.as_raw_fd(),
-                        staging.addr.add(at as usize).cast(),
-                        (stop - at) as usize,
-                        at as libc::off_t,
-                    )
-                };
-                if n <= 0 {
-                    return Err(os("pwrite into the destination node"));
-                }
-                at += n as u64;
+            if n <= 0 {
+                return Err(os("pwrite into the destination node"));
             }
-            pos = stop;
+            at += n as u64;
         }
         self.guest_view.remap(off, SIZE_2M, dst, off)?;
         staging.remap(off, SIZE_2M, dst, off)?;
@@ -604,6 +626,19 @@ impl GuestRam {
         self.memfd.as_ref().map(|f| f.as_fd())
     }
 
+    /// Bytes of the guest view that are mapped in this process right now: `Rss` (4 KiB
+    /// and thp pages) plus `Shared_Hugetlb` and `Private_Hugetlb` (hugetlb pages, which
+    /// smaps leaves out of `Rss`) over the guest view's VMAs in /proc/self/smaps.
+    /// For anon this is the whole RAM's footprint (one view).
+    pub fn guest_view_rss_bytes(&self) -> Result<u64, Error> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|source| Error::Os {
+            op: "reading /proc/self/smaps",
+            source,
+        })?;
+        let start = self.guest_view.addr as u64;
+        Ok(smaps_resident(&smaps, start, start + self.size))
+    }
+
     /// Host VA ranges [start, end) of every view (for accounting).
     pub fn host_ranges(&self) -> Vec<(u64, u64)> {
         let mut v = vec![(
@@ -615,6 +650,31 @@ impl GuestRam {
         }
         v
     }
+}
+
+/// Sum of the resident fields of every smaps VMA inside [start, end), in bytes.
+fn smaps_resident(smaps: &str, start: u64, end: u64) -> u64 {
+    let mut inside = false;
+    let mut total_kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = a < end && b > start;
+                continue;
+            }
+        }
+        if !inside {
+            continue;
+        }
+        if let Some((key, rest)) = line.split_once(':') {
+            if matches!(key, "Rss" | "Shared_Hugetlb" | "Private_Hugetlb") {
+                let kib = rest.trim().trim_end_matches("kB").trim();
+                total_kib += kib.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total_kib << 10
 }
 
 fn create_memfd(flags: libc::c_uint, size: u64) -> Result<OwnedFd, Error> {
@@ -652,22 +712,49 @@ mod tests {
     use super::*;
     use vm_memory::Bytes;
 
-    fn require_host() -> bool {
-        std::env::var("HUGEVISOR_REQUIRE_HOST").is_ok_and(|v| v == "1")
+    fn env_is_1(name: &str) -> bool {
+        std::env::var(name).is_ok_and(|v| v == "1")
     }
 
+    /// Whether the host's hugetlb pool of `page` bytes has `pages` pages a new mapping
+    /// can reserve. With HUGEVISOR_TEST_RESERVE=1 a short pool is grown (and left grown);
+    /// otherwise the caller skips, which panics under HUGEVISOR_REQUIRE_HOST=1.
     fn pool_ok(page: u64, pages: u64) -> bool {
-        let ok = HostPaths::default()
-            .hugetlb_pool(page)
-            .is_some_and(|p| p.available() >= pages);
-        if !ok {
-            assert!(
-                !require_host(),
-                "HUGEVISOR_REQUIRE_HOST=1 but the {page}-byte hugetlb pool lacks {pages} pages"
-            );
-            eprintln!("SKIP: the {page}-byte hugetlb pool lacks {pages} free pages");
+        let host = HostPaths::default();
+        let available = |h: &HostPaths| h.hugetlb_pool(page).map(|p| p.available());
+        if available(&host).is_some_and(|a| a >= pages) {
+            return true;
         }
-        ok
+        if env_is_1("HUGEVISOR_TEST_RESERVE") {
+            if let Some(pool) = host.hugetlb_pool(page) {
+                let want = pool.nr + (pages - pool.available());
+                let file = host.hugetlb_dir(page).join("nr_hugepages");
+                if let Err(e) = std::fs::write(&file, format!("{want}\n")) {
+                    eprintln!("could not write {want} to {}: {e}", file.display());
+                }
+                if available(&host).is_some_and(|a| a >= pages) {
+                    eprintln!(
+                        "reserved: {} hugetlb pool grown to {want} pages",
+                        format_size(page)
+                    );
+                    return true;
+                }
+            }
+        }
+        let have = match available(&host) {
+            Some(a) => format!("has {a} pages available, {pages} needed"),
+            None => "does not exist on this host".to_string(),
+        };
+        let why = format!(
+            "the {} hugetlb pool {have} (set HUGEVISOR_TEST_RESERVE=1 to let the test reserve them)",
+            format_size(page)
+        );
+        assert!(
+            !env_is_1("HUGEVISOR_REQUIRE_HOST"),
+            "HUGEVISOR_REQUIRE_HOST=1: {why}"
+        );
+        eprintln!("SKIP: {why}");
+        false
     }
 
     fn cfg(size: u64, backing: BackingKind) -> RamConfig {
@@ -844,72 +931,255 @@ mod tests {
             .contains("shmem"));
     }
 
-    /// A fake /proc + /sys tree.
-    fn fake_host(
-        free_2m: u64,
-        nr_2m: u64,
-        mem_available_kib: u64,
-    ) -> (std::path::PathBuf, HostPaths) {
-        let root = std::env::temp_dir().join(format!(
-            "guest-mm-host-{}-{free_2m}-{mem_available_kib}",
-            std::process::id()
-        ));
-        let pool = root.join("sys/kernel/mm/hugepages/hugepages-2048kB");
-        std::fs::create_dir_all(&pool).unwrap();
-        std::fs::create_dir_all(root.join("proc")).unwrap();
-        std::fs::write(pool.join("nr_hugepages"), format!("{nr_2m}\n")).unwrap();
-        std::fs::write(pool.join("free_hugepages"), format!("{free_2m}\n")).unwrap();
-        std::fs::write(pool.join("resv_hugepages"), "0\n").unwrap();
-        std::fs::write(
-            root.join("proc/meminfo"),
-            format!("MemTotal: 100 kB\nMemAvailable: {mem_available_kib} kB\n"),
-        )
-        .unwrap();
-        let host = HostPaths {
-            proc_root: root.join("proc"),
-            sys_root: root.join("sys"),
-        };
-        (root, host)
+    /// A fake /proc + /sys tree in a fresh temporary directory, removed on drop.
+    struct FakeHost {
+        root: std::path::PathBuf,
+        paths: HostPaths,
+    }
+
+    impl FakeHost {
+        fn new() -> FakeHost {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let root =
+                std::env::temp_dir().join(format!("guest-mm-fake-host-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(root.join("proc")).unwrap();
+            std::fs::create_dir_all(root.join("sys/kernel/mm/hugepages")).unwrap();
+            let paths = HostPaths {
+                proc_root: root.join("proc"),
+                sys_root: root.join("sys"),
+            };
+            FakeHost { root, paths }
+        }
+
+        fn pool(self, kib: u64, nr: u64, free: u64, resv: u64) -> FakeHost {
+            let dir = self
+                .paths
+                .sys_root
+                .join(format!("kernel/mm/hugepages/hugepages-{kib}kB"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for (f, v) in [
+                ("nr_hugepages", nr),
+                ("free_hugepages", free),
+                ("resv_hugepages", resv),
+                ("surplus_hugepages", 0),
+            ] {
+                std::fs::write(dir.join(f), format!("{v}\n")).unwrap();
+            }
+            self
+        }
+
+        fn mem_available_kib(self, kib: u64) -> FakeHost {
+            std::fs::write(
+                self.paths.proc_root.join("meminfo"),
+                format!("MemTotal:       25165824 kB\nMemFree: 1 kB\nMemAvailable:   {kib} kB\n"),
+            )
+            .unwrap();
+            self
+        }
+    }
+
+    impl Drop for FakeHost {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 
     #[test]
     fn pool_too_small_names_the_fix() {
-        let (root, host) = fake_host(10, 10, 1 << 30);
+        let fake = FakeHost::new()
+            .pool(2048, 10, 10, 0)
+            .mem_available_kib(1 << 30);
         let c = RamConfig {
             size: 64 << 20,
             backing: BackingKind::Hugetlb2M,
-            host,
+            host: fake.paths.clone(),
             ..Default::default()
         };
         let e = c.validate().unwrap_err().to_string();
         assert!(
-            e.contains("echo 32 >") && e.contains("hugepages-2048kB/nr_hugepages"),
+            e.contains("echo 32 > ") && e.contains("hugepages-2048kB/nr_hugepages"),
             "{e}"
         );
         assert!(e.contains("10 free") && e.contains("32 are needed"), "{e}");
+        // Nothing is created when validation fails.
+        assert!(matches!(
+            GuestRam::create(&c),
+            Err(Error::HugetlbPoolTooSmall { .. })
+        ));
         let c1g = RamConfig {
             backing: BackingKind::Hugetlb1G,
             size: 1 << 30,
             ..c
         };
         let e = c1g.validate().unwrap_err().to_string();
-        assert!(e.contains("no 1 GiB hugetlb pool"), "{e}");
-        std::fs::remove_dir_all(root).unwrap();
+        assert!(
+            e.contains("no 1 GiB hugetlb pool") && e.contains("hugepagesz=1G"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn reserved_hugetlb_pages_are_not_available() {
+        // 40 free but 20 of them promised to existing mappings: 20 usable, 12 short.
+        let fake = FakeHost::new().pool(2048, 50, 40, 20);
+        let c = RamConfig {
+            size: 64 << 20,
+            backing: BackingKind::Hugetlb2M,
+            host: fake.paths.clone(),
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("echo 62 > ") && e.contains("20 free"), "{e}");
+        let ok = RamConfig {
+            size: 40 << 20,
+            ..c
+        };
+        ok.validate().unwrap();
     }
 
     #[test]
     fn more_than_mem_available_is_refused() {
-        let (root, host) = fake_host(0, 0, 100 << 10);
+        let fake = FakeHost::new().mem_available_kib(100 << 10);
         let c = RamConfig {
             size: 1 << 30,
             backing: BackingKind::Shmem,
-            host,
+            host: fake.paths.clone(),
             ..Default::default()
         };
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("MemAvailable") && e.contains("100 MiB"), "{e}");
-        // Nothing is created when validation fails.
-        assert!(GuestRam::create(&c).is_err());
-        std::fs::remove_dir_all(root).unwrap();
+        assert!(matches!(
+            GuestRam::create(&c),
+            Err(Error::NotEnoughMemory { .. })
+        ));
+        let anon = RamConfig {
+            backing: BackingKind::Anon,
+            ..c.clone()
+        };
+        assert!(matches!(
+            anon.validate(),
+            Err(Error::NotEnoughMemory { .. })
+        ));
+        let fits = RamConfig {
+            size: 64 << 20,
+            ..c
+        };
+        fits.validate().unwrap();
+    }
+
+    #[test]
+    fn thp_applies_to_anon_only() {
+        for backing in [
+            BackingKind::Shmem,
+            BackingKind::Hugetlb2M,
+            BackingKind::Hugetlb1G,
+        ] {
+            let c = RamConfig {
+                size: 1 << 30,
+                backing,
+                thp: ThpMode::Madvise,
+                ..Default::default()
+            };
+            let e = c.check_shape().unwrap_err().to_string();
+            assert!(e.contains("--thp applies to the anon backing only"), "{e}");
+        }
+    }
+
+    #[test]
+    fn zero_and_unaligned_sizes() {
+        let e = cfg(0, BackingKind::Anon)
+            .check_shape()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too small") && e.contains("8 MiB"), "{e}");
+        let e = cfg(512 << 20, BackingKind::Hugetlb1G)
+            .check_shape()
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("use 1 GiB"), "{e}");
+        let e = cfg((16 << 20) + 1, BackingKind::Shmem)
+            .check_shape()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use 16 MiB or 16388 KiB"), "{e}");
+        let e = cfg(64 << 30, BackingKind::Hugetlb1G).check_shape();
+        assert!(e.is_ok(), "64 GiB is the largest size and allowed");
+    }
+
+    #[test]
+    fn guest_ram_is_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<GuestRam>();
+    }
+
+    #[test]
+    fn memfd_is_named() {
+        let ram = GuestRam::create(&cfg(8 << 20, BackingKind::Shmem)).unwrap();
+        let fd = ram.memfd().unwrap().as_raw_fd();
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert!(
+            link.to_string_lossy().contains("memfd:hugevisor-guest-ram"),
+            "{link:?}"
+        );
+        assert!(GuestRam::create(&cfg(8 << 20, BackingKind::Anon))
+            .unwrap()
+            .memfd()
+            .is_none());
+    }
+
+    /// The staging view writes the memfd without mapping anything into the guest view;
+    /// populate maps the whole guest view.
+    #[test]
+    fn staging_writes_do_not_map_the_guest_view_and_populate_maps_it() {
+        let mut cases = vec![
+            (BackingKind::Shmem, 16 << 20),
+            (BackingKind::Anon, 16 << 20),
+        ];
+        if pool_ok(2 << 20, 8) {
+            cases.push((BackingKind::Hugetlb2M, 16 << 20));
+        }
+        for (backing, size) in cases {
+            let mut c = cfg(size, backing);
+            let ram = GuestRam::create(&c).unwrap();
+            assert_eq!(ram.guest_view_rss_bytes().unwrap(), 0, "{backing}");
+            ram.staging()
+                .write_obj(1_u64, GuestAddress(size / 2))
+                .unwrap();
+            let rss = ram.guest_view_rss_bytes().unwrap();
+            match ram.view_layout() {
+                ViewLayout::GuestAndStaging => assert_eq!(rss, 0, "{backing}"),
+                ViewLayout::SingleView => assert_eq!(rss, 4096, "{backing}"),
+            }
+            drop(ram);
+            c.prefault = Prefault::Populate;
+            let ram = GuestRam::create(&c).unwrap();
+            assert_eq!(ram.guest_view_rss_bytes().unwrap(), size, "{backing}");
+        }
+    }
+
+    #[test]
+    fn smaps_parsing() {
+        let smaps = "\
+7f0000000000-7f0000200000 rw-s 00000000 00:01 5 /memfd:hugevisor-guest-ram (deleted)
+Size:               2048 kB
+Rss:                   8 kB
+Shared_Hugetlb:        0 kB
+7f0000200000-7f0000400000 rw-s 00200000 00:01 5 /memfd:hugevisor-guest-ram (deleted)
+Rss:                   0 kB
+Shared_Hugetlb:     2048 kB
+Private_Hugetlb:       0 kB
+7f0000400000-7f0000600000 rw-p 00000000 00:00 0
+Rss:                 100 kB
+";
+        assert_eq!(
+            smaps_resident(smaps, 0x7f00_0000_0000, 0x7f00_0040_0000),
+            (8 + 2048) << 10
+        );
+        assert_eq!(
+            smaps_resident(smaps, 0x7f00_0040_0000, 0x7f00_0060_0000),
+            100 << 10
+        );
     }
 }

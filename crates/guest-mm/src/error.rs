@@ -6,13 +6,13 @@ pub enum Error {
     BadSize { text: String, why: &'static str },
     #[error("unknown backing {0:?}; choose one of: shmem, hugetlb-2m, hugetlb-1g, anon")]
     UnknownBacking(String),
-    #[error("guest memory of {size} is not a multiple of the {backing} page size ({page}); use {below} or {above}")]
+    #[error("guest memory of {size} is not a multiple of the {backing} page size ({page}); use {nearest}")]
     Unaligned {
         size: String,
         backing: String,
         page: String,
-        below: String,
-        above: String,
+        /// The nearest valid sizes, e.g. "16 MiB or 18 MiB".
+        nearest: String,
     },
     #[error("guest memory of {size} is too small: at least {min} is needed (the guest image and its tables take the first 4 MiB)")]
     TooSmall { size: String, min: String },

@@ -1,4 +1,4 @@
-//! Host memory facts from /proc and /sys: hugetlb pools, MemAvailable, THP settings,
+//! Host memory facts from /proc and /sys: hugetlb pools, MemAvailable, thp settings,
 //! NUMA nodes. Roots are overridable so validation can be tested on a fake tree.
 
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ impl HugetlbPool {
     }
 }
 
-/// THP settings (the selected value of each sysfs knob).
+/// thp settings (the selected value of each sysfs knob).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ThpSettings {
     pub enabled: String,

@@ -4,11 +4,8 @@
 //! Node syscalls go through `libc::syscall`: no NUMA crate is kept up (and libnuma would
 //! add a C dependency for four syscalls).
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 
-use crate::table::SIZE_2M;
 use crate::Error;
 
 /// How guest NUMA nodes are backed.
@@ -161,9 +158,8 @@ pub struct BalancerConfig {
     pub scan_period_max_ms: u64,
     /// At most this many region migrations per second.
     pub max_migrations_per_sec: u64,
-    /// A region that took faults from two different nodes within this many scans is
-    /// shared and stays put.
-    pub shared_window_scans: u64,
+    /// A region that took hint faults from two nodes stays put this long.
+    pub shared_hold_ms: u64,
 }
 
 impl Default for BalancerConfig {
@@ -173,7 +169,7 @@ impl Default for BalancerConfig {
             scan_period_min_ms: 1000,
             scan_period_max_ms: 60_000,
             max_migrations_per_sec: 128,
-            shared_window_scans: 4,
+            shared_hold_ms: 10_000,
         }
     }
 }
@@ -184,33 +180,32 @@ pub enum Decision {
     Migrate { to: u16 },
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct RegionHistory {
-    /// The node of the last hint fault and the scan it was in.
-    last: Option<(u16, u64)>,
-    /// Scan in which faults from two different nodes were last seen.
-    shared_at: Option<u64>,
-}
-
-/// The placement policy: migrate a region to the accessing vCPU's node after two
-/// consecutive hint faults from that node (the kernel's should_numa_migrate_memory
-/// two-stage filter); regions touched from several nodes stay; migrations are rate
-/// limited.
+/// The placement policy, per 4 KiB page like the kernel's `should_numa_migrate_memory`:
+/// a hint fault records the faulting node on the page; the page's 2 MiB region migrates
+/// to that node only when the page's previous hint fault came from the same node (the
+/// two-fault filter). A page touched alternately from several nodes (a shared buffer)
+/// never passes the filter, so shared regions stay put. Migrations are rate limited.
 #[derive(Debug)]
 pub struct Balancer {
     cfg: BalancerConfig,
-    regions: HashMap<u64, RegionHistory>,
-    scan: u64,
+    /// Node of each page's last hint fault; `NO_NODE` when none yet.
+    last_node: Vec<u8>,
+    /// Per 2 MiB region: the node of its last hint fault, and until when it counts as
+    /// shared (it took hint faults from two nodes).
+    regions: Vec<(u8, u64)>,
     budget_window_start_ms: u64,
     migrations_in_window: u64,
 }
 
+const NO_NODE: u8 = u8::MAX;
+
 impl Balancer {
-    pub fn new(cfg: BalancerConfig) -> Self {
+    /// A balancer for guest RAM of `ram_size` bytes.
+    pub fn new(cfg: BalancerConfig, ram_size: u64) -> Self {
         Balancer {
             cfg,
-            regions: HashMap::new(),
-            scan: 0,
+            last_node: vec![NO_NODE; (ram_size / 4096) as usize],
+            regions: vec![(NO_NODE, 0); ram_size.div_ceil(2 << 20) as usize],
             budget_window_start_ms: 0,
             migrations_in_window: 0,
         }
@@ -220,31 +215,22 @@ impl Balancer {
         &self.cfg
     }
 
-    /// A new scan period began.
-    pub fn next_scan(&mut self) {
-        self.scan += 1;
-    }
-
-    /// A hint fault at `gpa` by a vCPU on `node`; the region is on `current`.
+    /// A hint fault at `gpa` by a vCPU on `node`; the page's region is on `current`.
     pub fn on_hint_fault(&mut self, gpa: u64, node: u16, current: u16, now_ms: u64) -> Decision {
-        let region = gpa / SIZE_2M;
-        let scan = self.scan;
-        let h = self.regions.entry(region).or_default();
-        let previous = h.last.replace((node, scan));
-        if let Some((prev_node, prev_scan)) = previous {
-            if prev_node != node && scan.saturating_sub(prev_scan) <= self.cfg.shared_window_scans {
-                h.shared_at = Some(scan);
-            }
-        }
-        let shared = h
-            .shared_at
-            .is_some_and(|s| scan.saturating_sub(s) <= self.cfg.shared_window_scans);
-        if shared || node == current {
+        let Some(last) = self.last_node.get_mut((gpa / 4096) as usize) else {
             return Decision::Stay;
+        };
+        let node8 = node.min(NO_NODE as u16 - 1) as u8;
+        let previous = std::mem::replace(last, node8);
+        // A region faulted from two nodes is shared for a while: pages of a shared
+        // buffer walked at different speeds by several vCPUs would otherwise pass the
+        // per-page filter now and then and ping-pong.
+        let region = &mut self.regions[(gpa >> 21) as usize];
+        if region.0 != NO_NODE && region.0 != node8 {
+            region.1 = now_ms + self.cfg.shared_hold_ms;
         }
-        // Two-fault filter: the previous fault (in an earlier scan) came from this node too.
-        let confirmed = previous.is_some_and(|(n, s)| n == node && s < scan);
-        if !confirmed {
+        region.0 = node8;
+        if node == current || previous != node8 || now_ms < region.1 {
             return Decision::Stay;
         }
         if now_ms.saturating_sub(self.budget_window_start_ms) >= 1000 {
@@ -262,34 +248,60 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::SIZE_2M;
 
     #[test]
     fn two_faults_from_a_remote_node_migrate() {
-        let mut b = Balancer::new(BalancerConfig::default());
+        let mut b = Balancer::new(BalancerConfig::default(), 64 << 20);
         assert_eq!(
-            b.on_hint_fault(0, 1, 0, 0),
+            b.on_hint_fault(4096, 1, 0, 0),
             Decision::Stay,
             "first fault only records"
         );
-        b.next_scan();
+        assert_eq!(
+            b.on_hint_fault(8192, 1, 0, 5),
+            Decision::Stay,
+            "another page: its first fault"
+        );
         assert_eq!(b.on_hint_fault(4096, 1, 0, 10), Decision::Migrate { to: 1 });
         // Local faults never migrate.
-        b.next_scan();
-        assert_eq!(b.on_hint_fault(SIZE_2M, 0, 0, 20), Decision::Stay);
+        b.on_hint_fault(SIZE_2M, 0, 0, 20);
+        assert_eq!(b.on_hint_fault(SIZE_2M, 0, 0, 30), Decision::Stay);
+        // Beyond guest RAM: ignored.
+        assert_eq!(b.on_hint_fault(1 << 40, 1, 0, 30), Decision::Stay);
     }
 
     #[test]
-    fn shared_regions_stay_put() {
-        let mut b = Balancer::new(BalancerConfig::default());
-        for scan in 0..10u64 {
-            let node = (scan % 2) as u16;
+    fn pages_touched_from_alternating_nodes_stay_put() {
+        let mut b = Balancer::new(BalancerConfig::default(), 64 << 20);
+        for k in 0..10u64 {
+            let node = (k % 2) as u16;
+            // Always remote, always a different node than the page's last fault.
             assert_eq!(
-                b.on_hint_fault(0, node, 0, scan * 10),
+                b.on_hint_fault(0, node, 1 - node, k * 10),
                 Decision::Stay,
-                "scan {scan}"
+                "fault {k}"
             );
-            b.next_scan();
         }
+    }
+
+    #[test]
+    fn a_region_faulted_from_two_nodes_is_held_even_when_a_page_passes_the_filter() {
+        let mut b = Balancer::new(BalancerConfig::default(), 64 << 20);
+        b.on_hint_fault(0, 1, 0, 0);
+        b.on_hint_fault(4096, 0, 0, 1);
+        // Page 0's second fault from node 1 would pass the per-page filter...
+        assert_eq!(
+            b.on_hint_fault(0, 1, 0, 2),
+            Decision::Stay,
+            "...but the region is shared"
+        );
+        // After the hold expires, a private pattern migrates again.
+        b.on_hint_fault(8192, 1, 0, 20_000);
+        assert_eq!(
+            b.on_hint_fault(8192, 1, 0, 20_001),
+            Decision::Migrate { to: 1 }
+        );
     }
 
     #[test]
@@ -298,17 +310,15 @@ mod tests {
             max_migrations_per_sec: 3,
             ..Default::default()
         };
-        let mut b = Balancer::new(cfg);
+        let mut b = Balancer::new(cfg, 64 << 20);
         for r in 0..10u64 {
             b.on_hint_fault(r * SIZE_2M, 1, 0, 0);
         }
-        b.next_scan();
         let migrated = (0..10u64)
             .filter(|r| b.on_hint_fault(r * SIZE_2M, 1, 0, 5) != Decision::Stay)
             .count();
         assert_eq!(migrated, 3);
         // Next second: budget again.
-        b.next_scan();
         let migrated = (0..10u64)
             .filter(|r| b.on_hint_fault(r * SIZE_2M, 1, 0, 1500) != Decision::Stay)
             .count();

@@ -257,7 +257,14 @@ fn apply_to(t: &mut Table, change: Change, widened: GpaRange) -> Result<(), Tabl
             Ok(())
         }
         Change::Migrate { node, .. } => {
+            // The moved range is mapped nowhere yet: content here, mapping gone.
             t.set_node(widened.start, widened.end, node, node);
+            t.set_state(
+                widened.start,
+                widened.end,
+                &[PageState::Present],
+                PageState::Hinted,
+            );
             Ok(())
         }
         Change::MarkAbsent { .. } => {

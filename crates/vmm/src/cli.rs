@@ -8,8 +8,10 @@ use guest_image::Workload;
 use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 
 use crate::console::ConsoleMode;
+use crate::numa::{Balancing, NumaSpec};
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
 use crate::vstate::vm::DEFAULT_KVM_DEVICE;
+use guest_mm::numa::BalancerConfig;
 
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;
@@ -87,7 +89,7 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Workload: touch, verify, stream, random, fault.
+    /// Workload: touch, verify, stream, random, fault, numa01, numa02, numa01_thread_alloc.
     #[arg(long, default_value = "verify", value_parser = parse_workload)]
     workload: Workload,
     /// Run the workload for this long (e.g. 5s); the default is 5s (one pass for touch).
@@ -122,6 +124,26 @@ pub struct RunArgs {
     /// Print the second-stage table (like smaps) at exit.
     #[arg(long)]
     memmap: bool,
+    /// Guest NUMA topology: nodes=N[,cpus=0-1:2-3][,backend=host|emulated].
+    #[arg(long, value_parser = parse_numa)]
+    numa: Option<NumaSpec>,
+    /// NUMA balancing (hint faults and region migration); on by default with --numa.
+    #[arg(long, value_enum, default_value = "on")]
+    numa_balancing: Balancing,
+    /// NUMA scanner: window=SIZE,period=D[,rate=N] (default 256M per 1s, 128 moves/s).
+    #[arg(long, value_parser = parse_numa_scan)]
+    numa_scan: Option<BalancerConfig>,
+    /// Testing: move a random 2 MiB region to another node this often.
+    #[arg(long, value_parser = parse_duration)]
+    numa_force_migrate: Option<Duration>,
+}
+
+fn parse_numa(s: &str) -> Result<NumaSpec, String> {
+    s.parse()
+}
+
+fn parse_numa_scan(s: &str) -> Result<BalancerConfig, String> {
+    crate::numa::parse_scan(s)
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +215,10 @@ impl RunArgs {
             } else {
                 MemmapListing::Off
             },
+            numa: self.numa.clone(),
+            numa_balancing: self.numa_balancing,
+            numa_scan: self.numa_scan.unwrap_or_default(),
+            numa_force_migrate: self.numa_force_migrate,
         })
     }
 }

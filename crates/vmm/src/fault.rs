@@ -15,7 +15,6 @@
 //! The guest view is registered MINOR only, so a first touch of a never-written page is
 //! zero-filled by the kernel without an event.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -27,22 +26,28 @@ use guest_mm::table::{Dirtied, FaultCause, Intent, Lookup};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::numa::NumaEngine;
 
 /// The host side of the mmu notifier: zaps the guest view so that the kernel's own mmu
 /// notifier drops KVM's real EPT/shadow entries. MADV_DONTNEED keeps shmem and hugetlb
 /// page cache, so content stays and the next vCPU touch is a MINOR fault.
+///
+/// A NUMA move remaps the guest view in place, which drops its userfaultfd registration;
+/// the zapper registers the range again when the move ends.
 pub struct GuestViewZapper {
     base: u64,
     size: u64,
     failures: AtomicU64,
+    uffd: Option<Arc<uffd::Uffd>>,
 }
 
 impl GuestViewZapper {
-    pub fn new(base: u64, size: u64) -> Self {
+    pub fn new(base: u64, size: u64, uffd: Option<Arc<uffd::Uffd>>) -> Self {
         GuestViewZapper {
             base,
             size,
             failures: AtomicU64::new(0),
+            uffd,
         }
     }
 
@@ -73,7 +78,19 @@ impl MmuNotifierSubscriber for GuestViewZapper {
         }
     }
 
-    fn invalidate_range_end(&self, _range: GpaRange, _reason: InvalidateReason) {}
+    fn invalidate_range_end(&self, range: GpaRange, reason: InvalidateReason) {
+        if reason != InvalidateReason::Migrate || range.start >= self.size {
+            return;
+        }
+        if let Some(u) = &self.uffd {
+            let len = range.end.min(self.size) - range.start;
+            if u.register(self.base + range.start, len, uffd::RegisterMode::MINOR)
+                .is_err()
+            {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Fault latency histogram: 1 µs buckets up to 10 ms, then one overflow bucket.
@@ -234,6 +251,7 @@ pub struct FaultPath {
 }
 
 struct Ctx {
+    numa: Option<Arc<NumaEngine>>,
     uffd: Arc<uffd::Uffd>,
     stage: Arc<SecondStage>,
     stats: Arc<FaultStats>,
@@ -250,6 +268,7 @@ impl FaultPath {
         vcpus: Arc<VcpuThreads>,
         base: u64,
         size: u64,
+        numa: Option<Arc<NumaEngine>>,
     ) -> Result<FaultPath> {
         let uffd = uffd::Uffd::open(
             uffd::Features::THREAD_ID
@@ -268,6 +287,7 @@ impl FaultPath {
         );
         let stats = Arc::new(FaultStats::new(vcpus.tids.len()));
         let ctx = Ctx {
+            numa,
             uffd: uffd.clone(),
             stage,
             stats: stats.clone(),
@@ -296,8 +316,8 @@ impl FaultPath {
         })
     }
 
-    pub fn uffd_fd(&self) -> i32 {
-        self.uffd.as_raw_fd()
+    pub fn uffd(&self) -> Arc<uffd::Uffd> {
+        self.uffd.clone()
     }
 
     /// Stops the fault thread. Closing the userfaultfd (when the last Arc drops) wakes any
@@ -330,7 +350,8 @@ fn handle_event(ctx: &Ctx, ev: uffd::Event) {
         return;
     }
     let gpa = address - ctx.base;
-    match thread_id.and_then(|t| ctx.vcpus.vcpu_of(t)) {
+    let vcpu = thread_id.and_then(|t| ctx.vcpus.vcpu_of(t));
+    match vcpu {
         Some(v) => {
             ctx.stats.per_vcpu[v].fetch_add(1, Ordering::Relaxed);
         }
@@ -362,6 +383,14 @@ fn handle_event(ctx: &Ctx, ev: uffd::Event) {
         if first_decision {
             counter.fetch_add(1, Ordering::Relaxed);
             first_decision = false;
+            // A NUMA-hint fault: record it against the vCPU's node; the policy may move
+            // the region (through the notifier), so decide again afterwards.
+            if let (Some(numa), Some(v), Lookup::Fault(_, FaultCause::Hint)) =
+                (&ctx.numa, vcpu, ctx.stage.lookup(gpa, Intent::Vcpu))
+            {
+                numa.on_hint_fault(gpa, v);
+                continue;
+            }
         }
         let (s, e) = ctx.stage.inspect(|t| t.zap_span(gpa));
         let (start, len) = (ctx.base + s, (e.min(ctx.size)) - s);

@@ -18,6 +18,8 @@ pub mod console;
 pub mod error;
 pub mod fault;
 pub mod mailbox;
+pub mod numa;
+pub mod periodic;
 pub mod procfs;
 pub mod run;
 pub mod vstate;

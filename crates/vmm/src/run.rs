@@ -15,6 +15,7 @@ use std::time::Duration;
 use guest_image::abi;
 use guest_image::{GuestParams, Workload};
 use guest_mm::notifier::GpaRange;
+use guest_mm::numa::BalancerConfig;
 use guest_mm::stage::{Change, SecondStage};
 use guest_mm::table::{Accounting, BackingRef, LeafSize, LeafSpec, PageState, Run};
 use guest_mm::{GuestRam, RamConfig, ViewLayout};
@@ -28,6 +29,7 @@ use crate::console::{Console, ConsoleMode};
 use crate::error::{Error, Result};
 use crate::fault::{FaultPath, FaultReport, GuestViewZapper, VcpuThreads};
 use crate::mailbox::Mailbox;
+use crate::numa::{working_sets, Balancing, NumaEngine, NumaReport, NumaSpec};
 use crate::procfs;
 use crate::vstate::vcpu::{
     install_kick_handler, kick_signal, Vcpu, VcpuEnd, VcpuOutcome, VcpuShared,
@@ -68,6 +70,12 @@ pub struct RunConfig {
     /// Testing: a VMM thread zaps a random range of the guest view this often.
     pub stress_zap: Option<Duration>,
     pub memmap: MemmapListing,
+    /// Guest NUMA topology (`--numa`); None: one node.
+    pub numa: Option<NumaSpec>,
+    pub numa_balancing: Balancing,
+    pub numa_scan: BalancerConfig,
+    /// Testing: move a random region to another node this often.
+    pub numa_force_migrate: Option<Duration>,
 }
 
 /// Whether the run report includes the second-stage table's memory map.
@@ -173,6 +181,12 @@ pub struct RunReport {
     pub faults: Option<FaultReport>,
     pub zaps: u64,
     pub memmap: Option<Memmap>,
+    pub numa_hint_faults: u64,
+    pub numa_hint_faults_local: u64,
+    pub numa_pages_migrated: u64,
+    pub numa_migrate_failures: u64,
+    pub locality_pct: Option<f64>,
+    pub numa: Option<NumaReport>,
 }
 
 const VECTOR_NAMES: [&str; 32] = [
@@ -226,11 +240,28 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             cfg.ram.size
         )));
     }
+    let topology = match &cfg.numa {
+        Some(spec) => Some(
+            spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())
+                .map_err(Error::Config)?,
+        ),
+        None => None,
+    };
+    let mut ram_cfg = cfg.ram.clone();
+    if let Some(t) = &topology {
+        ram_cfg.numa = t.layout;
+        ram_cfg.check_shape()?;
+        if cfg.numa_balancing == Balancing::On && ram_cfg.backing == guest_mm::BackingKind::Anon {
+            return Err(Error::Config(
+                "NUMA balancing takes hint faults through userfaultfd MINOR faults, which need file-backed RAM (shmem or hugetlb); use --numa-balancing off with anon".into(),
+            ));
+        }
+    }
     // Host capabilities first, so a missing KVM leaves nothing behind.
     let kvm = open_kvm(&cfg.kvm_device)?;
     install_kick_handler()?;
 
-    let ram = GuestRam::create(&cfg.ram)?;
+    let ram = Arc::new(GuestRam::create(&ram_cfg)?);
     let mem = ram.staging();
     let image = boot::load_image(mem, guest_image::IMAGE, ram.size())?;
     let params = GuestParams {
@@ -241,6 +272,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         },
         vcpus: cfg.vcpus,
         seed: cfg.seed,
+        vcpu_nodes: topology
+            .as_ref()
+            .map(|t| t.vcpu_nodes.clone())
+            .unwrap_or_default(),
     };
     boot::write_boot_tables(mem, &image, ram.size(), vcpus, &params.cmdline())?;
     let mailbox = Mailbox::new(image.info.mailbox);
@@ -265,14 +300,36 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             spec,
         })
         .map_err(|e| Error::Config(format!("building the second-stage table: {e}")))?;
+    let numa_engine = match &topology {
+        Some(t) => {
+            let sets = working_sets(cfg.workload, ram.size(), vcpus);
+            let engine = Arc::new(NumaEngine::new(
+                ram.clone(),
+                stage.clone(),
+                t.vcpu_nodes.clone(),
+                sets,
+                cfg.numa_scan,
+            ));
+            engine.place_initial(cfg.workload).map_err(Error::Config)?;
+            Some(engine)
+        }
+        None => None,
+    };
     let vcpu_threads = Arc::new(VcpuThreads::new(vcpus));
+    let mut host_zapper = None;
     let (fault_path, fault_path_name) = match ram.view_layout() {
         ViewLayout::GuestAndStaging => {
             let base = ram.guest_view_addr() as u64;
-            stage
-                .notifier()
-                .subscribe(Arc::new(GuestViewZapper::new(base, ram.size())));
-            let fp = FaultPath::start(stage.clone(), vcpu_threads.clone(), base, ram.size())?;
+            let fp = FaultPath::start(
+                stage.clone(),
+                vcpu_threads.clone(),
+                base,
+                ram.size(),
+                numa_engine.clone(),
+            )?;
+            let zapper = Arc::new(GuestViewZapper::new(base, ram.size(), Some(fp.uffd())));
+            stage.notifier().subscribe(zapper.clone());
+            host_zapper = Some(zapper);
             (Some(fp), "uffd-minor".to_string())
         }
         ViewLayout::SingleView => (
@@ -320,6 +377,17 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let zapper = cfg
         .stress_zap
         .map(|period| StressZapper::start(stage.clone(), ram.size(), period, cfg.seed));
+    let mut numa_threads = Vec::new();
+    if let Some(e) = &numa_engine {
+        let io = |source| Error::Io {
+            what: "starting a NUMA thread".into(),
+            source,
+        };
+        numa_threads = e.start_threads(cfg.numa_balancing).map_err(io)?;
+        if let Some(p) = cfg.numa_force_migrate {
+            numa_threads.push(e.start_forced_migrations(p, cfg.seed).map_err(io)?);
+        }
+    }
 
     // Watch the run.
     let deadline = launch_ns + cfg.timeout.as_nanos() as u64;
@@ -380,10 +448,26 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     }
     let end_ns = monotonic_ns();
     let zaps = zapper.map(StressZapper::stop).unwrap_or(0);
+    numa_threads.into_iter().for_each(|t| t.stop());
+    let numa = numa_engine.as_ref().map(|e| {
+        e.report(
+            cfg.numa_balancing,
+            topology.as_ref().and_then(|t| t.note.clone()),
+        )
+    });
     let faults = fault_path.map(|fp| fp.stop().report());
     let clock = TscClock::calibrate(origin);
     if let Some(e) = faults.as_ref().and_then(|f| f.error.clone()) {
         return Err(Error::Config(format!("fault path: {e}")));
+    }
+    if let Some(n) = host_zapper
+        .as_ref()
+        .map(|z| z.failures())
+        .filter(|&n| n > 0)
+    {
+        return Err(Error::Config(format!(
+            "{n} host-side mapping changes (zap or userfaultfd re-registration after a NUMA move) failed; guest memory may not be protected"
+        )));
     }
     let memmap = match cfg.memmap {
         MemmapListing::AtExit => Some(Memmap {
@@ -535,6 +619,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         faults,
         zaps,
         memmap,
+        numa_hint_faults: numa.as_ref().map(|n| n.numa_hint_faults).unwrap_or(0),
+        numa_hint_faults_local: numa.as_ref().map(|n| n.numa_hint_faults_local).unwrap_or(0),
+        numa_pages_migrated: numa.as_ref().map(|n| n.numa_pages_migrated).unwrap_or(0),
+        numa_migrate_failures: numa.as_ref().map(|n| n.numa_migrate_failures).unwrap_or(0),
+        locality_pct: numa.as_ref().map(|n| n.locality_pct),
+        numa,
     })
 }
 
@@ -644,6 +734,24 @@ impl std::fmt::Display for RunReport {
                     String::new()
                 }
             )?;
+        }
+        if let Some(n) = &self.numa {
+            writeln!(
+                f,
+                "  NUMA: {} {} node(s), balancing {}: {} hint faults ({} local), {} pages migrated, {} failures, locality {:.1}%{}",
+                n.nodes,
+                n.backend,
+                if n.balancing { "on" } else { "off" },
+                n.numa_hint_faults,
+                n.numa_hint_faults_local,
+                n.numa_pages_migrated,
+                n.numa_migrate_failures,
+                n.locality_pct,
+                n.time_to_95_ms.map(|t| format!(", 95% after {t:.0} ms")).unwrap_or_default()
+            )?;
+            if let Some(note) = &n.note {
+                writeln!(f, "  note: {note}")?;
+            }
         }
         if let Some(x) = &self.exception {
             writeln!(

@@ -36,7 +36,7 @@ fn internal_reads_of_hinted_pages_do_not_fault_vcpu_accesses_do() {
     let base = ram.guest_view_addr() as u64;
     stage
         .notifier()
-        .subscribe(Arc::new(GuestViewZapper::new(base, ram.size())));
+        .subscribe(Arc::new(GuestViewZapper::new(base, ram.size(), None)));
     let gpa = 5 << 20;
     ram.staging()
         .write_obj(0x1234_5678u64, GuestAddress(gpa))
@@ -50,7 +50,7 @@ fn internal_reads_of_hinted_pages_do_not_fault_vcpu_accesses_do() {
         0x1234_5678
     );
     let threads = Arc::new(VcpuThreads::new(1));
-    let fp = FaultPath::start(stage.clone(), threads.clone(), base, ram.size()).unwrap();
+    let fp = FaultPath::start(stage.clone(), threads.clone(), base, ram.size(), None).unwrap();
     stage
         .apply(Change::Zap {
             range: GpaRange::new(gpa, gpa + 4096),

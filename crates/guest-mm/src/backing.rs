@@ -531,7 +531,7 @@ impl GuestRam {
                 NodeBackendKind::Host => numa::mbind(
                     self.staging_view_addr() as u64 + off,
                     SIZE_2M,
-                    Policy::Bind,
+                    self.numa.policy,
                     &[node],
                     ExistingPages::Move,
                 )?,
@@ -804,6 +804,7 @@ mod tests {
             numa: NumaLayout {
                 nodes: 2,
                 backend: NodeBackendKind::Emulated,
+                ..Default::default()
             },
             ..Default::default()
         };
@@ -879,6 +880,7 @@ mod tests {
             numa: NumaLayout {
                 nodes: 2,
                 backend: NodeBackendKind::Host,
+                ..Default::default()
             },
             ..c
         };

@@ -34,6 +34,8 @@ impl std::fmt::Display for NodeBackendKind {
 pub struct NumaLayout {
     pub nodes: u16,
     pub backend: NodeBackendKind,
+    /// Host backend: how a zone is tied to its host node.
+    pub policy: Policy,
 }
 
 impl Default for NumaLayout {
@@ -41,15 +43,21 @@ impl Default for NumaLayout {
         NumaLayout {
             nodes: 1,
             backend: NodeBackendKind::Emulated,
+            policy: Policy::Bind,
         }
     }
 }
 
 /// Host memory policies for [`mbind`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Policy {
+    /// MPOL_BIND: only the zone's node.
+    #[default]
     Bind,
+    /// MPOL_PREFERRED: the zone's node first, others when it is full.
     Preferred,
+    /// MPOL_INTERLEAVE over the zone's node set (one node per zone for now).
     Interleave,
 }
 

@@ -25,6 +25,26 @@ pub struct BenchArgs {
 enum BenchKind {
     /// Start-up latency, random-access throughput per backing, VMM memory overhead.
     Memory(MemoryBenchArgs),
+    /// NUMA balancing on emulated nodes: locality over time, hint-fault cost, throughput.
+    Numa(NumaBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct NumaBenchArgs {
+    /// Guest RAM per run.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// Run time of each workload run.
+    #[arg(long, default_value = "8s")]
+    duration: String,
+    /// Scanner settings for the balancing runs.
+    #[arg(long, default_value = "window=256M,period=50ms")]
+    scan: String,
+    /// Where to write numa-locality.png and numa.json.
+    #[arg(long, default_value = "bench-out")]
+    out_dir: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -163,6 +183,7 @@ fn measure(args: &MemoryBenchArgs, v: Variant) -> Row {
 pub fn cmd_bench(args: &BenchArgs) -> i32 {
     match &args.which {
         BenchKind::Memory(a) => bench_memory(a),
+        BenchKind::Numa(a) => bench_numa(a),
     }
 }
 
@@ -224,4 +245,212 @@ fn bench_memory(args: &MemoryBenchArgs) -> i32 {
     } else {
         0
     }
+}
+
+/// Median time of a raw userfaultfd MINOR round trip on shmem, in µs: a thread touches a
+/// zapped page of a registered view, a handler thread CONTINUEs it. The floor under every
+/// hint fault the VMM takes.
+fn raw_minor_round_trip_us(samples: usize) -> Result<f64, String> {
+    use guest_mm::{BackingKind, GuestRam, RamConfig};
+    use std::sync::Arc;
+    let ram = GuestRam::create(&RamConfig {
+        size: 16 << 20,
+        backing: BackingKind::Shmem,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let base = ram.guest_view_addr() as u64;
+    let page = 4096u64;
+    // Populate the page cache through the staging view.
+    for p in 0..samples.min(4096) as u64 {
+        vm_memory::Bytes::write_obj(ram.staging(), p, vm_memory::GuestAddress(p * page))
+            .map_err(|e| e.to_string())?;
+    }
+    let u = Arc::new(uffd::Uffd::open(uffd::Features::MINOR_SHMEM).map_err(|e| e.to_string())?);
+    u.register(base, 16 << 20, uffd::RegisterMode::MINOR)
+        .map_err(|e| e.to_string())?;
+    let stop = Arc::new(uffd::StopFd::new().map_err(|e| e.to_string())?);
+    let (u2, s2) = (u.clone(), stop.clone());
+    let handler = std::thread::spawn(move || {
+        uffd::run_until_stopped(&u2, &s2, |ev| {
+            if let uffd::Event::Pagefault { address, .. } = ev {
+                let _ = u2.continue_range(address & !(page - 1), page, uffd::Wake::Yes);
+            }
+        })
+    });
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..samples as u64 {
+        let addr = base + (i % 4096) * page;
+        // SAFETY: zaps one page of our own shared guest view; the page cache keeps it.
+        unsafe {
+            libc::madvise(
+                addr as *mut libc::c_void,
+                page as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        let t = monotonic_ns();
+        // SAFETY: reads a u64 inside the 16 MiB guest view.
+        let _ = unsafe { std::ptr::read_volatile(addr as *const u64) };
+        times.push((monotonic_ns() - t) as f64 / 1000.0);
+    }
+    stop.stop();
+    let _ = handler.join();
+    Ok(median(times))
+}
+
+fn numa_child(args: &NumaBenchArgs, balancing: &str) -> Result<serde_json::Value, String> {
+    let vcpus = args.vcpus.to_string();
+    let (j, _, _) = run_child(
+        &args.memory,
+        &[
+            "--vcpus",
+            &vcpus,
+            "--workload",
+            "numa02",
+            "--duration",
+            &args.duration,
+            "--numa",
+            "nodes=2",
+            "--numa-balancing",
+            balancing,
+            "--numa-scan",
+            &args.scan,
+        ],
+    )?;
+    Ok(j)
+}
+
+fn bench_numa(args: &NumaBenchArgs) -> i32 {
+    eprintln!("bench: raw userfaultfd MINOR round trip ...");
+    let raw = match raw_minor_round_trip_us(2000) {
+        Ok(v) => v,
+        Err(e) => return crate::cli::fail(&format!("raw MINOR round trip: {e}")),
+    };
+    eprintln!("bench: numa02, balancing on ...");
+    let on = match numa_child(args, "on") {
+        Ok(j) => j,
+        Err(e) => return crate::cli::fail(&format!("numa02 with balancing on: {e}")),
+    };
+    eprintln!("bench: numa02, balancing off ...");
+    let off = match numa_child(args, "off") {
+        Ok(j) => j,
+        Err(e) => return crate::cli::fail(&format!("numa02 with balancing off: {e}")),
+    };
+    let series: Vec<(f64, f64)> = on["numa"]["locality_over_time"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let series_off: Vec<(f64, f64)> = off["numa"]["locality_over_time"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let x_max = series.last().map(|p| p.0).unwrap_or(1.0);
+    if let Err(e) = std::fs::create_dir_all(&args.out_dir) {
+        return crate::cli::fail(&format!("creating {}: {e}", args.out_dir.display()));
+    }
+    let png = crate::plot::percent_chart(
+        &[
+            crate::plot::Series {
+                points: &series,
+                rgb: [30, 90, 200],
+            },
+            crate::plot::Series {
+                points: &series_off,
+                rgb: [150, 150, 150],
+            },
+        ],
+        x_max,
+        95.0,
+    );
+    let png_path = args.out_dir.join("numa-locality.png");
+    match png {
+        Ok(bytes) => {
+            if let Err(e) = std::fs::write(&png_path, bytes) {
+                return crate::cli::fail(&format!("writing {}: {e}", png_path.display()));
+            }
+        }
+        Err(e) => return crate::cli::fail(&format!("rendering the plot: {e}")),
+    }
+    let mib = |j: &serde_json::Value| {
+        j["steady_bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+    };
+    let avg = |j: &serde_json::Value| j["bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+    let result = serde_json::json!({
+        "memory": args.memory, "vcpus": args.vcpus, "duration": args.duration, "scan": args.scan,
+        "backend": on["numa"]["backend"],
+        "raw_minor_round_trip_us": raw,
+        "hint_fault_us_p50": on["fault_us_p50"], "hint_fault_us_p99": on["fault_us_p99"],
+        "time_to_95_ms": on["numa"]["time_to_95_ms"],
+        "locality_final_pct": on["locality_pct"], "locality_off_pct": off["locality_pct"],
+        "numa_pages_migrated": on["numa_pages_migrated"], "numa_hint_faults": on["numa_hint_faults"],
+        "throughput_on_mib_s": mib(&on), "throughput_off_mib_s": mib(&off),
+        "throughput_avg_on_mib_s": avg(&on), "throughput_avg_off_mib_s": avg(&off),
+        "locality_over_time": series,
+    });
+    let json_path = args.out_dir.join("numa.json");
+    if let Err(e) = std::fs::write(&json_path, result.to_string()) {
+        return crate::cli::fail(&format!("writing {}: {e}", json_path.display()));
+    }
+    println!(
+        "numa02 on 2 {} nodes, {} vCPUs, {} guest RAM, {} per run, scan {}",
+        on["numa"]["backend"].as_str().unwrap_or("?"),
+        args.vcpus,
+        args.memory,
+        args.duration,
+        args.scan
+    );
+    println!();
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!("| raw userfaultfd MINOR round trip (median) | {raw:.1} µs |");
+    println!(
+        "| hint fault handled by the VMM p50 / p99 | {} / {} µs |",
+        on["fault_us_p50"], on["fault_us_p99"]
+    );
+    match on["numa"]["time_to_95_ms"].as_f64() {
+        Some(t) => println!("| time to 95% locality | {t:.0} ms |"),
+        None => println!("| time to 95% locality | not reached |"),
+    }
+    println!(
+        "| final locality, balancing on / off | {:.1}% / {:.1}% |",
+        on["locality_pct"].as_f64().unwrap_or(0.0),
+        off["locality_pct"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "| pages migrated / hint faults | {} / {} |",
+        on["numa_pages_migrated"], on["numa_hint_faults"]
+    );
+    println!(
+        "| numa02 throughput, whole run, balancing on / off | {:.1} / {:.1} MiB/s |",
+        avg(&on),
+        avg(&off)
+    );
+    println!(
+        "| numa02 throughput, last pass, balancing on / off | {:.1} / {:.1} MiB/s |",
+        mib(&on),
+        mib(&off)
+    );
+    println!();
+    println!("locality over time (balancing on):");
+    println!("| ms | locality % |");
+    println!("|---:|---:|");
+    let step = (series.len() / 16).max(1);
+    for p in series.iter().step_by(step) {
+        println!("| {:.0} | {:.1} |", p.0, p.1);
+    }
+    println!();
+    println!(
+        "plot: {} (blue: balancing on, grey: off, red dashes: 95%)",
+        png_path.display()
+    );
+    0
 }

@@ -124,7 +124,7 @@ pub struct RunArgs {
     /// Print the second-stage table (like smaps) at exit.
     #[arg(long)]
     memmap: bool,
-    /// Guest NUMA topology: nodes=N[,cpus=0-1:2-3][,backend=host|emulated].
+    /// Guest NUMA topology: nodes=N[,cpus=0-1:2-3][,backend=host|emulated][,policy=bind|preferred|interleave].
     #[arg(long, value_parser = parse_numa)]
     numa: Option<NumaSpec>,
     /// NUMA balancing (hint faults and region migration); on by default with --numa.

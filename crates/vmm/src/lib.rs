@@ -20,6 +20,7 @@ pub mod fault;
 pub mod mailbox;
 pub mod numa;
 pub mod periodic;
+pub mod plot;
 pub mod procfs;
 pub mod run;
 pub mod vstate;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use guest_image::abi;
 use guest_image::Workload;
 use guest_mm::notifier::GpaRange;
-use guest_mm::numa::{Balancer, BalancerConfig, Decision, NodeBackendKind, NumaLayout};
+use guest_mm::numa::{Balancer, BalancerConfig, Decision, NodeBackendKind, NumaLayout, Policy};
 use guest_mm::stage::{Change, SecondStage};
 use guest_mm::GuestRam;
 use serde::Serialize;
@@ -23,13 +23,14 @@ use crate::periodic::Periodic;
 
 const SIZE_2M: u64 = 2 << 20;
 
-/// `--numa nodes=N[,cpus=A-B:C-D...][,backend=host|emulated]`
+/// `--numa nodes=N[,cpus=A-B:C-D...][,backend=host|emulated][,policy=bind|preferred|interleave]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NumaSpec {
     pub nodes: u16,
     /// vCPUs of each node, in node order (`cpus=0-1:2-3`).
     pub cpus: Option<Vec<Vec<u32>>>,
     pub backend: Option<NodeBackendKind>,
+    pub policy: Policy,
 }
 
 impl FromStr for NumaSpec {
@@ -39,6 +40,7 @@ impl FromStr for NumaSpec {
             nodes: 0,
             cpus: None,
             backend: None,
+            policy: Policy::Bind,
         };
         for part in s.split(',') {
             let (k, v) = part
@@ -70,7 +72,23 @@ impl FromStr for NumaSpec {
                         _ => return Err(format!("--numa backend={v:?}: choose host or emulated")),
                     });
                 }
-                _ => return Err(format!("--numa: unknown key {k:?} (nodes, cpus, backend)")),
+                "policy" => {
+                    spec.policy = match v {
+                        "bind" => Policy::Bind,
+                        "preferred" => Policy::Preferred,
+                        "interleave" => Policy::Interleave,
+                        _ => {
+                            return Err(format!(
+                                "--numa policy={v:?}: choose bind, preferred or interleave"
+                            ))
+                        }
+                    };
+                }
+                _ => {
+                    return Err(format!(
+                        "--numa: unknown key {k:?} (nodes, cpus, backend, policy)"
+                    ))
+                }
             }
         }
         if spec.nodes == 0 {
@@ -137,6 +155,7 @@ impl NumaSpec {
             layout: NumaLayout {
                 nodes: self.nodes,
                 backend,
+                policy: self.policy,
             },
             vcpu_nodes,
             note,
@@ -478,7 +497,10 @@ mod tests {
         assert_eq!(t.vcpu_nodes, vec![0, 0, 1, 1]);
         assert_eq!(t.layout.backend, NodeBackendKind::Emulated);
         assert!(t.note.unwrap().contains("emulated"));
-        let s: NumaSpec = "nodes=2,cpus=0:1-2,backend=host".parse().unwrap();
+        let s: NumaSpec = "nodes=2,cpus=0:1-2,backend=host,policy=preferred"
+            .parse()
+            .unwrap();
+        assert_eq!(s.policy, Policy::Preferred);
         let t = s.resolve(3, 1).unwrap();
         assert_eq!(t.vcpu_nodes, vec![0, 1, 1]);
         assert_eq!(t.layout.backend, NodeBackendKind::Host);

@@ -26,6 +26,7 @@ fn moves_under_a_writer_lose_nothing() {
             numa: NumaLayout {
                 nodes: 2,
                 backend: NodeBackendKind::Emulated,
+                ..Default::default()
             },
             ..Default::default()
         })

@@ -43,6 +43,14 @@ fn numa02_placed_wrong_converges_to_local() {
         "the emulated backend is said: {j}"
     );
     assert_eq!(n["vcpu_nodes"], serde_json::json!([0, 1]));
+    // The guest learned its nodes (it reports them in its mailbox slots).
+    let guest_nodes: Vec<u64> = j["per_vcpu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["node"].as_u64().unwrap())
+        .collect();
+    assert_eq!(guest_nodes, vec![0, 1], "{j}");
     // Everything starts on the wrong node.
     let series = n["locality_over_time"].as_array().unwrap();
     assert!(
@@ -120,6 +128,35 @@ fn verify_with_balancing_and_forced_migrations_loses_nothing() {
         assert_eq!(r.u64("numa_migrate_failures"), 0, "{j}");
         assert!(r.u64("passes") >= 2, "{j}");
     }
+}
+
+#[test]
+fn numa01_thread_alloc_starts_interleaved() {
+    if !have_kvm() {
+        return;
+    }
+    let r = numa_run(&[
+        "--workload",
+        "numa01_thread_alloc",
+        "--passes",
+        "1",
+        "--numa",
+        "nodes=2",
+        "--numa-balancing",
+        "off",
+    ]);
+    let j = r.json();
+    let series = j["numa"]["locality_over_time"].as_array().unwrap();
+    let first = series[0][1].as_f64().unwrap();
+    assert!(
+        (40.0..=60.0).contains(&first),
+        "interleaved: about half local at start, got {first}: {j}"
+    );
+    assert_eq!(
+        r.u64("numa_pages_migrated"),
+        0,
+        "balancing off: nothing moves after placement: {j}"
+    );
 }
 
 #[test]

@@ -221,6 +221,13 @@ pub fn working_sets(workload: Workload, ram_size: u64, vcpus: usize) -> Vec<(u64
         .collect()
 }
 
+/// Whether a move is initial placement (before the guest runs) or a migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MoveKind {
+    Placement,
+    Migration,
+}
+
 #[derive(Default)]
 pub struct NumaCounters {
     pub hint_faults: AtomicU64,
@@ -287,8 +294,12 @@ impl NumaEngine {
     }
 
     /// Moves the 2 MiB region at `gpa` to `node` through the mmu notifier: every mapping
-    /// of the range is invalidated before the copy.
+    /// of the range is invalidated before the copy. Counted as a migration.
     pub fn migrate(&self, gpa: u64, node: u16) -> bool {
+        self.move_region(gpa, node, MoveKind::Migration)
+    }
+
+    fn move_region(&self, gpa: u64, node: u16, kind: MoveKind) -> bool {
         let region = gpa & !(SIZE_2M - 1);
         let range = GpaRange::new(region, region + SIZE_2M);
         let r = self.stage.apply_with(Change::Migrate { range, node }, |w| {
@@ -296,9 +307,11 @@ impl NumaEngine {
         });
         match r {
             Ok(_) => {
-                self.counters
-                    .regions_migrated
-                    .fetch_add(1, Ordering::Relaxed);
+                if kind == MoveKind::Migration {
+                    self.counters
+                        .regions_migrated
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 true
             }
             Err(_) => {
@@ -355,7 +368,7 @@ impl NumaEngine {
                 Workload::Numa01ThreadAlloc => (r % nodes as u64) as u16,
                 _ => self.node_of_vcpu(owner),
             };
-            if node != 0 && !self.migrate(gpa, node) {
+            if node != 0 && !self.move_region(gpa, node, MoveKind::Placement) {
                 return Err(format!(
                     "initial placement of GPA {gpa:#x} on node {node} failed"
                 ));

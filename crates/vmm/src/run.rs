@@ -131,6 +131,8 @@ pub struct Startup {
 #[derive(Clone, Debug, Serialize)]
 pub struct VcpuReport {
     pub vcpu: usize,
+    /// The guest NUMA node the guest reports for this vCPU.
+    pub node: u64,
     pub passes: u64,
     pub pages_touched: u64,
     pub bytes: u64,
@@ -525,6 +527,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             let secs = clock.cycles_to_ms(s.end_tsc.saturating_sub(s.start_tsc)) / 1000.0;
             VcpuReport {
                 vcpu: i,
+                node: s.node,
                 passes: s.passes,
                 pages_touched: s.pages_touched,
                 bytes: s.bytes,

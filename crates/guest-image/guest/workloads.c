@@ -393,6 +393,9 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
         default: break;
         }
         u64 t1 = rdtsc();
+        /* Read the worst pass back from the slot: a VMM may reset it (a migration
+         * destination does, to measure the pass that spans the switch-over). */
+        maxc = READ_ONCE(slot->max_pass_cycles);
         if (t1 - t0 > maxc)
             maxc = t1 - t0;
         WRITE_ONCE(slot->last_pass_cycles, t1 - t0);

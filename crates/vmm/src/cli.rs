@@ -43,6 +43,8 @@ enum Command {
     Caps(CapsArgs),
     /// Benchmarks (see docs/benchmarks.md).
     Bench(crate::bench::BenchArgs),
+    /// Live-migrate a running VM (through its control API) to a `run --incoming` peer.
+    Migrate(MigrateArgs),
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -136,6 +138,40 @@ pub struct RunArgs {
     /// Testing: move a random 2 MiB region to another node this often.
     #[arg(long, value_parser = parse_duration)]
     numa_force_migrate: Option<Duration>,
+    /// Serve the control API (HTTP/1.1 + JSON) on this unix socket (mode 0600).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Receive the guest from a migration source (tcp:HOST:PORT or unix:PATH) instead of
+    /// booting it; memory, backing and vCPUs must match the source's.
+    #[arg(long, value_parser = parse_uri)]
+    incoming: Option<migration::Uri>,
+}
+
+fn parse_uri(s: &str) -> Result<migration::Uri, String> {
+    s.parse()
+}
+
+#[derive(Args, Debug)]
+struct MigrateArgs {
+    /// The source VMM's control API socket.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Destination: tcp:HOST:PORT or unix:PATH (a `hugevisor run --incoming` there).
+    #[arg(long, value_parser = parse_uri)]
+    to: migration::Uri,
+    /// precopy (postcopy and hybrid are not in this build yet).
+    #[arg(long, default_value = "precopy")]
+    mode: String,
+    /// Pre-copy stops when what is left would take this long to send.
+    #[arg(long, default_value_t = 50)]
+    downtime_ms: u64,
+    /// Print the migration report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Check the transfer: `memory-hash` compares a CRC-32 of guest RAM on both ends at the
+    /// switch-over (adds a pass over guest RAM to the downtime on each side).
+    #[arg(long)]
+    verify: Option<String>,
 }
 
 fn parse_numa(s: &str) -> Result<NumaSpec, String> {
@@ -219,6 +255,8 @@ impl RunArgs {
             numa_balancing: self.numa_balancing,
             numa_scan: self.numa_scan.unwrap_or_default(),
             numa_force_migrate: self.numa_force_migrate,
+            api_socket: self.api_socket.clone(),
+            incoming: self.incoming.clone(),
         })
     }
 }
@@ -239,7 +277,7 @@ fn cmd_run(args: &RunArgs, start_ns: u64) -> i32 {
                 print!("{report}");
             }
             match report.outcome {
-                Outcome::Ok => EXIT_OK,
+                Outcome::Ok | Outcome::Migrated => EXIT_OK,
                 Outcome::IntegrityErrors => {
                     if let Some(e) = &report.first_error {
                         eprintln!(
@@ -281,6 +319,35 @@ fn cmd_guest_image(args: &GuestImageArgs) -> i32 {
     EXIT_OK
 }
 
+fn cmd_migrate(args: &MigrateArgs) -> i32 {
+    let body = serde_json::json!({
+        "to": args.to.to_string(), "mode": args.mode, "downtime_ms": args.downtime_ms, "verify": args.verify,
+    });
+    match crate::api::call(&args.api_socket, "PUT", "/api/v1/vm.migrate", Some(&body)) {
+        Ok((200, report)) => {
+            if args.json {
+                println!("{report}");
+            } else {
+                println!(
+                    "migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} bytes sent, {} pre-copy rounds",
+                    report["mode"].as_str().unwrap_or("?"),
+                    report["to"].as_str().unwrap_or("?"),
+                    report["total_ms"].as_f64().unwrap_or(0.0),
+                    report["downtime_ms"].as_f64().unwrap_or(0.0),
+                    report["bytes_sent"],
+                    report["precopy_rounds"]
+                );
+            }
+            EXIT_OK
+        }
+        Ok((status, body)) => fail(&format!(
+            "migration failed (HTTP {status}): {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        )),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
 pub fn fail(msg: &str) -> i32 {
     eprintln!("hugevisor: error: {msg}");
     EXIT_ERROR
@@ -309,5 +376,6 @@ pub fn main(process_start_ns: u64) -> i32 {
         Command::GuestImage(a) => cmd_guest_image(a),
         Command::Caps(a) => crate::caps::cmd_caps(a.json, &a.kvm_device),
         Command::Bench(a) => crate::bench::cmd_bench(a),
+        Command::Migrate(a) => cmd_migrate(a),
     }
 }

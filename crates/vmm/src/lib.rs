@@ -7,8 +7,11 @@
 //! - VM, memslots: [`vstate::vm`]
 //! - entering the guest image (tables, registers): [`boot`]
 //! - one workload run, start to report: [`run`]
+//! - live migration (pre-copy state machine over the `migration` protocol): [`migrate`]
+//! - the control API: [`api`]
 //! - guest RAM (backings, views): the `guest-mm` crate
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod caps;
@@ -18,6 +21,7 @@ pub mod console;
 pub mod error;
 pub mod fault;
 pub mod mailbox;
+pub mod migrate;
 pub mod numa;
 pub mod periodic;
 pub mod plot;

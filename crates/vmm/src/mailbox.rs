@@ -28,6 +28,14 @@ impl Mailbox {
         );
     }
 
+    /// Clears vCPU `index`'s worst pass, so that it measures from now on (a migration
+    /// destination's guest stall).
+    pub fn reset_max_pass(&self, mem: &GuestMemoryMmap, index: usize) {
+        let gpa = abi::vcpu_slot_gpa(self.base, index)
+            + std::mem::offset_of!(VcpuSlot, max_pass_cycles) as u64;
+        let _ = mem.store(0u64, GuestAddress(gpa), Ordering::Release);
+    }
+
     /// A consistent-enough snapshot of vCPU `index`'s slot (each word read atomically).
     pub fn slot(&self, mem: &GuestMemoryMmap, index: usize) -> VcpuSlot {
         let base = abi::vcpu_slot_gpa(self.base, index);

@@ -23,14 +23,17 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::Killable;
 
+use crate::api::{ApiCall, ApiServer};
 use crate::boot;
 use crate::clock::{monotonic_ns, TscClock, TscPoint};
 use crate::console::{Console, ConsoleMode};
 use crate::error::{Error, Result};
 use crate::fault::{FaultPath, FaultReport, GuestViewZapper, VcpuThreads};
 use crate::mailbox::Mailbox;
+use crate::migrate::{MigrationReport, RunInfo, SourceEvent};
 use crate::numa::{working_sets, Balancing, NumaEngine, NumaReport, NumaSpec};
 use crate::procfs;
+use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vcpu::{
     install_kick_handler, kick_signal, Vcpu, VcpuEnd, VcpuOutcome, VcpuShared,
 };
@@ -76,6 +79,10 @@ pub struct RunConfig {
     pub numa_scan: BalancerConfig,
     /// Testing: move a random region to another node this often.
     pub numa_force_migrate: Option<Duration>,
+    /// Serve the control API on this unix socket.
+    pub api_socket: Option<PathBuf>,
+    /// Receive the guest from a migration source instead of booting it.
+    pub incoming: Option<migration::Uri>,
 }
 
 /// Whether the run report includes the second-stage table's memory map.
@@ -98,6 +105,8 @@ pub enum Outcome {
     Ok,
     IntegrityErrors,
     GuestException,
+    /// The guest was handed over to a migration destination.
+    Migrated,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -189,6 +198,23 @@ pub struct RunReport {
     pub numa_migrate_failures: u64,
     pub locality_pct: Option<f64>,
     pub numa: Option<NumaReport>,
+    /// Source: the migration that handed the guest over.
+    pub migration: Option<MigrationReport>,
+    /// Source: migrations that failed while the guest kept running here.
+    pub migration_failures: Vec<String>,
+    /// Destination: what arrived.
+    pub incoming: Option<IncomingReport>,
+    /// Destination: the worst pass the guest measured across the switch-over.
+    pub guest_stall_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IncomingReport {
+    pub mode: String,
+    pub pages: u64,
+    pub bytes: u64,
+    pub source_elapsed_ms: f64,
+    pub receive_ms: f64,
 }
 
 const VECTOR_NAMES: [&str; 32] = [
@@ -203,6 +229,34 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 
 struct RunningVcpu {
     handle: JoinHandle<VcpuOutcome>,
+}
+
+fn spawn_vcpus(
+    vcpus: Vec<Vcpu>,
+    shared: &Arc<VcpuShared>,
+    console: &Arc<Console>,
+    ids: &Arc<VcpuThreads>,
+) -> Result<Vec<RunningVcpu>> {
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let index = vcpu.index();
+        let (s, c, t) = (shared.clone(), console.clone(), ids.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                t.register_current(index);
+                vcpu.run(s, c)
+            });
+        match spawned {
+            Ok(handle) => threads.push(RunningVcpu { handle }),
+            Err(source) => {
+                shared.stop.store(true, Ordering::Release);
+                kick_until_finished(&threads);
+                return Err(Error::Thread { index, source });
+            }
+        }
+    }
+    Ok(threads)
 }
 
 fn kick_until_finished(threads: &[RunningVcpu]) {
@@ -265,7 +319,13 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
 
     let ram = Arc::new(GuestRam::create(&ram_cfg)?);
     let mem = ram.staging();
-    let image = boot::load_image(mem, guest_image::IMAGE, ram.size())?;
+    let image = match cfg.incoming {
+        // The image (and everything else) arrives with the guest's memory.
+        Some(_) => boot::LoadedImage {
+            info: guest_image::image_info(guest_image::IMAGE)?,
+        },
+        None => boot::load_image(mem, guest_image::IMAGE, ram.size())?,
+    };
     let params = GuestParams {
         workload: cfg.workload,
         passes: match cfg.limit {
@@ -279,7 +339,9 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             .map(|t| t.vcpu_nodes.clone())
             .unwrap_or_default(),
     };
-    boot::write_boot_tables(mem, &image, ram.size(), vcpus, &params.cmdline())?;
+    if cfg.incoming.is_none() {
+        boot::write_boot_tables(mem, &image, ram.size(), vcpus, &params.cmdline())?;
+    }
     let mailbox = Mailbox::new(image.info.mailbox);
 
     // The second-stage table: all of guest RAM present, in leaves of the backing page.
@@ -319,7 +381,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     };
     let vcpu_threads = Arc::new(VcpuThreads::new(vcpus));
     let mut host_zapper = None;
+    let needs_fault_path = numa_engine.is_some() || cfg.stress_zap.is_some();
     let (fault_path, fault_path_name) = match ram.view_layout() {
+        ViewLayout::GuestAndStaging if !needs_fault_path => (
+            None,
+            "off: nothing zaps the guest view in this run".to_string(),
+        ),
         ViewLayout::GuestAndStaging => {
             let base = ram.guest_view_addr() as u64;
             let fp = FaultPath::start(
@@ -339,40 +406,62 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             "off: anon RAM has a single view and no page cache for MINOR faults".to_string(),
         ),
     };
-    if cfg.stress_zap.is_some() && fault_path.is_none() {
+    if cfg.stress_zap.is_some() && ram.view_layout() == ViewLayout::SingleView {
         return Err(Error::Config(
             "--stress-zap needs file-backed RAM (shmem or hugetlb): zapping anon RAM would discard it".into(),
         ));
     }
 
-    let vm = Vm::new(&kvm)?;
+    let vm = Arc::new(Vm::new(&kvm)?);
     vm.register_ram(&ram)?;
-    let built: Vec<Vcpu> = (0..vcpus)
-        .map(|i| Vcpu::new(&vm, i, &image))
-        .collect::<Result<_>>()?;
+    let api = match &cfg.api_socket {
+        Some(p) => Some(ApiServer::start(p)?),
+        None => None,
+    };
+    // Destination: receive the guest before any vCPU exists.
+    let mut incoming_report = None;
+    let mut incoming_link = None;
+    let mut source_elapsed_ns = 0u64;
+    let mut workload_name = cfg.workload.to_string();
+    let built: Vec<Vcpu> = match &cfg.incoming {
+        Some(uri) => {
+            let t = monotonic_ns();
+            let inc = crate::migrate::receive(uri, &ram, cfg.vcpus, cfg.timeout)
+                .map_err(|e| Error::Config(format!("incoming migration: {e}")))?;
+            // From here on each vCPU's worst pass is the guest's own view of the stall.
+            for i in 0..vcpus {
+                mailbox.reset_max_pass(mem, i);
+            }
+            source_elapsed_ns = inc.switch.run.elapsed_ns;
+            workload_name = inc.switch.run.workload.clone();
+            incoming_report = Some(IncomingReport {
+                mode: inc.hello.mode.clone(),
+                pages: inc.pages,
+                bytes: inc.bytes,
+                source_elapsed_ms: inc.switch.run.elapsed_ns as f64 / 1e6,
+                receive_ms: (monotonic_ns() - t) as f64 / 1e6,
+            });
+            let built = (0..vcpus)
+                .map(|i| Vcpu::restore(&vm, i, &inc.switch.vcpus[i]))
+                .collect::<Result<Vec<_>>>()?;
+            incoming_link = Some(inc);
+            built
+        }
+        None => (0..vcpus)
+            .map(|i| Vcpu::new(&vm, i, &image))
+            .collect::<Result<_>>()?,
+    };
 
     let shared = Arc::new(VcpuShared {
         stop: Default::default(),
     });
     let console = Arc::new(Console::new(cfg.console));
     let launch_ns = monotonic_ns();
-    let mut threads = Vec::with_capacity(vcpus);
-    for vcpu in built {
-        let index = vcpu.index();
-        let (s, c, t) = (shared.clone(), console.clone(), vcpu_threads.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                t.register_current(index);
-                vcpu.run(s, c)
-            });
-        match spawned {
-            Ok(handle) => threads.push(RunningVcpu { handle }),
-            Err(source) => {
-                shared.stop.store(true, Ordering::Release);
-                kick_until_finished(&threads);
-                return Err(Error::Thread { index, source });
-            }
+    let mut threads = spawn_vcpus(built, &shared, &console, &vcpu_threads)?;
+    if let Some(inc) = incoming_link.take() {
+        // The end of the downtime: tell the source, which then completes.
+        if let Err(e) = inc.confirm_resumed() {
+            eprintln!("hugevisor: warning: the source did not complete the hand-over cleanly: {e}");
         }
     }
 
@@ -394,15 +483,146 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     // Watch the run.
     let deadline = launch_ns + cfg.timeout.as_nanos() as u64;
     let stop_at = match cfg.limit {
-        RunLimit::Duration(d) => Some(launch_ns + d.as_nanos() as u64),
+        // The duration counts from the guest's first start, on whichever host.
+        RunLimit::Duration(d) => {
+            Some(launch_ns + (d.as_nanos() as u64).saturating_sub(source_elapsed_ns))
+        }
         RunLimit::Passes(_) => None,
     };
+    let (events_tx, events_rx) = std::sync::mpsc::channel::<SourceEvent>();
+    let mut migrate_reply: Option<
+        std::sync::mpsc::Sender<std::result::Result<serde_json::Value, String>>,
+    > = None;
+    let mut paused: Option<Vec<VcpuOutcome>> = None;
+    let mut migrated: Option<MigrationReport> = None;
+    let mut migration_failures = Vec::new();
+
     let mut stop_requested_at: Option<u64> = None;
     let mut corrupted_gpa = None;
     let mut timed_out = false;
-    while !threads.iter().all(|t| t.handle.is_finished()) {
+    while paused.is_some() || !threads.iter().all(|t| t.handle.is_finished()) {
         std::thread::sleep(POLL);
         let now = monotonic_ns();
+        if let Some((_, calls)) = &api {
+            while let Ok(call) = calls.try_recv() {
+                match call {
+                    ApiCall::Info(reply) => {
+                        let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
+                        let _ = reply.send(serde_json::json!({
+                            "state": if paused.is_some() { "paused" } else { "running" },
+                            "workload": workload_name,
+                            "vcpus": vcpus,
+                            "memory_bytes": ram.size(),
+                            "backing": ram.backing().to_string(),
+                            "passes": slots.iter().map(|s| s.passes).sum::<u64>(),
+                            "integrity_errors": slots.iter().map(|s| s.integrity_errors).sum::<u64>(),
+                            "numa": numa_engine.as_ref().map(|e| e.report(cfg.numa_balancing, None)),
+                        }));
+                    }
+                    ApiCall::Migrate(req, reply) => {
+                        if migrate_reply.is_some() {
+                            let _ = reply.send(Err("a migration is already running".into()));
+                            continue;
+                        }
+                        let (vm2, ram2, tx) = (vm.clone(), ram.clone(), events_tx.clone());
+                        let n = cfg.vcpus;
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("migrate".into())
+                                .spawn(move || {
+                                    let r = crate::migrate::send(vm2, ram2, n, req, tx.clone());
+                                    let _ = tx.send(SourceEvent::Done(r));
+                                });
+                        match spawned {
+                            Ok(_) => migrate_reply = Some(reply),
+                            Err(e) => {
+                                let _ =
+                                    reply.send(Err(format!("starting the migration thread: {e}")));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        while let Ok(ev) = events_rx.try_recv() {
+            match ev {
+                SourceEvent::Pause(reply) => {
+                    shared.stop.store(true, Ordering::Release);
+                    kick_until_finished(&threads);
+                    if !threads.iter().all(|t| t.handle.is_finished()) {
+                        // A vCPU did not leave KVM_RUN: keep the guest running here.
+                        shared.stop.store(false, Ordering::Release);
+                        let (done, running): (Vec<_>, Vec<_>) =
+                            threads.drain(..).partition(|t| t.handle.is_finished());
+                        let back: Vec<Vcpu> = done
+                            .into_iter()
+                            .filter_map(|t| t.handle.join().ok())
+                            .map(|o| o.vcpu)
+                            .collect();
+                        threads = running;
+                        threads.extend(spawn_vcpus(back, &shared, &console, &vcpu_threads)?);
+                        let _ = reply.send(Err(
+                            "a vCPU did not stop within 1 s; the guest keeps running here".into(),
+                        ));
+                        continue;
+                    }
+                    let mut outcomes = Vec::new();
+                    for t in threads.drain(..) {
+                        if let Ok(o) = t.handle.join() {
+                            outcomes.push(o);
+                        }
+                    }
+                    let states: std::result::Result<Vec<VcpuState>, String> = outcomes
+                        .iter()
+                        .map(|o| o.vcpu.save().map_err(|e| e.to_string()))
+                        .collect();
+                    let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
+                    let info = RunInfo {
+                        workload: workload_name.clone(),
+                        elapsed_ns: source_elapsed_ns + (monotonic_ns() - launch_ns),
+                        duration_ns: match cfg.limit {
+                            RunLimit::Duration(d) => Some(d.as_nanos() as u64),
+                            RunLimit::Passes(_) => None,
+                        },
+                        max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
+                        source_exits: outcomes.iter().map(|o| o.exits).sum(),
+                    };
+                    let _ = reply.send(states.map(|s| (s, info)));
+                    paused = Some(outcomes);
+                }
+                SourceEvent::Done(result) => {
+                    let reply = migrate_reply.take();
+                    match result {
+                        Ok(report) => {
+                            if let Some(r) = reply {
+                                let _ =
+                                    r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                            }
+                            migrated = Some(report);
+                        }
+                        Err(e) => {
+                            if let Some(r) = reply {
+                                let _ = r.send(Err(e.clone()));
+                            }
+                            migration_failures.push(e);
+                            // The guest never left: run it here again.
+                            if let Some(outcomes) = paused.take() {
+                                shared.stop.store(false, Ordering::Release);
+                                let vcpus_back = outcomes.into_iter().map(|o| o.vcpu).collect();
+                                threads =
+                                    spawn_vcpus(vcpus_back, &shared, &console, &vcpu_threads)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if migrated.is_some() {
+            break;
+        }
+        if paused.is_some() {
+            continue;
+        }
         if stop_requested_at.is_none() && stop_at.is_some_and(|t| now >= t) {
             mailbox.request_stop(mem);
             stop_requested_at = Some(now);
@@ -440,7 +660,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             break;
         }
     }
-    let mut outcomes = Vec::with_capacity(vcpus);
+    let mut outcomes = paused.take().unwrap_or_default();
     for (index, t) in threads.into_iter().enumerate() {
         let o = t.handle.join().map_err(|_| Error::Vcpu {
             index,
@@ -448,6 +668,19 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         })?;
         outcomes.push(o);
     }
+    // A migration still in flight ends here: the guest finished (or failed) first.
+    if let Some(r) = migrate_reply.take() {
+        let why = "the guest finished before the migration could complete".to_string();
+        let _ = r.send(Err(why.clone()));
+        migration_failures.push(why);
+    }
+    while let Ok(ev) = events_rx.try_recv() {
+        if let SourceEvent::Pause(reply) = ev {
+            let _ = reply.send(Err("the guest has finished".into()));
+        }
+    }
+    drop(events_rx);
+    drop(api);
     let end_ns = monotonic_ns();
     let zaps = zapper.map(StressZapper::stop).unwrap_or(0);
     numa_threads.into_iter().for_each(|t| t.stop());
@@ -516,7 +749,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             cr2: s.exc_cr2,
             rip: s.exc_rip,
         });
-    if timed_out && exception.is_none() {
+    if timed_out && exception.is_none() && migrated.is_none() {
         return Err(Error::Timeout(cfg.timeout));
     }
 
@@ -579,7 +812,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e6;
 
     Ok(RunReport {
-        workload: cfg.workload.to_string(),
+        workload: workload_name.clone(),
         vcpus: cfg.vcpus,
         memory_bytes: ram.size(),
         backing: ram.backing().to_string(),
@@ -588,6 +821,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         entry: "ring-3 fast path",
         outcome: if exception.is_some() {
             Outcome::GuestException
+        } else if migrated.is_some() {
+            Outcome::Migrated
         } else if integrity_errors > 0 {
             Outcome::IntegrityErrors
         } else {
@@ -628,6 +863,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         numa_migrate_failures: numa.as_ref().map(|n| n.numa_migrate_failures).unwrap_or(0),
         locality_pct: numa.as_ref().map(|n| n.locality_pct),
         numa,
+        migration: migrated,
+        migration_failures,
+        guest_stall_ms: incoming_report.as_ref().map(|_| {
+            clock.cycles_to_ms(slots.iter().map(|s| s.max_pass_cycles).max().unwrap_or(0))
+        }),
+        incoming: incoming_report,
     })
 }
 
@@ -697,6 +938,7 @@ impl std::fmt::Display for RunReport {
                 Outcome::Ok => "ok",
                 Outcome::IntegrityErrors => "INTEGRITY ERRORS",
                 Outcome::GuestException => "GUEST EXCEPTION",
+                Outcome::Migrated => "migrated",
             }
         )?;
         writeln!(
@@ -761,6 +1003,33 @@ impl std::fmt::Display for RunReport {
                 f,
                 "  guest exception on vCPU {}: {} (vector {}) error code {:#x}, CR2 {:#x}, RIP {:#x}",
                 x.vcpu, x.name, x.vector, x.error_code, x.cr2, x.rip
+            )?;
+        }
+        if let Some(m) = &self.migration {
+            writeln!(
+                f,
+                "  migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} MiB sent, {} pre-copy pages in {} rounds",
+                m.mode,
+                m.to,
+                m.total_ms,
+                m.downtime_ms,
+                m.bytes_sent >> 20,
+                m.pages_precopy,
+                m.precopy_rounds
+            )?;
+        }
+        for e in &self.migration_failures {
+            writeln!(f, "  a migration failed; the guest kept running here: {e}")?;
+        }
+        if let (Some(i), Some(stall)) = (&self.incoming, self.guest_stall_ms) {
+            writeln!(
+                f,
+                "  arrived by {} migration: {} pages, {} MiB, after {:.0} ms on the source; guest stall {:.1} ms",
+                i.mode,
+                i.pages,
+                i.bytes >> 20,
+                i.source_elapsed_ms,
+                stall
             )?;
         }
         if let Some(m) = &self.memmap {

@@ -52,6 +52,55 @@ pub struct VcpuOutcome {
     pub end: std::result::Result<VcpuEnd, String>,
     /// Number of `KVM_RUN` returns (guest exits) this vCPU took.
     pub exits: u64,
+    /// The vCPU itself, so a stopped vCPU can be saved (migration) or run again.
+    pub vcpu: Vcpu,
+}
+
+/// Architectural state of a vCPU, as migrated. The built-in guest uses no interrupt
+/// controller, so there is no irqchip state to carry.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    pub regs: kvm_bindings::kvm_regs,
+    pub sregs: kvm_bindings::kvm_sregs,
+    #[serde(with = "fpu_bytes")]
+    pub fpu: kvm_bindings::kvm_fpu,
+    pub mp_state: kvm_bindings::kvm_mp_state,
+}
+
+/// kvm-bindings has no serde for `kvm_fpu`; it is plain old data, so carry its bytes.
+mod fpu_bytes {
+    use kvm_bindings::kvm_fpu;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    const LEN: usize = std::mem::size_of::<kvm_fpu>();
+
+    pub fn serialize<S: Serializer>(fpu: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
+        // SAFETY: kvm_fpu is a repr(C) struct of integers and byte arrays; reading its
+        // LEN bytes is reading initialised plain data.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((fpu as *const kvm_fpu).cast::<u8>(), LEN) };
+        bytes.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<kvm_fpu, D::Error> {
+        let bytes = Vec::<u8>::deserialize(d)?;
+        if bytes.len() != LEN {
+            return Err(serde::de::Error::custom(format!(
+                "FPU state of {} bytes, expected {LEN}",
+                bytes.len()
+            )));
+        }
+        let mut fpu = kvm_fpu::default();
+        // SAFETY: exactly LEN bytes into a kvm_fpu, which is valid for any bit pattern.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (&mut fpu as *mut kvm_fpu).cast::<u8>(),
+                LEN,
+            )
+        };
+        Ok(fpu)
+    }
 }
 
 enum Step {
@@ -68,6 +117,12 @@ pub struct VcpuShared {
 pub struct Vcpu {
     index: usize,
     fd: VcpuFd,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Vcpu({})", self.index)
+    }
 }
 
 impl Vcpu {
@@ -88,6 +143,31 @@ impl Vcpu {
 
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// Creates vCPU `index` with migrated state.
+    pub fn restore(vm: &Vm, index: usize, state: &VcpuState) -> Result<Vcpu> {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(vm.cpuid()).map_err(kvm("KVM_SET_CPUID2"))?;
+        fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
+        fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
+        fd.set_mp_state(state.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        Ok(Vcpu { index, fd })
+    }
+
+    /// Reads the vCPU's state (it must not be running).
+    pub fn save(&self) -> Result<VcpuState> {
+        Ok(VcpuState {
+            regs: self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            fpu: self.fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
+            mp_state: self.fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+        })
     }
 
     fn describe_state(&self) -> String {
@@ -157,6 +237,10 @@ impl Vcpu {
             }
         };
         line.flush(&console);
-        VcpuOutcome { end, exits }
+        VcpuOutcome {
+            end,
+            exits,
+            vcpu: self,
+        }
     }
 }

@@ -34,6 +34,13 @@ pub fn open_kvm(path: &Path) -> Result<Kvm> {
     Ok(kvm)
 }
 
+/// Whether KVM logs guest writes to RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLogging {
+    On,
+    Off,
+}
+
 pub struct Vm {
     fd: VmFd,
     cpuid: CpuId,
@@ -50,9 +57,28 @@ impl Vm {
 
     /// Slot 0 maps guest-physical [0, size) to the guest view of `ram`.
     pub fn register_ram(&self, ram: &GuestRam) -> Result<()> {
+        self.set_slot(ram, DirtyLogging::Off)
+    }
+
+    /// Starts or stops KVM dirty logging on the RAM slot (for pre-copy).
+    pub fn set_dirty_logging(&self, ram: &GuestRam, logging: DirtyLogging) -> Result<()> {
+        self.set_slot(ram, logging)
+    }
+
+    /// The pages of slot 0 written since the last call (one bit per 4 KiB), and clears it.
+    pub fn take_dirty_log(&self, ram: &GuestRam) -> Result<Vec<u64>> {
+        self.fd
+            .get_dirty_log(0, ram.size() as usize)
+            .map_err(kvm("KVM_GET_DIRTY_LOG"))
+    }
+
+    fn set_slot(&self, ram: &GuestRam, logging: DirtyLogging) -> Result<()> {
         let region = kvm_userspace_memory_region {
             slot: 0,
-            flags: 0,
+            flags: match logging {
+                DirtyLogging::On => kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+                DirtyLogging::Off => 0,
+            },
             guest_phys_addr: 0,
             memory_size: ram.size(),
             userspace_addr: ram.guest_view_addr() as u64,

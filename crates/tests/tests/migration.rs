@@ -1,0 +1,367 @@
+//! Live migration between two real hugevisor processes on this host (loopback TCP and
+//! unix sockets), and the failure cases: a dying destination, a wrong-version peer, a
+//! corrupted page frame, a peer that stops answering.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use migration::{Frame, FrameKind, FrameWriter, Hello, Stream, Uri};
+use tests::{have_hugetlb, have_kvm, hugevisor, HUGETLB_POOL};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hv-mig-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn spawn(args: &[&str]) -> Child {
+    hugevisor()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) -> (i32, serde_json::Value, String) {
+    let out = child.wait_with_output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code().unwrap_or(-1),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn wait_for(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn migrate(api: &std::path::Path, to: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut cmd = Command::new(tests::hugevisor_path());
+    cmd.arg("migrate")
+        .arg("--api-socket")
+        .arg(api)
+        .args(["--to", to, "--json"])
+        .args(extra);
+    let out = cmd.output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.code().unwrap_or(-1),
+        json,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn verify_keeps_running_across_precopy_for_shmem_and_hugetlb() {
+    if !have_kvm() {
+        return;
+    }
+    let _pool = HUGETLB_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cases = vec![("shmem", format!("tcp:127.0.0.1:{}", free_tcp_port()))];
+    if have_hugetlb(2048, 64) {
+        cases.push(("hugetlb-2m", "unix".to_string()));
+    }
+    for (backing, uri) in cases {
+        let dir = scratch(backing);
+        let uri = if uri == "unix" {
+            format!("unix:{}", dir.join("mig.sock").display())
+        } else {
+            uri
+        };
+        let api = dir.join("api.sock");
+        let common = [
+            "run",
+            "--memory",
+            "64M",
+            "--backing",
+            backing,
+            "--vcpus",
+            "2",
+            "--workload",
+            "verify",
+            "--duration",
+            "6s",
+            "--console",
+            "off",
+            "--json",
+        ];
+        let mut dst_args = common.to_vec();
+        dst_args.extend(["--incoming", &uri]);
+        let dst = spawn(&dst_args);
+        let mut src_args = common.to_vec();
+        let api_s = api.to_string_lossy().to_string();
+        src_args.extend(["--api-socket", &api_s]);
+        let src = spawn(&src_args);
+        wait_for(&api);
+        std::thread::sleep(Duration::from_millis(800));
+        let (code, report, err) = migrate(&api, &uri, &["--verify", "memory-hash"]);
+        assert_eq!(code, 0, "{backing}: migrate failed: {err}");
+        assert_eq!(report["mode"], "precopy");
+        assert!(report["memory_hash"].as_u64().is_some(), "{report}");
+        assert!(report["downtime_ms"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(report["precopy_rounds"].as_u64().unwrap() >= 1, "{report}");
+        assert_eq!(
+            report["granularity_bytes"].as_u64(),
+            Some(if backing == "shmem" { 4096 } else { 2 << 20 })
+        );
+        let (scode, sj, serr) = finish(src);
+        let (dcode, dj, derr) = finish(dst);
+        assert_eq!(scode, 0, "{backing}: source: {serr}");
+        assert_eq!(sj["outcome"], "migrated", "{sj}");
+        assert_eq!(dcode, 0, "{backing}: destination: {derr}");
+        assert_eq!(dj["outcome"], "ok", "{dj}");
+        assert_eq!(dj["integrity_errors"], 0, "{dj}");
+        assert_eq!(dj["workload"], "verify");
+        // The guest's own counters continued past the switch.
+        let (src_passes, dst_passes) = (
+            sj["passes"].as_u64().unwrap(),
+            dj["passes"].as_u64().unwrap(),
+        );
+        assert!(
+            src_passes > 0 && dst_passes > src_passes,
+            "passes {src_passes} then {dst_passes}"
+        );
+        assert!(dj["guest_stall_ms"].as_f64().unwrap() > 0.0, "{dj}");
+        assert!(dj["incoming"]["pages"].as_u64().unwrap() > 0, "{dj}");
+        // The whole run took about its --duration, across both hosts.
+        let total = dj["incoming"]["source_elapsed_ms"].as_f64().unwrap()
+            + dj["elapsed_ms"].as_f64().unwrap();
+        assert!((5500.0..14_000.0).contains(&total), "total run {total} ms");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn source_keeps_running_when_the_destination_dies() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = scratch("dies");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let api = dir.join("api.sock");
+    let api_s = api.to_string_lossy().to_string();
+    let common = [
+        "run",
+        "--memory",
+        "512M",
+        "--vcpus",
+        "2",
+        "--workload",
+        "verify",
+        "--duration",
+        "5s",
+        "--console",
+        "off",
+        "--json",
+    ];
+    let mut dst_args = common.to_vec();
+    dst_args.extend(["--incoming", &uri]);
+    let mut dst = spawn(&dst_args);
+    let mut src_args = common.to_vec();
+    src_args.extend(["--api-socket", &api_s]);
+    let src = spawn(&src_args);
+    wait_for(&api);
+    std::thread::sleep(Duration::from_millis(300));
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        let _ = dst.kill();
+        let _ = dst.wait();
+    });
+    let (code, _, err) = migrate(&api, &uri, &[]);
+    killer.join().unwrap();
+    assert_eq!(code, 1, "the migration fails: {err}");
+    assert!(err.contains("migration failed"), "{err}");
+    let (scode, sj, serr) = finish(src);
+    assert_eq!(scode, 0, "the source guest kept running: {serr}");
+    assert_eq!(sj["outcome"], "ok", "{sj}");
+    assert_eq!(sj["integrity_errors"], 0);
+    assert_eq!(
+        sj["migration_failures"].as_array().unwrap().len(),
+        1,
+        "{sj}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A fake source: connects to a destination and sends what the test wants.
+fn fake_source(uri: &str, frames: Vec<Frame>, then_wait: Duration) {
+    let u: Uri = uri.parse().unwrap();
+    let s = Stream::connect(&u, Duration::from_secs(10), Duration::from_secs(30)).unwrap();
+    let mut w = FrameWriter::new(s);
+    for f in &frames {
+        w.send(f).unwrap();
+    }
+    w.flush().unwrap();
+    std::thread::sleep(then_wait);
+}
+
+fn hello(version: u32) -> Hello {
+    Hello {
+        version,
+        memory_bytes: 32 << 20,
+        backing: "shmem".into(),
+        page_size: 4096,
+        vcpus: 1,
+        mode: "precopy".into(),
+    }
+}
+
+fn destination(dir: &std::path::Path) -> (Child, String) {
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let child = spawn(&[
+        "run",
+        "--memory",
+        "32M",
+        "--console",
+        "off",
+        "--incoming",
+        &uri,
+    ]);
+    (child, uri)
+}
+
+#[test]
+fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
+    if !have_kvm() {
+        return;
+    }
+    // Wrong version.
+    let dir = scratch("version");
+    let (dst, uri) = destination(&dir);
+    fake_source(
+        &uri,
+        vec![Frame::json(FrameKind::Hello, &hello(99))],
+        Duration::from_millis(200),
+    );
+    let (code, _, err) = finish(dst);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("version 99") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    // Another guest layout.
+    let (dst, uri) = destination(&dir);
+    let mut h = hello(migration::PROTOCOL_VERSION);
+    h.memory_bytes = 64 << 20;
+    fake_source(
+        &uri,
+        vec![Frame::json(FrameKind::Hello, &h)],
+        Duration::from_millis(200),
+    );
+    let (code, _, err) = finish(dst);
+    assert_eq!(code, 1);
+    assert!(err.contains("memory") && err.contains("--memory"), "{err}");
+
+    // A page frame whose data was corrupted in transit.
+    let (dst, uri) = destination(&dir);
+    let mut bad = FrameWriter::new(Vec::new());
+    bad.send(&Frame::page(0x40_0000, &[0xab; 4096])).unwrap();
+    let mut bytes = bad.get_mut().clone();
+    let n = bytes.len();
+    bytes[n - 7] ^= 0x10;
+    let u: Uri = uri.parse().unwrap();
+    {
+        let s = Stream::connect(&u, Duration::from_secs(10), Duration::from_secs(30)).unwrap();
+        let mut w = FrameWriter::new(s);
+        w.send(&Frame::json(
+            FrameKind::Hello,
+            &hello(migration::PROTOCOL_VERSION),
+        ))
+        .unwrap();
+        use std::io::Write;
+        w.get_mut().write_all(&bytes).unwrap();
+        w.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (code, _, err) = finish(dst);
+    assert_eq!(code, 1);
+    assert!(err.contains("checksum") && err.contains("frame 1"), "{err}");
+
+    // A source that says hello, then nothing: bounded wait, clear error.
+    let (dst, uri) = destination(&dir);
+    let t0 = Instant::now();
+    let uri2 = uri.clone();
+    let silent = std::thread::spawn(move || {
+        fake_source(
+            &uri2,
+            vec![Frame::json(
+                FrameKind::Hello,
+                &hello(migration::PROTOCOL_VERSION),
+            )],
+            Duration::from_secs(15),
+        )
+    });
+    let (code, _, err) = finish(dst);
+    assert_eq!(code, 1);
+    assert!(err.contains("did not answer"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(14),
+        "bounded: {:?}",
+        t0.elapsed()
+    );
+    silent.join().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_destination_that_never_answers_fails_the_migration_not_the_guest() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = scratch("mute");
+    let api = dir.join("api.sock");
+    let api_s = api.to_string_lossy().to_string();
+    let mute = dir.join("mute.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    let holder = std::thread::spawn(move || {
+        let c = listener.accept();
+        std::thread::sleep(Duration::from_secs(14));
+        drop(c);
+    });
+    let src = spawn(&[
+        "run",
+        "--memory",
+        "32M",
+        "--workload",
+        "verify",
+        "--duration",
+        "15s",
+        "--console",
+        "off",
+        "--json",
+        "--api-socket",
+        &api_s,
+    ]);
+    wait_for(&api);
+    let t0 = Instant::now();
+    let (code, _, err) = migrate(&api, &format!("unix:{}", mute.display()), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("did not answer"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(13), "{:?}", t0.elapsed());
+    let (scode, sj, serr) = finish(src);
+    assert_eq!(scode, 0, "{serr}");
+    assert_eq!(sj["outcome"], "ok");
+    holder.join().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,428 @@
+//! Live migration state machines over the `migration` crate's protocol.
+//!
+//! Source (`send`), on its own thread beside the running guest:
+//! ```text
+//! Hello ─▶ HelloAck ─▶ dirty logging on ─▶ round 0: every page ─▶ rounds of dirty pages
+//!   until what is left fits the downtime budget at the measured rate (or stops
+//!   shrinking for two rounds, or 20 rounds)
+//!   ─▶ ask the monitor to pause the vCPUs ─▶ last dirty pages ─▶ SwitchOver (vCPU state,
+//!   run info) ─▶ Resumed from the destination ─▶ Complete
+//! ```
+//! Any error before the pause leaves the guest running on the source; an error after it
+//! resumes the source vCPUs (the destination has not started the guest until it sends
+//! Resumed). Destination (`receive`): the mirror image, writing pages through the staging
+//! view while its vCPUs do not exist yet.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_mm::GuestRam;
+use migration::{Frame, FrameKind, FrameReader, FrameWriter, Hello, Listener, Stream, Uri};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::api::MigrateRequest;
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::{DirtyLogging, Vm};
+
+/// How long a peer may stay silent before the migration fails.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_ROUNDS: u32 = 20;
+
+/// What the destination needs to continue the run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub workload: String,
+    /// Guest run time on the source so far.
+    pub elapsed_ns: u64,
+    /// The run's `--duration`, if it has one.
+    pub duration_ns: Option<u64>,
+    /// Guest worst pass per vCPU at the switch (cycles), to find the stall afterwards.
+    pub max_pass_cycles: Vec<u64>,
+    pub source_exits: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SwitchOver {
+    pub vcpus: Vec<VcpuState>,
+    pub run: RunInfo,
+    /// CLOCK_MONOTONIC when the source vCPUs stopped (same host: comparable).
+    pub paused_at_ns: u64,
+    /// CRC-32 of all guest RAM at the switch-over, when the migration was asked to verify.
+    pub memory_hash: Option<u32>,
+}
+
+/// CRC-32 of guest RAM, read through the staging view.
+pub fn memory_hash(ram: &GuestRam) -> std::result::Result<u32, String> {
+    let mut h = crc32fast::Hasher::new();
+    let chunk = 1u64 << 20;
+    let mut buf = vec![0u8; chunk as usize];
+    let mut gpa = 0;
+    while gpa < ram.size() {
+        let n = chunk.min(ram.size() - gpa) as usize;
+        ram.staging()
+            .read_slice(&mut buf[..n], GuestAddress(gpa))
+            .map_err(|e| format!("hashing GPA {gpa:#x}: {e}"))?;
+        h.update(&buf[..n]);
+        gpa += n as u64;
+    }
+    Ok(h.finalize())
+}
+
+/// Events from the migration thread to the monitor loop.
+pub enum SourceEvent {
+    /// Stop the vCPUs and answer with their state and the run info.
+    Pause(Sender<std::result::Result<(Vec<VcpuState>, RunInfo), String>>),
+    /// The migration ended (the vCPUs are paused if it failed after `Pause`).
+    Done(std::result::Result<MigrationReport, String>),
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub mode: String,
+    pub to: String,
+    pub total_ms: f64,
+    /// Source vCPU stop to destination vCPU resume.
+    pub downtime_ms: f64,
+    pub bytes_sent: u64,
+    pub pages_precopy: u64,
+    pub pages_pushed: u64,
+    pub pages_demand: u64,
+    pub demand_fault_us_p50: f64,
+    pub demand_fault_us_p99: f64,
+    pub demand_fault_us_max: f64,
+    pub precopy_rounds: u32,
+    /// Bytes per page frame: the backing page size (4 KiB shmem, 2 MiB/1 GiB hugetlb).
+    pub granularity_bytes: u64,
+    /// CRC-32 of guest RAM at the switch-over, checked by the destination, if asked.
+    pub memory_hash: Option<u32>,
+}
+
+pub fn hello_for(ram: &GuestRam, vcpus: u32, mode: &str) -> Hello {
+    Hello {
+        version: migration::PROTOCOL_VERSION,
+        memory_bytes: ram.size(),
+        backing: ram.backing().to_string(),
+        page_size: ram.page_size(),
+        vcpus,
+        mode: mode.to_string(),
+    }
+}
+
+/// Pages (by index of `page_size` units) marked in a KVM dirty bitmap of 4 KiB bits.
+fn dirty_units(bitmap: &[u64], page_size: u64) -> Vec<u64> {
+    let per_unit = (page_size / 4096).max(1);
+    let mut out: Vec<u64> = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let b = bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            let unit = (w as u64 * 64 + b) / per_unit;
+            if out.last() != Some(&unit) {
+                out.push(unit);
+            }
+        }
+    }
+    out.dedup();
+    out
+}
+
+fn send_pages(
+    w: &mut FrameWriter<Stream>,
+    ram: &GuestRam,
+    units: impl Iterator<Item = u64>,
+    buf: &mut [u8],
+) -> Result<u64, String> {
+    let page = ram.page_size();
+    let mut n = 0;
+    for u in units {
+        let gpa = u * page;
+        ram.staging()
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| format!("reading GPA {gpa:#x}: {e}"))?;
+        w.send(&Frame::page(gpa, buf)).map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The source side. Runs on its own thread; `events` reaches the monitor loop.
+pub fn send(
+    vm: Arc<Vm>,
+    ram: Arc<GuestRam>,
+    vcpus: u32,
+    req: MigrateRequest,
+    events: Sender<SourceEvent>,
+) -> std::result::Result<MigrationReport, String> {
+    let t0 = Instant::now();
+    if req.mode != "precopy" {
+        return Err(format!(
+            "migration mode {:?} is not available in this build; use precopy",
+            req.mode
+        ));
+    }
+    let uri: Uri = req.to.parse()?;
+    let stream =
+        Stream::connect(&uri, Duration::from_secs(5), PEER_TIMEOUT).map_err(|e| e.to_string())?;
+    let mut r = FrameReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut w = FrameWriter::new(stream);
+    let hello = hello_for(&ram, vcpus, &req.mode);
+    w.send(&Frame::json(FrameKind::Hello, &hello))
+        .map_err(|e| e.to_string())?;
+    w.flush().map_err(|e| e.to_string())?;
+    r.expect(FrameKind::HelloAck, "the destination's HelloAck")
+        .map_err(|e| e.to_string())?;
+
+    let mut report = MigrationReport {
+        mode: req.mode.clone(),
+        to: req.to.clone(),
+        granularity_bytes: ram.page_size(),
+        ..Default::default()
+    };
+    vm.set_dirty_logging(&ram, DirtyLogging::On)
+        .map_err(|e| e.to_string())?;
+    let result = precopy(&vm, &ram, &mut w, &mut r, &req, &events, &mut report);
+    let _ = vm.set_dirty_logging(&ram, DirtyLogging::Off);
+    if result.is_err() {
+        let _ = w.send(&Frame {
+            kind: FrameKind::Abort,
+            payload: b"source failed".to_vec(),
+        });
+        w.get_mut().shutdown();
+    }
+    result?;
+    report.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    report.bytes_sent = w.bytes;
+    Ok(report)
+}
+
+fn precopy(
+    vm: &Vm,
+    ram: &GuestRam,
+    w: &mut FrameWriter<Stream>,
+    r: &mut FrameReader<Stream>,
+    req: &MigrateRequest,
+    events: &Sender<SourceEvent>,
+    report: &mut MigrationReport,
+) -> std::result::Result<(), String> {
+    let page = ram.page_size();
+    let mut buf = vec![0u8; page as usize];
+    let _ = vm.take_dirty_log(ram).map_err(|e| e.to_string())?;
+    // Round 0: everything.
+    let start = Instant::now();
+    let n = send_pages(w, ram, 0..ram.size() / page, &mut buf)?;
+    report.pages_precopy += n;
+    w.send(&Frame::json(FrameKind::RoundEnd, &0u32))
+        .map_err(|e| e.to_string())?;
+    let mut rate = (n * page) as f64 / start.elapsed().as_secs_f64().max(1e-6);
+    let budget = req.downtime_ms as f64 / 1000.0;
+    let mut dirty = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
+    report.precopy_rounds = 1;
+    // Rounds until what is left fits the downtime budget — or stops shrinking: a guest
+    // that dirties memory faster than it can be sent would otherwise never converge.
+    let mut stalled_rounds = 0;
+    let mut previous = u64::MAX;
+    while report.precopy_rounds < MAX_ROUNDS
+        && stalled_rounds < 2
+        && (dirty.len() as u64 * page) as f64 / rate > budget
+    {
+        if dirty.len() as u64 * 10 >= previous.saturating_mul(9) {
+            stalled_rounds += 1;
+        } else {
+            stalled_rounds = 0;
+        }
+        previous = dirty.len() as u64;
+        let start = Instant::now();
+        let n = send_pages(w, ram, dirty.iter().copied(), &mut buf)?;
+        report.pages_precopy += n;
+        w.send(&Frame::json(FrameKind::RoundEnd, &report.precopy_rounds))
+            .map_err(|e| e.to_string())?;
+        rate = (n * page) as f64 / start.elapsed().as_secs_f64().max(1e-6);
+        report.precopy_rounds += 1;
+        dirty = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
+    }
+    // Stop and copy.
+    let (tx, rx) = channel();
+    events
+        .send(SourceEvent::Pause(tx))
+        .map_err(|_| "the VM is shutting down".to_string())?;
+    let (states, run) = rx
+        .recv()
+        .map_err(|_| "the VM is shutting down".to_string())??;
+    let paused_at_ns = crate::clock::monotonic_ns();
+    let last = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
+    let mut all: Vec<u64> = dirty.into_iter().chain(last).collect();
+    all.sort_unstable();
+    all.dedup();
+    report.pages_precopy += send_pages(w, ram, all.into_iter(), &mut buf)?;
+    let hash = match req.verify.as_deref() {
+        Some("memory-hash") => Some(memory_hash(ram)?),
+        Some(other) => {
+            return Err(format!(
+                "unknown verify {other:?}; the only check is memory-hash"
+            ))
+        }
+        None => None,
+    };
+    report.memory_hash = hash;
+    w.send(&Frame::json(
+        FrameKind::SwitchOver,
+        &SwitchOver {
+            vcpus: states,
+            run,
+            paused_at_ns,
+            memory_hash: hash,
+        },
+    ))
+    .map_err(|e| e.to_string())?;
+    w.flush().map_err(|e| e.to_string())?;
+    let resumed = r
+        .expect(FrameKind::Resumed, "the destination's Resumed")
+        .map_err(|e| e.to_string())?;
+    let resumed_ns = resumed.as_u64(r.frames - 1).map_err(|e| e.to_string())?;
+    report.downtime_ms = resumed_ns.saturating_sub(paused_at_ns) as f64 / 1e6;
+    w.send(&Frame {
+        kind: FrameKind::Complete,
+        payload: vec![],
+    })
+    .map_err(|e| e.to_string())?;
+    w.flush().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// What the destination received before it starts the guest.
+pub struct Incoming {
+    pub switch: SwitchOver,
+    pub hello: Hello,
+    pub pages: u64,
+    pub bytes: u64,
+    writer: FrameWriter<Stream>,
+    reader: FrameReader<Stream>,
+}
+
+impl Incoming {
+    /// Tells the source the guest runs here (the end of the downtime), then waits for
+    /// its Complete.
+    pub fn confirm_resumed(mut self) -> std::result::Result<(), String> {
+        self.writer
+            .send(&Frame::u64(
+                FrameKind::Resumed,
+                crate::clock::monotonic_ns(),
+            ))
+            .map_err(|e| e.to_string())?;
+        self.writer.flush().map_err(|e| e.to_string())?;
+        self.reader
+            .expect(FrameKind::Complete, "the source's Complete")
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// The destination side: accepts one source on `uri` and receives the guest into `ram`.
+pub fn receive(
+    uri: &Uri,
+    ram: &GuestRam,
+    vcpus: u32,
+    wait: Duration,
+) -> std::result::Result<Incoming, String> {
+    let listener = Listener::bind(uri).map_err(|e| e.to_string())?;
+    let stream = listener
+        .accept(wait, PEER_TIMEOUT)
+        .map_err(|e| format!("waiting for the source on {uri}: {e}"))?;
+    let mut r = FrameReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut w = FrameWriter::new(stream);
+    let theirs: Hello = r
+        .expect(FrameKind::Hello, "the source's Hello")
+        .and_then(|f| f.parse_json(0))
+        .map_err(|e| e.to_string())?;
+    let ours = hello_for(ram, vcpus, &theirs.mode);
+    if let Err(e) = ours.check_compatible(&theirs) {
+        let _ = w.send(&Frame {
+            kind: FrameKind::Abort,
+            payload: e.to_string().into_bytes(),
+        });
+        return Err(e.to_string());
+    }
+    w.send(&Frame::json(FrameKind::HelloAck, &ours))
+        .map_err(|e| e.to_string())?;
+    w.flush().map_err(|e| e.to_string())?;
+    let page = ram.page_size();
+    let mut pages = 0u64;
+    loop {
+        let f = r.recv().map_err(|e| e.to_string())?;
+        let index = r.frames - 1;
+        match f.kind {
+            FrameKind::Page => {
+                let (gpa, data) = f.as_page(index, page).map_err(|e| e.to_string())?;
+                if gpa % page != 0 || gpa + page > ram.size() {
+                    return Err(format!("migration stream: frame {index}: page at GPA {gpa:#x} is outside guest RAM"));
+                }
+                ram.staging()
+                    .write_slice(data, GuestAddress(gpa))
+                    .map_err(|e| format!("writing GPA {gpa:#x}: {e}"))?;
+                pages += 1;
+            }
+            FrameKind::RoundEnd => {}
+            FrameKind::SwitchOver => {
+                let switch: SwitchOver = f.parse_json(index).map_err(|e| e.to_string())?;
+                if switch.vcpus.len() != vcpus as usize {
+                    let e = format!(
+                        "migration stream: frame {index}: {} vCPU states for {vcpus} vCPUs",
+                        switch.vcpus.len()
+                    );
+                    let _ = w.send(&Frame {
+                        kind: FrameKind::Abort,
+                        payload: e.clone().into_bytes(),
+                    });
+                    return Err(e);
+                }
+                if let Some(want) = switch.memory_hash {
+                    let got = memory_hash(ram)?;
+                    if got != want {
+                        let e = format!("guest memory differs after the transfer: CRC-32 {got:#010x} here, {want:#010x} on the source");
+                        let _ = w.send(&Frame {
+                            kind: FrameKind::Abort,
+                            payload: e.clone().into_bytes(),
+                        });
+                        return Err(e);
+                    }
+                }
+                return Ok(Incoming {
+                    switch,
+                    hello: theirs,
+                    pages,
+                    bytes: r.bytes,
+                    writer: w,
+                    reader: r,
+                });
+            }
+            FrameKind::Abort => {
+                return Err(format!(
+                    "the source aborted: {}",
+                    String::from_utf8_lossy(&f.payload)
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "migration stream: frame {index}: unexpected {other:?} during pre-copy"
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dirty_bitmap_to_units() {
+        let bm = [0b1011u64, 1 << 63];
+        assert_eq!(super::dirty_units(&bm, 4096), vec![0, 1, 3, 127]);
+        // 2 MiB units: 512 bits each.
+        assert_eq!(super::dirty_units(&bm, 2 << 20), vec![0]);
+        let mut big = vec![0u64; 16];
+        big[8] = 1; // bit 512 -> unit 1
+        assert_eq!(super::dirty_units(&big, 2 << 20), vec![1]);
+    }
+}

@@ -189,6 +189,22 @@ impl SecondStage {
         Ok(true)
     }
 
+    /// Post-copy: the content of the leaf at `gpa` has arrived. If the leaf is still
+    /// absent, runs `install` (write through the staging view, CONTINUE) under the table
+    /// lock and marks the leaf present. Returns `Ok(false)` for a leaf that is not absent
+    /// (a duplicate, dropped: the guest may have written it since).
+    pub fn fill<E>(&self, gpa: u64, install: impl FnOnce() -> Result<(), E>) -> Result<bool, E> {
+        let mut t = self.lock();
+        match t.lookup(gpa, Intent::Internal) {
+            Lookup::Fault(_, crate::table::FaultCause::Absent) => {}
+            _ => return Ok(false),
+        }
+        install()?;
+        let span = t.zap_span(gpa);
+        t.set_state(span.0, span.1, &[PageState::Absent], PageState::Present);
+        Ok(true)
+    }
+
     pub fn accounting(&self) -> Accounting {
         self.lock().accounting()
     }

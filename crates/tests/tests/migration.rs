@@ -71,84 +71,148 @@ fn free_tcp_port() -> u16 {
         .port()
 }
 
+fn migrate_case(backing: &str, mode: &str, uri_kind: &str) {
+    let dir = scratch(&format!("{backing}-{mode}"));
+    let uri = match uri_kind {
+        "unix" => format!("unix:{}", dir.join("mig.sock").display()),
+        _ => format!("tcp:127.0.0.1:{}", free_tcp_port()),
+    };
+    let api = dir.join("api.sock");
+    let api_s = api.to_string_lossy().to_string();
+    let common = [
+        "run",
+        "--memory",
+        "64M",
+        "--backing",
+        backing,
+        "--vcpus",
+        "2",
+        "--workload",
+        "verify",
+        "--duration",
+        "6s",
+        "--console",
+        "off",
+        "--json",
+    ];
+    let mut dst_args = common.to_vec();
+    dst_args.extend(["--incoming", &uri]);
+    let dst = spawn(&dst_args);
+    let mut src_args = common.to_vec();
+    src_args.extend(["--api-socket", &api_s]);
+    let src = spawn(&src_args);
+    wait_for(&api);
+    std::thread::sleep(Duration::from_millis(800));
+    let verify: &[&str] = if mode == "precopy" {
+        &["--verify", "memory-hash"]
+    } else {
+        &[]
+    };
+    let mut extra = vec!["--mode", mode];
+    extra.extend(verify);
+    let (code, report, err) = migrate(&api, &uri, &extra);
+    let what = format!("{mode} on {backing} over {uri_kind}");
+    assert_eq!(code, 0, "{what}: migrate failed: {err}");
+    assert_eq!(report["mode"], mode);
+    assert!(
+        report["downtime_ms"].as_f64().unwrap() > 0.0,
+        "{what}: {report}"
+    );
+    assert_eq!(
+        report["granularity_bytes"].as_u64(),
+        Some(if backing == "shmem" { 4096 } else { 2 << 20 }),
+        "{what}"
+    );
+    let (scode, sj, serr) = finish(src);
+    let (dcode, dj, derr) = finish(dst);
+    assert_eq!(scode, 0, "{what}: source: {serr}");
+    assert_eq!(sj["outcome"], "migrated", "{what}: {sj}");
+    assert_eq!(dcode, 0, "{what}: destination: {derr}");
+    assert_eq!(dj["outcome"], "ok", "{what}: {dj}");
+    assert_eq!(dj["integrity_errors"], 0, "{what}: {dj}");
+    assert_eq!(dj["workload"], "verify");
+    // The guest's own counters continued past the switch.
+    let (src_passes, dst_passes) = (
+        sj["passes"].as_u64().unwrap(),
+        dj["passes"].as_u64().unwrap(),
+    );
+    assert!(
+        src_passes > 0 && dst_passes > src_passes,
+        "{what}: passes {src_passes} then {dst_passes}"
+    );
+    assert!(dj["guest_stall_ms"].as_f64().unwrap() > 0.0, "{what}: {dj}");
+    // The whole run took about its --duration, across both hosts.
+    let total =
+        dj["incoming"]["source_elapsed_ms"].as_f64().unwrap() + dj["elapsed_ms"].as_f64().unwrap();
+    assert!(
+        (5500.0..14_000.0).contains(&total),
+        "{what}: total run {total} ms"
+    );
+    match mode {
+        "precopy" => {
+            assert!(report["memory_hash"].as_u64().is_some(), "{what}: {report}");
+            assert!(
+                report["precopy_rounds"].as_u64().unwrap() >= 1,
+                "{what}: {report}"
+            );
+            assert!(
+                dj["incoming"]["pages"].as_u64().unwrap() > 0,
+                "{what}: {dj}"
+            );
+        }
+        _ => {
+            // Every page arrived after the switch, on demand or pushed, then the guest
+            // view was unregistered.
+            let inc = &dj["incoming"];
+            assert!(inc["postcopy_ms"].as_f64().is_some(), "{what}: {dj}");
+            let after =
+                inc["pages_demand"].as_u64().unwrap() + inc["pages_pushed"].as_u64().unwrap();
+            assert!(after > 0, "{what}: {dj}");
+            assert!(
+                report["pages_pushed"].as_u64().unwrap() + report["pages_demand"].as_u64().unwrap()
+                    > 0,
+                "{what}: {report}"
+            );
+            if mode == "hybrid" {
+                assert_eq!(
+                    report["precopy_rounds"].as_u64(),
+                    Some(3),
+                    "{what}: {report}"
+                );
+            } else {
+                assert_eq!(
+                    report["pages_precopy"].as_u64(),
+                    Some(0),
+                    "{what}: {report}"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
-fn verify_keeps_running_across_precopy_for_shmem_and_hugetlb() {
+fn verify_keeps_running_across_precopy_postcopy_and_hybrid_on_shmem() {
+    if !have_kvm() {
+        return;
+    }
+    migrate_case("shmem", "precopy", "tcp");
+    migrate_case("shmem", "postcopy", "unix");
+    migrate_case("shmem", "hybrid", "tcp");
+}
+
+#[test]
+fn verify_keeps_running_across_precopy_postcopy_and_hybrid_on_hugetlb_2m() {
     if !have_kvm() {
         return;
     }
     let _pool = HUGETLB_POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut cases = vec![("shmem", format!("tcp:127.0.0.1:{}", free_tcp_port()))];
-    if have_hugetlb(2048, 64) {
-        cases.push(("hugetlb-2m", "unix".to_string()));
+    if !have_hugetlb(2048, 64) {
+        return;
     }
-    for (backing, uri) in cases {
-        let dir = scratch(backing);
-        let uri = if uri == "unix" {
-            format!("unix:{}", dir.join("mig.sock").display())
-        } else {
-            uri
-        };
-        let api = dir.join("api.sock");
-        let common = [
-            "run",
-            "--memory",
-            "64M",
-            "--backing",
-            backing,
-            "--vcpus",
-            "2",
-            "--workload",
-            "verify",
-            "--duration",
-            "6s",
-            "--console",
-            "off",
-            "--json",
-        ];
-        let mut dst_args = common.to_vec();
-        dst_args.extend(["--incoming", &uri]);
-        let dst = spawn(&dst_args);
-        let mut src_args = common.to_vec();
-        let api_s = api.to_string_lossy().to_string();
-        src_args.extend(["--api-socket", &api_s]);
-        let src = spawn(&src_args);
-        wait_for(&api);
-        std::thread::sleep(Duration::from_millis(800));
-        let (code, report, err) = migrate(&api, &uri, &["--verify", "memory-hash"]);
-        assert_eq!(code, 0, "{backing}: migrate failed: {err}");
-        assert_eq!(report["mode"], "precopy");
-        assert!(report["memory_hash"].as_u64().is_some(), "{report}");
-        assert!(report["downtime_ms"].as_f64().unwrap() > 0.0, "{report}");
-        assert!(report["precopy_rounds"].as_u64().unwrap() >= 1, "{report}");
-        assert_eq!(
-            report["granularity_bytes"].as_u64(),
-            Some(if backing == "shmem" { 4096 } else { 2 << 20 })
-        );
-        let (scode, sj, serr) = finish(src);
-        let (dcode, dj, derr) = finish(dst);
-        assert_eq!(scode, 0, "{backing}: source: {serr}");
-        assert_eq!(sj["outcome"], "migrated", "{sj}");
-        assert_eq!(dcode, 0, "{backing}: destination: {derr}");
-        assert_eq!(dj["outcome"], "ok", "{dj}");
-        assert_eq!(dj["integrity_errors"], 0, "{dj}");
-        assert_eq!(dj["workload"], "verify");
-        // The guest's own counters continued past the switch.
-        let (src_passes, dst_passes) = (
-            sj["passes"].as_u64().unwrap(),
-            dj["passes"].as_u64().unwrap(),
-        );
-        assert!(
-            src_passes > 0 && dst_passes > src_passes,
-            "passes {src_passes} then {dst_passes}"
-        );
-        assert!(dj["guest_stall_ms"].as_f64().unwrap() > 0.0, "{dj}");
-        assert!(dj["incoming"]["pages"].as_u64().unwrap() > 0, "{dj}");
-        // The whole run took about its --duration, across both hosts.
-        let total = dj["incoming"]["source_elapsed_ms"].as_f64().unwrap()
-            + dj["elapsed_ms"].as_f64().unwrap();
-        assert!((5500.0..14_000.0).contains(&total), "total run {total} ms");
-        let _ = std::fs::remove_dir_all(dir);
-    }
+    migrate_case("hugetlb-2m", "precopy", "unix");
+    migrate_case("hugetlb-2m", "postcopy", "tcp");
+    migrate_case("hugetlb-2m", "hybrid", "unix");
 }
 
 #[test]

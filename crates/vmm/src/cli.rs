@@ -159,7 +159,8 @@ struct MigrateArgs {
     /// Destination: tcp:HOST:PORT or unix:PATH (a `hugevisor run --incoming` there).
     #[arg(long, value_parser = parse_uri)]
     to: migration::Uri,
-    /// precopy (postcopy and hybrid are not in this build yet).
+    /// precopy, postcopy (userfaultfd on the destination; pages on demand plus background
+    /// push) or hybrid (three pre-copy rounds, then post-copy).
     #[arg(long, default_value = "precopy")]
     mode: String,
     /// Pre-copy stops when what is left would take this long to send.

@@ -250,7 +250,23 @@ pub struct FaultPath {
     pub stats: Arc<FaultStats>,
 }
 
+/// Post-copy: asks the source for a page that has not arrived yet.
+pub trait Pager: Send + Sync {
+    /// The vCPU faulted on `gpa`, whose content is absent. The page's arrival resolves it.
+    fn request(&self, gpa: u64);
+}
+
+/// Which faults the guest view raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// Zapped pages only (a hole is zero-filled by the kernel without an event).
+    MinorOnly,
+    /// Post-copy: holes raise MISSING too, so no page is ever zero-filled behind our back.
+    MissingAndMinor,
+}
+
 struct Ctx {
+    pager: Option<Arc<dyn Pager>>,
     numa: Option<Arc<NumaEngine>>,
     uffd: Arc<uffd::Uffd>,
     stage: Arc<SecondStage>,
@@ -270,16 +286,42 @@ impl FaultPath {
         size: u64,
         numa: Option<Arc<NumaEngine>>,
     ) -> Result<FaultPath> {
+        Self::start_with(
+            stage,
+            vcpus,
+            base,
+            size,
+            numa,
+            None,
+            Registration::MinorOnly,
+        )
+    }
+
+    /// As `start`, with a post-copy pager and the registration it needs.
+    pub fn start_with(
+        stage: Arc<SecondStage>,
+        vcpus: Arc<VcpuThreads>,
+        base: u64,
+        size: u64,
+        numa: Option<Arc<NumaEngine>>,
+        pager: Option<Arc<dyn Pager>>,
+        registration: Registration,
+    ) -> Result<FaultPath> {
         let uffd = uffd::Uffd::open(
             uffd::Features::THREAD_ID
                 | uffd::Features::MINOR_SHMEM
                 | uffd::Features::MINOR_HUGETLBFS,
         )
         .map_err(|e| Error::Config(format!("userfaultfd for the fault path: {e}")))?;
-        uffd.register(base, size, uffd::RegisterMode::MINOR)
-            .map_err(|e| {
-                Error::Config(format!("registering the guest view with userfaultfd: {e}"))
-            })?;
+        let mode = match registration {
+            Registration::MinorOnly => uffd::RegisterMode::MINOR,
+            Registration::MissingAndMinor => {
+                uffd::RegisterMode::MINOR | uffd::RegisterMode::MISSING
+            }
+        };
+        uffd.register(base, size, mode).map_err(|e| {
+            Error::Config(format!("registering the guest view with userfaultfd: {e}"))
+        })?;
         let uffd = Arc::new(uffd);
         let stop = Arc::new(
             uffd::StopFd::new()
@@ -287,6 +329,7 @@ impl FaultPath {
         );
         let stats = Arc::new(FaultStats::new(vcpus.tids.len()));
         let ctx = Ctx {
+            pager,
             numa,
             uffd: uffd.clone(),
             stage,
@@ -373,6 +416,13 @@ fn handle_event(ctx: &Ctx, ev: uffd::Event) {
         let counter = match ctx.stage.lookup(gpa, Intent::Vcpu) {
             Lookup::Fault(_, FaultCause::Hint) => &ctx.stats.hint_faults,
             Lookup::Mapped(_) => &ctx.stats.raced,
+            Lookup::Fault(_, FaultCause::Absent) if ctx.pager.is_some() => {
+                // Post-copy demand fault: the vCPU waits until the page arrives.
+                if let Some(p) = &ctx.pager {
+                    p.request(gpa);
+                }
+                return;
+            }
             Lookup::Fault(_, FaultCause::Absent) | Lookup::Unmapped => {
                 ctx.stats.error(format!(
                     "vCPU fault at GPA {gpa:#x}, which has no content in the second-stage table"
@@ -399,6 +449,13 @@ fn handle_event(ctx: &Ctx, ev: uffd::Event) {
                 Ok(()) => Ok(()),
                 // Another fault of the same page was resolved first: make sure we wake.
                 Err(uffd::Error::AlreadyMapped { .. }) => ctx.uffd.wake(start, len),
+                // The range was unregistered meanwhile (post-copy completed): unregistering
+                // woke the vCPU, which now faults the page in without us.
+                Err(uffd::Error::Ioctl { ref source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    Ok(())
+                }
                 Err(e) => Err(e),
             }
         });

@@ -51,6 +51,9 @@ pub struct SwitchOver {
     pub paused_at_ns: u64,
     /// CRC-32 of all guest RAM at the switch-over, when the migration was asked to verify.
     pub memory_hash: Option<u32>,
+    /// Post-copy: a bitmap (one bit per page unit) of the pages the destination does not
+    /// have yet; they arrive on demand (urgent channel) or by background push.
+    pub postcopy_missing: Option<Vec<u64>>,
 }
 
 /// CRC-32 of guest RAM, read through the staging view.
@@ -157,9 +160,9 @@ pub fn send(
     events: Sender<SourceEvent>,
 ) -> std::result::Result<MigrationReport, String> {
     let t0 = Instant::now();
-    if req.mode != "precopy" {
+    if !matches!(req.mode.as_str(), "precopy" | "postcopy" | "hybrid") {
         return Err(format!(
-            "migration mode {:?} is not available in this build; use precopy",
+            "migration mode {:?}: choose precopy, postcopy or hybrid",
             req.mode
         ));
     }
@@ -183,7 +186,10 @@ pub fn send(
     };
     vm.set_dirty_logging(&ram, DirtyLogging::On)
         .map_err(|e| e.to_string())?;
-    let result = precopy(&vm, &ram, &mut w, &mut r, &req, &events, &mut report);
+    let result = match req.mode.as_str() {
+        "precopy" => precopy(&vm, &ram, &mut w, &mut r, &req, &events, &mut report),
+        _ => postcopy(&vm, &ram, &uri, &mut w, &mut r, &req, &events, &mut report),
+    };
     let _ = vm.set_dirty_logging(&ram, DirtyLogging::Off);
     if result.is_err() {
         let _ = w.send(&Frame {
@@ -274,6 +280,7 @@ fn precopy(
             run,
             paused_at_ns,
             memory_hash: hash,
+            postcopy_missing: None,
         },
     ))
     .map_err(|e| e.to_string())?;
@@ -292,6 +299,164 @@ fn precopy(
     Ok(())
 }
 
+/// Post-copy (and hybrid: a bounded number of pre-copy rounds first). The source vCPUs
+/// stop at once; the destination runs the guest and asks for absent pages on an urgent
+/// channel while the rest is pushed in the background, nearest to the last request first.
+#[allow(clippy::too_many_arguments)]
+fn postcopy(
+    vm: &Vm,
+    ram: &GuestRam,
+    uri: &Uri,
+    w: &mut FrameWriter<Stream>,
+    r: &mut FrameReader<Stream>,
+    req: &MigrateRequest,
+    events: &Sender<SourceEvent>,
+    report: &mut MigrationReport,
+) -> std::result::Result<(), String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    const HYBRID_ROUNDS: u32 = 3;
+    let page = ram.page_size();
+    let units = ram.size() / page;
+    let mut buf = vec![0u8; page as usize];
+    let _ = vm.take_dirty_log(ram).map_err(|e| e.to_string())?;
+    // One bit per unit the destination does not have.
+    let mut missing = vec![u64::MAX; units.div_ceil(64) as usize];
+    if !units.is_multiple_of(64) {
+        if let Some(last) = missing.last_mut() {
+            *last = (1u64 << (units % 64)) - 1;
+        }
+    }
+    if req.mode == "hybrid" {
+        report.pages_precopy += send_pages(w, ram, 0..units, &mut buf)?;
+        missing.iter_mut().for_each(|m| *m = 0);
+        w.send(&Frame::json(FrameKind::RoundEnd, &0u32))
+            .map_err(|e| e.to_string())?;
+        report.precopy_rounds = 1;
+        while report.precopy_rounds < HYBRID_ROUNDS {
+            let dirty = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
+            report.pages_precopy += send_pages(w, ram, dirty.into_iter(), &mut buf)?;
+            w.send(&Frame::json(FrameKind::RoundEnd, &report.precopy_rounds))
+                .map_err(|e| e.to_string())?;
+            report.precopy_rounds += 1;
+        }
+    }
+    let (tx, rx) = channel();
+    events
+        .send(SourceEvent::Pause(tx))
+        .map_err(|_| "the VM is shutting down".to_string())?;
+    let (states, run) = rx
+        .recv()
+        .map_err(|_| "the VM is shutting down".to_string())??;
+    let paused_at_ns = crate::clock::monotonic_ns();
+    if req.mode == "hybrid" {
+        for u in dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page) {
+            missing[(u / 64) as usize] |= 1 << (u % 64);
+        }
+    }
+    let switch = SwitchOver {
+        vcpus: states,
+        run,
+        paused_at_ns,
+        memory_hash: None,
+        postcopy_missing: Some(missing.clone()),
+    };
+    w.send(&Frame::json(FrameKind::SwitchOver, &switch))
+        .map_err(|e| e.to_string())?;
+    w.flush().map_err(|e| e.to_string())?;
+    // The urgent channel: a second connection, for demand requests and their pages only.
+    let urgent =
+        Stream::connect(uri, Duration::from_secs(5), PEER_TIMEOUT).map_err(|e| e.to_string())?;
+    let resumed = r
+        .expect(FrameKind::Resumed, "the destination's Resumed")
+        .map_err(|e| e.to_string())?;
+    let resumed_ns = resumed.as_u64(r.frames - 1).map_err(|e| e.to_string())?;
+    report.downtime_ms = resumed_ns.saturating_sub(paused_at_ns) as f64 / 1e6;
+
+    let missing = Mutex::new(missing);
+    let last_request = AtomicU64::new(u64::MAX);
+    let demand = AtomicU64::new(0);
+    let urgent_bytes = AtomicU64::new(0);
+    let dest_stats: Mutex<Option<DemandStats>> = Mutex::new(None);
+    // Claims unit `u` for sending; false if it was sent already.
+    let take = |u: u64| -> bool {
+        let mut m = missing.lock().unwrap_or_else(|e| e.into_inner());
+        let bit = 1u64 << (u % 64);
+        let had = m[(u / 64) as usize] & bit != 0;
+        m[(u / 64) as usize] &= !bit;
+        had
+    };
+    let urgent_reader = urgent.try_clone().map_err(|e| e.to_string())?;
+    std::thread::scope(|scope| -> std::result::Result<(), String> {
+        let h = scope.spawn(|| -> std::result::Result<(), String> {
+            let mut ur = FrameReader::new(urgent_reader);
+            let mut uw = FrameWriter::new(urgent);
+            let mut ubuf = vec![0u8; page as usize];
+            loop {
+                let f = match ur.recv() {
+                    Ok(f) => f,
+                    Err(migration::Error::Closed { .. }) => break,
+                    Err(e) => return Err(format!("urgent channel: {e}")),
+                };
+                if f.kind == FrameKind::Complete {
+                    if let Ok(d) = f.parse_json::<DemandStats>(ur.frames - 1) {
+                        if let Ok(mut slot) = dest_stats.lock() {
+                            *slot = Some(d);
+                        }
+                    }
+                    break;
+                }
+                let gpa = f.as_u64(ur.frames - 1).map_err(|e| e.to_string())?;
+                let u = gpa / page;
+                last_request.store(u, Ordering::Relaxed);
+                if u < units && take(u) {
+                    demand.fetch_add(1, Ordering::Relaxed);
+                    send_pages(&mut uw, ram, std::iter::once(u), &mut ubuf)?;
+                    uw.flush().map_err(|e| e.to_string())?;
+                }
+            }
+            urgent_bytes.store(uw.bytes, Ordering::Relaxed);
+            Ok(())
+        });
+        // Background push, jumping to the last demand request now and then.
+        let (mut pushed, mut cursor, mut idle, mut followed) = (0u64, 0u64, 0u64, u64::MAX);
+        while idle < units {
+            let hint = last_request.load(Ordering::Relaxed);
+            if hint != followed && hint < units {
+                followed = hint;
+                cursor = hint;
+            }
+            let u = cursor % units;
+            cursor = u + 1;
+            if take(u) {
+                send_pages(w, ram, std::iter::once(u), &mut buf)?;
+                pushed += 1;
+                idle = 0;
+            } else {
+                idle += 1;
+            }
+        }
+        w.send(&Frame {
+            kind: FrameKind::Complete,
+            payload: vec![],
+        })
+        .map_err(|e| e.to_string())?;
+        w.flush().map_err(|e| e.to_string())?;
+        report.pages_pushed = pushed;
+        // The destination closes the urgent channel once every page is in.
+        h.join()
+            .map_err(|_| "the urgent channel thread panicked".to_string())?
+    })?;
+    report.pages_demand = demand.load(Ordering::Relaxed);
+    if let Some(d) = dest_stats.lock().ok().and_then(|d| *d) {
+        report.demand_fault_us_p50 = d.us_p50;
+        report.demand_fault_us_p99 = d.us_p99;
+        report.demand_fault_us_max = d.us_max;
+    }
+    w.bytes += urgent_bytes.load(Ordering::Relaxed);
+    Ok(())
+}
+
 /// What the destination received before it starts the guest.
 pub struct Incoming {
     pub switch: SwitchOver,
@@ -300,9 +465,30 @@ pub struct Incoming {
     pub bytes: u64,
     writer: FrameWriter<Stream>,
     reader: FrameReader<Stream>,
+    listener: Listener,
 }
 
 impl Incoming {
+    /// Post-copy: accepts the source's urgent channel (before the guest starts).
+    pub fn accept_urgent(&self) -> std::result::Result<Stream, String> {
+        self.listener
+            .accept(Duration::from_secs(10), PEER_TIMEOUT)
+            .map_err(|e| format!("waiting for the source's urgent channel: {e}"))
+    }
+
+    /// Post-copy: tells the source the guest runs here, and hands back the main channel
+    /// (background pages follow on it).
+    pub fn resumed_postcopy(mut self) -> std::result::Result<FrameReader<Stream>, String> {
+        self.writer
+            .send(&Frame::u64(
+                FrameKind::Resumed,
+                crate::clock::monotonic_ns(),
+            ))
+            .map_err(|e| e.to_string())?;
+        self.writer.flush().map_err(|e| e.to_string())?;
+        Ok(self.reader)
+    }
+
     /// Tells the source the guest runs here (the end of the downtime), then waits for
     /// its Complete.
     pub fn confirm_resumed(mut self) -> std::result::Result<(), String> {
@@ -396,6 +582,7 @@ pub fn receive(
                     bytes: r.bytes,
                     writer: w,
                     reader: r,
+                    listener,
                 });
             }
             FrameKind::Abort => {
@@ -424,5 +611,162 @@ mod tests {
         let mut big = vec![0u64; 16];
         big[8] = 1; // bit 512 -> unit 1
         assert_eq!(super::dirty_units(&big, 2 << 20), vec![1]);
+    }
+}
+
+/// Demand-fault figures the destination reports back when post-copy completes.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct DemandStats {
+    pub pages: u64,
+    pub us_p50: f64,
+    pub us_p99: f64,
+    pub us_max: f64,
+}
+
+/// Destination side of post-copy: the pager (demand requests on the urgent channel) and
+/// the receivers that install arriving pages.
+pub struct PostcopyLink {
+    urgent: std::sync::Mutex<FrameWriter<Stream>>,
+    requested: std::sync::Mutex<std::collections::HashMap<u64, Instant>>,
+    page: u64,
+    pub latency: std::sync::Mutex<crate::fault::LatencyHistogram>,
+    pub demand_pages: std::sync::atomic::AtomicU64,
+    pub pushed_pages: std::sync::atomic::AtomicU64,
+    pub missing: u64,
+}
+
+impl crate::fault::Pager for PostcopyLink {
+    fn request(&self, gpa: u64) {
+        let unit = gpa / self.page * self.page;
+        let mut req = self.requested.lock().unwrap_or_else(|e| e.into_inner());
+        if req.contains_key(&unit) {
+            return;
+        }
+        req.insert(unit, Instant::now());
+        drop(req);
+        let mut w = self.urgent.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = w.send(&Frame::u64(FrameKind::PageRequest, unit));
+        let _ = w.flush();
+    }
+}
+
+/// Marks the missing pages absent, then returns the link that pages them in.
+pub fn postcopy_begin(
+    stage: &guest_mm::stage::SecondStage,
+    ram: &GuestRam,
+    missing: &[u64],
+    urgent: Stream,
+) -> std::result::Result<PostcopyLink, String> {
+    let page = ram.page_size();
+    let units = ram.size() / page;
+    let bit = |u: u64| {
+        missing
+            .get((u / 64) as usize)
+            .is_some_and(|w| w & (1 << (u % 64)) != 0)
+    };
+    let mut count = 0;
+    let mut u = 0;
+    while u < units {
+        if !bit(u) {
+            u += 1;
+            continue;
+        }
+        let start = u;
+        while u < units && bit(u) {
+            u += 1;
+        }
+        count += u - start;
+        let range = guest_mm::notifier::GpaRange::new(start * page, u * page);
+        stage
+            .apply(guest_mm::stage::Change::MarkAbsent { range })
+            .map_err(|e| format!("marking post-copy pages absent: {e}"))?;
+    }
+    Ok(PostcopyLink {
+        urgent: std::sync::Mutex::new(FrameWriter::new(urgent)),
+        requested: Default::default(),
+        page,
+        latency: Default::default(),
+        demand_pages: Default::default(),
+        pushed_pages: Default::default(),
+        missing: count,
+    })
+}
+
+/// Installs pages arriving on `reader` (either channel) until it closes or sends Complete.
+pub fn postcopy_receive(
+    link: &PostcopyLink,
+    stage: &guest_mm::stage::SecondStage,
+    ram: &GuestRam,
+    uffd: &uffd::Uffd,
+    mut reader: FrameReader<Stream>,
+    filled: &std::sync::atomic::AtomicU64,
+) -> std::result::Result<(), String> {
+    use std::sync::atomic::Ordering;
+    let page = ram.page_size();
+    let base = ram.guest_view_addr() as u64;
+    loop {
+        let f = match reader.recv() {
+            Ok(f) => f,
+            Err(migration::Error::Closed { .. }) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let index = reader.frames - 1;
+        match f.kind {
+            FrameKind::Complete => return Ok(()),
+            FrameKind::Page => {
+                let (gpa, data) = f.as_page(index, page).map_err(|e| e.to_string())?;
+                if gpa % page != 0 || gpa + page > ram.size() {
+                    return Err(format!(
+                        "post-copy frame {index}: GPA {gpa:#x} is outside guest RAM"
+                    ));
+                }
+                let installed = stage.fill(gpa, || {
+                    ram.staging()
+                        .write_slice(data, GuestAddress(gpa))
+                        .map_err(|e| format!("writing GPA {gpa:#x}: {e}"))?;
+                    match uffd.continue_range(base + gpa, page, uffd::Wake::Yes) {
+                        Ok(()) | Err(uffd::Error::AlreadyMapped { .. }) => Ok(()),
+                        Err(e) => Err(format!("installing GPA {gpa:#x}: {e}")),
+                    }
+                })?;
+                if !installed {
+                    continue;
+                }
+                let asked = link
+                    .requested
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&gpa)
+                    .copied();
+                match asked {
+                    Some(t) => {
+                        link.demand_pages.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut h) = link.latency.lock() {
+                            h.record(t.elapsed().as_nanos() as u64);
+                        }
+                    }
+                    None => {
+                        link.pushed_pages.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if filled.fetch_add(1, Ordering::Relaxed) + 1 == link.missing {
+                    // Every page is in: end the urgent channel, telling the source what
+                    // the demand faults cost here.
+                    let stats = {
+                        let h = link.latency.lock().unwrap_or_else(|e| e.into_inner());
+                        DemandStats {
+                            pages: link.demand_pages.load(Ordering::Relaxed),
+                            us_p50: h.percentile_us(50.0),
+                            us_p99: h.percentile_us(99.0),
+                            us_max: h.max_us(),
+                        }
+                    };
+                    let mut w = link.urgent.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = w.send(&Frame::json(FrameKind::Complete, &stats));
+                    let _ = w.flush();
+                }
+            }
+            other => return Err(format!("post-copy frame {index}: unexpected {other:?}")),
+        }
     }
 }

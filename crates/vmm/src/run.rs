@@ -215,6 +215,14 @@ pub struct IncomingReport {
     pub bytes: u64,
     pub source_elapsed_ms: f64,
     pub receive_ms: f64,
+    /// Post-copy: pages that arrived after the switch, on demand or pushed.
+    pub pages_demand: u64,
+    pub pages_pushed: u64,
+    pub demand_fault_us_p50: f64,
+    pub demand_fault_us_p99: f64,
+    pub demand_fault_us_max: f64,
+    /// Post-copy: switch-over to the last page (then the guest view is unregistered).
+    pub postcopy_ms: Option<f64>,
 }
 
 const VECTOR_NAMES: [&str; 32] = [
@@ -382,7 +390,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let vcpu_threads = Arc::new(VcpuThreads::new(vcpus));
     let mut host_zapper = None;
     let needs_fault_path = numa_engine.is_some() || cfg.stress_zap.is_some();
-    let (fault_path, fault_path_name) = match ram.view_layout() {
+    let (mut fault_path, mut fault_path_name) = match ram.view_layout() {
         ViewLayout::GuestAndStaging if !needs_fault_path => (
             None,
             "off: nothing zaps the guest view in this run".to_string(),
@@ -421,6 +429,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     // Destination: receive the guest before any vCPU exists.
     let mut incoming_report = None;
     let mut incoming_link = None;
+    let mut postcopy: Option<(
+        Arc<crate::migrate::PostcopyLink>,
+        migration::Stream,
+        Arc<uffd::Uffd>,
+    )> = None;
+    let mut postcopy_threads = None;
     let mut source_elapsed_ns = 0u64;
     let mut workload_name = cfg.workload.to_string();
     let built: Vec<Vcpu> = match &cfg.incoming {
@@ -440,7 +454,46 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 bytes: inc.bytes,
                 source_elapsed_ms: inc.switch.run.elapsed_ns as f64 / 1e6,
                 receive_ms: (monotonic_ns() - t) as f64 / 1e6,
+                pages_demand: 0,
+                pages_pushed: 0,
+                demand_fault_us_p50: 0.0,
+                demand_fault_us_p99: 0.0,
+                demand_fault_us_max: 0.0,
+                postcopy_ms: None,
             });
+            if let Some(missing) = inc.switch.postcopy_missing.clone() {
+                if fault_path.is_some() {
+                    return Err(Error::Config(
+                        "post-copy into a destination that also runs --numa or --stress-zap is not supported yet".into(),
+                    ));
+                }
+                if ram.view_layout() == ViewLayout::SingleView {
+                    return Err(Error::Config(
+                        "post-copy needs file-backed RAM (shmem or hugetlb) on the destination"
+                            .into(),
+                    ));
+                }
+                let urgent = inc.accept_urgent().map_err(Error::Config)?;
+                let urgent_reader = urgent
+                    .try_clone()
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                let link = Arc::new(
+                    crate::migrate::postcopy_begin(&stage, &ram, &missing, urgent)
+                        .map_err(Error::Config)?,
+                );
+                let fp = FaultPath::start_with(
+                    stage.clone(),
+                    vcpu_threads.clone(),
+                    ram.guest_view_addr() as u64,
+                    ram.size(),
+                    None,
+                    Some(link.clone()),
+                    crate::fault::Registration::MissingAndMinor,
+                )?;
+                fault_path_name = "uffd-missing-minor (post-copy)".to_string();
+                postcopy = Some((link, urgent_reader, fp.uffd()));
+                fault_path = Some(fp);
+            }
             let built = (0..vcpus)
                 .map(|i| Vcpu::restore(&vm, i, &inc.switch.vcpus[i]))
                 .collect::<Result<Vec<_>>>()?;
@@ -459,9 +512,49 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let launch_ns = monotonic_ns();
     let mut threads = spawn_vcpus(built, &shared, &console, &vcpu_threads)?;
     if let Some(inc) = incoming_link.take() {
-        // The end of the downtime: tell the source, which then completes.
-        if let Err(e) = inc.confirm_resumed() {
-            eprintln!("hugevisor: warning: the source did not complete the hand-over cleanly: {e}");
+        match postcopy.take() {
+            // Post-copy: pages keep arriving on both channels while the guest runs.
+            Some((link, urgent_reader, uffd)) => {
+                let main = inc.resumed_postcopy().map_err(Error::Config)?;
+                let (st, rm) = (stage.clone(), ram.clone());
+                let switched = monotonic_ns();
+                let handle = std::thread::Builder::new()
+                    .name("postcopy".into())
+                    .spawn(move || -> (Arc<crate::migrate::PostcopyLink>, std::result::Result<Option<f64>, String>) {
+                        let filled = std::sync::atomic::AtomicU64::new(0);
+                        let r = std::thread::scope(|sc| {
+                            let urgent = sc.spawn(|| {
+                                crate::migrate::postcopy_receive(
+                                    &link,
+                                    &st,
+                                    &rm,
+                                    &uffd,
+                                    migration::FrameReader::new(urgent_reader),
+                                    &filled,
+                                )
+                            });
+                            let m = crate::migrate::postcopy_receive(&link, &st, &rm, &uffd, main, &filled);
+                            let u = urgent.join().unwrap_or_else(|_| Err("urgent receiver panicked".into()));
+                            m.and(u)
+                        });
+                        let done = filled.load(Ordering::Relaxed) == link.missing;
+                        if done {
+                            // Every page arrived: the guest view needs no userfaultfd anymore.
+                            let _ = uffd.unregister(rm.guest_view_addr() as u64, rm.size());
+                        }
+                        let ms = (monotonic_ns() - switched) as f64 / 1e6;
+                        let r = r.and_then(|_| if done { Ok(Some(ms)) } else { Err(format!("post-copy ended with {} of {} pages", filled.load(Ordering::Relaxed), link.missing)) });
+                        (link, r)
+                    })
+                    .map_err(|source| Error::Thread { index: vcpus, source })?;
+                postcopy_threads = Some(handle);
+            }
+            None => {
+                // The end of the downtime: tell the source, which then completes.
+                if let Err(e) = inc.confirm_resumed() {
+                    eprintln!("hugevisor: warning: the source did not complete the hand-over cleanly: {e}");
+                }
+            }
         }
     }
 
@@ -682,6 +775,20 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     drop(events_rx);
     drop(api);
     let end_ns = monotonic_ns();
+    if let (Some(h), Some(inc)) = (postcopy_threads.take(), incoming_report.as_mut()) {
+        match h.join() {
+            Ok((link, r)) => {
+                let lat = link.latency.lock().unwrap_or_else(|e| e.into_inner());
+                inc.pages_demand = link.demand_pages.load(Ordering::Relaxed);
+                inc.pages_pushed = link.pushed_pages.load(Ordering::Relaxed);
+                inc.demand_fault_us_p50 = lat.percentile_us(50.0);
+                inc.demand_fault_us_p99 = lat.percentile_us(99.0);
+                inc.demand_fault_us_max = lat.max_us();
+                inc.postcopy_ms = r.map_err(|e| Error::Config(format!("post-copy: {e}")))?;
+            }
+            Err(_) => return Err(Error::Config("the post-copy receiver panicked".into())),
+        }
+    }
     let zaps = zapper.map(StressZapper::stop).unwrap_or(0);
     numa_threads.into_iter().for_each(|t| t.stop());
     let numa = numa_engine.as_ref().map(|e| {

@@ -27,6 +27,23 @@ enum BenchKind {
     Memory(MemoryBenchArgs),
     /// NUMA balancing on emulated nodes: locality over time, hint-fault cost, throughput.
     Numa(NumaBenchArgs),
+    /// Live migration per mode and backing, beside raw loopback and userfaultfd baselines.
+    Migration(MigrationBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MigrationBenchArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// Run time of each guest (the migration starts 3 s in).
+    #[arg(long, default_value = "12s")]
+    duration: String,
+    /// Also write the JSON result here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -184,6 +201,7 @@ pub fn cmd_bench(args: &BenchArgs) -> i32 {
     match &args.which {
         BenchKind::Memory(a) => bench_memory(a),
         BenchKind::Numa(a) => bench_numa(a),
+        BenchKind::Migration(a) => bench_migration(a),
     }
 }
 
@@ -452,5 +470,128 @@ fn bench_numa(args: &NumaBenchArgs) -> i32 {
         "plot: {} (blue: balancing on, grey: off, red dashes: 95%)",
         png_path.display()
     );
+    0
+}
+
+/// Loopback TCP throughput in bytes/s: one connection, 256 MiB in 1 MiB writes.
+fn loopback_tcp_bytes_per_sec() -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = l.local_addr().map_err(|e| e.to_string())?;
+    let total = 256u64 << 20;
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut c, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < total {
+            let n = c.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        Ok(got)
+    });
+    let mut c = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    let buf = vec![0x5au8; 1 << 20];
+    let t = monotonic_ns();
+    for _ in 0..(total >> 20) {
+        c.write_all(&buf).map_err(|e| e.to_string())?;
+    }
+    drop(c);
+    let got = reader.join().map_err(|_| "reader panicked".to_string())?.map_err(|e| e.to_string())?;
+    Ok(got as f64 * 1e9 / (monotonic_ns() - t) as f64)
+}
+
+fn bench_migration(args: &MigrationBenchArgs) -> i32 {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return crate::cli::fail(&format!("finding the hugevisor binary: {e}")),
+    };
+    eprintln!("bench: baselines ...");
+    let tcp = loopback_tcp_bytes_per_sec().unwrap_or(0.0);
+    let minor = raw_minor_round_trip_us(2000).unwrap_or(0.0);
+    let dir = std::env::temp_dir().join(format!("hv-bench-mig-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let mut rows = Vec::new();
+    for backing in ["shmem", "hugetlb-2m"] {
+        for mode in ["precopy", "postcopy", "hybrid"] {
+            eprintln!("bench: {mode} on {backing} ...");
+            let api = dir.join(format!("api-{backing}-{mode}.sock"));
+            let mig = format!("unix:{}", dir.join(format!("mig-{backing}-{mode}.sock")).display());
+            let vcpus = args.vcpus.to_string();
+            let common = [
+                "run", "--memory", &args.memory, "--backing", backing, "--vcpus", &vcpus, "--workload", "verify",
+                "--duration", &args.duration, "--console", "off", "--json",
+            ];
+            let spawn = |extra: &[&str]| {
+                Command::new(&exe)
+                    .args(common)
+                    .args(extra)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+            };
+            let (dst, src) = match (spawn(&["--incoming", &mig]), spawn(&["--api-socket", &api.to_string_lossy()])) {
+                (Ok(d), Ok(s)) => (d, s),
+                _ => return crate::cli::fail("spawning the migration peers"),
+            };
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            let body = serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50 });
+            let report = crate::api::call(&api, "PUT", "/api/v1/vm.migrate", Some(&body));
+            let (s_out, d_out) = (src.wait_with_output(), dst.wait_with_output());
+            let dj: serde_json::Value = d_out
+                .ok()
+                .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+                .unwrap_or(serde_json::Value::Null);
+            let _ = s_out;
+            let row = match report {
+                Ok((200, r)) => serde_json::json!({
+                    "backing": backing, "mode": mode, "total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"],
+                    "guest_stall_ms": dj["guest_stall_ms"], "bytes_sent": r["bytes_sent"],
+                    "precopy_rounds": r["precopy_rounds"], "pages_demand": r["pages_demand"],
+                    "demand_fault_us_p50": r["demand_fault_us_p50"], "demand_fault_us_p99": r["demand_fault_us_p99"],
+                    "demand_fault_us_max": r["demand_fault_us_max"], "integrity_errors": dj["integrity_errors"],
+                }),
+                Ok((code, r)) => serde_json::json!({ "backing": backing, "mode": mode, "error": format!("HTTP {code}: {r}") }),
+                Err(e) => serde_json::json!({ "backing": backing, "mode": mode, "error": e.to_string() }),
+            };
+            rows.push(row);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let result = serde_json::json!({
+        "memory": args.memory, "vcpus": args.vcpus, "loopback_tcp_mib_s": tcp / (1 << 20) as f64,
+        "raw_minor_round_trip_us": minor, "rows": rows,
+    });
+    if let Some(p) = &args.out {
+        let _ = std::fs::write(p, result.to_string());
+    }
+    println!("guest {} verify on {} vCPUs; baselines: loopback TCP {:.0} MiB/s, raw userfaultfd MINOR round trip {:.1} µs", args.memory, args.vcpus, tcp / (1 << 20) as f64, minor);
+    println!();
+    println!("| backing | mode | total ms | downtime ms | guest stall ms | MiB sent | rounds | demand pages | demand µs p50/p99/max | integrity errors |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        if let Some(e) = r.get("error") {
+            println!("| {} | {} | error: {} | | | | | | | |", r["backing"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), e);
+            continue;
+        }
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        println!(
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.0} | {} | {} | {:.0}/{:.0}/{:.0} | {} |",
+            r["backing"].as_str().unwrap_or(""),
+            r["mode"].as_str().unwrap_or(""),
+            f("total_ms"),
+            f("downtime_ms"),
+            f("guest_stall_ms"),
+            f("bytes_sent") / (1 << 20) as f64,
+            r["precopy_rounds"],
+            r["pages_demand"],
+            f("demand_fault_us_p50"),
+            f("demand_fault_us_p99"),
+            f("demand_fault_us_max"),
+            r["integrity_errors"]
+        );
+    }
     0
 }

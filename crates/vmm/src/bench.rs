@@ -499,7 +499,10 @@ fn loopback_tcp_bytes_per_sec() -> Result<f64, String> {
         c.write_all(&buf).map_err(|e| e.to_string())?;
     }
     drop(c);
-    let got = reader.join().map_err(|_| "reader panicked".to_string())?.map_err(|e| e.to_string())?;
+    let got = reader
+        .join()
+        .map_err(|_| "reader panicked".to_string())?
+        .map_err(|e| e.to_string())?;
     Ok(got as f64 * 1e9 / (monotonic_ns() - t) as f64)
 }
 
@@ -518,11 +521,26 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
         for mode in ["precopy", "postcopy", "hybrid"] {
             eprintln!("bench: {mode} on {backing} ...");
             let api = dir.join(format!("api-{backing}-{mode}.sock"));
-            let mig = format!("unix:{}", dir.join(format!("mig-{backing}-{mode}.sock")).display());
+            let mig = format!(
+                "unix:{}",
+                dir.join(format!("mig-{backing}-{mode}.sock")).display()
+            );
             let vcpus = args.vcpus.to_string();
             let common = [
-                "run", "--memory", &args.memory, "--backing", backing, "--vcpus", &vcpus, "--workload", "verify",
-                "--duration", &args.duration, "--console", "off", "--json",
+                "run",
+                "--memory",
+                &args.memory,
+                "--backing",
+                backing,
+                "--vcpus",
+                &vcpus,
+                "--workload",
+                "verify",
+                "--duration",
+                &args.duration,
+                "--console",
+                "off",
+                "--json",
             ];
             let spawn = |extra: &[&str]| {
                 Command::new(&exe)
@@ -532,7 +550,10 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
                     .stderr(std::process::Stdio::piped())
                     .spawn()
             };
-            let (dst, src) = match (spawn(&["--incoming", &mig]), spawn(&["--api-socket", &api.to_string_lossy()])) {
+            let (dst, src) = match (
+                spawn(&["--incoming", &mig]),
+                spawn(&["--api-socket", &api.to_string_lossy()]),
+            ) {
                 (Ok(d), Ok(s)) => (d, s),
                 _ => return crate::cli::fail("spawning the migration peers"),
             };
@@ -553,8 +574,12 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
                     "demand_fault_us_p50": r["demand_fault_us_p50"], "demand_fault_us_p99": r["demand_fault_us_p99"],
                     "demand_fault_us_max": r["demand_fault_us_max"], "integrity_errors": dj["integrity_errors"],
                 }),
-                Ok((code, r)) => serde_json::json!({ "backing": backing, "mode": mode, "error": format!("HTTP {code}: {r}") }),
-                Err(e) => serde_json::json!({ "backing": backing, "mode": mode, "error": e.to_string() }),
+                Ok((code, r)) => {
+                    serde_json::json!({ "backing": backing, "mode": mode, "error": format!("HTTP {code}: {r}") })
+                }
+                Err(e) => {
+                    serde_json::json!({ "backing": backing, "mode": mode, "error": e.to_string() })
+                }
             };
             rows.push(row);
         }
@@ -573,7 +598,12 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         if let Some(e) = r.get("error") {
-            println!("| {} | {} | error: {} | | | | | | | |", r["backing"].as_str().unwrap_or(""), r["mode"].as_str().unwrap_or(""), e);
+            println!(
+                "| {} | {} | error: {} | | | | | | | |",
+                r["backing"].as_str().unwrap_or(""),
+                r["mode"].as_str().unwrap_or(""),
+                e
+            );
             continue;
         }
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);

@@ -147,8 +147,43 @@ fn send_pages(
             .map_err(|e| format!("reading GPA {gpa:#x}: {e}"))?;
         w.send(&Frame::page(gpa, buf)).map_err(|e| e.to_string())?;
         n += 1;
+        if n % 256 == 0 {
+            progress(w.bytes, "sending");
+        }
     }
     Ok(n)
+}
+
+/// A one-line progress display on the source's stderr (bytes, rate, phase), when stderr
+/// is a terminal; at most five updates a second.
+fn progress(bytes: u64, phase: &str) {
+    use std::io::IsTerminal;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static START_NS: AtomicU64 = AtomicU64::new(0);
+    static LAST_NS: AtomicU64 = AtomicU64::new(0);
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let now = crate::clock::monotonic_ns();
+    let start = match START_NS.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => now,
+        Err(s) => s,
+    };
+    if now.saturating_sub(LAST_NS.load(Ordering::Relaxed)) < 200_000_000 {
+        return;
+    }
+    LAST_NS.store(now, Ordering::Relaxed);
+    let secs = (now - start) as f64 / 1e9;
+    eprint!(
+        "\rmigration: {phase:<10} {:>8.1} MiB sent, {:>7.1} MiB/s, {:>5.1} s   ",
+        bytes as f64 / (1 << 20) as f64,
+        if secs > 0.0 {
+            bytes as f64 / (1 << 20) as f64 / secs
+        } else {
+            0.0
+        },
+        secs
+    );
 }
 
 /// The source side. Runs on its own thread; `events` reaches the monitor loop.
@@ -198,6 +233,9 @@ pub fn send(
         });
         w.get_mut().shutdown();
     }
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!();
+    }
     result?;
     report.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
     report.bytes_sent = w.bytes;
@@ -218,6 +256,7 @@ fn precopy(
     let _ = vm.take_dirty_log(ram).map_err(|e| e.to_string())?;
     // Round 0: everything.
     let start = Instant::now();
+    progress(w.bytes, "round 0");
     let n = send_pages(w, ram, 0..ram.size() / page, &mut buf)?;
     report.pages_precopy += n;
     w.send(&Frame::json(FrameKind::RoundEnd, &0u32))
@@ -250,6 +289,7 @@ fn precopy(
         dirty = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
     }
     // Stop and copy.
+    progress(w.bytes, "stop+copy");
     let (tx, rx) = channel();
     events
         .send(SourceEvent::Pause(tx))

@@ -109,6 +109,28 @@ impl SecondStage {
         }
     }
 
+    /// A table with all of guest RAM [0, `ram_size`) present on node 0, zone 0, in leaves
+    /// of the backing page size: how every VM starts.
+    pub fn all_present(ram_size: u64, backing_page: u64) -> Result<SecondStage, TableError> {
+        let leaf =
+            crate::table::LeafSize::for_bytes(backing_page).ok_or(TableError::Unaligned {
+                gpa: 0,
+                size: crate::table::LeafSize::Size4K,
+            })?;
+        let stage = SecondStage::new(backing_page);
+        let spec = LeafSpec {
+            state: PageState::Present,
+            node: 0,
+            backing: crate::table::BackingRef { zone: 0, offset: 0 },
+        };
+        stage.apply(Change::Map {
+            range: GpaRange::new(0, ram_size),
+            size: leaf,
+            spec,
+        })?;
+        Ok(stage)
+    }
+
     pub fn notifier(&self) -> &MmuNotifier {
         &self.notifier
     }

@@ -339,6 +339,18 @@ fn numa_child(args: &NumaBenchArgs, balancing: &str) -> Result<serde_json::Value
     Ok(j)
 }
 
+/// (ms, locality %) points of a run's NUMA report.
+fn locality_series(run: &serde_json::Value) -> Vec<(f64, f64)> {
+    run["numa"]["locality_over_time"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn bench_numa(args: &NumaBenchArgs) -> i32 {
     eprintln!("bench: raw userfaultfd MINOR round trip ...");
     let raw = match raw_minor_round_trip_us(2000) {
@@ -355,22 +367,8 @@ fn bench_numa(args: &NumaBenchArgs) -> i32 {
         Ok(j) => j,
         Err(e) => return crate::cli::fail(&format!("numa02 with balancing off: {e}")),
     };
-    let series: Vec<(f64, f64)> = on["numa"]["locality_over_time"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let series_off: Vec<(f64, f64)> = off["numa"]["locality_over_time"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let series = locality_series(&on);
+    let series_off = locality_series(&off);
     let x_max = series.last().map(|p| p.0).unwrap_or(1.0);
     if let Err(e) = std::fs::create_dir_all(&args.out_dir) {
         return crate::cli::fail(&format!("creating {}: {e}", args.out_dir.display()));

@@ -17,7 +17,7 @@ use guest_image::{GuestParams, Workload};
 use guest_mm::notifier::GpaRange;
 use guest_mm::numa::BalancerConfig;
 use guest_mm::stage::{Change, SecondStage};
-use guest_mm::table::{Accounting, BackingRef, LeafSize, LeafSpec, PageState, Run};
+use guest_mm::table::{Accounting, LeafSize, PageState, Run};
 use guest_mm::{GuestRam, RamConfig, ViewLayout};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
@@ -353,25 +353,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let mailbox = Mailbox::new(image.info.mailbox);
 
     // The second-stage table: all of guest RAM present, in leaves of the backing page.
-    let stage = Arc::new(SecondStage::new(ram.page_size()));
-    let leaf = LeafSize::for_bytes(ram.page_size()).ok_or_else(|| {
-        Error::Config(format!(
-            "backing page size {} has no leaf size",
-            ram.page_size()
-        ))
-    })?;
-    let spec = LeafSpec {
-        state: PageState::Present,
-        node: 0,
-        backing: BackingRef { zone: 0, offset: 0 },
-    };
-    stage
-        .apply(Change::Map {
-            range: GpaRange::new(0, ram.size()),
-            size: leaf,
-            spec,
-        })
-        .map_err(|e| Error::Config(format!("building the second-stage table: {e}")))?;
+    let stage = Arc::new(
+        SecondStage::all_present(ram.size(), ram.page_size())
+            .map_err(|e| Error::Config(format!("building the second-stage table: {e}")))?,
+    );
     let numa_engine = match &topology {
         Some(t) => {
             let sets = working_sets(cfg.workload, ram.size(), vcpus);

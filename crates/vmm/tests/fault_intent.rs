@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use guest_mm::notifier::GpaRange;
 use guest_mm::stage::{Change, SecondStage};
-use guest_mm::table::{BackingRef, Intent, LeafSize, LeafSpec, Lookup, PageState};
+use guest_mm::table::{Intent, Lookup};
 use guest_mm::{BackingKind, GuestRam, RamConfig};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::fault::{FaultPath, GuestViewZapper, VcpuThreads};
@@ -20,19 +20,7 @@ fn internal_reads_of_hinted_pages_do_not_fault_vcpu_accesses_do() {
         ..Default::default()
     })
     .unwrap();
-    let stage = Arc::new(SecondStage::new(ram.page_size()));
-    let spec = LeafSpec {
-        state: PageState::Present,
-        node: 0,
-        backing: BackingRef { zone: 0, offset: 0 },
-    };
-    stage
-        .apply(Change::Map {
-            range: GpaRange::new(0, ram.size()),
-            size: LeafSize::Size4K,
-            spec,
-        })
-        .unwrap();
+    let stage = Arc::new(SecondStage::all_present(ram.size(), ram.page_size()).unwrap());
     let base = ram.guest_view_addr() as u64;
     stage
         .notifier()

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use guest_mm::notifier::GpaRange;
 use guest_mm::numa::{NodeBackendKind, NumaLayout};
 use guest_mm::stage::{Change, SecondStage};
-use guest_mm::table::{BackingRef, LeafSize, LeafSpec, PageState};
 use guest_mm::{BackingKind, GuestRam, RamConfig};
 use vmm::fault::{FaultPath, GuestViewZapper, VcpuThreads};
 
@@ -32,19 +31,7 @@ fn moves_under_a_writer_lose_nothing() {
         })
         .unwrap(),
     );
-    let stage = Arc::new(SecondStage::new(4096));
-    let spec = LeafSpec {
-        state: PageState::Present,
-        node: 0,
-        backing: BackingRef { zone: 0, offset: 0 },
-    };
-    stage
-        .apply(Change::Map {
-            range: GpaRange::new(0, SIZE),
-            size: LeafSize::Size4K,
-            spec,
-        })
-        .unwrap();
+    let stage = Arc::new(SecondStage::all_present(ram.size(), ram.page_size()).unwrap());
     let base = ram.guest_view_addr() as u64;
     let threads = Arc::new(VcpuThreads::new(1));
     let fp = FaultPath::start(stage.clone(), threads.clone(), base, SIZE, None).unwrap();

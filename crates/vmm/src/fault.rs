@@ -62,10 +62,10 @@ impl MmuNotifierSubscriber for GuestViewZapper {
             return;
         }
         let end = range.end.min(self.size);
-        // SAFETY: [base+start, base+end) lies inside the guest view, a MAP_SHARED mapping of
-        // a shmem/hugetlb memfd owned by GuestRam for the VM's lifetime. MADV_DONTNEED on a
-        // shared file mapping only drops page-table entries; the page cache (guest memory
-        // content) stays.
+        // MADV_DONTNEED on a shared file mapping drops page-table entries only; the page
+        // cache (the guest's memory content) stays.
+        // SAFETY: [base+start, base+end) lies inside the guest view, a MAP_SHARED mapping
+        // of a shmem/hugetlb memfd that GuestRam keeps mapped for the VM's lifetime.
         let r = unsafe {
             libc::madvise(
                 (self.base + range.start) as *mut libc::c_void,

@@ -12,6 +12,7 @@ enum workload {
     W_NUMA01,              /* all vCPUs share the whole data area */
     W_NUMA02,              /* each vCPU works on its own partition */
     W_NUMA01_THREAD_ALLOC, /* as numa02; the VMM interleaves the initial placement */
+    W_IDLE,                /* writes its partition once, then touches no memory */
 };
 
 struct params {
@@ -20,6 +21,7 @@ struct params {
     u64 vcpus;
     u64 seed;
     u64 node;              /* this vCPU's node, from nodes=<n0>,<n1>,... */
+    u64 slow;              /* slow=K: print every pass slower than K x the fastest; 0 off */
 };
 
 /* ---- tiny libc ---- */
@@ -111,7 +113,7 @@ static const struct {
 } workload_names[] = {
     {"touch", W_TOUCH}, {"verify", W_VERIFY}, {"stream", W_STREAM},
     {"random", W_RANDOM}, {"fault", W_FAULT}, {"numa01", W_NUMA01}, {"numa02", W_NUMA02},
-    {"numa01_thread_alloc", W_NUMA01_THREAD_ALLOC},
+    {"numa01_thread_alloc", W_NUMA01_THREAD_ALLOC}, {"idle", W_IDLE},
 };
 
 /* Parses "key=value key=value ..."; unknown keys are ignored (they may be for
@@ -161,6 +163,8 @@ static int parse_cmdline(const char *s, struct params *p, u64 cpu)
             ok = parse_u64(val, vlen, &p->vcpus) && p->vcpus >= 1 && p->vcpus <= HV_MAX_VCPUS;
         } else if (streq_n(key, "seed", klen)) {
             ok = parse_u64(val, vlen, &p->seed);
+        } else if (streq_n(key, "slow", klen)) {
+            ok = parse_u64(val, vlen, &p->slow);
         } else if (streq_n(key, "nodes", klen)) {
             ok = parse_nth(val, vlen, cpu, &p->node);
         }
@@ -259,6 +263,41 @@ static u64 pass_verify(const struct part *pt, u64 pass)
     return pt->npages * 48;
 }
 
+/* idle: after the first pass (verify's, which writes every page), a pass is a fixed
+ * stretch of TSC cycles spent spinning without touching guest RAM, so that a pass which
+ * takes longer than IDLE_TICK_CYCLES measures time the vCPU did not run. */
+#define IDLE_TICK_CYCLES (1ULL << 24)
+static u64 pass_idle(const struct part *pt, u64 pass)
+{
+    if (pass == 0)
+        return pass_verify(pt, 0);
+    u64 t0 = rdtsc();
+    while (rdtsc() - t0 < IDLE_TICK_CYCLES && !READ_ONCE(mailbox.hdr.stop))
+        __asm__ volatile("pause");
+    return 0;
+}
+
+/* slow=K: report a pass slower than K times the fastest pass since the first, with its
+ * end TSC, so that a stall can be placed in time by whoever reads the console (the
+ * host's TSC is the guest's here). */
+static void report_slow_pass(const struct part *pt, u64 pass, u64 cycles, u64 end, u64 *best,
+                             u64 k)
+{
+    if (!k || pass == 0)
+        return;
+    if (*best && cycles > k * *best) {
+        serial_puts("hvguest: vcpu ");
+        serial_put_dec(pt->cpu);
+        serial_puts(" slow");
+        serial_kv("pass", pass);
+        serial_kv("cycles", cycles);
+        serial_kv("end_tsc", end);
+        serial_puts("\n");
+    }
+    if (!*best || cycles < *best)
+        *best = cycles;
+}
+
 static u64 pass_stream(const struct part *pt, u64 pass)
 {
     (void)pass;
@@ -328,7 +367,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     WRITE_ONCE(slot->entry_tsc, entry);
     WRITE_ONCE(slot->state, HV_STATE_RUNNING);
 
-    struct params p = {.workload = W_NONE, .passes = 0, .vcpus = 1, .seed = 1, .node = 0};
+    struct params p = {.workload = W_NONE, .passes = 0, .vcpus = 1, .seed = 1, .node = 0, .slow = 0};
     const char *cmdline = hv_default_cmdline;
     if (si && si->magic == HVM_START_MAGIC && si->cmdline_paddr && *(const char *)si->cmdline_paddr)
         cmdline = (const char *)si->cmdline_paddr;
@@ -377,7 +416,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     u64 start = rdtsc();
     WRITE_ONCE(slot->start_tsc, start);
     WRITE_ONCE(slot->end_tsc, start);
-    u64 bytes = 0, maxc = 0;
+    u64 bytes = 0, maxc = 0, best = 0;
     for (u64 pass = 0; p.passes == 0 || pass < p.passes; pass++) {
         if (READ_ONCE(mailbox.hdr.stop))
             break;
@@ -390,6 +429,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
         case W_NUMA01: bytes += pass_shared(&pt, HV_DATA_START, total); break;
         case W_NUMA02:
         case W_NUMA01_THREAD_ALLOC: bytes += pass_stream(&pt, pass); break;
+        case W_IDLE: bytes += pass_idle(&pt, pass); break;
         default: break;
         }
         u64 t1 = rdtsc();
@@ -404,7 +444,11 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
         WRITE_ONCE(slot->pages_touched, pt.npages);
         WRITE_ONCE(slot->end_tsc, t1);
         WRITE_ONCE(slot->passes, pass + 1);
+        report_slow_pass(&pt, pass, t1 - t0, t1, &best, p.slow);
     }
+    /* idle checks at the end what its first pass wrote: migration must not lose it. */
+    if (p.workload == W_IDLE && READ_ONCE(slot->passes) >= 1)
+        pass_verify(&pt, 1);
 
     u64 errors = READ_ONCE(slot->integrity_errors);
     serial_puts("hvguest: vcpu ");

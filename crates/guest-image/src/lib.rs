@@ -17,7 +17,7 @@ pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hvguest.elf"
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown workload {0:?}; choose one of: touch, verify, stream, random, fault, numa01, numa02, numa01_thread_alloc")]
+    #[error("unknown workload {0:?}; choose one of: touch, verify, stream, random, fault, numa01, numa02, numa01_thread_alloc, idle")]
     UnknownWorkload(String),
     #[error("guest command line is {len} bytes; at most {max} fit in the image header")]
     CmdlineTooLong { len: usize, max: usize },
@@ -46,10 +46,13 @@ pub enum Workload {
     Numa02,
     /// numa01_thread_alloc: each vCPU's partition, interleaved over the nodes at start.
     Numa01ThreadAlloc,
+    /// Writes its partition once, then spins without touching RAM (an idle guest for
+    /// migration); checks the partition once more when told to stop.
+    Idle,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Touch,
         Workload::Verify,
         Workload::Stream,
@@ -58,6 +61,7 @@ impl Workload {
         Workload::Numa01,
         Workload::Numa02,
         Workload::Numa01ThreadAlloc,
+        Workload::Idle,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +74,7 @@ impl Workload {
             Workload::Numa01 => "numa01",
             Workload::Numa02 => "numa02",
             Workload::Numa01ThreadAlloc => "numa01_thread_alloc",
+            Workload::Idle => "idle",
         }
     }
 }

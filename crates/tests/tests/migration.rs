@@ -47,6 +47,35 @@ fn wait_for(path: &std::path::Path) {
     }
 }
 
+/// `GET /api/v1/vm.info` over the control socket.
+fn vm_info(api: &std::path::Path) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(api).unwrap();
+    c.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: hugevisor\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until the guest behind `api` has finished `passes` passes (summed over vCPUs), so
+/// that a migration starts with counters to continue from, however loaded the host is.
+fn wait_for_passes(api: &std::path::Path, passes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = vm_info(api);
+        if info["passes"].as_u64().unwrap_or(0) >= passes {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest never reached {passes} passes: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn migrate(api: &std::path::Path, to: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
     let mut cmd = Command::new(tests::hugevisor_path());
     cmd.arg("migrate")
@@ -102,7 +131,8 @@ fn migrate_case(backing: &str, mode: &str, uri_kind: &str) {
     src_args.extend(["--api-socket", &api_s]);
     let src = spawn(&src_args);
     wait_for(&api);
-    std::thread::sleep(Duration::from_millis(800));
+    wait_for_passes(&api, 2);
+    std::thread::sleep(Duration::from_millis(300));
     let verify: &[&str] = if mode == "precopy" {
         &["--verify", "memory-hash"]
     } else {

@@ -53,7 +53,9 @@ pub enum RunLimit {
 pub enum CorruptionTest {
     None,
     /// After vCPU 0's first pass, overwrite one word of a page in its partition through
-    /// the staging view (the VMM's own access path).
+    /// the staging view (the VMM's own access path). The run's `--duration` is stretched,
+    /// if need be, until vCPU 0 has made two more passes, so the guest always gets to
+    /// check the page however slowly the host runs it.
     AfterFirstPass,
 }
 
@@ -577,6 +579,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
 
     let mut stop_requested_at: Option<u64> = None;
     let mut corrupted_gpa = None;
+    // vCPU 0's pass count when the corruption was written.
+    let mut corrupted_at_pass: Option<u64> = None;
     let mut timed_out = false;
     while paused.is_some() || !threads.iter().all(|t| t.handle.is_finished()) {
         std::thread::sleep(POLL);
@@ -701,7 +705,13 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         if paused.is_some() {
             continue;
         }
-        if stop_requested_at.is_none() && stop_at.is_some_and(|t| now >= t) {
+        let corruption_checked = match cfg.corruption {
+            CorruptionTest::None => true,
+            CorruptionTest::AfterFirstPass => {
+                corrupted_at_pass.is_some_and(|at| mailbox.slot(mem, 0).passes >= at + 2)
+            }
+        };
+        if stop_requested_at.is_none() && stop_at.is_some_and(|t| now >= t) && corruption_checked {
             mailbox.request_stop(mem);
             stop_requested_at = Some(now);
         }
@@ -717,6 +727,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                         what: e.to_string(),
                     })?;
                 corrupted_gpa = Some(gpa & !0xfff);
+                corrupted_at_pass = Some(slot.passes);
             }
         }
         // One vCPU's failure ends the run for all.

@@ -15,6 +15,8 @@ use serde::Serialize;
 
 use crate::clock::monotonic_ns;
 
+mod qemu;
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -44,6 +46,16 @@ struct MigrationBenchArgs {
     /// Also write the JSON result here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Measure QEMU (`-M microvm`, same image, memory and backing) beside hugevisor.
+    #[arg(long, value_enum, default_value_t = QemuBaseline::On)]
+    qemu: QemuBaseline,
+}
+
+/// Whether `bench migration` measures the QEMU baseline.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum QemuBaseline {
+    On,
+    Off,
 }
 
 #[derive(clap::Args, Debug)]
@@ -504,6 +516,128 @@ fn loopback_tcp_bytes_per_sec() -> Result<f64, String> {
     Ok(got as f64 * 1e9 / (monotonic_ns() - t) as f64)
 }
 
+/// One hugevisor-to-hugevisor migration of a guest running `workload`, as a result row.
+fn hugevisor_migration_row(
+    exe: &std::path::Path,
+    args: &MigrationBenchArgs,
+    case: (&str, &str, &str),
+    dir: &std::path::Path,
+) -> serde_json::Value {
+    let (backing, workload, mode) = case;
+    let api = dir.join(format!("api-{backing}-{workload}-{mode}.sock"));
+    let mig = format!(
+        "unix:{}",
+        dir.join(format!("mig-{backing}-{workload}-{mode}.sock"))
+            .display()
+    );
+    let vcpus = args.vcpus.to_string();
+    let common = [
+        "run",
+        "--memory",
+        &args.memory,
+        "--backing",
+        backing,
+        "--vcpus",
+        &vcpus,
+        "--workload",
+        workload,
+        "--duration",
+        &args.duration,
+        "--console",
+        "off",
+        "--json",
+    ];
+    let spawn = |extra: &[&str]| {
+        Command::new(exe)
+            .args(common)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode });
+    let (dst, src) = match (
+        spawn(&["--incoming", &mig]),
+        spawn(&["--api-socket", &api.to_string_lossy()]),
+    ) {
+        (Ok(d), Ok(s)) => (d, s),
+        _ => return with_error(id, "spawning the migration peers".into()),
+    };
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let body = serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50 });
+    let report = crate::api::call(&api, "PUT", "/api/v1/vm.migrate", Some(&body));
+    let (s_out, d_out) = (src.wait_with_output(), dst.wait_with_output());
+    let dj: serde_json::Value = d_out
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let _ = s_out;
+    match report {
+        Ok((200, r)) => {
+            let mut row = id;
+            for k in [
+                "total_ms",
+                "downtime_ms",
+                "bytes_sent",
+                "precopy_rounds",
+                "pages_demand",
+                "demand_fault_us_p50",
+                "demand_fault_us_p99",
+                "demand_fault_us_max",
+            ] {
+                row[k] = r[k].clone();
+            }
+            row["guest_stall_ms"] = dj["guest_stall_ms"].clone();
+            row["integrity_errors"] = dj["integrity_errors"].clone();
+            row
+        }
+        Ok((code, r)) => with_error(id, format!("HTTP {code}: {r}")),
+        Err(e) => with_error(id, e.to_string()),
+    }
+}
+
+fn with_error(mut row: serde_json::Value, e: String) -> serde_json::Value {
+    row["error"] = serde_json::Value::String(e);
+    row
+}
+
+/// One QEMU-to-QEMU migration of the same image, as a result row.
+fn qemu_migration_row(
+    args: &MigrationBenchArgs,
+    case: (&str, &str, qemu::QemuMode),
+    dir: &std::path::Path,
+) -> serde_json::Value {
+    let (backing, workload, mode) = case;
+    let id = serde_json::json!({ "vmm": "qemu", "backing": backing, "workload": workload, "mode": mode.name() });
+    let c = qemu::QemuCase {
+        memory: &args.memory,
+        backing,
+        workload,
+        mode,
+        warmup: std::time::Duration::from_secs(3),
+        after: std::time::Duration::from_secs(3),
+        dir,
+    };
+    match qemu::measure(&c) {
+        Ok(r) => {
+            let mut row = id;
+            row["total_ms"] = r.total_ms.into();
+            row["downtime_ms"] = r.downtime_ms.into();
+            row["bytes_sent"] = r.bytes_sent.into();
+            row["pages_demand"] = r.postcopy_requests.into();
+            row["guest_stall_ms"] = match r.guest_stall_ms {
+                Some(ms) => ms.into(),
+                None => serde_json::Value::Null,
+            };
+            row["guest_stall_bound_ms"] = r.stall_bound_ms.into();
+            row["integrity_errors"] = r.integrity_errors.into();
+            row["destination_lines"] = r.destination_lines.into();
+            row
+        }
+        Err(e) => with_error(id, e),
+    }
+}
+
 fn bench_migration(args: &MigrationBenchArgs) -> i32 {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -514,111 +648,91 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
     let minor = raw_minor_round_trip_us(2000).unwrap_or(0.0);
     let dir = std::env::temp_dir().join(format!("hv-bench-mig-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
+    let with_qemu = args.qemu == QemuBaseline::On && qemu::available();
+    if args.qemu == QemuBaseline::On && !with_qemu {
+        eprintln!("bench: qemu-system-x86_64 not found; the QEMU rows are left out (apt-get install qemu-system-x86)");
+    }
     let mut rows = Vec::new();
     for backing in ["shmem", "hugetlb-2m"] {
-        for mode in ["precopy", "postcopy", "hybrid"] {
-            eprintln!("bench: {mode} on {backing} ...");
-            let api = dir.join(format!("api-{backing}-{mode}.sock"));
-            let mig = format!(
-                "unix:{}",
-                dir.join(format!("mig-{backing}-{mode}.sock")).display()
-            );
-            let vcpus = args.vcpus.to_string();
-            let common = [
-                "run",
-                "--memory",
-                &args.memory,
-                "--backing",
-                backing,
-                "--vcpus",
-                &vcpus,
-                "--workload",
-                "verify",
-                "--duration",
-                &args.duration,
-                "--console",
-                "off",
-                "--json",
-            ];
-            let spawn = |extra: &[&str]| {
-                Command::new(&exe)
-                    .args(common)
-                    .args(extra)
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-            };
-            let (dst, src) = match (
-                spawn(&["--incoming", &mig]),
-                spawn(&["--api-socket", &api.to_string_lossy()]),
-            ) {
-                (Ok(d), Ok(s)) => (d, s),
-                _ => return crate::cli::fail("spawning the migration peers"),
-            };
-            std::thread::sleep(std::time::Duration::from_secs(3));
-            let body = serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50 });
-            let report = crate::api::call(&api, "PUT", "/api/v1/vm.migrate", Some(&body));
-            let (s_out, d_out) = (src.wait_with_output(), dst.wait_with_output());
-            let dj: serde_json::Value = d_out
-                .ok()
-                .and_then(|o| serde_json::from_slice(&o.stdout).ok())
-                .unwrap_or(serde_json::Value::Null);
-            let _ = s_out;
-            let row = match report {
-                Ok((200, r)) => serde_json::json!({
-                    "backing": backing, "mode": mode, "total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"],
-                    "guest_stall_ms": dj["guest_stall_ms"], "bytes_sent": r["bytes_sent"],
-                    "precopy_rounds": r["precopy_rounds"], "pages_demand": r["pages_demand"],
-                    "demand_fault_us_p50": r["demand_fault_us_p50"], "demand_fault_us_p99": r["demand_fault_us_p99"],
-                    "demand_fault_us_max": r["demand_fault_us_max"], "integrity_errors": dj["integrity_errors"],
-                }),
-                Ok((code, r)) => {
-                    serde_json::json!({ "backing": backing, "mode": mode, "error": format!("HTTP {code}: {r}") })
+        for workload in ["verify", "idle"] {
+            for mode in ["precopy", "postcopy", "hybrid"] {
+                eprintln!("bench: hugevisor {mode} of {workload} on {backing} ...");
+                rows.push(hugevisor_migration_row(
+                    &exe,
+                    args,
+                    (backing, workload, mode),
+                    &dir,
+                ));
+            }
+            if with_qemu {
+                for mode in [qemu::QemuMode::Precopy, qemu::QemuMode::PostcopyRam] {
+                    eprintln!("bench: qemu {} of {workload} on {backing} ...", mode.name());
+                    rows.push(qemu_migration_row(args, (backing, workload, mode), &dir));
                 }
-                Err(e) => {
-                    serde_json::json!({ "backing": backing, "mode": mode, "error": e.to_string() })
-                }
-            };
-            rows.push(row);
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     let result = serde_json::json!({
-        "memory": args.memory, "vcpus": args.vcpus, "loopback_tcp_mib_s": tcp / (1 << 20) as f64,
+        "memory": args.memory, "vcpus": args.vcpus, "qemu_vcpus": 1,
+        "loopback_tcp_mib_s": tcp / (1 << 20) as f64,
         "raw_minor_round_trip_us": minor, "rows": rows,
     });
     if let Some(p) = &args.out {
         let _ = std::fs::write(p, result.to_string());
     }
-    println!("guest {} verify on {} vCPUs; baselines: loopback TCP {:.0} MiB/s, raw userfaultfd MINOR round trip {:.1} µs", args.memory, args.vcpus, tcp / (1 << 20) as f64, minor);
+    println!("guest {} on {} vCPUs (QEMU: 1 vCPU); baselines: loopback TCP {:.0} MiB/s, raw userfaultfd MINOR round trip {:.1} µs", args.memory, args.vcpus, tcp / (1 << 20) as f64, minor);
     println!();
-    println!("| backing | mode | total ms | downtime ms | guest stall ms | MiB sent | rounds | demand pages | demand µs p50/p99/max | integrity errors |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| vmm | backing | workload | mode | total ms | downtime ms | guest stall ms | MiB sent | total vs bytes/bandwidth | rounds | demand pages | demand µs p50/p99/max | integrity errors |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         if let Some(e) = r.get("error") {
             println!(
-                "| {} | {} | error: {} | | | | | | | |",
-                r["backing"].as_str().unwrap_or(""),
-                r["mode"].as_str().unwrap_or(""),
+                "| {} | {} | {} | {} | error: {} | | | | | | | | |",
+                s("vmm"),
+                s("backing"),
+                s("workload"),
+                s("mode"),
                 e
             );
             continue;
         }
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let stall = match r["guest_stall_ms"].as_f64() {
+            Some(ms) => format!("{ms:.1}"),
+            None => format!("< {:.1}", f("guest_stall_bound_ms")),
+        };
+        let wire_ms = f("bytes_sent") / tcp.max(1.0) * 1e3;
+        let opt = |k: &str| match &r[k] {
+            serde_json::Value::Null => "–".to_string(),
+            v => v.to_string(),
+        };
+        let demand = if r["demand_fault_us_p50"].is_null() {
+            "–".to_string()
+        } else {
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                f("demand_fault_us_p50"),
+                f("demand_fault_us_p99"),
+                f("demand_fault_us_max")
+            )
+        };
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.0} | {} | {} | {:.0}/{:.0}/{:.0} | {} |",
-            r["backing"].as_str().unwrap_or(""),
-            r["mode"].as_str().unwrap_or(""),
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {} | {:.0} | ×{:.1} | {} | {} | {} | {} |",
+            s("vmm"),
+            s("backing"),
+            s("workload"),
+            s("mode"),
             f("total_ms"),
             f("downtime_ms"),
-            f("guest_stall_ms"),
+            stall,
             f("bytes_sent") / (1 << 20) as f64,
-            r["precopy_rounds"],
-            r["pages_demand"],
-            f("demand_fault_us_p50"),
-            f("demand_fault_us_p99"),
-            f("demand_fault_us_max"),
-            r["integrity_errors"]
+            f("total_ms") / wire_ms.max(1e-9),
+            opt("precopy_rounds"),
+            opt("pages_demand"),
+            demand,
+            opt("integrity_errors"),
         );
     }
     0

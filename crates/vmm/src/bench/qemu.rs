@@ -1,0 +1,335 @@
+//! The QEMU baseline for `bench migration`: the same guest image under QEMU's `microvm`
+//! machine, with the same memory size and backing, migrated on the same host over QMP
+//! by pre-copy and by postcopy-ram.
+//!
+//! QEMU starts the image's boot vCPU only (the image brings up no APs under other VMMs),
+//! so its guest runs one vCPU. The guest's own stall is read from its console: with
+//! `slow=2` it prints every pass slower than twice its fastest, with the pass's end TSC;
+//! under KVM here the guest's TSC is the host's, so the bench keeps the slow passes that
+//! overlap the migration window and reports the worst.
+//!
+//! The QMP client is hand-written: a line-delimited JSON exchange over a unix socket is
+//! a few lines with `serde_json`, and no maintained crate speaks QMP without pulling in
+//! an async runtime.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::clock::{rdtsc, TscClock, TscPoint};
+
+/// QEMU's migration modes measured beside hugevisor's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuMode {
+    Precopy,
+    PostcopyRam,
+}
+
+impl QemuMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            QemuMode::Precopy => "precopy",
+            QemuMode::PostcopyRam => "postcopy-ram",
+        }
+    }
+}
+
+/// One QEMU migration to measure.
+pub struct QemuCase<'a> {
+    pub memory: &'a str,
+    /// `shmem` or `hugetlb-2m`: QEMU's memfd backend with the same page size.
+    pub backing: &'a str,
+    pub workload: &'a str,
+    pub mode: QemuMode,
+    /// How long the guest runs before the migration starts.
+    pub warmup: Duration,
+    /// How long the destination runs after the migration completes (checking memory).
+    pub after: Duration,
+    pub dir: &'a Path,
+}
+
+/// What one QEMU migration measured.
+#[derive(Debug, Default)]
+pub struct QemuResult {
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub bytes_sent: u64,
+    pub postcopy_requests: u64,
+    /// Worst guest pass overlapping the migration; `None` if no pass was slower than twice
+    /// the fastest (the stall was then below `stall_bound_ms`).
+    pub guest_stall_ms: Option<f64>,
+    pub stall_bound_ms: f64,
+    pub integrity_errors: u64,
+    /// Slow-pass or integrity lines printed by the destination (it ran after the switch).
+    pub destination_lines: usize,
+}
+
+/// Whether `qemu-system-x86_64` can be started.
+pub fn available() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("QMP socket {}: {e}", path.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        qmp.read_reply()?; // the greeting
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    /// Reads the next line that is not an asynchronous event.
+    fn read_reply(&mut self) -> Result<Value, String> {
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return Err("QMP: QEMU closed the socket".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("QMP read: {e}")),
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| format!("QMP reply: {e}"))?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    }
+
+    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let msg = json!({ "execute": cmd, "arguments": args });
+        writeln!(self.writer, "{msg}").map_err(|e| format!("QMP write: {e}"))?;
+        let v = self.read_reply()?;
+        match v.get("error") {
+            Some(e) => Err(format!(
+                "QMP {cmd}: {}",
+                e["desc"].as_str().unwrap_or("error")
+            )),
+            None => Ok(v["return"].clone()),
+        }
+    }
+}
+
+/// A QEMU process whose console lines arrive on a channel.
+struct Peer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    qmp_path: PathBuf,
+}
+
+impl Peer {
+    fn spawn(case: &QemuCase, image: &Path, role: &str, incoming: bool) -> Result<Peer, String> {
+        let qmp_path = case.dir.join(format!("qmp-{role}.sock"));
+        let _ = std::fs::remove_file(&qmp_path);
+        let mut backend = format!("memory-backend-memfd,id=mem,size={},share=on", case.memory);
+        if case.backing == "hugetlb-2m" {
+            backend.push_str(",hugetlb=on,hugetlbsize=2M");
+        }
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "kvm", "-M"])
+            .arg("microvm,x-option-roms=off,rtc=off,memory-backend=mem")
+            .args(["-cpu", "max,-arch-capabilities", "-m", case.memory])
+            .args(["-object", &backend])
+            .arg("-kernel")
+            .arg(image)
+            .args([
+                "-append",
+                &format!("workload={} passes=0 vcpus=1 seed=1 slow=2", case.workload),
+            ])
+            .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawning qemu-system-x86_64: {e}"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| "QEMU stdout not piped".to_string())?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Peer {
+            child,
+            lines,
+            qmp_path,
+        })
+    }
+
+    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) if l.contains(needle) => return Ok(()),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        return Err(format!("QEMU exited ({st}) before printing {needle:?}"));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        Err(format!("QEMU did not print {needle:?} within {timeout:?}"))
+    }
+
+    fn drain(&mut self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.qmp_path);
+    }
+}
+
+/// A slow pass the guest printed: (cycles, end TSC).
+fn slow_pass(line: &str) -> Option<(u64, u64)> {
+    if !line.contains(" slow ") {
+        return None;
+    }
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("cycles")?, field("end_tsc")?))
+}
+
+/// Migrates a running QEMU guest to a second QEMU on this host and measures it.
+pub fn measure(case: &QemuCase) -> Result<QemuResult, String> {
+    let image = case.dir.join("hvguest.elf");
+    std::fs::write(&image, guest_image::IMAGE).map_err(|e| format!("writing the image: {e}"))?;
+    let uri = format!("unix:{}", case.dir.join("qemu-mig.sock").display());
+    let _ = std::fs::remove_file(case.dir.join("qemu-mig.sock"));
+    let origin = TscPoint::now();
+
+    let mut dst = Peer::spawn(case, &image, "dst", true)?;
+    let mut src = Peer::spawn(case, &image, "src", false)?;
+    let mut dq = Qmp::connect(&dst.qmp_path)?;
+    let mut sq = Qmp::connect(&src.qmp_path)?;
+    if case.mode == QemuMode::PostcopyRam {
+        let caps = json!({ "capabilities": [{ "capability": "postcopy-ram", "state": true }] });
+        dq.execute("migrate-set-capabilities", caps.clone())?;
+        sq.execute("migrate-set-capabilities", caps)?;
+    }
+    dq.execute("migrate-incoming", json!({ "uri": uri }))?;
+    src.wait_for_line("hvguest: start", Duration::from_secs(30))?;
+    std::thread::sleep(case.warmup);
+
+    let downtime_limit = match case.mode {
+        QemuMode::Precopy => 50,
+        QemuMode::PostcopyRam => 1,
+    };
+    sq.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 64u64 << 30, "downtime-limit": downtime_limit }),
+    )?;
+    let t_start = rdtsc();
+    sq.execute("migrate", json!({ "uri": uri }))?;
+    if case.mode == QemuMode::PostcopyRam {
+        sq.execute("migrate-start-postcopy", json!({}))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let info = loop {
+        let q = sq.execute("query-migrate", json!({}))?;
+        match q["status"].as_str().unwrap_or("") {
+            "completed" => break q,
+            "failed" | "cancelled" => {
+                return Err(format!(
+                    "QEMU migration {}: {}",
+                    q["status"].as_str().unwrap_or(""),
+                    q["error-desc"].as_str().unwrap_or("no reason given")
+                ))
+            }
+            _ if Instant::now() > deadline => {
+                return Err("QEMU migration did not complete within 300 s".into())
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let t_end = rdtsc();
+    std::thread::sleep(case.after);
+    let clock = TscClock::calibrate(origin);
+
+    let src_lines = src.drain();
+    let dst_lines = dst.drain();
+    drop(src);
+    drop(dst);
+
+    let slow: Vec<(u64, u64)> = src_lines
+        .iter()
+        .chain(&dst_lines)
+        .filter_map(|l| slow_pass(l))
+        .collect();
+    let stall = slow
+        .iter()
+        .filter(|(cycles, end)| *end >= t_start && end.saturating_sub(*cycles) <= t_end)
+        .map(|(cycles, _)| *cycles)
+        .max();
+    let fastest = slow.iter().map(|(c, _)| *c / 2).min().unwrap_or(0);
+    let ram = &info["ram"];
+    Ok(QemuResult {
+        total_ms: info["total-time"].as_f64().unwrap_or(0.0),
+        downtime_ms: info["downtime"].as_f64().unwrap_or(0.0),
+        bytes_sent: ram["transferred"].as_u64().unwrap_or(0),
+        postcopy_requests: ram["postcopy-requests"].as_u64().unwrap_or(0),
+        guest_stall_ms: stall.map(|c| clock.cycles_to_ms(c)),
+        stall_bound_ms: clock.cycles_to_ms(fastest * 2),
+        integrity_errors: src_lines
+            .iter()
+            .chain(&dst_lines)
+            .filter(|l| l.contains("INTEGRITY ERROR"))
+            .count() as u64,
+        destination_lines: dst_lines.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slow_pass_lines_parse() {
+        let l = "hvguest: vcpu 0 slow pass=7 cycles=123456 end_tsc=999";
+        assert_eq!(super::slow_pass(l), Some((123456, 999)));
+        assert_eq!(super::slow_pass("hvguest: vcpu 0 done passes=3"), None);
+    }
+}

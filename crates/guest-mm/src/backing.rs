@@ -278,6 +278,9 @@ impl RamConfig {
     }
 }
 
+/// Alignment of every guest RAM view (see `Mapping::new`).
+const HUGE_ALIGN: usize = 2 << 20;
+
 /// An mmap this crate owns; unmapped on drop.
 struct Mapping {
     addr: *mut u8,
@@ -290,12 +293,62 @@ impl Mapping {
         prot: libc::c_int,
         flags: libc::c_int,
         fd: Option<BorrowedFd<'_>>,
+        align: usize,
     ) -> Result<Self, Error> {
         let raw_fd = fd.map(|f| f.as_raw_fd()).unwrap_or(-1);
-        // SAFETY: a fresh mapping at a kernel-chosen address; no existing memory is affected.
-        let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, raw_fd, 0) };
-        if addr == libc::MAP_FAILED {
-            return Err(os("mmap"));
+        // A view starts on an `align` boundary (2 MiB, or the hugetlb page size), as
+        // file offset 0 does: the kernel maps a huge page only
+        // where virtual address and file offset agree modulo its size, so an unaligned
+        // view could never be PMD-mapped or collapsed. Reserve len + 2 MiB of address
+        // space, place the view at the first boundary inside, return the slack.
+        // SAFETY: a fresh PROT_NONE reservation at a kernel-chosen address.
+        let reserve = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + align,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserve == libc::MAP_FAILED {
+            return Err(os("mmap (address space for a guest RAM view)"));
+        }
+        let start = reserve as usize;
+        let aligned = start.next_multiple_of(align);
+        // SAFETY: [aligned, aligned + len) lies inside the reservation made above, which
+        // this function owns; MAP_FIXED replaces only that part of it.
+        let addr = unsafe {
+            libc::mmap(
+                aligned as *mut libc::c_void,
+                len,
+                prot,
+                flags | libc::MAP_FIXED,
+                raw_fd,
+                0,
+            )
+        };
+        let failed = addr == libc::MAP_FAILED;
+        let err = failed.then(|| os("mmap"));
+        // SAFETY: the head [start, aligned) and tail [aligned + len, start + len + align)
+        // are the unused parts of our own reservation (on failure, all of it is).
+        unsafe {
+            if failed {
+                libc::munmap(reserve, len + align);
+            } else {
+                if aligned > start {
+                    libc::munmap(reserve, aligned - start);
+                }
+                let end = aligned + len;
+                let tail = start + len + align - end;
+                if tail > 0 {
+                    libc::munmap(end as *mut libc::c_void, tail);
+                }
+            }
+        }
+        if let Some(e) = err {
+            return Err(e);
         }
         Ok(Mapping {
             addr: addr.cast(),
@@ -411,16 +464,23 @@ impl GuestRam {
             max: format_size(MAX_RAM),
         })?;
         let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let align = (cfg.backing.page_size() as usize).max(HUGE_ALIGN);
         let (memfd, guest_view, staging_view) = match cfg.backing.memfd_flags() {
             Some(flags) => {
                 let fd = create_memfd(flags, cfg.size)?;
-                let guest = Mapping::new(len, rw, libc::MAP_SHARED, Some(fd.as_fd()))
+                let guest = Mapping::new(len, rw, libc::MAP_SHARED, Some(fd.as_fd()), align)
                     .map_err(|e| hugetlb_mmap_error(cfg, e))?;
-                let staging = Mapping::new(len, rw, libc::MAP_SHARED, Some(fd.as_fd()))?;
+                let staging = Mapping::new(len, rw, libc::MAP_SHARED, Some(fd.as_fd()), align)?;
                 (Some(fd), guest, Some(staging))
             }
             None => {
-                let m = Mapping::new(len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)?;
+                let m = Mapping::new(
+                    len,
+                    rw,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    None,
+                    align,
+                )?;
                 match cfg.thp {
                     ThpMode::Madvise => m.madvise(libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)")?,
                     ThpMode::Off => m.madvise(libc::MADV_NOHUGEPAGE, "madvise(MADV_NOHUGEPAGE)")?,

@@ -6,6 +6,7 @@
 //! pages. The **guest view** is what KVM maps; the **staging view** is the VMM's.
 
 pub mod backing;
+pub mod collapse;
 pub mod error;
 pub mod host;
 pub mod notifier;

@@ -64,9 +64,14 @@ pub enum InvalidateReason {
 }
 
 impl InvalidateReason {
-    /// Whether the host mapping of the range must be zapped for this change.
+    /// Whether the host mapping of the range must be zapped for this change. A collapse
+    /// replaces the mapping in place (the kernel's own mmu notifier tells KVM), so
+    /// zapping it first would only make the vCPUs fault it back in.
     pub fn zaps_host_mapping(self) -> bool {
-        !matches!(self, InvalidateReason::StateChange)
+        !matches!(
+            self,
+            InvalidateReason::StateChange | InvalidateReason::Collapse
+        )
     }
 }
 

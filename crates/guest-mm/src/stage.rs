@@ -98,6 +98,9 @@ pub struct SecondStage {
     table: Mutex<Table>,
     notifier: MmuNotifier,
     backing_page: u64,
+    /// The mTHP orders the collapse scan chose, per 2 MiB region (recorded even where
+    /// the host can collapse only at PMD order).
+    orders: Mutex<std::collections::BTreeMap<u64, Vec<crate::collapse::MthpChoice>>>,
 }
 
 impl SecondStage {
@@ -106,6 +109,7 @@ impl SecondStage {
             table: Mutex::new(Table::empty()),
             notifier: MmuNotifier::default(),
             backing_page,
+            orders: Default::default(),
         }
     }
 
@@ -164,7 +168,20 @@ impl SecondStage {
         change: Change,
         host: impl FnOnce(GpaRange) -> Result<(), E>,
     ) -> Result<GpaRange, ApplyError<E>> {
+        self.apply_checked(change, |_| Ok(()), host)
+    }
+
+    /// As [`apply_with`](Self::apply_with), after `check` has accepted the table under
+    /// the same lock (so nothing changes between the check and the change). A refusal
+    /// returns before any subscriber is notified.
+    pub fn apply_checked<E>(
+        &self,
+        change: Change,
+        check: impl FnOnce(&Table) -> Result<(), E>,
+        host: impl FnOnce(GpaRange) -> Result<(), E>,
+    ) -> Result<GpaRange, ApplyError<E>> {
         let mut t = self.lock();
+        check(&t).map_err(ApplyError::Host)?;
         let range = widen(&t, change.range(), self.backing_page);
         let reason = change.reason();
         self.notifier.start(range, reason);
@@ -237,6 +254,25 @@ impl SecondStage {
 
     pub fn occupancy_2m(&self, gpa: u64) -> u32 {
         self.lock().occupancy_2m(gpa)
+    }
+
+    /// Records the mTHP orders chosen for the 2 MiB region at `gpa`.
+    pub fn record_orders(&self, gpa: u64, choices: &[crate::collapse::MthpChoice]) {
+        let mut o = self.orders.lock().unwrap_or_else(|e| e.into_inner());
+        let key = gpa & !(crate::table::SIZE_2M - 1);
+        if choices.is_empty() {
+            o.remove(&key);
+        } else {
+            o.insert(key, choices.to_vec());
+        }
+    }
+
+    /// The mTHP orders recorded for the 2 MiB region at `gpa`.
+    pub fn recorded_orders(&self, gpa: u64) -> Vec<crate::collapse::MthpChoice> {
+        let o = self.orders.lock().unwrap_or_else(|e| e.into_inner());
+        o.get(&(gpa & !(crate::table::SIZE_2M - 1)))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Runs `f` on the table without notification: for read-only inspection.

@@ -247,6 +247,21 @@ pub struct Accounting {
     pub logical_mappings: u64,
 }
 
+/// What maps one 2 MiB region of guest-physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Region2M {
+    Unmapped,
+    /// One leaf of 2 MiB or more covers the region.
+    Huge(Leaf),
+    /// 4 KiB leaves: which of the 512 have content (present or hinted), and whether all
+    /// 512 are present with one node and linear backing, so that they can become one
+    /// 2 MiB leaf (what a collapse needs).
+    Pieces {
+        occupied: [u64; 8],
+        mergeable: bool,
+    },
+}
+
 /// A run of equal leaves, for the memory map listing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Run {
@@ -665,16 +680,63 @@ impl Table {
 
     /// Pages with content (present or hinted) in the 2 MiB region at `gpa`: 0..=512.
     pub fn occupancy_2m(&self, gpa: u64) -> u32 {
-        let start = gpa & !(SIZE_2M - 1);
-        let mut n = 0u64;
-        self.walk(&mut |s, leaf, _| {
-            let e = s + leaf.size.bytes();
-            let (lo, hi) = (s.max(start), e.min(start + SIZE_2M));
-            if lo < hi && leaf.state.has_content() {
-                n += (hi - lo) / SIZE_4K;
+        match self.region_2m(gpa) {
+            Region2M::Unmapped => 0,
+            Region2M::Huge(leaf) => {
+                if leaf.state.has_content() {
+                    512
+                } else {
+                    0
+                }
             }
-        });
-        n as u32
+            Region2M::Pieces { occupied, .. } => occupied.iter().map(|w| w.count_ones()).sum(),
+        }
+    }
+
+    /// What maps the 2 MiB region at `gpa`, looking at that region only (cost: 512
+    /// entries at most, whatever the size of guest RAM).
+    pub fn region_2m(&self, gpa: u64) -> Region2M {
+        let start = gpa & !(SIZE_2M - 1);
+        if start >= GPA_LIMIT {
+            return Region2M::Unmapped;
+        }
+        let mut t = self;
+        loop {
+            match &t.entries[t.index(start)] {
+                Entry::Empty => return Region2M::Unmapped,
+                Entry::Leaf(l) => return Region2M::Huge(*l),
+                Entry::Table(child) if t.shift > LeafSize::Size2M.shift() => t = child,
+                Entry::Table(child) => {
+                    let mut occupied = [0u64; 8];
+                    let mut final_ = [0u64; 8];
+                    let first = match child.entries[0] {
+                        Entry::Leaf(l) => Some(l),
+                        _ => None,
+                    };
+                    let mut linear = first.is_some();
+                    for (k, e) in child.entries.iter().enumerate() {
+                        match e {
+                            Entry::Leaf(l) => {
+                                if l.state.has_content() {
+                                    occupied[k / 64] |= 1 << (k % 64);
+                                }
+                                if l.state == PageState::Present {
+                                    final_[k / 64] |= 1 << (k % 64);
+                                }
+                                if let Some(f) = &first {
+                                    linear &= l.continues(f, k as u64);
+                                }
+                            }
+                            _ => linear = false,
+                        }
+                    }
+                    return Region2M::Pieces {
+                        occupied,
+                        mergeable: linear && final_.iter().all(|w| *w == u64::MAX),
+                    };
+                }
+            }
+        }
     }
 
     /// Visits every leaf in address order with its start and whether it is a piece of a

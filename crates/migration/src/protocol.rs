@@ -94,6 +94,8 @@ pub enum Error {
     LayoutMismatch(String),
     #[error("migration peer did not answer within {0:?} (is it alive? network down?)")]
     Timeout(std::time::Duration),
+    #[error("migration peer did not answer within the stream's I/O timeout (is it alive? network down?)")]
+    Silent,
     #[error("migration transport: {0}")]
     Io(#[from] std::io::Error),
     #[error("migration peer aborted: {0}")]
@@ -235,9 +237,7 @@ impl<W: Write> FrameWriter<W> {
 
 fn timeout_or_io(e: std::io::Error) -> Error {
     match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            Error::Timeout(std::time::Duration::ZERO)
-        }
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Silent,
         _ => Error::Io(e),
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use guest_image::Workload;
+use guest_mm::collapse::{CollapseMode, ScanBudget};
 use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 
 use crate::console::ConsoleMode;
@@ -58,6 +59,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("duration must be greater than zero".into());
     }
     Ok(d)
+}
+
+fn parse_collapse(s: &str) -> Result<CollapseMode, String> {
+    s.parse()
+}
+
+fn parse_collapse_scan(s: &str) -> Result<ScanBudget, String> {
+    s.parse()
 }
 
 fn parse_workload(s: &str) -> Result<Workload, String> {
@@ -138,6 +147,14 @@ pub struct RunArgs {
     /// Testing: move a random 2 MiB region to another node this often.
     #[arg(long, value_parser = parse_duration)]
     numa_force_migrate: Option<Duration>,
+    /// Collapse guest RAM into 2 MiB huge pages: off, on-fill (regions a migration
+    /// completes), background (also a khugepaged-like scan). shmem and anon only.
+    #[arg(long, default_value = "on-fill", value_parser = parse_collapse)]
+    collapse: CollapseMode,
+    /// Background collapse budget: pages=N,period=MS,rate=N,max-ptes-none=N
+    /// (default pages=16384,period=100,rate=200,max-ptes-none=64).
+    #[arg(long, value_parser = parse_collapse_scan)]
+    collapse_scan: Option<ScanBudget>,
     /// Serve the control API (HTTP/1.1 + JSON) on this unix socket (mode 0600).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -256,6 +273,8 @@ impl RunArgs {
             numa_balancing: self.numa_balancing,
             numa_scan: self.numa_scan.unwrap_or_default(),
             numa_force_migrate: self.numa_force_migrate,
+            collapse: self.collapse,
+            collapse_scan: self.collapse_scan.unwrap_or_default(),
             api_socket: self.api_socket.clone(),
             incoming: self.incoming.clone(),
         })

@@ -17,6 +17,7 @@ pub mod boot;
 pub mod caps;
 pub mod cli;
 pub mod clock;
+pub mod collapse;
 pub mod console;
 pub mod error;
 pub mod fault;

@@ -740,6 +740,7 @@ pub fn postcopy_receive(
     uffd: &uffd::Uffd,
     mut reader: FrameReader<Stream>,
     filled: &std::sync::atomic::AtomicU64,
+    collapse: Option<&crate::collapse::CollapseEngine>,
 ) -> std::result::Result<(), String> {
     use std::sync::atomic::Ordering;
     let page = ram.page_size();
@@ -771,6 +772,9 @@ pub fn postcopy_receive(
                 })?;
                 if !installed {
                     continue;
+                }
+                if let Some(c) = collapse {
+                    c.filled(gpa);
                 }
                 let asked = link
                     .requested

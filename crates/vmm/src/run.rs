@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use guest_image::abi;
 use guest_image::{GuestParams, Workload};
+use guest_mm::collapse::CollapseMode;
 use guest_mm::notifier::GpaRange;
 use guest_mm::numa::BalancerConfig;
 use guest_mm::stage::{Change, SecondStage};
@@ -26,6 +27,7 @@ use vmm_sys_util::signal::Killable;
 use crate::api::{ApiCall, ApiServer};
 use crate::boot;
 use crate::clock::{monotonic_ns, TscClock, TscPoint};
+use crate::collapse::CollapseEngine;
 use crate::console::{Console, ConsoleMode};
 use crate::error::{Error, Result};
 use crate::fault::{FaultPath, FaultReport, GuestViewZapper, VcpuThreads};
@@ -81,6 +83,9 @@ pub struct RunConfig {
     pub numa_scan: BalancerConfig,
     /// Testing: move a random region to another node this often.
     pub numa_force_migrate: Option<Duration>,
+    /// When guest RAM becomes huge pages (`--collapse`).
+    pub collapse: guest_mm::collapse::CollapseMode,
+    pub collapse_scan: guest_mm::collapse::ScanBudget,
     /// Serve the control API on this unix socket.
     pub api_socket: Option<PathBuf>,
     /// Receive the guest from a migration source instead of booting it.
@@ -208,6 +213,15 @@ pub struct RunReport {
     pub incoming: Option<IncomingReport>,
     /// Destination: the worst pass the guest measured across the switch-over.
     pub guest_stall_ms: Option<f64>,
+    pub collapses: u64,
+    /// Failed collapses by reason (ebusy, eagain, enomem, einval, not_complete, other).
+    pub collapse_failures: std::collections::BTreeMap<&'static str, u64>,
+    pub collapse_ms_total: f64,
+    /// Guest RAM the kernel maps with PMDs at the end of the run (smaps of the guest
+    /// view), whatever our own bookkeeping says.
+    pub pmd_mapped_bytes: u64,
+    /// The collapse engine's mode and counters; None when it did not run (off, hugetlb).
+    pub collapse: Option<crate::collapse::CollapseReport>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -286,6 +300,18 @@ fn kick_until_finished(threads: &[RunningVcpu]) {
 pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let origin = TscPoint::now();
     cfg.ram.check_shape()?;
+    if cfg.collapse == CollapseMode::Background {
+        if cfg.ram.backing == guest_mm::BackingKind::Anon && cfg.ram.thp == guest_mm::ThpMode::Off {
+            return Err(Error::Config(
+                "--collapse background on anon with --thp off: --thp off tells the kernel no huge pages (MADV_NOHUGEPAGE), so nothing could collapse; use --thp on or --backing shmem".into(),
+            ));
+        }
+        if cfg.numa.is_some() {
+            return Err(Error::Config(
+                "--collapse background with --numa is not supported yet (NUMA moves remap regions under the scanner); use --collapse on-fill".into(),
+            ));
+        }
+    }
     let vcpus = cfg.vcpus as usize;
     if vcpus == 0 || vcpus > abi::MAX_VCPUS {
         return Err(Error::Config(format!(
@@ -492,6 +518,25 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             .collect::<Result<_>>()?,
     };
 
+    let collapse =
+        if cfg.collapse != CollapseMode::Off && crate::collapse::applies_to(ram.backing()) {
+            let uffd = postcopy.as_ref().map(|p| p.2.clone());
+            let engine = CollapseEngine::start(
+                cfg.collapse,
+                cfg.collapse_scan,
+                ram.clone(),
+                stage.clone(),
+                uffd,
+            )
+            .map_err(|source| Error::Io {
+                what: "starting the collapse thread".into(),
+                source,
+            })?;
+            Some(Arc::new(engine))
+        } else {
+            None
+        };
+
     let shared = Arc::new(VcpuShared {
         stop: Default::default(),
     });
@@ -503,7 +548,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             // Post-copy: pages keep arriving on both channels while the guest runs.
             Some((link, urgent_reader, uffd)) => {
                 let main = inc.resumed_postcopy().map_err(Error::Config)?;
-                let (st, rm) = (stage.clone(), ram.clone());
+                let (st, rm, co) = (stage.clone(), ram.clone(), collapse.clone());
                 let switched = monotonic_ns();
                 let handle = std::thread::Builder::new()
                     .name("postcopy".into())
@@ -518,9 +563,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                                     &uffd,
                                     migration::FrameReader::new(urgent_reader),
                                     &filled,
+                                    co.as_deref(),
                                 )
                             });
-                            let m = crate::migrate::postcopy_receive(&link, &st, &rm, &uffd, main, &filled);
+                            let m = crate::migrate::postcopy_receive(&link, &st, &rm, &uffd, main, &filled, co.as_deref());
                             let u = urgent.join().unwrap_or_else(|_| Err("urgent receiver panicked".into()));
                             m.and(u)
                         });
@@ -535,11 +581,19 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                     })
                     .map_err(|source| Error::Thread { index: vcpus, source })?;
                 postcopy_threads = Some(handle);
+                // Regions that pre-copy rounds (hybrid) completed before the switch.
+                if let Some(c) = &collapse {
+                    c.sweep();
+                }
             }
             None => {
                 // The end of the downtime: tell the source, which then completes.
                 if let Err(e) = inc.confirm_resumed() {
                     eprintln!("hugevisor: warning: the source did not complete the hand-over cleanly: {e}");
+                }
+                // Every region arrived complete by pre-copy.
+                if let Some(c) = &collapse {
+                    c.sweep();
                 }
             }
         }
@@ -785,6 +839,15 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             Err(_) => return Err(Error::Config("the post-copy receiver panicked".into())),
         }
     }
+    let collapse = collapse.map(|c| c.stop());
+    let guest_view = ram.guest_view_addr() as u64;
+    let pmd_mapped_bytes =
+        procfs::pmd_mapped_bytes(guest_view, guest_view + ram.size()).map_err(|source| {
+            Error::Io {
+                what: "reading /proc/self/smaps".into(),
+                source,
+            }
+        })?;
     let zaps = zapper.map(StressZapper::stop).unwrap_or(0);
     numa_threads.into_iter().for_each(|t| t.stop());
     let numa = numa_engine.as_ref().map(|e| {
@@ -972,6 +1035,17 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             clock.cycles_to_ms(slots.iter().map(|s| s.max_pass_cycles).max().unwrap_or(0))
         }),
         incoming: incoming_report,
+        collapses: collapse.as_ref().map(|c| c.stats.collapses).unwrap_or(0),
+        collapse_failures: collapse
+            .as_ref()
+            .map(|c| c.stats.collapse_failures.clone())
+            .unwrap_or_default(),
+        collapse_ms_total: collapse
+            .as_ref()
+            .map(|c| c.stats.collapse_ms_total)
+            .unwrap_or(0.0),
+        pmd_mapped_bytes,
+        collapse,
     })
 }
 

@@ -1,0 +1,417 @@
+//! Collapse: making a 2 MiB region of guest RAM one huge page once it is full.
+//!
+//! The *policy* lives here (when a region may collapse, which mTHP order a scan would
+//! choose, how failures are counted); the *sequence* that touches the host is
+//! [`collapse_region`]. Vocabulary (docs/architecture.md): a region is *complete* when all
+//! 512 of its 4 KiB pages are present in the second-stage table (their content is final);
+//! a region is *populated* where the host holds a page for it (first touch).
+//!
+//! Seed 000: a post-copy destination fills memory 4 KiB at a time and must collapse each
+//! region as it completes — never earlier, because collapsing a partly resolved MINOR
+//! range maps the unreceived pages (host-facts). Seed 001: choose the order by binary
+//! recursion over an occupancy bitmap, with `max_ptes_none` scaled by order.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::notifier::GpaRange;
+use crate::stage::{ApplyError, Change, SecondStage};
+use crate::table::{LeafSize, Region2M, SIZE_2M};
+use crate::GuestRam;
+
+/// `--collapse`: when guest RAM becomes huge pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CollapseMode {
+    /// Never: guest RAM stays at its backing page size.
+    Off,
+    /// When a region becomes complete: on a migration destination (post-copy fills,
+    /// pre-copy receive). The default.
+    OnFill,
+    /// On-fill, plus a khugepaged-like background scanner for populated regions.
+    Background,
+}
+
+impl CollapseMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CollapseMode::Off => "off",
+            CollapseMode::OnFill => "on-fill",
+            CollapseMode::Background => "background",
+        }
+    }
+}
+
+impl std::str::FromStr for CollapseMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(CollapseMode::Off),
+            "on-fill" => Ok(CollapseMode::OnFill),
+            "background" => Ok(CollapseMode::Background),
+            _ => Err(format!(
+                "unknown collapse mode {s:?}; choose one of: off, on-fill, background"
+            )),
+        }
+    }
+}
+
+/// The background scanner's budget, khugepaged-style.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ScanBudget {
+    /// 4 KiB pages looked at per period.
+    pub pages_per_period: u64,
+    pub period: Duration,
+    /// Collapses per second at most.
+    pub max_collapses_per_sec: u32,
+    /// A region (or mTHP chunk, scaled by order) may collapse with up to this many of
+    /// its 512 pages unpopulated (khugepaged's `max_ptes_none`).
+    pub max_ptes_none: u32,
+}
+
+impl Default for ScanBudget {
+    fn default() -> Self {
+        ScanBudget {
+            pages_per_period: 16384,
+            period: Duration::from_millis(100),
+            max_collapses_per_sec: 200,
+            max_ptes_none: 64,
+        }
+    }
+}
+
+impl std::str::FromStr for ScanBudget {
+    type Err = String;
+    /// `pages=N,period=MS,rate=N,max-ptes-none=N`, any subset.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut b = ScanBudget::default();
+        for kv in s.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("collapse scan setting {kv:?} is not key=value"))?;
+            let n: u64 = v
+                .trim_end_matches("ms")
+                .parse()
+                .map_err(|_| format!("collapse scan setting {k}={v:?} is not a number"))?;
+            match k {
+                "pages" if n > 0 => b.pages_per_period = n,
+                "period" if n > 0 => b.period = Duration::from_millis(n),
+                "rate" if n > 0 => b.max_collapses_per_sec = n.min(u32::MAX as u64) as u32,
+                "max-ptes-none" if n <= 511 => b.max_ptes_none = n as u32,
+                "pages" | "period" | "rate" => {
+                    return Err(format!("collapse scan setting {k} must be above 0"))
+                }
+                "max-ptes-none" => {
+                    return Err("collapse scan setting max-ptes-none must be 0..=511".into())
+                }
+                _ => return Err(format!(
+                    "unknown collapse scan setting {k:?}; use pages, period, rate, max-ptes-none"
+                )),
+            }
+        }
+        Ok(b)
+    }
+}
+
+/// Why a collapse did not happen (counted by reason in the run report).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollapseFailure {
+    /// EBUSY: pages are pinned, locked or under writeback. Retried later.
+    Busy,
+    /// EAGAIN: a transient page-cache or LRU state. Retried later.
+    Again,
+    /// ENOMEM: no huge page could be allocated. Retried later.
+    NoMemory,
+    /// EINVAL: the range cannot be huge (never touched, NOHUGEPAGE, write-protected).
+    Invalid,
+    /// The table says the region is not complete or not linear: not collapsed (policy).
+    NotComplete,
+    /// Any other errno.
+    Other,
+}
+
+impl CollapseFailure {
+    fn from_errno(e: i32) -> CollapseFailure {
+        match e {
+            libc::EBUSY => CollapseFailure::Busy,
+            libc::EAGAIN => CollapseFailure::Again,
+            libc::ENOMEM => CollapseFailure::NoMemory,
+            libc::EINVAL => CollapseFailure::Invalid,
+            _ => CollapseFailure::Other,
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn retry_later(self) -> bool {
+        matches!(
+            self,
+            CollapseFailure::Busy | CollapseFailure::Again | CollapseFailure::NoMemory
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CollapseFailure::Busy => "ebusy",
+            CollapseFailure::Again => "eagain",
+            CollapseFailure::NoMemory => "enomem",
+            CollapseFailure::Invalid => "einval",
+            CollapseFailure::NotComplete => "not_complete",
+            CollapseFailure::Other => "other",
+        }
+    }
+}
+
+/// Counters of one run's collapses.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CollapseStats {
+    pub collapses: u64,
+    pub collapse_failures: BTreeMap<&'static str, u64>,
+    pub collapse_ms_total: f64,
+    /// Regions the background scanner looked at.
+    pub regions_scanned: u64,
+    /// mTHP orders the scanner chose, by order (recorded in the second stage even where
+    /// the host can collapse only at PMD order, 9).
+    pub orders_chosen: BTreeMap<u32, u64>,
+}
+
+impl CollapseStats {
+    pub fn failed(&mut self, why: CollapseFailure) {
+        *self.collapse_failures.entry(why.name()).or_default() += 1;
+    }
+}
+
+/// One chunk the order choice picked: `order` pages (2^order × 4 KiB) at page `offset`
+/// of the region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MthpChoice {
+    pub offset: u32,
+    pub order: u32,
+}
+
+/// The orders to collapse a region at, from which of its 512 pages are populated (bit
+/// set): binary recursion from PMD order (9) down to `min_order`. A chunk of order `o`
+/// qualifies when its unpopulated pages are at most `max_ptes_none` scaled by order
+/// (`max_ptes_none >> (9 - o)`); otherwise each half is tried at `o - 1`. (Seed 001.)
+pub fn choose_orders(populated: &[u64; 8], max_ptes_none: u32, min_order: u32) -> Vec<MthpChoice> {
+    fn count(populated: &[u64; 8], offset: u32, pages: u32) -> u32 {
+        (offset..offset + pages)
+            .filter(|&i| populated[(i / 64) as usize] & (1 << (i % 64)) != 0)
+            .count() as u32
+    }
+    fn recurse(
+        populated: &[u64; 8],
+        offset: u32,
+        order: u32,
+        max_ptes_none: u32,
+        min_order: u32,
+        out: &mut Vec<MthpChoice>,
+    ) {
+        let pages = 1u32 << order;
+        let present = count(populated, offset, pages);
+        if present == 0 {
+            return;
+        }
+        let allowed_none = max_ptes_none >> (9 - order);
+        if pages - present <= allowed_none {
+            out.push(MthpChoice { offset, order });
+            return;
+        }
+        if order > min_order {
+            let half = pages / 2;
+            recurse(populated, offset, order - 1, max_ptes_none, min_order, out);
+            recurse(
+                populated,
+                offset + half,
+                order - 1,
+                max_ptes_none,
+                min_order,
+                out,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    recurse(
+        populated,
+        0,
+        9,
+        max_ptes_none.min(511),
+        min_order.clamp(1, 9),
+        &mut out,
+    );
+    out
+}
+
+/// Whether the region at `gpa` is complete in the table: 512 present 4 KiB leaves with
+/// linear backing, not yet one leaf. Only such a region may collapse on fill.
+pub fn region_complete(stage: &SecondStage, gpa: u64) -> bool {
+    matches!(
+        stage.inspect(|t| t.region_2m(gpa)),
+        Region2M::Pieces {
+            mergeable: true,
+            ..
+        }
+    )
+}
+
+/// `madvise(MADV_COLLAPSE)` over [addr, addr + len). libc has the constant; there is no
+/// crate wrapper worth a dependency for one call.
+pub fn madvise_collapse(addr: *mut u8, len: u64) -> Result<(), CollapseFailure> {
+    // SAFETY: MADV_COLLAPSE changes how an existing range is mapped, never its content,
+    // and the callers pass ranges inside a live view of guest RAM.
+    let r = unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_COLLAPSE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(CollapseFailure::from_errno(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ))
+    }
+}
+
+/// Collapses the complete 2 MiB region at `gpa` through the mmu notifier (full 2 MiB
+/// range, reason Collapse) and merges its leaves in the table:
+///
+/// 1. MADV_COLLAPSE the staging view (shmem): the page cache becomes one huge page, with
+///    no guest-visible mapping involved;
+/// 2. `map_guest_view` — on a post-copy destination, UFFDIO_CONTINUE of the whole 2 MiB
+///    (mapping is made only by the creating path, seed 004);
+/// 3. MADV_COLLAPSE the guest view: the PMD is installed in place, while the range may
+///    still be registered with userfaultfd (seed 000).
+///
+/// The table is checked first and the whole sequence runs under its lock, so a region
+/// that is not complete is never collapsed. Returns the time the host steps took.
+pub fn collapse_region(
+    ram: &GuestRam,
+    stage: &SecondStage,
+    gpa: u64,
+    map_guest_view: impl FnOnce(u64) -> Result<(), CollapseFailure>,
+) -> Result<Duration, CollapseFailure> {
+    let start = gpa & !(SIZE_2M - 1);
+    if start + SIZE_2M > ram.size() || !region_complete(stage, start) {
+        return Err(CollapseFailure::NotComplete);
+    }
+    let t0 = Instant::now();
+    let r = stage.apply_checked(
+        Change::Merge {
+            gpa: start,
+            to: LeafSize::Size2M,
+        },
+        // Checked again under the table lock: a region that stopped being complete since
+        // (marked absent, hinted) is never collapsed.
+        |t| match t.region_2m(start) {
+            Region2M::Pieces {
+                mergeable: true, ..
+            } => Ok(()),
+            _ => Err(CollapseFailure::NotComplete),
+        },
+        |range: GpaRange| {
+            debug_assert!(range.start <= start && range.end >= start + SIZE_2M);
+            let staging = ram.staging_view_addr();
+            if !staging.is_null() && staging != ram.guest_view_addr() {
+                // SAFETY: `start + 2 MiB <= ram.size()`, so the pointer stays inside the
+                // staging view mapping of `ram.size()` bytes.
+                madvise_collapse(unsafe { staging.add(start as usize) }, SIZE_2M)?;
+            }
+            map_guest_view(start)?;
+            // SAFETY: as above, inside the guest view mapping.
+            madvise_collapse(
+                unsafe { ram.guest_view_addr().add(start as usize) },
+                SIZE_2M,
+            )
+        },
+    );
+    match r {
+        Ok(_) => Ok(t0.elapsed()),
+        Err(ApplyError::Host(e)) => Err(e),
+        Err(ApplyError::Table(_)) => Err(CollapseFailure::NotComplete),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(ranges: &[(u32, u32)]) -> [u64; 8] {
+        let mut b = [0u64; 8];
+        for &(s, e) in ranges {
+            for i in s..e {
+                b[(i / 64) as usize] |= 1 << (i % 64);
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn a_full_region_is_one_pmd() {
+        assert_eq!(
+            choose_orders(&bits(&[(0, 512)]), 0, 2),
+            vec![MthpChoice {
+                offset: 0,
+                order: 9
+            }]
+        );
+    }
+
+    #[test]
+    fn an_empty_region_chooses_nothing() {
+        assert!(choose_orders(&[0; 8], 511, 2).is_empty());
+    }
+
+    #[test]
+    fn max_ptes_none_is_scaled_by_order() {
+        // 448 of 512 populated: 64 none. At max_ptes_none 64 the PMD qualifies; at 63 it
+        // does not, and the first half (fully populated) becomes order 8 while the second
+        // half (192 of 256, 64 none > 63 >> 1) recurses further.
+        let b = bits(&[(0, 448)]);
+        assert_eq!(
+            choose_orders(&b, 64, 2),
+            vec![MthpChoice {
+                offset: 0,
+                order: 9
+            }]
+        );
+        let c = choose_orders(&b, 63, 2);
+        assert_eq!(
+            c[0],
+            MthpChoice {
+                offset: 0,
+                order: 8
+            }
+        );
+        assert!(c.iter().all(|m| m.order < 9));
+        let covered: u32 = c.iter().map(|m| 1 << m.order).sum();
+        assert_eq!(covered, 448, "{c:?}");
+    }
+
+    #[test]
+    fn sparse_chunks_stop_at_min_order() {
+        // One page every 16: no chunk of order >= 2 has at most (max_ptes_none >> ...)
+        // none when max_ptes_none is 0.
+        let mut b = [0u64; 8];
+        for i in (0..512u32).step_by(16) {
+            b[(i / 64) as usize] |= 1 << (i % 64);
+        }
+        assert!(choose_orders(&b, 0, 2).is_empty());
+        // khugepaged's default 511 takes the whole region.
+        assert_eq!(choose_orders(&b, 511, 2)[0].order, 9);
+    }
+
+    #[test]
+    fn budget_parses_and_rejects() {
+        let b: ScanBudget = "pages=1024,period=50ms,rate=10,max-ptes-none=0"
+            .parse()
+            .unwrap();
+        assert_eq!(b.pages_per_period, 1024);
+        assert_eq!(b.period, Duration::from_millis(50));
+        assert_eq!(b.max_collapses_per_sec, 10);
+        assert_eq!(b.max_ptes_none, 0);
+        assert!("max-ptes-none=512".parse::<ScanBudget>().is_err());
+        assert!("pages=0".parse::<ScanBudget>().is_err());
+        assert!("speed=3".parse::<ScanBudget>().is_err());
+        assert!("off".parse::<CollapseMode>().is_ok());
+        assert!("sometimes".parse::<CollapseMode>().is_err());
+    }
+}

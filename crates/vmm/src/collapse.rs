@@ -1,0 +1,293 @@
+//! The collapse engine: one thread that turns complete 2 MiB regions of guest RAM into
+//! huge pages (policy and host sequence in `guest_mm::collapse`).
+//!
+//! Who feeds it:
+//! - a post-copy destination's receivers, after each page they install (`filled`);
+//! - every migration destination once it resumes (`sweep`): regions that pre-copy
+//!   completed before the switch;
+//! - with `--collapse background`, its own khugepaged-like scan of populated regions
+//!   (mincore of the guest view), within a budget of pages per period and collapses per
+//!   second, choosing mTHP orders by recursion over the region's bitmap.
+//!
+//! A failed collapse is counted by reason and, where the errno says it may pass (EBUSY,
+//! EAGAIN, ENOMEM), retried up to `MAX_ATTEMPTS` times; it never changes guest content.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_mm::collapse::{
+    choose_orders, collapse_region, region_complete, CollapseMode, CollapseStats, ScanBudget,
+};
+use guest_mm::stage::SecondStage;
+use guest_mm::table::{Region2M, SIZE_2M};
+use guest_mm::{BackingKind, GuestRam};
+
+const MAX_ATTEMPTS: u32 = 5;
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// Smallest mTHP order the scan considers (16 KiB), as the kernel's smallest mTHP size.
+const MIN_MTHP_ORDER: u32 = 2;
+
+enum Msg {
+    /// A page of the region at this GPA became final.
+    Filled(u64),
+    /// Look at every region (a migration destination resumed).
+    Sweep,
+    Stop,
+}
+
+/// Handle to the collapse thread.
+pub struct CollapseEngine {
+    tx: mpsc::Sender<Msg>,
+    handle: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<Mutex<CollapseStats>>,
+    mode: CollapseMode,
+}
+
+/// What the run report carries about collapse.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CollapseReport {
+    pub mode: &'static str,
+    #[serde(flatten)]
+    pub stats: CollapseStats,
+}
+
+/// Whether collapse applies to this backing at all: hugetlb is huge already.
+pub fn applies_to(backing: BackingKind) -> bool {
+    !matches!(backing, BackingKind::Hugetlb2M | BackingKind::Hugetlb1G)
+}
+
+impl CollapseEngine {
+    /// Starts the engine; `uffd` is the post-copy registration of the guest view, if any
+    /// (its CONTINUE maps a collapsed region before the guest view's own collapse).
+    pub fn start(
+        mode: CollapseMode,
+        budget: ScanBudget,
+        ram: Arc<GuestRam>,
+        stage: Arc<SecondStage>,
+        uffd: Option<Arc<uffd::Uffd>>,
+    ) -> std::io::Result<CollapseEngine> {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(CollapseStats::default()));
+        let worker = Worker {
+            mode,
+            budget,
+            ram,
+            stage,
+            uffd,
+            stats: stats.clone(),
+            retries: VecDeque::new(),
+            attempted: Default::default(),
+            cursor: 0,
+            window_start: Instant::now(),
+            collapses_in_window: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("collapse".into())
+            .spawn(move || worker.run(rx))?;
+        Ok(CollapseEngine {
+            tx,
+            handle: Mutex::new(Some(handle)),
+            stats,
+            mode,
+        })
+    }
+
+    /// A page at `gpa` now holds its final content.
+    pub fn filled(&self, gpa: u64) {
+        let _ = self.tx.send(Msg::Filled(gpa));
+    }
+
+    /// Look at every region once (complete ones collapse).
+    pub fn sweep(&self) {
+        let _ = self.tx.send(Msg::Sweep);
+    }
+
+    /// Stops the thread (pending work is dropped) and returns what it did.
+    pub fn stop(&self) -> CollapseReport {
+        let _ = self.tx.send(Msg::Stop);
+        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        CollapseReport {
+            mode: self.mode.name(),
+            stats,
+        }
+    }
+}
+
+struct Worker {
+    mode: CollapseMode,
+    budget: ScanBudget,
+    ram: Arc<GuestRam>,
+    stage: Arc<SecondStage>,
+    uffd: Option<Arc<uffd::Uffd>>,
+    stats: Arc<Mutex<CollapseStats>>,
+    /// (region, attempts so far, not before)
+    retries: VecDeque<(u64, u32, Instant)>,
+    /// Regions on-fill has tried already.
+    attempted: std::collections::HashSet<u64>,
+    cursor: u64,
+    window_start: Instant,
+    collapses_in_window: u32,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let tick = match self.mode {
+            CollapseMode::Background => self.budget.period,
+            _ => RETRY_AFTER,
+        };
+        let mut next_scan = Instant::now() + tick;
+        loop {
+            let wait = next_scan.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Filled(gpa)) => {
+                    let region = gpa & !(SIZE_2M - 1);
+                    // Several fills of a region can be queued by the time it completes:
+                    // the first that sees it complete tries it (retries are queued).
+                    if !self.attempted.contains(&region) && region_complete(&self.stage, region) {
+                        self.attempted.insert(region);
+                        self.attempt(region, 1);
+                    }
+                }
+                Ok(Msg::Sweep) => {
+                    let mut r = 0;
+                    while r + SIZE_2M <= self.ram.size() {
+                        if region_complete(&self.stage, r) {
+                            self.attempt(r, 1);
+                        }
+                        r += SIZE_2M;
+                    }
+                }
+                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_scan {
+                self.retry_due();
+                if self.mode == CollapseMode::Background {
+                    self.scan();
+                }
+                next_scan = Instant::now() + tick;
+            }
+        }
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, CollapseStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Collapses `region` now; on a transient failure queues it for later.
+    fn attempt(&mut self, region: u64, attempt: u32) -> bool {
+        let uffd = self.uffd.clone();
+        let map_guest_view = |start: u64| {
+            if let Some(u) = &uffd {
+                // Errors are harmless here: EEXIST where pages are mapped already, or
+                // the range was unregistered because post-copy ended. The guest view's
+                // collapse that follows maps the (complete) region either way.
+                let base = self.ram.guest_view_addr() as u64;
+                let _ = u.continue_range(base + start, SIZE_2M, uffd::Wake::Yes);
+            }
+            Ok(())
+        };
+        match collapse_region(&self.ram, &self.stage, region, map_guest_view) {
+            Ok(took) => {
+                let mut s = self.stats();
+                s.collapses += 1;
+                s.collapse_ms_total += took.as_secs_f64() * 1e3;
+                true
+            }
+            Err(why) => {
+                self.stats().failed(why);
+                if why.retry_later() && attempt < MAX_ATTEMPTS {
+                    self.retries
+                        .push_back((region, attempt + 1, Instant::now() + RETRY_AFTER));
+                }
+                false
+            }
+        }
+    }
+
+    fn retry_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<_> = self
+            .retries
+            .iter()
+            .copied()
+            .filter(|r| r.2 <= now)
+            .collect();
+        self.retries.retain(|r| r.2 > now);
+        for (region, attempt, _) in due {
+            if region_complete(&self.stage, region) {
+                self.attempt(region, attempt);
+            }
+        }
+    }
+
+    /// Which of the region's 512 pages the host holds (mincore of the guest view).
+    fn populated(&self, region: u64) -> Option<[u64; 8]> {
+        let mut vec = [0u8; 512];
+        // SAFETY: `region + 2 MiB <= ram.size()` (the caller checks), so the range lies in
+        // the guest view mapping; `vec` has one byte per 4 KiB page of it.
+        let r = unsafe {
+            libc::mincore(
+                self.ram.guest_view_addr().add(region as usize).cast(),
+                SIZE_2M as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return None;
+        }
+        let mut bits = [0u64; 8];
+        for (i, b) in vec.iter().enumerate() {
+            if b & 1 != 0 {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        Some(bits)
+    }
+
+    /// One period of the background scan: up to `pages_per_period` pages' worth of
+    /// regions from the cursor, collapsing at most the rate allows.
+    fn scan(&mut self) {
+        if self.window_start.elapsed() >= Duration::from_secs(1) {
+            self.window_start = Instant::now();
+            self.collapses_in_window = 0;
+        }
+        let regions = (self.budget.pages_per_period / 512).max(1);
+        let total = self.ram.size() / SIZE_2M;
+        for _ in 0..regions.min(total) {
+            let region = self.cursor;
+            self.cursor = (self.cursor + SIZE_2M) % (total * SIZE_2M);
+            // Already one leaf: nothing to do.
+            if !matches!(
+                self.stage.inspect(|t| t.region_2m(region)),
+                Region2M::Pieces { .. }
+            ) {
+                continue;
+            }
+            let Some(populated) = self.populated(region) else {
+                continue;
+            };
+            let choices = choose_orders(&populated, self.budget.max_ptes_none, MIN_MTHP_ORDER);
+            {
+                let mut s = self.stats();
+                s.regions_scanned += 1;
+                for c in &choices {
+                    *s.orders_chosen.entry(c.order).or_default() += 1;
+                }
+            }
+            self.stage.record_orders(region, &choices);
+            let pmd = choices.iter().any(|c| c.order == 9);
+            if pmd && self.collapses_in_window < self.budget.max_collapses_per_sec {
+                self.collapses_in_window += 1;
+                self.attempt(region, 1);
+            }
+        }
+    }
+}

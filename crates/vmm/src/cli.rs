@@ -10,7 +10,7 @@ use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 use crate::console::ConsoleMode;
 use crate::numa::{Balancing, NumaSpec};
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
-use crate::vstate::vm::DEFAULT_KVM_DEVICE;
+use crate::vstate::vm::{DirtyLogMethod, DEFAULT_KVM_DEVICE};
 use guest_mm::numa::BalancerConfig;
 
 /// Exit status: success.
@@ -145,6 +145,15 @@ pub struct RunArgs {
     /// booting it; memory, backing and vCPUs must match the source's.
     #[arg(long, value_parser = parse_uri)]
     incoming: Option<migration::Uri>,
+    /// How KVM reports pages the guest wrote, for pre-copy migration: bitmap
+    /// (KVM_GET_DIRTY_LOG), ring (per-vCPU dirty rings of 65536 entries) or ring=ENTRIES
+    /// (a power of two, 256..=65536; 16 bytes each).
+    #[arg(long, default_value = "bitmap", value_parser = parse_dirty_log)]
+    dirty_log: DirtyLogMethod,
+}
+
+fn parse_dirty_log(s: &str) -> Result<DirtyLogMethod, String> {
+    s.parse()
 }
 
 fn parse_uri(s: &str) -> Result<migration::Uri, String> {
@@ -258,6 +267,7 @@ impl RunArgs {
             numa_force_migrate: self.numa_force_migrate,
             api_socket: self.api_socket.clone(),
             incoming: self.incoming.clone(),
+            dirty_log: self.dirty_log,
         })
     }
 }

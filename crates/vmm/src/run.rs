@@ -37,7 +37,7 @@ use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vcpu::{
     install_kick_handler, kick_signal, Vcpu, VcpuEnd, VcpuOutcome, VcpuShared,
 };
-use crate::vstate::vm::{open_kvm, Vm};
+use crate::vstate::vm::{open_kvm, DirtyLogMethod, Vm};
 
 /// When the workload ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +83,8 @@ pub struct RunConfig {
     pub api_socket: Option<PathBuf>,
     /// Receive the guest from a migration source instead of booting it.
     pub incoming: Option<migration::Uri>,
+    /// How KVM reports written pages when a migration asks (`--dirty-log`).
+    pub dirty_log: DirtyLogMethod,
 }
 
 /// Whether the run report includes the second-stage table's memory map.
@@ -206,6 +208,12 @@ pub struct RunReport {
     pub incoming: Option<IncomingReport>,
     /// Destination: the worst pass the guest measured across the switch-over.
     pub guest_stall_ms: Option<f64>,
+    /// How KVM reports written pages: "bitmap" or "ring".
+    pub dirty_log: &'static str,
+    /// Dirty ring: entries per vCPU.
+    pub dirty_ring_entries: Option<u32>,
+    /// Dirty ring: exits because a vCPU's ring was full (harvested and resumed).
+    pub dirty_ring_full_exits: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -405,7 +413,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         ));
     }
 
-    let vm = Arc::new(Vm::new(&kvm)?);
+    let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log)?);
     vm.register_ram(&ram)?;
     let api = match &cfg.api_socket {
         Some(p) => Some(ApiServer::start(p)?),
@@ -671,7 +679,9 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 SourceEvent::Done(result) => {
                     let reply = migrate_reply.take();
                     match result {
-                        Ok(report) => {
+                        Ok(mut report) => {
+                            report.dirty_log = vm.dirty_log_method().name().to_string();
+                            (report.dirty_log_takes, report.dirty_log_ms) = vm.dirty_log_cost();
                             if let Some(r) = reply {
                                 let _ =
                                     r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
@@ -961,6 +971,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             clock.cycles_to_ms(slots.iter().map(|s| s.max_pass_cycles).max().unwrap_or(0))
         }),
         incoming: incoming_report,
+        dirty_log: cfg.dirty_log.name(),
+        dirty_ring_entries: match cfg.dirty_log {
+            DirtyLogMethod::Ring { entries } => Some(entries),
+            DirtyLogMethod::Bitmap => None,
+        },
+        dirty_ring_full_exits: outcomes.iter().map(|o| o.dirty_ring_full_exits).sum(),
     })
 }
 

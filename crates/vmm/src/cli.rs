@@ -340,13 +340,16 @@ fn cmd_migrate(args: &MigrateArgs) -> i32 {
                 println!("{report}");
             } else {
                 println!(
-                    "migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} bytes sent, {} pre-copy rounds",
+                    "migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} bytes sent, {} pre-copy rounds; dirty {} fetched {} times in {:.2} ms",
                     report["mode"].as_str().unwrap_or("?"),
                     report["to"].as_str().unwrap_or("?"),
                     report["total_ms"].as_f64().unwrap_or(0.0),
                     report["downtime_ms"].as_f64().unwrap_or(0.0),
                     report["bytes_sent"],
-                    report["precopy_rounds"]
+                    report["precopy_rounds"],
+                    report["dirty_log"].as_str().unwrap_or("?"),
+                    report["dirty_log_takes"],
+                    report["dirty_log_ms"].as_f64().unwrap_or(0.0)
                 );
             }
             EXIT_OK

@@ -91,6 +91,21 @@ pub enum RingCap {
     Plain,
 }
 
+/// What this KVM offers: the capability flavour and the largest ring, in entries per
+/// vCPU; None without a dirty ring. Asked on the system fd, for `hugevisor caps`.
+pub fn offered(kvm: &kvm_ioctls::Kvm) -> Option<(RingCap, u64)> {
+    let entry = std::mem::size_of::<DirtyGfn>() as u64;
+    let acq_rel = kvm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into());
+    let plain = kvm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING.into());
+    if acq_rel > 0 {
+        Some((RingCap::AcqRel, acq_rel as u64 / entry))
+    } else if plain > 0 {
+        Some((RingCap::Plain, plain as u64 / entry))
+    } else {
+        None
+    }
+}
+
 /// Checks a ring size from the command line: a power of two within what any KVM accepts.
 pub fn check_entries(entries: u32) -> std::result::Result<(), String> {
     if !entries.is_power_of_two() {

@@ -127,13 +127,13 @@ fn dirty_log_fetch_cost_on_1g() {
         return;
     }
     const SIZE: u64 = 1 << 30;
-    // 4 vCPUs × 65280 pages each fits each 65536-entry ring: no ring-full exit, so the
-    // take below harvests all 261120 entries.
+    // 8 vCPUs × 32640 pages each fit their 65536-entry rings with room to spare: no
+    // ring-full exit, so the take below harvests all 261120 entries itself.
     for method in [
         DirtyLogMethod::Ring { entries: 65536 },
         DirtyLogMethod::Bitmap,
     ] {
-        let t = touch_once(method, SIZE, 4);
+        let t = touch_once(method, SIZE, 8);
         let full: u64 = t.outcomes.iter().map(|o| o.dirty_ring_full_exits).sum();
         let start = Instant::now();
         let bitmap = t.vm.take_dirty_log(&t.ram).unwrap();

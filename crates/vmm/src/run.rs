@@ -1126,6 +1126,13 @@ impl std::fmt::Display for RunReport {
                 m.precopy_rounds
             )?;
         }
+        if let Some(entries) = self.dirty_ring_entries {
+            writeln!(
+                f,
+                "  dirty ring: {entries} entries per vCPU, {} ring-full exits",
+                self.dirty_ring_full_exits
+            )?;
+        }
         for e in &self.migration_failures {
             writeln!(f, "  a migration failed; the guest kept running here: {e}")?;
         }

@@ -231,8 +231,14 @@ impl DirtyRing {
             ..Default::default()
         };
         enable.args[0] = bytes;
-        vm.enable_cap(&enable)
-            .map_err(kvm("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)"))?;
+        vm.enable_cap(&enable).map_err(|e| match e.errno() {
+            // The size passed the checks above, so KVM wants more than its reserved
+            // entries (or a vCPU already exists, which this module's callers never do).
+            libc::EINVAL => Error::Config(format!(
+                "--dirty-log ring={entries}: KVM refused a ring of {bytes} bytes per vCPU; try a larger ring (e.g. ring=65536) or --dirty-log bitmap"
+            )),
+            _ => kvm("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)")(e),
+        })?;
         // SAFETY: F_DUPFD_CLOEXEC on a valid, open fd; it returns a new fd or -1.
         let dup = unsafe { libc::fcntl(vm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {

@@ -106,9 +106,11 @@ impl std::str::FromStr for ScanBudget {
                 "max-ptes-none" => {
                     return Err("collapse scan setting max-ptes-none must be 0..=511".into())
                 }
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "unknown collapse scan setting {k:?}; use pages, period, rate, max-ptes-none"
-                )),
+                ))
+                }
             }
         }
         Ok(b)

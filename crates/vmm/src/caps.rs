@@ -63,6 +63,20 @@ fn kvm_items(kvm_device: &Path) -> Vec<Item> {
                 format!("{}", kvm.get_max_vcpus()),
                 None,
             ),
+            match crate::vstate::dirty_ring::offered(&kvm) {
+                Some((cap, entries)) => item(
+                    "kvm.dirty_ring",
+                    true,
+                    format!("up to {entries} entries per vCPU ({cap:?}); --dirty-log ring works"),
+                    None,
+                ),
+                None => item(
+                    "kvm.dirty_ring",
+                    false,
+                    "no KVM_CAP_DIRTY_LOG_RING".into(),
+                    Some("pre-copy uses the dirty bitmap (--dirty-log bitmap, the default)".into()),
+                ),
+            },
         ],
         Err(e) => vec![item(
             "kvm",

@@ -11,7 +11,7 @@ use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 use crate::console::ConsoleMode;
 use crate::numa::{Balancing, NumaSpec};
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
-use crate::vstate::vm::DEFAULT_KVM_DEVICE;
+use crate::vstate::vm::{DirtyLogMethod, DEFAULT_KVM_DEVICE};
 use guest_mm::numa::BalancerConfig;
 
 /// Exit status: success.
@@ -162,6 +162,15 @@ pub struct RunArgs {
     /// booting it; memory, backing and vCPUs must match the source's.
     #[arg(long, value_parser = parse_uri)]
     incoming: Option<migration::Uri>,
+    /// How KVM reports pages the guest wrote, for pre-copy migration: bitmap
+    /// (KVM_GET_DIRTY_LOG), ring (per-vCPU dirty rings of 65536 entries) or ring=ENTRIES
+    /// (a power of two, 256..=65536; 16 bytes each).
+    #[arg(long, default_value = "bitmap", value_parser = parse_dirty_log)]
+    dirty_log: DirtyLogMethod,
+}
+
+fn parse_dirty_log(s: &str) -> Result<DirtyLogMethod, String> {
+    s.parse()
 }
 
 fn parse_uri(s: &str) -> Result<migration::Uri, String> {
@@ -277,6 +286,7 @@ impl RunArgs {
             collapse_scan: self.collapse_scan.unwrap_or_default(),
             api_socket: self.api_socket.clone(),
             incoming: self.incoming.clone(),
+            dirty_log: self.dirty_log,
         })
     }
 }
@@ -349,13 +359,16 @@ fn cmd_migrate(args: &MigrateArgs) -> i32 {
                 println!("{report}");
             } else {
                 println!(
-                    "migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} bytes sent, {} pre-copy rounds",
+                    "migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} bytes sent, {} pre-copy rounds; dirty {} fetched {} times in {:.2} ms",
                     report["mode"].as_str().unwrap_or("?"),
                     report["to"].as_str().unwrap_or("?"),
                     report["total_ms"].as_f64().unwrap_or(0.0),
                     report["downtime_ms"].as_f64().unwrap_or(0.0),
                     report["bytes_sent"],
-                    report["precopy_rounds"]
+                    report["precopy_rounds"],
+                    report["dirty_log"].as_str().unwrap_or("?"),
+                    report["dirty_log_takes"],
+                    report["dirty_log_ms"].as_f64().unwrap_or(0.0)
                 );
             }
             EXIT_OK

@@ -20,6 +20,10 @@ pub enum Error {
         op: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); use --dirty-log bitmap")]
+    DirtyRingUnsupported,
+    #[error("--dirty-log ring={entries}: this KVM allows at most {max_entries} entries per vCPU; choose a smaller power of two, or --dirty-log bitmap")]
+    DirtyRingTooLarge { entries: u32, max_entries: u64 },
     #[error(transparent)]
     Memory(#[from] guest_mm::Error),
     #[error(transparent)]

@@ -100,6 +100,12 @@ pub struct MigrationReport {
     pub granularity_bytes: u64,
     /// CRC-32 of guest RAM at the switch-over, checked by the destination, if asked.
     pub memory_hash: Option<u32>,
+    /// How the source's KVM reported written pages: "bitmap" or "ring" (`--dirty-log`).
+    pub dirty_log: String,
+    /// Dirty-log fetches on the source and their total time (harvest + reset for the ring,
+    /// KVM_GET_DIRTY_LOG for the bitmap).
+    pub dirty_log_takes: u64,
+    pub dirty_log_ms: f64,
 }
 
 pub fn hello_for(ram: &GuestRam, vcpus: u32, mode: &str) -> Hello {

@@ -39,7 +39,7 @@ use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vcpu::{
     install_kick_handler, kick_signal, Vcpu, VcpuEnd, VcpuOutcome, VcpuShared,
 };
-use crate::vstate::vm::{open_kvm, Vm};
+use crate::vstate::vm::{open_kvm, DirtyLogMethod, Vm};
 
 /// When the workload ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +90,8 @@ pub struct RunConfig {
     pub api_socket: Option<PathBuf>,
     /// Receive the guest from a migration source instead of booting it.
     pub incoming: Option<migration::Uri>,
+    /// How KVM reports written pages when a migration asks (`--dirty-log`).
+    pub dirty_log: DirtyLogMethod,
 }
 
 /// Whether the run report includes the second-stage table's memory map.
@@ -222,6 +224,12 @@ pub struct RunReport {
     pub pmd_mapped_bytes: u64,
     /// The collapse engine's mode and counters; None when it did not run (off, hugetlb).
     pub collapse: Option<crate::collapse::CollapseReport>,
+    /// How KVM reports written pages: "bitmap" or "ring".
+    pub dirty_log: &'static str,
+    /// Dirty ring: entries per vCPU.
+    pub dirty_ring_entries: Option<u32>,
+    /// Dirty ring: exits because a vCPU's ring was full (harvested and resumed).
+    pub dirty_ring_full_exits: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -433,7 +441,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         ));
     }
 
-    let vm = Arc::new(Vm::new(&kvm)?);
+    let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log)?);
     vm.register_ram(&ram)?;
     let api = match &cfg.api_socket {
         Some(p) => Some(ApiServer::start(p)?),
@@ -729,7 +737,9 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 SourceEvent::Done(result) => {
                     let reply = migrate_reply.take();
                     match result {
-                        Ok(report) => {
+                        Ok(mut report) => {
+                            report.dirty_log = vm.dirty_log_method().name().to_string();
+                            (report.dirty_log_takes, report.dirty_log_ms) = vm.dirty_log_cost();
                             if let Some(r) = reply {
                                 let _ =
                                     r.send(Ok(serde_json::to_value(&report).unwrap_or_default()));
@@ -1046,6 +1056,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             .unwrap_or(0.0),
         pmd_mapped_bytes,
         collapse,
+        dirty_log: cfg.dirty_log.name(),
+        dirty_ring_entries: match cfg.dirty_log {
+            DirtyLogMethod::Ring { entries } => Some(entries),
+            DirtyLogMethod::Bitmap => None,
+        },
+        dirty_ring_full_exits: outcomes.iter().map(|o| o.dirty_ring_full_exits).sum(),
     })
 }
 
@@ -1193,6 +1209,13 @@ impl std::fmt::Display for RunReport {
                 m.bytes_sent >> 20,
                 m.pages_precopy,
                 m.precopy_rounds
+            )?;
+        }
+        if let Some(entries) = self.dirty_ring_entries {
+            writeln!(
+                f,
+                "  dirty ring: {entries} entries per vCPU, {} ring-full exits",
+                self.dirty_ring_full_exits
             )?;
         }
         for e in &self.migration_failures {

@@ -71,3 +71,26 @@ fn guest_image_info(elf: &[u8]) -> Vec<u8> {
         .default_cmdline
         .to_vec()
 }
+
+#[test]
+fn bad_dirty_log_values_are_one_line_errors() {
+    for (value, says) in [
+        ("ring=1000", "power of two"),
+        ("ring=128", "between 256"),
+        ("ring=131072", "65536"),
+        ("ring=lots", "number of entries"),
+        ("journal", "choose bitmap, ring or ring=ENTRIES"),
+    ] {
+        let out = hugevisor()
+            .args(["run", "--dirty-log", value])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{value}: {err}");
+        assert!(
+            err.starts_with("hugevisor: error:") && err.contains(says),
+            "{value}: {err}"
+        );
+    }
+}

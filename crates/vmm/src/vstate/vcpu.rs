@@ -13,6 +13,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::boot::{self, LoadedImage};
 use crate::console::{Console, LineBuffer};
 use crate::error::{kvm, Error, Result};
+use crate::vstate::dirty_ring::{DirtyRing, KVM_EXIT_DIRTY_RING_FULL};
 use crate::vstate::vm::Vm;
 
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
@@ -52,6 +53,8 @@ pub struct VcpuOutcome {
     pub end: std::result::Result<VcpuEnd, String>,
     /// Number of `KVM_RUN` returns (guest exits) this vCPU took.
     pub exits: u64,
+    /// Of those, exits because this vCPU's dirty ring was full (harvested, then resumed).
+    pub dirty_ring_full_exits: u64,
     /// The vCPU itself, so a stopped vCPU can be saved (migration) or run again.
     pub vcpu: Vcpu,
 }
@@ -117,6 +120,8 @@ pub struct VcpuShared {
 pub struct Vcpu {
     index: usize,
     fd: VcpuFd,
+    /// The VM's dirty ring, when in use: this vCPU's ring is harvested on a ring-full exit.
+    dirty_ring: Option<Arc<DirtyRing>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -138,7 +143,7 @@ impl Vcpu {
             .map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&boot::ring3_regs(image, index))
             .map_err(kvm("KVM_SET_REGS"))?;
-        Ok(Vcpu { index, fd })
+        Vcpu::with_ring(vm, index, fd)
     }
 
     pub fn index(&self) -> usize {
@@ -157,7 +162,20 @@ impl Vcpu {
         fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
         fd.set_mp_state(state.mp_state)
             .map_err(kvm("KVM_SET_MP_STATE"))?;
-        Ok(Vcpu { index, fd })
+        Vcpu::with_ring(vm, index, fd)
+    }
+
+    /// Maps the vCPU's dirty ring, when the VM has one.
+    fn with_ring(vm: &Vm, index: usize, fd: VcpuFd) -> Result<Vcpu> {
+        let dirty_ring = vm.dirty_ring().cloned();
+        if let Some(ring) = &dirty_ring {
+            ring.attach(index, &fd)?;
+        }
+        Ok(Vcpu {
+            index,
+            fd,
+            dirty_ring,
+        })
     }
 
     /// Reads the vCPU's state (it must not be running).
@@ -183,6 +201,7 @@ impl Vcpu {
     /// The vCPU loop. Runs until the guest finishes, fails, or `shared.stop` is set.
     pub fn run(mut self, shared: Arc<VcpuShared>, console: Arc<Console>) -> VcpuOutcome {
         let mut exits = 0u64;
+        let mut ring_full = 0u64;
         let mut line = LineBuffer::default();
         let end = loop {
             if shared.stop.load(Ordering::Acquire) {
@@ -218,6 +237,16 @@ impl Vcpu {
                 Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Step::Fail(
                     format!("guest accessed guest-physical {addr:#x}, outside guest RAM"),
                 ),
+                // KVM will not run this vCPU again until its ring has room: harvest it
+                // into the VM's dirty bitmap and reset, then carry on.
+                Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                    ring_full += 1;
+                    match self.dirty_ring.as_ref().map(|r| r.harvest_vcpu(self.index)) {
+                        Some(Ok(_)) => Step::Continue,
+                        Some(Err(e)) => Step::Fail(format!("harvesting the full dirty ring: {e}")),
+                        None => Step::Fail("dirty ring full exit, but no dirty ring is on".into()),
+                    }
+                }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fail(format!(
                     "KVM entry failed (reason {reason:#x} on host cpu {cpu})"
                 )),
@@ -240,6 +269,7 @@ impl Vcpu {
         VcpuOutcome {
             end,
             exits,
+            dirty_ring_full_exits: ring_full,
             vcpu: self,
         }
     }

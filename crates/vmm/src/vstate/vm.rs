@@ -3,12 +3,15 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use guest_mm::GuestRam;
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::error::{kvm, Error, Result};
+use crate::vstate::dirty_ring::{self, DirtyRing};
 
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
@@ -41,18 +44,113 @@ pub enum DirtyLogging {
     Off,
 }
 
+/// How KVM reports the pages the guest wrote (`--dirty-log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyLogMethod {
+    /// `KVM_GET_DIRTY_LOG`: a bitmap per memslot, fetched and cleared in one ioctl.
+    #[default]
+    Bitmap,
+    /// The dirty ring: each vCPU pushes written frames into its own ring of `entries`
+    /// (16 bytes each), which the VMM harvests.
+    Ring { entries: u32 },
+}
+
+impl DirtyLogMethod {
+    /// The name reports use: "bitmap" or "ring".
+    pub fn name(&self) -> &'static str {
+        match self {
+            DirtyLogMethod::Bitmap => "bitmap",
+            DirtyLogMethod::Ring { .. } => "ring",
+        }
+    }
+}
+
+impl std::fmt::Display for DirtyLogMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DirtyLogMethod::Bitmap => write!(f, "bitmap"),
+            DirtyLogMethod::Ring { entries } => write!(f, "ring={entries}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DirtyLogMethod {
+    type Err = String;
+
+    /// `bitmap`, `ring` (65536 entries per vCPU) or `ring=ENTRIES`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.split_once('=') {
+            None if s == "bitmap" => Ok(DirtyLogMethod::Bitmap),
+            None if s == "ring" => Ok(DirtyLogMethod::Ring {
+                entries: dirty_ring::DEFAULT_ENTRIES,
+            }),
+            Some(("ring", n)) => {
+                let entries: u32 = n.trim().parse().map_err(|_| {
+                    format!("{s:?}: ring=ENTRIES takes a number of entries, e.g. ring=4096")
+                })?;
+                dirty_ring::check_entries(entries)?;
+                Ok(DirtyLogMethod::Ring { entries })
+            }
+            _ => Err(format!(
+                "{s:?}: choose bitmap, ring or ring=ENTRIES (a power of two, {}..={})",
+                dirty_ring::MIN_ENTRIES,
+                dirty_ring::MAX_ENTRIES
+            )),
+        }
+    }
+}
+
+/// Time the VMM spent fetching dirty logs (harvest + reset, or `KVM_GET_DIRTY_LOG`).
+#[derive(Debug, Default)]
+struct DirtyLogCost {
+    takes: AtomicU64,
+    ns: AtomicU64,
+}
+
 pub struct Vm {
     fd: VmFd,
     cpuid: CpuId,
+    dirty_log: DirtyLogMethod,
+    dirty_ring: Option<Arc<DirtyRing>>,
+    cost: DirtyLogCost,
 }
 
 impl Vm {
-    pub fn new(kvm_sys: &Kvm) -> Result<Vm> {
+    /// Creates the VM; with [`DirtyLogMethod::Ring`] the ring is enabled here, before any
+    /// vCPU exists (KVM refuses it afterwards).
+    pub fn new(kvm_sys: &Kvm, dirty_log: DirtyLogMethod) -> Result<Vm> {
         let fd = kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
         let cpuid = kvm_sys
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        Ok(Vm { fd, cpuid })
+        let dirty_ring = match dirty_log {
+            DirtyLogMethod::Bitmap => None,
+            DirtyLogMethod::Ring { entries } => Some(Arc::new(DirtyRing::enable(&fd, entries)?)),
+        };
+        Ok(Vm {
+            fd,
+            cpuid,
+            dirty_log,
+            dirty_ring,
+            cost: DirtyLogCost::default(),
+        })
+    }
+
+    pub fn dirty_log_method(&self) -> DirtyLogMethod {
+        self.dirty_log
+    }
+
+    /// The VM's dirty ring, when `--dirty-log ring` is in use; vCPUs attach to it.
+    pub fn dirty_ring(&self) -> Option<&Arc<DirtyRing>> {
+        self.dirty_ring.as_ref()
+    }
+
+    /// Dirty-log fetches so far and the milliseconds they took in all.
+    pub fn dirty_log_cost(&self) -> (u64, f64) {
+        (
+            self.cost.takes.load(Ordering::Relaxed),
+            self.cost.ns.load(Ordering::Relaxed) as f64 / 1e6,
+        )
     }
 
     /// Slot 0 maps guest-physical [0, size) to the guest view of `ram`.
@@ -66,10 +164,24 @@ impl Vm {
     }
 
     /// The pages of slot 0 written since the last call (one bit per 4 KiB), and clears it.
+    /// With the dirty ring this harvests every vCPU's ring (KVM_GET_DIRTY_LOG fails with
+    /// ENXIO once the ring is on); pages in the result have been re-armed, so a write after
+    /// the caller reads them is logged again.
     pub fn take_dirty_log(&self, ram: &GuestRam) -> Result<Vec<u64>> {
-        self.fd
-            .get_dirty_log(0, ram.size() as usize)
-            .map_err(kvm("KVM_GET_DIRTY_LOG"))
+        let t = crate::clock::monotonic_ns();
+        let log = match &self.dirty_ring {
+            Some(ring) => ring.take(ram.size()),
+            None => self
+                .fd
+                .get_dirty_log(0, ram.size() as usize)
+                .map_err(kvm("KVM_GET_DIRTY_LOG")),
+        };
+        self.cost.takes.fetch_add(1, Ordering::Relaxed);
+        self.cost.ns.fetch_add(
+            crate::clock::monotonic_ns().saturating_sub(t),
+            Ordering::Relaxed,
+        );
+        log
     }
 
     fn set_slot(&self, ram: &GuestRam, logging: DirtyLogging) -> Result<()> {

@@ -283,8 +283,9 @@ pub fn madvise_collapse(addr: *mut u8, len: u64) -> Result<(), CollapseFailure> 
 /// 3. MADV_COLLAPSE the guest view: the PMD is installed in place, while the range may
 ///    still be registered with userfaultfd (seed 000).
 ///
-/// The table is checked first and the whole sequence runs under its lock, so a region
-/// that is not complete is never collapsed. Returns the time the host steps took.
+/// The table is checked first, and again under its lock before steps 2-3 (which alone
+/// decide what the guest view maps), so a region that is not complete is never mapped
+/// huge. Returns the time the host steps took.
 pub fn collapse_region(
     ram: &GuestRam,
     stage: &SecondStage,
@@ -296,6 +297,17 @@ pub fn collapse_region(
         return Err(CollapseFailure::NotComplete);
     }
     let t0 = Instant::now();
+    // Step 1 runs without the table lock: it is the expensive step (allocate a huge page,
+    // copy 512 pages; milliseconds on a busy host), and holding the lock through it would
+    // stall every fault and every arriving page. It is safe unlocked: the staging view is
+    // never registered and never mapped into the guest, and what the guest view maps is
+    // decided in steps 2-3, under the lock, after the completeness check is repeated.
+    let staging = ram.staging_view_addr();
+    if !staging.is_null() && staging != ram.guest_view_addr() {
+        // SAFETY: `start + 2 MiB <= ram.size()`, so the pointer stays inside the staging
+        // view mapping of `ram.size()` bytes.
+        madvise_collapse(unsafe { staging.add(start as usize) }, SIZE_2M)?;
+    }
     let r = stage.apply_checked(
         Change::Merge {
             gpa: start,
@@ -311,14 +323,8 @@ pub fn collapse_region(
         },
         |range: GpaRange| {
             debug_assert!(range.start <= start && range.end >= start + SIZE_2M);
-            let staging = ram.staging_view_addr();
-            if !staging.is_null() && staging != ram.guest_view_addr() {
-                // SAFETY: `start + 2 MiB <= ram.size()`, so the pointer stays inside the
-                // staging view mapping of `ram.size()` bytes.
-                madvise_collapse(unsafe { staging.add(start as usize) }, SIZE_2M)?;
-            }
             map_guest_view(start)?;
-            // SAFETY: as above, inside the guest view mapping.
+            // SAFETY: `start + 2 MiB <= ram.size()`: inside the guest view mapping.
             madvise_collapse(
                 unsafe { ram.guest_view_addr().add(start as usize) },
                 SIZE_2M,

@@ -5,6 +5,8 @@
 //! `HUGEVISOR_REQUIRE_HOST=1` (set by `.ci/run` on machines with /dev/kvm), where a
 //! skip is a failure.
 
+pub mod peers;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Mutex;

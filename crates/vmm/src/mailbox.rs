@@ -36,6 +36,18 @@ impl Mailbox {
         let _ = mem.store(0u64, GuestAddress(gpa), Ordering::Release);
     }
 
+    /// Sets vCPU `index`'s worst pass (restoring it after a migration that failed).
+    pub fn set_max_pass(&self, mem: &GuestMemoryMmap, index: usize, cycles: u64) {
+        let gpa = abi::vcpu_slot_gpa(self.base, index)
+            + std::mem::offset_of!(VcpuSlot, max_pass_cycles) as u64;
+        let _ = mem.store(cycles, GuestAddress(gpa), Ordering::Release);
+    }
+
+    /// The guest-physical range of the mailbox for `vcpus` vCPUs.
+    pub fn gpa_range(&self, vcpus: usize) -> std::ops::Range<u64> {
+        self.base..abi::vcpu_slot_gpa(self.base, vcpus)
+    }
+
     /// A consistent-enough snapshot of vCPU `index`'s slot (each word read atomically).
     pub fn slot(&self, mem: &GuestMemoryMmap, index: usize) -> VcpuSlot {
         let base = abi::vcpu_slot_gpa(self.base, index);

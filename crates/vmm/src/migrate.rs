@@ -74,9 +74,20 @@ pub fn memory_hash(ram: &GuestRam) -> std::result::Result<u32, String> {
 }
 
 /// Events from the migration thread to the monitor loop.
+/// What the source's monitor answers to `Pause`.
+pub struct Paused {
+    pub vcpus: Vec<VcpuState>,
+    pub run: RunInfo,
+    /// Guest-physical range of the mailbox. The monitor has cleared each vCPU's worst
+    /// pass there, so that the pass spanning the switch-over is measured from the source's
+    /// memory; post-copy sends these pages after the pause whether or not KVM saw them
+    /// written (the monitor's write goes through the staging view, which KVM does not log).
+    pub mailbox: std::ops::Range<u64>,
+}
+
 pub enum SourceEvent {
     /// Stop the vCPUs and answer with their state and the run info.
-    Pause(Sender<std::result::Result<(Vec<VcpuState>, RunInfo), String>>),
+    Pause(Sender<std::result::Result<Paused, String>>),
     /// The migration ended (the vCPUs are paused if it failed after `Pause`).
     Done(std::result::Result<MigrationReport, String>),
 }
@@ -300,12 +311,17 @@ fn precopy(
     events
         .send(SourceEvent::Pause(tx))
         .map_err(|_| "the VM is shutting down".to_string())?;
-    let (states, run) = rx
+    let Paused {
+        vcpus: states,
+        run,
+        mailbox,
+    } = rx
         .recv()
         .map_err(|_| "the VM is shutting down".to_string())??;
     let paused_at_ns = crate::clock::monotonic_ns();
     let last = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
-    let mut all: Vec<u64> = dirty.into_iter().chain(last).collect();
+    let mailbox_units = mailbox.start / page..mailbox.end.div_ceil(page);
+    let mut all: Vec<u64> = dirty.into_iter().chain(last).chain(mailbox_units).collect();
     all.sort_unstable();
     all.dedup();
     report.pages_precopy += send_pages(w, ram, all.into_iter(), &mut buf)?;
@@ -391,12 +407,19 @@ fn postcopy(
     events
         .send(SourceEvent::Pause(tx))
         .map_err(|_| "the VM is shutting down".to_string())?;
-    let (states, run) = rx
+    let Paused {
+        vcpus: states,
+        run,
+        mailbox,
+    } = rx
         .recv()
         .map_err(|_| "the VM is shutting down".to_string())??;
     let paused_at_ns = crate::clock::monotonic_ns();
     if req.mode == "hybrid" {
-        for u in dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page) {
+        for u in dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page)
+            .into_iter()
+            .chain(mailbox.start / page..mailbox.end.div_ceil(page))
+        {
             missing[(u / 64) as usize] |= 1 << (u % 64);
         }
     }
@@ -433,6 +456,9 @@ fn postcopy(
         had
     };
     let urgent_reader = urgent.try_clone().map_err(|e| e.to_string())?;
+    // Set when the background push has sent its last page: from then on the destination
+    // owes us its Complete, and silence on the urgent channel means it is gone.
+    let push_done: Mutex<Option<Instant>> = Mutex::new(None);
     std::thread::scope(|scope| -> std::result::Result<(), String> {
         let h = scope.spawn(|| -> std::result::Result<(), String> {
             let mut ur = FrameReader::new(urgent_reader);
@@ -442,6 +468,20 @@ fn postcopy(
                 let f = match ur.recv() {
                     Ok(f) => f,
                     Err(migration::Error::Closed { .. }) => break,
+                    // A guest that faults on nothing sends no requests: the urgent channel
+                    // is idle, not dead, while the push goes on (a dead peer shows on the
+                    // main connection, or as Closed here).
+                    Err(migration::Error::Silent) => {
+                        let done = *push_done.lock().unwrap_or_else(|e| e.into_inner());
+                        match done {
+                            Some(t) if t.elapsed() >= PEER_TIMEOUT => {
+                                return Err(format!(
+                                    "urgent channel: the destination did not confirm the last page within {PEER_TIMEOUT:?}"
+                                ))
+                            }
+                            _ => continue,
+                        }
+                    }
                     Err(e) => return Err(format!("urgent channel: {e}")),
                 };
                 if f.kind == FrameKind::Complete {
@@ -488,6 +528,7 @@ fn postcopy(
         })
         .map_err(|e| e.to_string())?;
         w.flush().map_err(|e| e.to_string())?;
+        *push_done.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         report.pages_pushed = pushed;
         // The destination closes the urgent channel once every page is in.
         h.join()
@@ -738,7 +779,17 @@ pub fn postcopy_begin(
     })
 }
 
+/// What a post-copy receiver makes of a channel that sends nothing for the I/O timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Silence {
+    /// The main channel always has pages to push until Complete: silence is a dead peer.
+    PeerGone,
+    /// The urgent channel carries only what the guest asks for: silence is normal.
+    Idle,
+}
+
 /// Installs pages arriving on `reader` (either channel) until it closes or sends Complete.
+#[allow(clippy::too_many_arguments)]
 pub fn postcopy_receive(
     link: &PostcopyLink,
     stage: &guest_mm::stage::SecondStage,
@@ -747,6 +798,7 @@ pub fn postcopy_receive(
     mut reader: FrameReader<Stream>,
     filled: &std::sync::atomic::AtomicU64,
     collapse: Option<&crate::collapse::CollapseEngine>,
+    silence: Silence,
 ) -> std::result::Result<(), String> {
     use std::sync::atomic::Ordering;
     let page = ram.page_size();
@@ -755,6 +807,7 @@ pub fn postcopy_receive(
         let f = match reader.recv() {
             Ok(f) => f,
             Err(migration::Error::Closed { .. }) => return Ok(()),
+            Err(migration::Error::Silent) if silence == Silence::Idle => continue,
             Err(e) => return Err(e.to_string()),
         };
         let index = reader.frames - 1;

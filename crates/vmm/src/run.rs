@@ -463,10 +463,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             let t = monotonic_ns();
             let inc = crate::migrate::receive(uri, &ram, cfg.vcpus, cfg.timeout)
                 .map_err(|e| Error::Config(format!("incoming migration: {e}")))?;
-            // From here on each vCPU's worst pass is the guest's own view of the stall.
-            for i in 0..vcpus {
-                mailbox.reset_max_pass(mem, i);
-            }
+            // Each vCPU's worst pass was cleared by the source when it paused (and that
+            // mailbox page sent after the pause), so from here on it is the guest's own
+            // view of the stall. Writing it here instead would, in post-copy, put a page
+            // into the page cache before the source's copy arrives.
             source_elapsed_ns = inc.switch.run.elapsed_ns;
             workload_name = inc.switch.run.workload.clone();
             incoming_report = Some(IncomingReport {
@@ -572,9 +572,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                                     migration::FrameReader::new(urgent_reader),
                                     &filled,
                                     co.as_deref(),
+                                    crate::migrate::Silence::Idle,
                                 )
                             });
-                            let m = crate::migrate::postcopy_receive(&link, &st, &rm, &uffd, main, &filled, co.as_deref());
+                            let m = crate::migrate::postcopy_receive(&link, &st, &rm, &uffd, main, &filled, co.as_deref(), crate::migrate::Silence::PeerGone);
                             let u = urgent.join().unwrap_or_else(|_| Err("urgent receiver panicked".into()));
                             m.and(u)
                         });
@@ -582,6 +583,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                         if done {
                             // Every page arrived: the guest view needs no userfaultfd anymore.
                             let _ = uffd.unregister(rm.guest_view_addr() as u64, rm.size());
+                            // Regions whose collapse failed on fill get one more try.
+                            if let Some(c) = &co {
+                                c.sweep();
+                            }
                         }
                         let ms = (monotonic_ns() - switched) as f64 / 1e6;
                         let r = r.and_then(|_| if done { Ok(Some(ms)) } else { Err(format!("post-copy ended with {} of {} pages", filled.load(Ordering::Relaxed), link.missing)) });
@@ -636,6 +641,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         std::sync::mpsc::Sender<std::result::Result<serde_json::Value, String>>,
     > = None;
     let mut paused: Option<Vec<VcpuOutcome>> = None;
+    let mut paused_max_pass: Vec<u64> = Vec::new();
     let mut migrated: Option<MigrationReport> = None;
     let mut migration_failures = Vec::new();
 
@@ -731,7 +737,17 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                         max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
                         source_exits: outcomes.iter().map(|o| o.exits).sum(),
                     };
-                    let _ = reply.send(states.map(|s| (s, info)));
+                    // The pass that spans the switch-over is measured from here: clear
+                    // each worst pass (restored below if the migration fails).
+                    paused_max_pass = info.max_pass_cycles.clone();
+                    for i in 0..vcpus {
+                        mailbox.reset_max_pass(mem, i);
+                    }
+                    let _ = reply.send(states.map(|s| crate::migrate::Paused {
+                        vcpus: s,
+                        run: info,
+                        mailbox: mailbox.gpa_range(vcpus),
+                    }));
                     paused = Some(outcomes);
                 }
                 SourceEvent::Done(result) => {
@@ -753,6 +769,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                             migration_failures.push(e);
                             // The guest never left: run it here again.
                             if let Some(outcomes) = paused.take() {
+                                for (i, &before) in paused_max_pass.iter().enumerate() {
+                                    let now = mailbox.slot(mem, i).max_pass_cycles;
+                                    mailbox.set_max_pass(mem, i, now.max(before));
+                                }
                                 shared.stop.store(false, Ordering::Release);
                                 let vcpus_back = outcomes.into_iter().map(|o| o.vcpu).collect();
                                 threads =

@@ -1,0 +1,190 @@
+//! Collapse of guest RAM into 2 MiB huge pages, measured by the kernel (smaps of the
+//! guest view), on a post-copy destination, a pre-copy destination and in steady state.
+
+use tests::peers::{finish, migrate, scratch, spawn, wait_for, wait_for_passes};
+use tests::{have_kvm, run};
+
+/// Migrates a `verify` guest of `memory` by `mode` to a destination started with
+/// `dst_extra`; returns the destination's run JSON.
+fn migrate_verify(name: &str, memory: &str, mode: &str, dst_extra: &[&str]) -> serde_json::Value {
+    let dir = scratch(name);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let api = dir.join("api.sock");
+    let api_s = api.to_string_lossy().to_string();
+    let common = [
+        "run",
+        "--memory",
+        memory,
+        "--backing",
+        "shmem",
+        "--vcpus",
+        "2",
+        "--workload",
+        "verify",
+        "--duration",
+        "45s",
+        "--console",
+        "off",
+        "--json",
+    ];
+    let mut dst_args = common.to_vec();
+    dst_args.extend(["--incoming", &uri]);
+    dst_args.extend(dst_extra);
+    let dst = spawn(&dst_args);
+    let mut src_args = common.to_vec();
+    src_args.extend(["--api-socket", &api_s]);
+    let src = spawn(&src_args);
+    wait_for(&api);
+    wait_for_passes(&api, 2);
+    let (code, report, err) = migrate(&api, &uri, &["--mode", mode]);
+    assert_eq!(code, 0, "{name}: migrate failed: {err}");
+    assert_eq!(report["mode"], mode);
+    let (scode, _, serr) = finish(src);
+    assert_eq!(scode, 0, "{name}: source: {serr}");
+    let (dcode, dj, derr) = finish(dst);
+    assert_eq!(dcode, 0, "{name}: destination: {derr}");
+    assert_eq!(dj["integrity_errors"], 0, "{name}: {dj}");
+    let _ = std::fs::remove_dir_all(dir);
+    dj
+}
+
+fn pmd_fraction(j: &serde_json::Value) -> f64 {
+    j["pmd_mapped_bytes"].as_u64().unwrap() as f64 / j["memory_bytes"].as_u64().unwrap() as f64
+}
+
+/// The bar: post-copy of a 1 GiB shmem guest ends ≥ 95 % PMD-mapped by the
+/// kernel's count, with zero integrity errors; with --collapse off, near 0 %.
+#[test]
+fn postcopy_destination_ends_pmd_mapped_and_off_ends_near_zero() {
+    if !have_kvm() {
+        return;
+    }
+    let on = migrate_verify("collapse-on", "1G", "postcopy", &[]);
+    assert!(
+        on["incoming"]["postcopy_ms"].as_f64().is_some(),
+        "post-copy completed before the run ended: {on}"
+    );
+    let frac = pmd_fraction(&on);
+    assert!(
+        frac >= 0.95,
+        "on-fill: {:.1} % PMD-mapped: {on}",
+        frac * 100.0
+    );
+    assert!(on["collapses"].as_u64().unwrap() >= 486, "{on}");
+    assert_eq!(on["collapse"]["mode"], "on-fill");
+    assert!(on["collapse_ms_total"].as_f64().unwrap() > 0.0);
+
+    let off = migrate_verify("collapse-off", "1G", "postcopy", &["--collapse", "off"]);
+    let frac = pmd_fraction(&off);
+    assert!(frac <= 0.05, "off: {:.1} % PMD-mapped: {off}", frac * 100.0);
+    assert_eq!(off["collapses"], 0);
+    assert!(off["collapse"].is_null(), "{off}");
+}
+
+/// Pre-copy completes every region before the switch: the destination collapses them all
+/// when it resumes.
+#[test]
+fn precopy_destination_collapses_every_region_on_resume() {
+    if !have_kvm() {
+        return;
+    }
+    let j = migrate_verify("collapse-precopy", "128M", "precopy", &[]);
+    let frac = pmd_fraction(&j);
+    assert!(frac >= 0.95, "{:.1} % PMD-mapped: {j}", frac * 100.0);
+}
+
+/// Without a migration, the background scanner collapses populated regions of a running
+/// guest, within its budget, and chooses PMD order for full regions.
+#[test]
+fn background_scan_collapses_a_running_guest() {
+    if !have_kvm() {
+        return;
+    }
+    let r = run(&[
+        "run",
+        "--json",
+        "--console",
+        "off",
+        "--memory",
+        "128M",
+        "--backing",
+        "shmem",
+        "--vcpus",
+        "2",
+        "--workload",
+        "verify",
+        "--duration",
+        "3s",
+        "--collapse",
+        "background",
+        "--collapse-scan",
+        "pages=8192,period=50,rate=100,max-ptes-none=64",
+    ]);
+    let j = r.json();
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(j["integrity_errors"], 0, "{j}");
+    let frac = pmd_fraction(&j);
+    assert!(frac >= 0.9, "{:.1} % PMD-mapped: {j}", frac * 100.0);
+    assert_eq!(j["collapse"]["mode"], "background");
+    assert!(
+        j["collapse"]["orders_chosen"]["9"].as_u64().unwrap() >= 58,
+        "{j}"
+    );
+    assert!(j["collapse"]["regions_scanned"].as_u64().unwrap() > 0);
+
+    // The default (on-fill) leaves a guest that never migrated alone.
+    let r = run(&[
+        "run",
+        "--json",
+        "--console",
+        "off",
+        "--memory",
+        "64M",
+        "--backing",
+        "shmem",
+        "--workload",
+        "verify",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert_eq!(r.json()["pmd_mapped_bytes"], 0);
+}
+
+#[test]
+fn collapse_flags_are_checked() {
+    let r = run(&["run", "--collapse", "sometimes"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr().contains("off, on-fill, background"),
+        "{}",
+        r.stderr()
+    );
+    let r = run(&["run", "--collapse-scan", "max-ptes-none=600"]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr().contains("max-ptes-none must be 0..=511"),
+        "{}",
+        r.stderr()
+    );
+    if !have_kvm() {
+        return;
+    }
+    let r = run(&[
+        "run",
+        "--backing",
+        "anon",
+        "--thp",
+        "off",
+        "--collapse",
+        "background",
+        "--memory",
+        "64M",
+    ]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr().contains("--thp on or --backing shmem"),
+        "{}",
+        r.stderr()
+    );
+}

@@ -123,7 +123,7 @@ fn background_scan_collapses_a_running_guest() {
     let j = r.json();
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(j["integrity_errors"], 0, "{j}");
-    let frac = pmd_fraction(&j);
+    let frac = pmd_fraction(j);
     assert!(frac >= 0.9, "{:.1} % PMD-mapped: {j}", frac * 100.0);
     assert_eq!(j["collapse"]["mode"], "background");
     assert!(

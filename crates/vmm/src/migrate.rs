@@ -41,6 +41,9 @@ pub struct RunInfo {
     /// Guest worst pass per vCPU at the switch (cycles), to find the stall afterwards.
     pub max_pass_cycles: Vec<u64>,
     pub source_exits: u64,
+    /// Passes of all vCPUs at the switch, to count those made on the destination.
+    #[serde(default)]
+    pub passes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

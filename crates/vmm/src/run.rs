@@ -247,6 +247,9 @@ pub struct IncomingReport {
     pub demand_fault_us_max: f64,
     /// Post-copy: switch-over to the last page (then the guest view is unregistered).
     pub postcopy_ms: Option<f64>,
+    /// The guest's passes (all vCPUs) before the switch, and those it made here.
+    pub passes_at_switch: u64,
+    pub passes_after_switch: u64,
 }
 
 const VECTOR_NAMES: [&str; 32] = [
@@ -481,6 +484,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 demand_fault_us_p99: 0.0,
                 demand_fault_us_max: 0.0,
                 postcopy_ms: None,
+                passes_at_switch: inc.switch.run.passes,
+                passes_after_switch: 0,
             });
             if let Some(missing) = inc.switch.postcopy_missing.clone() {
                 if fault_path.is_some() {
@@ -736,6 +741,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                         },
                         max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
                         source_exits: outcomes.iter().map(|o| o.exits).sum(),
+                        passes: slots.iter().map(|s| s.passes).sum(),
                     };
                     // The pass that spans the switch-over is measured from here: clear
                     // each worst pass (restored below if the migration fails).
@@ -1007,6 +1013,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     };
     let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e6;
 
+    let total_passes: u64 = per_vcpu.iter().map(|v| v.passes).sum();
+    if let Some(i) = incoming_report.as_mut() {
+        i.passes_after_switch = total_passes.saturating_sub(i.passes_at_switch);
+    }
     Ok(RunReport {
         workload: workload_name.clone(),
         vcpus: cfg.vcpus,

@@ -521,6 +521,7 @@ fn hugevisor_migration_row(
     exe: &std::path::Path,
     args: &MigrationBenchArgs,
     case: (&str, &str, &str),
+    collapse: &str,
     dir: &std::path::Path,
 ) -> serde_json::Value {
     let (backing, workload, mode) = case;
@@ -555,9 +556,9 @@ fn hugevisor_migration_row(
             .stderr(std::process::Stdio::piped())
             .spawn()
     };
-    let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode });
+    let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode, "collapse": collapse });
     let (dst, src) = match (
-        spawn(&["--incoming", &mig]),
+        spawn(&["--incoming", &mig, "--collapse", collapse]),
         spawn(&["--api-socket", &api.to_string_lossy()]),
     ) {
         (Ok(d), Ok(s)) => (d, s),
@@ -589,6 +590,13 @@ fn hugevisor_migration_row(
             }
             row["guest_stall_ms"] = dj["guest_stall_ms"].clone();
             row["integrity_errors"] = dj["integrity_errors"].clone();
+            row["collapses"] = dj["collapses"].clone();
+            row["collapse_ms_total"] = dj["collapse_ms_total"].clone();
+            row["pmd_mapped_pct"] = (dj["pmd_mapped_bytes"].as_f64().unwrap_or(0.0) * 100.0
+                / dj["memory_bytes"].as_f64().unwrap_or(1.0))
+            .into();
+            // Passes the guest made on the destination: what huge pages buy after the switch.
+            row["passes_after_switch"] = dj["incoming"]["passes_after_switch"].clone();
             row
         }
         Ok((code, r)) => with_error(id, format!("HTTP {code}: {r}")),
@@ -657,12 +665,16 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
         for workload in ["verify", "idle"] {
             for mode in ["precopy", "postcopy", "hybrid"] {
                 eprintln!("bench: hugevisor {mode} of {workload} on {backing} ...");
-                rows.push(hugevisor_migration_row(
-                    &exe,
-                    args,
-                    (backing, workload, mode),
-                    &dir,
-                ));
+                let case = (backing, workload, mode);
+                rows.push(hugevisor_migration_row(&exe, args, case, "on-fill", &dir));
+                // What collapse on fill buys a post-copy destination (shmem: hugetlb is
+                // huge already).
+                if backing == "shmem" && mode == "postcopy" {
+                    eprintln!(
+                        "bench: hugevisor {mode} of {workload} on {backing}, collapse off ..."
+                    );
+                    rows.push(hugevisor_migration_row(&exe, args, case, "off", &dir));
+                }
             }
             if with_qemu {
                 for mode in [qemu::QemuMode::Precopy, qemu::QemuMode::PostcopyRam] {
@@ -683,13 +695,13 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
     }
     println!("guest {} on {} vCPUs (QEMU: 1 vCPU); baselines: loopback TCP {:.0} MiB/s, raw userfaultfd MINOR round trip {:.1} µs", args.memory, args.vcpus, tcp / (1 << 20) as f64, minor);
     println!();
-    println!("| vmm | backing | workload | mode | total ms | downtime ms | guest stall ms | MiB sent | total vs bytes/bandwidth | rounds | demand pages | demand µs p50/p99/max | integrity errors |");
-    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| vmm | backing | workload | mode | total ms | downtime ms | guest stall ms | MiB sent | total vs bytes/bandwidth | rounds | demand pages | demand µs p50/p99/max | integrity errors | collapse | PMD-mapped % | passes after switch |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|");
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         if let Some(e) = r.get("error") {
             println!(
-                "| {} | {} | {} | {} | error: {} | | | | | | | | |",
+                "| {} | {} | {} | {} | error: {} | | | | | | | | | | | |",
                 s("vmm"),
                 s("backing"),
                 s("workload"),
@@ -719,7 +731,7 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
             )
         };
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.1} | {} | {:.0} | ×{:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {} | {:.0} | ×{:.1} | {} | {} | {} | {} | {} | {} | {} |",
             s("vmm"),
             s("backing"),
             s("workload"),
@@ -733,6 +745,12 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
             opt("pages_demand"),
             demand,
             opt("integrity_errors"),
+            r["collapse"].as_str().unwrap_or("–"),
+            match r["pmd_mapped_pct"].as_f64() {
+                Some(p) => format!("{p:.0}"),
+                None => "–".into(),
+            },
+            opt("passes_after_switch"),
         );
     }
     0

@@ -4,5 +4,7 @@
 pub mod protocol;
 pub mod transport;
 
-pub use protocol::{Error, Frame, FrameKind, FrameReader, FrameWriter, Hello, PROTOCOL_VERSION};
+pub use protocol::{
+    is_zero, Error, Frame, FrameKind, FrameReader, FrameWriter, Hello, PageData, PROTOCOL_VERSION,
+};
 pub use transport::{Listener, Stream, Uri};

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"HVMF";
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted: a 1 GiB hugetlb page plus its address.
 pub const MAX_PAYLOAD: u32 = (1 << 30) + 8;
@@ -36,6 +36,8 @@ pub enum FrameKind {
     Abort = 8,
     /// The destination confirms it runs the guest.
     Resumed = 9,
+    /// A page that is all zeros: gpa (u64 LE) only (since version 2).
+    ZeroPage = 10,
 }
 
 impl FrameKind {
@@ -51,10 +53,29 @@ impl FrameKind {
             Complete,
             Abort,
             Resumed,
+            ZeroPage,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
     }
+}
+
+/// What a page frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageData<'a> {
+    Bytes(&'a [u8]),
+    /// The page is all zeros.
+    Zero,
+}
+
+/// Whether `data` is all zeros (the sender then sends a `ZeroPage` frame).
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the
+        // aligned middle of the slice.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +146,11 @@ impl Frame {
             kind: FrameKind::Page,
             payload,
         }
+    }
+
+    /// A page the sender found all zeros: no data on the wire.
+    pub fn zero_page(gpa: u64) -> Frame {
+        Frame::u64(FrameKind::ZeroPage, gpa)
     }
 
     pub fn u64(kind: FrameKind, v: u64) -> Frame {
@@ -345,7 +371,11 @@ impl Frame {
     }
 
     /// Splits a page frame into (gpa, data), checking the size.
-    pub fn as_page(&self, index: u64, page_size: u64) -> Result<(u64, &[u8]), Error> {
+    /// The GPA and content of a `Page` or `ZeroPage` frame.
+    pub fn as_page(&self, index: u64, page_size: u64) -> Result<(u64, PageData<'_>), Error> {
+        if self.kind == FrameKind::ZeroPage {
+            return Ok((self.as_u64(index)?, PageData::Zero));
+        }
         if self.payload.len() as u64 != 8 + page_size {
             return Err(Error::Malformed {
                 index,
@@ -357,7 +387,7 @@ impl Frame {
             });
         }
         let gpa = u64::from_le_bytes(self.payload[0..8].try_into().unwrap_or([0; 8]));
-        Ok((gpa, &self.payload[8..]))
+        Ok((gpa, PageData::Bytes(&self.payload[8..])))
     }
 
     pub fn as_u64(&self, index: u64) -> Result<u64, Error> {
@@ -390,6 +420,31 @@ mod tests {
     }
 
     #[test]
+    fn zero_pages_travel_as_their_address_only() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        assert!(is_zero(&page[3..4093]), "unaligned slices too");
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+        page[4095] = 0;
+        page[0] = 1;
+        assert!(!is_zero(&page[..17]));
+
+        let mut w = FrameWriter::new(Vec::new());
+        w.send(&Frame::zero_page(0x7000)).unwrap();
+        let bytes = w.get_mut().clone();
+        assert!(
+            bytes.len() < 64,
+            "no page data on the wire: {} bytes",
+            bytes.len()
+        );
+        let mut r = FrameReader::new(bytes.as_slice());
+        let f = r.recv().unwrap();
+        assert_eq!(f.kind, FrameKind::ZeroPage);
+        assert_eq!(f.as_page(0, 4096).unwrap(), (0x7000, PageData::Zero));
+    }
+
+    #[test]
     fn frames_round_trip() {
         let mut w = FrameWriter::new(Vec::new());
         w.send(&Frame::json(FrameKind::Hello, &hello())).unwrap();
@@ -409,7 +464,7 @@ mod tests {
         assert_eq!(h, hello());
         let p = r.recv().unwrap();
         let (gpa, data) = p.as_page(1, 4096).unwrap();
-        assert_eq!((gpa, data[4095]), (0x5000, 7));
+        assert_eq!((gpa, data), (0x5000, PageData::Bytes(&[7u8; 4096])));
         assert_eq!(r.recv().unwrap().kind, FrameKind::Complete);
         assert!(matches!(r.recv(), Err(Error::Closed { index: 3 })));
     }

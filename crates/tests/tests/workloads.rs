@@ -123,8 +123,9 @@ fn duration_mode_stops_on_time_and_reports_json_fields() {
         (400.0..10_000.0).contains(&elapsed),
         "elapsed {elapsed} ms for a 500 ms run"
     );
-    // Many passes of a 60 MiB partition fit in 500 ms.
-    assert!(r.u64("passes") > 4, "{j}");
+    // Every vCPU finished at least one pass (the first, with its 4 KiB first touches, can
+    // take most of 500 ms on a loaded 2-core host).
+    assert!(r.u64("passes") >= 2, "{j}");
     assert!(
         j["startup"]["to_first_insn_ms"].as_f64().unwrap() > 0.0,
         "{j}"

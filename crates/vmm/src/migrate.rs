@@ -152,6 +152,29 @@ fn dirty_units(bitmap: &[u64], page_size: u64) -> Vec<u64> {
     out
 }
 
+/// Writes a received page through the staging view.
+fn write_page(ram: &GuestRam, gpa: u64, data: migration::PageData) -> Result<(), String> {
+    static ZEROS: [u8; 65536] = [0; 65536];
+    let write = |bytes: &[u8], at: u64| {
+        ram.staging()
+            .write_slice(bytes, GuestAddress(at))
+            .map_err(|e| format!("writing GPA {at:#x}: {e}"))
+    };
+    match data {
+        migration::PageData::Bytes(b) => write(b, gpa),
+        migration::PageData::Zero => {
+            let page = ram.page_size();
+            let mut off = 0;
+            while off < page {
+                let n = (page - off).min(ZEROS.len() as u64);
+                write(&ZEROS[..n as usize], gpa + off)?;
+                off += n;
+            }
+            Ok(())
+        }
+    }
+}
+
 fn send_pages(
     w: &mut FrameWriter<Stream>,
     ram: &GuestRam,
@@ -165,7 +188,12 @@ fn send_pages(
         ram.staging()
             .read_slice(buf, GuestAddress(gpa))
             .map_err(|e| format!("reading GPA {gpa:#x}: {e}"))?;
-        w.send(&Frame::page(gpa, buf)).map_err(|e| e.to_string())?;
+        let frame = if migration::is_zero(buf) {
+            Frame::zero_page(gpa)
+        } else {
+            Frame::page(gpa, buf)
+        };
+        w.send(&frame).map_err(|e| e.to_string())?;
         n += 1;
         if n % 256 == 0 {
             progress(w.bytes, "sending");
@@ -630,14 +658,12 @@ pub fn receive(
         let f = r.recv().map_err(|e| e.to_string())?;
         let index = r.frames - 1;
         match f.kind {
-            FrameKind::Page => {
+            FrameKind::Page | FrameKind::ZeroPage => {
                 let (gpa, data) = f.as_page(index, page).map_err(|e| e.to_string())?;
                 if gpa % page != 0 || gpa + page > ram.size() {
                     return Err(format!("migration stream: frame {index}: page at GPA {gpa:#x} is outside guest RAM"));
                 }
-                ram.staging()
-                    .write_slice(data, GuestAddress(gpa))
-                    .map_err(|e| format!("writing GPA {gpa:#x}: {e}"))?;
+                write_page(ram, gpa, data)?;
                 pages += 1;
             }
             FrameKind::RoundEnd => {}
@@ -816,7 +842,7 @@ pub fn postcopy_receive(
         let index = reader.frames - 1;
         match f.kind {
             FrameKind::Complete => return Ok(()),
-            FrameKind::Page => {
+            FrameKind::Page | FrameKind::ZeroPage => {
                 let (gpa, data) = f.as_page(index, page).map_err(|e| e.to_string())?;
                 if gpa % page != 0 || gpa + page > ram.size() {
                     return Err(format!(
@@ -824,9 +850,7 @@ pub fn postcopy_receive(
                     ));
                 }
                 let installed = stage.fill(gpa, || {
-                    ram.staging()
-                        .write_slice(data, GuestAddress(gpa))
-                        .map_err(|e| format!("writing GPA {gpa:#x}: {e}"))?;
+                    write_page(ram, gpa, data)?;
                     match uffd.continue_range(base + gpa, page, uffd::Wake::Yes) {
                         Ok(()) | Err(uffd::Error::AlreadyMapped { .. }) => Ok(()),
                         Err(e) => Err(format!("installing GPA {gpa:#x}: {e}")),

@@ -285,6 +285,12 @@ static void report_slow_pass(const struct part *pt, u64 pass, u64 cycles, u64 en
 {
     if (!k || pass == 0)
         return;
+    if (pass == 1) {
+        /* The first pass (first touches) is behind: tell whoever waits for a warm guest. */
+        serial_puts("hvguest: vcpu ");
+        serial_put_dec(pt->cpu);
+        serial_puts(" warm\n");
+    }
     if (*best && cycles > k * *best) {
         serial_puts("hvguest: vcpu ");
         serial_put_dec(pt->cpu);

@@ -177,6 +177,10 @@ pub struct CollapseStats {
     /// mTHP orders the scanner chose, by order (recorded in the second stage even where
     /// the host can collapse only at PMD order, 9).
     pub orders_chosen: BTreeMap<u32, u64>,
+    /// Time from the engine's start (a destination's resume) until half, and 95 %, of all
+    /// regions had collapsed.
+    pub collapsed_50pct_ms: Option<f64>,
+    pub collapsed_95pct_ms: Option<f64>,
 }
 
 impl CollapseStats {

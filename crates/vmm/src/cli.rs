@@ -192,6 +192,10 @@ struct MigrateArgs {
     /// Pre-copy stops when what is left would take this long to send.
     #[arg(long, default_value_t = 50)]
     downtime_ms: u64,
+    /// Post-copy background push: sequential (from the last demand request on) or
+    /// fewest-missing-first (complete the 2 MiB regions the guest touched first).
+    #[arg(long, value_enum, default_value = "sequential")]
+    push_order: crate::api::PushOrder,
     /// Print the migration report as JSON.
     #[arg(long)]
     json: bool,
@@ -352,6 +356,7 @@ fn cmd_guest_image(args: &GuestImageArgs) -> i32 {
 fn cmd_migrate(args: &MigrateArgs) -> i32 {
     let body = serde_json::json!({
         "to": args.to.to_string(), "mode": args.mode, "downtime_ms": args.downtime_ms, "verify": args.verify,
+        "push_order": args.push_order,
     });
     match crate::api::call(&args.api_socket, "PUT", "/api/v1/vm.migrate", Some(&body)) {
         Ok((200, report)) => {

@@ -110,6 +110,9 @@ pub struct MigrationReport {
     pub demand_fault_us_p99: f64,
     pub demand_fault_us_max: f64,
     pub precopy_rounds: u32,
+    /// Post-copy: the background push order used.
+    #[serde(default)]
+    pub push_order: String,
     /// Bytes per page frame: the backing page size (4 KiB shmem, 2 MiB/1 GiB hugetlb).
     pub granularity_bytes: u64,
     /// CRC-32 of guest RAM at the switch-over, checked by the destination, if asked.
@@ -473,19 +476,14 @@ fn postcopy(
     let resumed_ns = resumed.as_u64(r.frames - 1).map_err(|e| e.to_string())?;
     report.downtime_ms = resumed_ns.saturating_sub(paused_at_ns) as f64 / 1e6;
 
-    let missing = Mutex::new(missing);
+    let missing = Mutex::new(Missing::new(missing, units, page));
     let last_request = AtomicU64::new(u64::MAX);
     let demand = AtomicU64::new(0);
     let urgent_bytes = AtomicU64::new(0);
     let dest_stats: Mutex<Option<DemandStats>> = Mutex::new(None);
     // Claims unit `u` for sending; false if it was sent already.
-    let take = |u: u64| -> bool {
-        let mut m = missing.lock().unwrap_or_else(|e| e.into_inner());
-        let bit = 1u64 << (u % 64);
-        let had = m[(u / 64) as usize] & bit != 0;
-        m[(u / 64) as usize] &= !bit;
-        had
-    };
+    let take = |u: u64| -> bool { missing.lock().unwrap_or_else(|e| e.into_inner()).take(u) };
+    report.push_order = req.push_order.name().to_string();
     let urgent_reader = urgent.try_clone().map_err(|e| e.to_string())?;
     // Set when the background push has sent its last page: from then on the destination
     // owes us its Complete, and silence on the urgent channel means it is gone.
@@ -535,23 +533,43 @@ fn postcopy(
             urgent_bytes.store(uw.bytes, Ordering::Relaxed);
             Ok(())
         });
-        // Background push, jumping to the last demand request now and then.
-        let (mut pushed, mut cursor, mut idle, mut followed) = (0u64, 0u64, 0u64, u64::MAX);
-        while idle < units {
-            let hint = last_request.load(Ordering::Relaxed);
-            if hint != followed && hint < units {
-                followed = hint;
-                cursor = hint;
+        let mut pushed = 0u64;
+        match req.push_order {
+            // From the last demand request onwards, in address order.
+            crate::api::PushOrder::Sequential => {
+                let (mut cursor, mut idle, mut followed) = (0u64, 0u64, u64::MAX);
+                while idle < units {
+                    let hint = last_request.load(Ordering::Relaxed);
+                    if hint != followed && hint < units {
+                        followed = hint;
+                        cursor = hint;
+                    }
+                    let u = cursor % units;
+                    cursor = u + 1;
+                    if take(u) {
+                        send_pages(w, ram, std::iter::once(u), &mut buf)?;
+                        pushed += 1;
+                        idle = 0;
+                    } else {
+                        idle += 1;
+                    }
+                }
             }
-            let u = cursor % units;
-            cursor = u + 1;
-            if take(u) {
-                send_pages(w, ram, std::iter::once(u), &mut buf)?;
-                pushed += 1;
-                idle = 0;
-            } else {
-                idle += 1;
-            }
+            // Region by region, the one with the fewest pages missing first.
+            crate::api::PushOrder::FewestMissingFirst => loop {
+                let next = missing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .fewest_missing_region();
+                let Some(region) = next else { break };
+                let per = missing.lock().unwrap_or_else(|e| e.into_inner()).per_region;
+                for u in region * per..((region + 1) * per).min(units) {
+                    if take(u) {
+                        send_pages(w, ram, std::iter::once(u), &mut buf)?;
+                        pushed += 1;
+                    }
+                }
+            },
         }
         w.send(&Frame {
             kind: FrameKind::Complete,
@@ -573,6 +591,56 @@ fn postcopy(
     }
     w.bytes += urgent_bytes.load(Ordering::Relaxed);
     Ok(())
+}
+
+/// The post-copy source's record of what the destination still lacks: one bit per unit,
+/// and a count per 2 MiB region (for the push order).
+struct Missing {
+    bits: Vec<u64>,
+    per_region_missing: Vec<u32>,
+    /// Units per region (512 at 4 KiB, 1 at 2 MiB).
+    per_region: u64,
+}
+
+impl Missing {
+    fn new(bits: Vec<u64>, units: u64, page: u64) -> Missing {
+        let per_region = (guest_mm::table::SIZE_2M / page).max(1);
+        let mut per_region_missing = vec![0u32; units.div_ceil(per_region) as usize];
+        for u in 0..units {
+            if bits[(u / 64) as usize] & (1 << (u % 64)) != 0 {
+                per_region_missing[(u / per_region) as usize] += 1;
+            }
+        }
+        Missing {
+            bits,
+            per_region_missing,
+            per_region,
+        }
+    }
+
+    /// Claims unit `u`; false if it was sent already.
+    fn take(&mut self, u: u64) -> bool {
+        let bit = 1u64 << (u % 64);
+        let Some(word) = self.bits.get_mut((u / 64) as usize) else {
+            return false;
+        };
+        let had = *word & bit != 0;
+        *word &= !bit;
+        if had {
+            self.per_region_missing[(u / self.per_region) as usize] -= 1;
+        }
+        had
+    }
+
+    /// The region with the fewest units still missing (but some), lowest address first.
+    fn fewest_missing_region(&self) -> Option<u64> {
+        self.per_region_missing
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .min_by_key(|(i, &n)| (n, *i))
+            .map(|(i, _)| i as u64)
+    }
 }
 
 /// What the destination received before it starts the guest.
@@ -718,6 +786,31 @@ pub fn receive(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn push_order_prefers_the_regions_with_the_fewest_pages_missing() {
+        // 3 regions of 512 4 KiB units, all missing.
+        let units = 3 * 512;
+        let mut m = super::Missing::new(vec![u64::MAX; units / 64], units as u64, 4096);
+        assert_eq!(m.fewest_missing_region(), Some(0));
+        // The guest asked for two pages of region 2 and one of region 1.
+        assert!(m.take(2 * 512 + 7));
+        assert!(m.take(2 * 512 + 9));
+        assert!(m.take(512 + 3));
+        assert!(!m.take(512 + 3), "a unit is sent once");
+        assert_eq!(m.fewest_missing_region(), Some(2));
+        for u in 2 * 512..3 * 512 {
+            m.take(u);
+        }
+        assert_eq!(m.fewest_missing_region(), Some(1));
+        for u in 0..units as u64 {
+            m.take(u);
+        }
+        assert_eq!(m.fewest_missing_region(), None);
+        // 2 MiB units: one per region.
+        let m = super::Missing::new(vec![0b101], 3, 2 << 20);
+        assert_eq!(m.fewest_missing_region(), Some(0));
+    }
+
     #[test]
     fn dirty_bitmap_to_units() {
         let bm = [0b1011u64, 1 << 63];

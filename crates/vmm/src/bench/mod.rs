@@ -40,8 +40,8 @@ struct MigrationBenchArgs {
     memory: String,
     #[arg(long, default_value_t = 2)]
     vcpus: u32,
-    /// Run time of each guest (the migration starts 3 s in).
-    #[arg(long, default_value = "12s")]
+    /// Run time of each guest (the migration starts once every vCPU is past its first pass, plus 1 s).
+    #[arg(long, default_value = "20s")]
     duration: String,
     /// Also write the JSON result here.
     #[arg(long)]
@@ -521,7 +521,7 @@ fn hugevisor_migration_row(
     exe: &std::path::Path,
     args: &MigrationBenchArgs,
     case: (&str, &str, &str),
-    collapse: &str,
+    (collapse, push_order): (&str, &str),
     dir: &std::path::Path,
 ) -> serde_json::Value {
     let (backing, workload, mode) = case;
@@ -556,7 +556,7 @@ fn hugevisor_migration_row(
             .stderr(std::process::Stdio::piped())
             .spawn()
     };
-    let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode, "collapse": collapse });
+    let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode, "collapse": collapse, "push_order": push_order });
     let (dst, src) = match (
         spawn(&["--incoming", &mig, "--collapse", collapse]),
         spawn(&["--api-socket", &api.to_string_lossy()]),
@@ -564,8 +564,22 @@ fn hugevisor_migration_row(
         (Ok(d), Ok(s)) => (d, s),
         _ => return with_error(id, "spawning the migration peers".into()),
     };
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    let body = serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50 });
+    // Migrate a warm guest: every vCPU past its first pass (4 KiB first touches take
+    // seconds per GiB here), then one more second of steady passes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        let passes = crate::api::call(&api, "GET", "/api/v1/vm.info", None)
+            .ok()
+            .and_then(|(_, v)| v["passes"].as_u64())
+            .unwrap_or(0);
+        if passes >= 2 * args.vcpus as u64 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let body =
+        serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50, "push_order": push_order });
     let report = crate::api::call(&api, "PUT", "/api/v1/vm.migrate", Some(&body));
     let (s_out, d_out) = (src.wait_with_output(), dst.wait_with_output());
     let dj: serde_json::Value = d_out
@@ -597,6 +611,12 @@ fn hugevisor_migration_row(
             .into();
             // Passes the guest made on the destination: what huge pages buy after the switch.
             row["passes_after_switch"] = dj["incoming"]["passes_after_switch"].clone();
+            row["postcopy_ms"] = dj["incoming"]["postcopy_ms"].clone();
+            row["collapsed_50pct_ms"] = dj["collapse"]["collapsed_50pct_ms"].clone();
+            row["collapsed_95pct_ms"] = dj["collapse"]["collapsed_95pct_ms"].clone();
+            // The guest's last pass on the destination: warm throughput, after collapse.
+            row["steady_mib_s"] =
+                (dj["steady_bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64).into();
             row
         }
         Ok((code, r)) => with_error(id, format!("HTTP {code}: {r}")),
@@ -622,7 +642,7 @@ fn qemu_migration_row(
         backing,
         workload,
         mode,
-        warmup: std::time::Duration::from_secs(3),
+        warmup: std::time::Duration::from_secs(1),
         after: std::time::Duration::from_secs(3),
         dir,
     };
@@ -666,14 +686,18 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
             for mode in ["precopy", "postcopy", "hybrid"] {
                 eprintln!("bench: hugevisor {mode} of {workload} on {backing} ...");
                 let case = (backing, workload, mode);
-                rows.push(hugevisor_migration_row(&exe, args, case, "on-fill", &dir));
-                // What collapse on fill buys a post-copy destination (shmem: hugetlb is
-                // huge already).
+                let default = ("on-fill", "sequential");
+                rows.push(hugevisor_migration_row(&exe, args, case, default, &dir));
+                // What collapse on fill buys a post-copy destination, and whether the
+                // push order helps it (shmem: hugetlb is huge already).
                 if backing == "shmem" && mode == "postcopy" {
-                    eprintln!(
-                        "bench: hugevisor {mode} of {workload} on {backing}, collapse off ..."
-                    );
-                    rows.push(hugevisor_migration_row(&exe, args, case, "off", &dir));
+                    for variant in [("on-fill", "fewest-missing-first"), ("off", "sequential")] {
+                        eprintln!(
+                            "bench: hugevisor {mode} of {workload} on {backing}, collapse {}, push {} ...",
+                            variant.0, variant.1
+                        );
+                        rows.push(hugevisor_migration_row(&exe, args, case, variant, &dir));
+                    }
                 }
             }
             if with_qemu {
@@ -695,13 +719,13 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
     }
     println!("guest {} on {} vCPUs (QEMU: 1 vCPU); baselines: loopback TCP {:.0} MiB/s, raw userfaultfd MINOR round trip {:.1} µs", args.memory, args.vcpus, tcp / (1 << 20) as f64, minor);
     println!();
-    println!("| vmm | backing | workload | mode | total ms | downtime ms | guest stall ms | MiB sent | total vs bytes/bandwidth | rounds | demand pages | demand µs p50/p99/max | integrity errors | collapse | PMD-mapped % | passes after switch |");
-    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|");
+    println!("| vmm | backing | workload | mode | total ms | downtime ms | guest stall ms | MiB sent | total vs bytes/bandwidth | rounds | demand pages | demand µs p50/p99/max | integrity errors | collapse | PMD-mapped % | passes after switch | last-pass MiB/s |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|");
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         if let Some(e) = r.get("error") {
             println!(
-                "| {} | {} | {} | {} | error: {} | | | | | | | | | | | |",
+                "| {} | {} | {} | {} | error: {} | | | | | | | | | | | | |",
                 s("vmm"),
                 s("backing"),
                 s("workload"),
@@ -731,7 +755,7 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
             )
         };
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.1} | {} | {:.0} | ×{:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {} | {:.0} | ×{:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s("vmm"),
             s("backing"),
             s("workload"),
@@ -751,6 +775,39 @@ fn bench_migration(args: &MigrationBenchArgs) -> i32 {
                 None => "–".into(),
             },
             opt("passes_after_switch"),
+            match r["steady_mib_s"].as_f64() {
+                Some(v) => format!("{v:.0}"),
+                None => "–".into(),
+            },
+        );
+    }
+    println!();
+    println!("Post-copy on shmem: collapse on fill and the push order");
+    println!();
+    println!("| workload | collapse | push order | post-copy ms | guest stall ms | 50 % PMD-mapped at ms | 95 % at ms | PMD-mapped % | passes after switch | last-pass MiB/s |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows.iter().filter(|r| {
+        r["vmm"] == "hugevisor"
+            && r["backing"] == "shmem"
+            && r["mode"] == "postcopy"
+            && r.get("error").is_none()
+    }) {
+        let ms = |k: &str| match r[k].as_f64() {
+            Some(v) => format!("{v:.0}"),
+            None => "–".into(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r["workload"].as_str().unwrap_or(""),
+            r["collapse"].as_str().unwrap_or(""),
+            r["push_order"].as_str().unwrap_or(""),
+            ms("postcopy_ms"),
+            ms("guest_stall_ms"),
+            ms("collapsed_50pct_ms"),
+            ms("collapsed_95pct_ms"),
+            ms("pmd_mapped_pct"),
+            r["passes_after_switch"],
+            ms("steady_mib_s"),
         );
     }
     0

@@ -691,12 +691,23 @@ impl GuestRam {
     /// smaps leaves out of `Rss`) over the guest view's VMAs in /proc/self/smaps.
     /// For anon this is the whole RAM's footprint (one view).
     pub fn guest_view_rss_bytes(&self) -> Result<u64, Error> {
+        self.guest_view_smaps_sum(&["Rss", "Shared_Hugetlb", "Private_Hugetlb"])
+    }
+
+    /// Bytes of the guest view the kernel maps with PMDs right now: `AnonHugePages` +
+    /// `ShmemPmdMapped` + `FilePmdMapped` of its VMAs (hugetlb is not counted there: it is
+    /// huge by construction). What collapse achieved, by the kernel's count.
+    pub fn guest_view_pmd_mapped_bytes(&self) -> Result<u64, Error> {
+        self.guest_view_smaps_sum(&["AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"])
+    }
+
+    fn guest_view_smaps_sum(&self, fields: &[&str]) -> Result<u64, Error> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|source| Error::Os {
             op: "reading /proc/self/smaps",
             source,
         })?;
         let start = self.guest_view.addr as u64;
-        Ok(smaps_resident(&smaps, start, start + self.size))
+        Ok(smaps_sum(&smaps, start, start + self.size, fields))
     }
 
     /// Host VA ranges [start, end) of every view (for accounting).
@@ -712,8 +723,8 @@ impl GuestRam {
     }
 }
 
-/// Sum of the resident fields of every smaps VMA inside [start, end), in bytes.
-fn smaps_resident(smaps: &str, start: u64, end: u64) -> u64 {
+/// Sum of `fields` (kB values) over every smaps VMA overlapping [start, end), in bytes.
+fn smaps_sum(smaps: &str, start: u64, end: u64, fields: &[&str]) -> u64 {
     let mut inside = false;
     let mut total_kib = 0;
     for line in smaps.lines() {
@@ -728,7 +739,7 @@ fn smaps_resident(smaps: &str, start: u64, end: u64) -> u64 {
             continue;
         }
         if let Some((key, rest)) = line.split_once(':') {
-            if matches!(key, "Rss" | "Shared_Hugetlb" | "Private_Hugetlb") {
+            if fields.contains(&key) {
                 let kib = rest.trim().trim_end_matches("kB").trim();
                 total_kib += kib.parse::<u64>().unwrap_or(0);
             }
@@ -1234,14 +1245,23 @@ Shared_Hugetlb:     2048 kB
 Private_Hugetlb:       0 kB
 7f0000400000-7f0000600000 rw-p 00000000 00:00 0
 Rss:                 100 kB
+ShmemPmdMapped:     2048 kB
 ";
+        const RESIDENT: &[&str] = &["Rss", "Shared_Hugetlb", "Private_Hugetlb"];
         assert_eq!(
-            smaps_resident(smaps, 0x7f00_0000_0000, 0x7f00_0040_0000),
+            smaps_sum(smaps, 0x7f00_0000_0000, 0x7f00_0040_0000, RESIDENT),
             (8 + 2048) << 10
         );
         assert_eq!(
-            smaps_resident(smaps, 0x7f00_0040_0000, 0x7f00_0060_0000),
+            smaps_sum(smaps, 0x7f00_0040_0000, 0x7f00_0060_0000, RESIDENT),
             100 << 10
+        );
+        // The PMD-mapped count reads other fields of the same VMAs.
+        let pmd = &["AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"];
+        assert_eq!(smaps_sum(smaps, 0x7f00_0000_0000, 0x7f00_0040_0000, pmd), 0);
+        assert_eq!(
+            smaps_sum(smaps, 0x7f00_0040_0000, 0x7f00_0060_0000, pmd),
+            2048 << 10
         );
     }
 }

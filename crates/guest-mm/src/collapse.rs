@@ -412,6 +412,17 @@ mod tests {
     }
 
     #[test]
+    fn chosen_orders_are_recorded_per_region() {
+        let stage = SecondStage::all_present(4 * SIZE_2M, 4096).unwrap();
+        let choices = choose_orders(&bits(&[(0, 448)]), 63, 2);
+        stage.record_orders(SIZE_2M + 4096, &choices);
+        assert_eq!(stage.recorded_orders(SIZE_2M), choices);
+        assert!(stage.recorded_orders(0).is_empty());
+        stage.record_orders(SIZE_2M, &[]);
+        assert!(stage.recorded_orders(SIZE_2M).is_empty());
+    }
+
+    #[test]
     fn budget_parses_and_rejects() {
         let b: ScanBudget = "pages=1024,period=50ms,rate=10,max-ptes-none=0"
             .parse()

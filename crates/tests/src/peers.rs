@@ -94,3 +94,33 @@ pub fn migrate(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A destination (`run --incoming uri`) and a source (`run --api-socket api`) running the
+/// same `run` arguments, the source's guest warm (two passes done) when this returns.
+pub struct Pair {
+    pub dst: Child,
+    pub src: Child,
+}
+
+/// Starts a [`Pair`]: `common` are the `run` arguments both share; `dst_extra` and
+/// `src_extra` are added to one side each.
+pub fn start_pair(
+    common: &[&str],
+    uri: &str,
+    api: &std::path::Path,
+    dst_extra: &[&str],
+    src_extra: &[&str],
+) -> Pair {
+    let api_s = api.to_string_lossy().to_string();
+    let mut dst_args = common.to_vec();
+    dst_args.extend(["--incoming", uri]);
+    dst_args.extend(dst_extra);
+    let dst = spawn(&dst_args);
+    let mut src_args = common.to_vec();
+    src_args.extend(["--api-socket", &api_s]);
+    src_args.extend(src_extra);
+    let src = spawn(&src_args);
+    wait_for(api);
+    wait_for_passes(api, 2);
+    Pair { dst, src }
+}

@@ -1,7 +1,7 @@
 //! Collapse of guest RAM into 2 MiB huge pages, measured by the kernel (smaps of the
 //! guest view), on a post-copy destination, a pre-copy destination and in steady state.
 
-use tests::peers::{finish, migrate, scratch, spawn, wait_for, wait_for_passes};
+use tests::peers::{finish, migrate, scratch, start_pair, Pair};
 use tests::{have_kvm, run};
 
 /// Migrates a `verify` guest of `memory` by `mode` to a destination started with
@@ -10,7 +10,6 @@ fn migrate_verify(name: &str, memory: &str, mode: &str, dst_extra: &[&str]) -> s
     let dir = scratch(name);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let api = dir.join("api.sock");
-    let api_s = api.to_string_lossy().to_string();
     let common = [
         "run",
         "--memory",
@@ -27,15 +26,7 @@ fn migrate_verify(name: &str, memory: &str, mode: &str, dst_extra: &[&str]) -> s
         "off",
         "--json",
     ];
-    let mut dst_args = common.to_vec();
-    dst_args.extend(["--incoming", &uri]);
-    dst_args.extend(dst_extra);
-    let dst = spawn(&dst_args);
-    let mut src_args = common.to_vec();
-    src_args.extend(["--api-socket", &api_s]);
-    let src = spawn(&src_args);
-    wait_for(&api);
-    wait_for_passes(&api, 2);
+    let Pair { dst, src } = start_pair(&common, &uri, &api, dst_extra, &[]);
     let (code, report, err) = migrate(&api, &uri, &["--mode", mode]);
     assert_eq!(code, 0, "{name}: migrate failed: {err}");
     assert_eq!(report["mode"], mode);

@@ -6,7 +6,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use migration::{Frame, FrameKind, FrameWriter, Hello, Stream, Uri};
-use tests::peers::{finish, migrate, scratch, spawn, wait_for, wait_for_passes};
+use tests::peers::{finish, migrate, scratch, spawn, start_pair, wait_for, Pair};
 use tests::{have_hugetlb, have_kvm, HUGETLB_POOL};
 
 fn free_tcp_port() -> u16 {
@@ -35,7 +35,6 @@ fn migrate_case_with(
         _ => format!("tcp:127.0.0.1:{}", free_tcp_port()),
     };
     let api = dir.join("api.sock");
-    let api_s = api.to_string_lossy().to_string();
     let common = [
         "run",
         "--memory",
@@ -52,14 +51,7 @@ fn migrate_case_with(
         "off",
         "--json",
     ];
-    let mut dst_args = common.to_vec();
-    dst_args.extend(["--incoming", &uri]);
-    let dst = spawn(&dst_args);
-    let mut src_args = common.to_vec();
-    src_args.extend(["--api-socket", &api_s, "--dirty-log", dirty_log]);
-    let src = spawn(&src_args);
-    wait_for(&api);
-    wait_for_passes(&api, 2);
+    let Pair { dst, src } = start_pair(&common, &uri, &api, &[], &["--dirty-log", dirty_log]);
     std::thread::sleep(Duration::from_millis(300));
     let verify: &[&str] = if mode == "precopy" {
         &["--verify", "memory-hash"]

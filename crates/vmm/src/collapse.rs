@@ -40,6 +40,27 @@ enum Msg {
     Stop,
 }
 
+/// Messages taken in one go: regions with new fills, and whether to sweep.
+#[derive(Default)]
+struct Pending {
+    filled: std::collections::BTreeSet<u64>,
+    sweep: bool,
+}
+
+impl Pending {
+    /// Adds `msg`; false for Stop.
+    fn add(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Filled(gpa) => {
+                self.filled.insert(gpa & !(SIZE_2M - 1));
+            }
+            Msg::Sweep => self.sweep = true,
+            Msg::Stop => return false,
+        }
+        true
+    }
+}
+
 /// Handle to the collapse thread.
 pub struct CollapseEngine {
     tx: mpsc::Sender<Msg>,
@@ -158,27 +179,38 @@ impl Worker {
         let mut next_scan = Instant::now() + tick;
         loop {
             let wait = next_scan.saturating_duration_since(Instant::now());
+            // Take everything queued: under load, hundreds of fills arrive together, and
+            // each region's table entries are then read once, not once per page.
+            let mut pending = Pending::default();
             match rx.recv_timeout(wait) {
-                Ok(Msg::Filled(gpa)) => {
-                    let region = gpa & !(SIZE_2M - 1);
-                    // Several fills of a region can be queued by the time it completes:
-                    // the first that sees it complete tries it (retries are queued).
-                    if !self.attempted.contains(&region) && region_complete(&self.stage, region) {
-                        self.attempted.insert(region);
-                        self.attempt(region, 1);
-                    }
-                }
-                Ok(Msg::Sweep) => {
-                    let mut r = 0;
-                    while r + SIZE_2M <= self.ram.size() {
-                        if region_complete(&self.stage, r) {
-                            self.attempt(r, 1);
+                Ok(msg) => {
+                    let mut next = Some(msg);
+                    while let Some(msg) = next {
+                        if !pending.add(msg) {
+                            return;
                         }
-                        r += SIZE_2M;
+                        next = rx.try_recv().ok();
                     }
                 }
-                Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {}
+            }
+            for region in pending.filled {
+                // The first look that finds a region complete tries it (retries are
+                // queued separately).
+                if !self.attempted.contains(&region) && region_complete(&self.stage, region) {
+                    self.attempted.insert(region);
+                    self.attempt(region, 1);
+                }
+            }
+            if pending.sweep {
+                let mut r = 0;
+                while r + SIZE_2M <= self.ram.size() {
+                    if region_complete(&self.stage, r) {
+                        self.attempt(r, 1);
+                    }
+                    r += SIZE_2M;
+                }
             }
             if Instant::now() >= next_scan {
                 self.retry_due();

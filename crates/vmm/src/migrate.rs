@@ -81,6 +81,11 @@ pub fn memory_hash(ram: &GuestRam) -> std::result::Result<u32, String> {
 }
 
 /// Events from the migration thread to the monitor loop.
+/// The `page`-sized units that hold any byte of `range`.
+fn units_of(range: &std::ops::Range<u64>, page: u64) -> std::ops::Range<u64> {
+    range.start / page..range.end.div_ceil(page)
+}
+
 /// What the source's monitor answers to `Pause`.
 pub struct Paused {
     pub vcpus: Vec<VcpuState>,
@@ -358,8 +363,11 @@ fn precopy(
         .map_err(|_| "the VM is shutting down".to_string())??;
     let paused_at_ns = crate::clock::monotonic_ns();
     let last = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
-    let mailbox_units = mailbox.start / page..mailbox.end.div_ceil(page);
-    let mut all: Vec<u64> = dirty.into_iter().chain(last).chain(mailbox_units).collect();
+    let mut all: Vec<u64> = dirty
+        .into_iter()
+        .chain(last)
+        .chain(units_of(&mailbox, page))
+        .collect();
     all.sort_unstable();
     all.dedup();
     report.pages_precopy += send_pages(w, ram, all.into_iter(), &mut buf)?;
@@ -456,7 +464,7 @@ fn postcopy(
     if req.mode == "hybrid" {
         for u in dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page)
             .into_iter()
-            .chain(mailbox.start / page..mailbox.end.div_ceil(page))
+            .chain(units_of(&mailbox, page))
         {
             missing[(u / 64) as usize] |= 1 << (u % 64);
         }

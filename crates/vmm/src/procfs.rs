@@ -32,39 +32,6 @@ pub fn rss_split(ranges: &[(u64, u64)]) -> std::io::Result<(u64, u64)> {
     Ok((total, inside))
 }
 
-/// Bytes of [start, end) that the kernel maps with PMDs, from /proc/self/smaps:
-/// AnonHugePages + ShmemPmdMapped + FilePmdMapped of the VMAs inside the range (hugetlb
-/// mappings are not counted there; they are huge by construction).
-pub fn pmd_mapped_bytes(start: u64, end: u64) -> std::io::Result<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
-    let mut inside = false;
-    let mut total = 0u64;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((lo, hi)) = first.split_once('-') {
-            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
-                inside = lo >= start && hi <= end;
-                continue;
-            }
-        }
-        if !inside {
-            continue;
-        }
-        for field in ["AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:"] {
-            if let Some(rest) = line.strip_prefix(field) {
-                let kb: u64 = rest
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse()
-                    .unwrap_or(0);
-                total += kb * 1024;
-            }
-        }
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

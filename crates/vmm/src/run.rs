@@ -222,7 +222,8 @@ pub struct RunReport {
     /// Guest RAM the kernel maps with PMDs at the end of the run (smaps of the guest
     /// view), whatever our own bookkeeping says.
     pub pmd_mapped_bytes: u64,
-    /// The collapse engine's mode and counters; None when it did not run (off, hugetlb).
+    /// The collapse engine's mode and counters; None when it did not run (off, hugetlb,
+    /// or on-fill in a run that received no migration).
     pub collapse: Option<crate::collapse::CollapseReport>,
     /// How KVM reports written pages: "bitmap" or "ring".
     pub dirty_log: &'static str,
@@ -531,24 +532,30 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             .collect::<Result<_>>()?,
     };
 
-    let collapse =
-        if cfg.collapse != CollapseMode::Off && crate::collapse::applies_to(ram.backing()) {
-            let uffd = postcopy.as_ref().map(|p| p.2.clone());
-            let engine = CollapseEngine::start(
-                cfg.collapse,
-                cfg.collapse_scan,
-                ram.clone(),
-                stage.clone(),
-                uffd,
-            )
-            .map_err(|source| Error::Io {
-                what: "starting the collapse thread".into(),
-                source,
-            })?;
-            Some(Arc::new(engine))
-        } else {
-            None
-        };
+    // The engine runs only where it can have work: on-fill needs an incoming migration
+    // (a booted guest's regions never "fill"), background scans any run.
+    let collapse_has_work = match cfg.collapse {
+        CollapseMode::Off => false,
+        CollapseMode::OnFill => cfg.incoming.is_some(),
+        CollapseMode::Background => true,
+    };
+    let collapse = if collapse_has_work && crate::collapse::applies_to(ram.backing()) {
+        let uffd = postcopy.as_ref().map(|p| p.2.clone());
+        let engine = CollapseEngine::start(
+            cfg.collapse,
+            cfg.collapse_scan,
+            ram.clone(),
+            stage.clone(),
+            uffd,
+        )
+        .map_err(|source| Error::Io {
+            what: "starting the collapse thread".into(),
+            source,
+        })?;
+        Some(Arc::new(engine))
+    } else {
+        None
+    };
 
     let shared = Arc::new(VcpuShared {
         stop: Default::default(),
@@ -876,14 +883,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         }
     }
     let collapse = collapse.map(|c| c.stop());
-    let guest_view = ram.guest_view_addr() as u64;
-    let pmd_mapped_bytes =
-        procfs::pmd_mapped_bytes(guest_view, guest_view + ram.size()).map_err(|source| {
-            Error::Io {
-                what: "reading /proc/self/smaps".into(),
-                source,
-            }
-        })?;
+    let pmd_mapped_bytes = ram.guest_view_pmd_mapped_bytes()?;
     let zaps = zapper.map(StressZapper::stop).unwrap_or(0);
     numa_threads.into_iter().for_each(|t| t.stop());
     let numa = numa_engine.as_ref().map(|e| {

@@ -24,8 +24,7 @@ fn content(gpa: u64) -> Vec<u8> {
 }
 
 fn pmd_mapped(ram: &GuestRam) -> u64 {
-    let base = ram.guest_view_addr() as u64;
-    vmm::procfs::pmd_mapped_bytes(base, base + ram.size()).unwrap()
+    ram.guest_view_pmd_mapped_bytes().unwrap()
 }
 
 /// Installs the page at `gpa` as a post-copy receiver does.

@@ -657,7 +657,6 @@ fn qemu_migration_row(
                 Some(ms) => ms.into(),
                 None => serde_json::Value::Null,
             };
-            row["guest_stall_bound_ms"] = r.stall_bound_ms.into();
             row["integrity_errors"] = r.integrity_errors.into();
             row["destination_lines"] = r.destination_lines.into();
             row

@@ -1,7 +1,7 @@
 /*
  * The contract between the hugevisor guest image and the VMMs that run it.
  *
- * Mirrored in Rust by crates/guest-image/src/abi.rs; the Rust side asserts the
+ * Mirrored in Rust by guest-image/src/abi.rs; the Rust side asserts the
  * sizes and offsets at compile time, and build.rs checks the image header.
  * Every address here is a guest-physical address (the guest runs identity mapped).
  */

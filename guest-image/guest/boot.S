@@ -6,7 +6,7 @@
  *     mode at pvh_entry, ebx = struct hvm_start_info. We build identity page tables,
  *     enter long mode, set up GDT/IDT/TSS in C (kernel.c) and iretq to ring 3.
  *   - hugevisor fast path: the VMM writes the same tables itself and starts each vCPU
- *     at user_entry in 64-bit ring 3 (see crates/vmm/src/boot.rs). No ring-0 code runs
+ *     at user_entry in 64-bit ring 3 (see vmm/src/boot.rs). No ring-0 code runs
  *     unless an exception is taken.
  */
 #include "abi.h"

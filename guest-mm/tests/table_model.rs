@@ -2,6 +2,10 @@
 //! resolve against a plain per-4-KiB model. Lookups must agree with the model, and every
 //! notification range must cover every page whose mapping changed.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

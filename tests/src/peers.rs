@@ -11,7 +11,7 @@ use crate::hugevisor;
 pub fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("hv-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all(&d).expect("creating the test scratch directory");
     d
 }
 
@@ -21,11 +21,11 @@ pub fn spawn(args: &[&str]) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
+        .expect("spawning hugevisor")
 }
 
 pub fn finish(child: Child) -> (i32, serde_json::Value, String) {
-    let out = child.wait_with_output().unwrap();
+    let out = child.wait_with_output().expect("waiting for hugevisor");
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (
         out.status.code().unwrap_or(-1),
@@ -49,11 +49,11 @@ pub fn wait_for(path: &std::path::Path) {
 /// `GET /api/v1/vm.info` over the control socket.
 pub fn vm_info(api: &std::path::Path) -> serde_json::Value {
     use std::io::{Read, Write};
-    let mut c = std::os::unix::net::UnixStream::connect(api).unwrap();
+    let mut c = std::os::unix::net::UnixStream::connect(api).expect("connecting to the API socket");
     c.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: hugevisor\r\nConnection: close\r\n\r\n")
-        .unwrap();
+        .expect("writing to the API socket");
     let mut resp = String::new();
-    c.read_to_string(&mut resp).unwrap();
+    c.read_to_string(&mut resp).expect("reading the API answer");
     let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
 }
@@ -86,7 +86,7 @@ pub fn migrate(
         .arg(api)
         .args(["--to", to, "--json"])
         .args(extra);
-    let out = cmd.output().unwrap();
+    let out = cmd.output().expect("running hugevisor migrate");
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (
         out.status.code().unwrap_or(-1),

@@ -1,5 +1,9 @@
 //! Bad input: a one-line error naming the problem, non-zero exit, nothing left behind.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use tests::{have_kvm, hugetlb_free_pages, run};
 
 fn assert_one_line_error(args: &[&str], needle: &str) {

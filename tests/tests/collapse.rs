@@ -1,6 +1,10 @@
 //! Collapse of guest RAM into 2 MiB huge pages, measured by the kernel (smaps of the
 //! guest view), on a post-copy destination, a pre-copy destination and in steady state.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use tests::peers::{finish, migrate, scratch, start_pair, Pair};
 use tests::{have_kvm, run};
 

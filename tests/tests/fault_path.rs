@@ -1,6 +1,10 @@
 //! The fault path end to end: zap → vCPU touch → userfaultfd MINOR fault → resolve
 //! against the second-stage table → UFFDIO_CONTINUE, under the `verify` workload.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use tests::{have_hugetlb, have_kvm, run, HUGETLB_POOL};
 
 #[test]

@@ -2,6 +2,10 @@
 //! unix sockets), and the failure cases: a dying destination, a wrong-version peer, a
 //! corrupted page frame, a peer that stops answering.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use std::process::Child;
 use std::time::{Duration, Instant};
 

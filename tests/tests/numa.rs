@@ -1,6 +1,10 @@
 //! Guest NUMA on emulated nodes (these hosts have one node): hint faults through the
 //! fault path, placement by the balancer, and page moves that lose no write.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use tests::{have_kvm, run};
 
 fn numa_run(extra: &[&str]) -> tests::Run {

@@ -1,5 +1,9 @@
 //! Every built-in workload on every backing, with 1 and 2 vCPUs, on real KVM.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use tests::{have_hugetlb, have_kvm, run, HUGETLB_POOL};
 
 /// (backing, memory, 2 MiB pages needed, 1 GiB pages needed)

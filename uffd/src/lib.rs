@@ -481,10 +481,9 @@ impl StopFd {
                 source: std::io::Error::last_os_error(),
             });
         }
-        // SAFETY: fd is fresh and ours.
-        Ok(StopFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        // SAFETY: fd is a fresh eventfd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(StopFd { fd })
     }
 
     pub fn stop(&self) {

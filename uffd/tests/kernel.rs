@@ -3,6 +3,10 @@
 //! and anonymous memory for MISSING/WP. Includes the host facts: a MINOR-only hole is
 //! zero-filled without an event; MISSING|MINOR raises MISSING for it.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::Duration;

@@ -1,6 +1,10 @@
 //! The binary's own smoke tests (the end-to-end suite is the `tests` crate). Having an
 //! integration test here also makes `cargo test --workspace` build `hugevisor`.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 fn hugevisor() -> Command {

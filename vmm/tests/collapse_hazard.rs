@@ -6,6 +6,10 @@
 //! The "guest" is a host thread reading the guest view, which is the path a KVM vCPU's
 //! access takes here (a fault on the guest view, delivered by userfaultfd).
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -2,6 +2,10 @@
 //! the ring — including when the ring fills (the vCPU harvests its own ring on the
 //! ring-full exit and carries on) — the same pages the dirty bitmap reports.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,6 +2,10 @@
 //! thread registered as vCPU 0 touching the guest view (the same host path a KVM vCPU takes:
 //! a fault on the guest view, delivered by userfaultfd with the thread's id).
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,11 +36,9 @@ fn internal_reads_of_hinted_pages_do_not_fault_vcpu_accesses_do() {
     // Map it in the guest view (a touch from this thread, before registration), then zap it.
     // SAFETY: test: gpa is inside the 16 MiB guest view.
     let p = unsafe { ram.guest_view_addr().add(gpa as usize) } as usize;
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { std::ptr::read_volatile(p as *const u64) },
-        0x1234_5678
-    );
+    // SAFETY: as above: an aligned u64 inside the mapped guest view.
+    let word = unsafe { std::ptr::read_volatile(p as *const u64) };
+    assert_eq!(word, 0x1234_5678);
     let threads = Arc::new(VcpuThreads::new(1));
     let fp = FaultPath::start(stage.clone(), threads.clone(), base, ram.size(), None).unwrap();
     stage

@@ -3,6 +3,10 @@
 //! userfaultfd fault path) while another thread moves random 2 MiB regions between two
 //! emulated nodes through the mmu notifier. No write may be lost.
 
+// Test code: a panic is the failure report (helpers here are not #[test] fns, which
+// clippy's allow-unwrap-in-tests would cover on its own).
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -5,6 +5,7 @@
 //! Words: **hugetlb** means pages from hugetlbfs pools; **thp** means transparent huge
 //! pages. The **guest view** is what KVM maps; the **staging view** is the VMM's.
 
+pub mod addr;
 pub mod backing;
 pub mod collapse;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod size;
 pub mod stage;
 pub mod table;
 
+pub use addr::{Gpa, GpaRange, SIZE_1G, SIZE_2M, SIZE_4K};
 pub use backing::{BackingKind, GuestRam, Prefault, RamConfig, ThpMode, ViewLayout};
 pub use error::Error;
 pub use host::HostPaths;

@@ -12,8 +12,10 @@ pub mod error;
 pub mod host;
 pub mod notifier;
 pub mod numa;
+pub mod page;
 pub mod size;
 pub mod stage;
+pub mod stats;
 pub mod table;
 
 pub use addr::{Gpa, GpaRange, SIZE_1G, SIZE_2M, SIZE_4K};
@@ -21,3 +23,4 @@ pub use backing::{BackingKind, GuestRam, Prefault, RamConfig, ThpMode, ViewLayou
 pub use error::Error;
 pub use host::HostPaths;
 pub use numa::{NodeBackendKind, NumaLayout};
+pub use page::{Installed, PageContent, Pager};

@@ -662,6 +662,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     // vCPU 0's pass count when the corruption was written.
     let mut corrupted_at_pass: Option<u64> = None;
     let mut timed_out = false;
+    // `vm.shutdown` asked for the end of the run.
+    let mut shutdown_requested = false;
     while paused.is_some() || !threads.iter().all(|t| t.handle.is_finished()) {
         std::thread::sleep(POLL);
         let now = monotonic_ns();
@@ -670,16 +672,41 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 match call {
                     ApiCall::Info(reply) => {
                         let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
+                        let state = if stop_requested_at.is_some() || shutdown_requested {
+                            "stopping"
+                        } else if paused.is_some() {
+                            "paused"
+                        } else if migrate_reply.is_some() {
+                            "migrating"
+                        } else {
+                            "running"
+                        };
+                        let incoming = incoming_report.as_ref().map(|i| {
+                            let postcopy_running =
+                                postcopy_threads.as_ref().is_some_and(|h| !h.is_finished());
+                            serde_json::json!({
+                                "mode": i.mode,
+                                "phase": if postcopy_running { "postcopy" } else { "complete" },
+                            })
+                        });
                         let _ = reply.send(serde_json::json!({
-                            "state": if paused.is_some() { "paused" } else { "running" },
+                            "state": state,
                             "workload": workload_name,
                             "vcpus": vcpus,
                             "memory_bytes": ram.size(),
                             "backing": ram.backing().to_string(),
                             "passes": slots.iter().map(|s| s.passes).sum::<u64>(),
+                            "per_vcpu_passes": slots.iter().map(|s| s.passes).collect::<Vec<_>>(),
                             "integrity_errors": slots.iter().map(|s| s.integrity_errors).sum::<u64>(),
                             "numa": numa_engine.as_ref().map(|e| e.report(cfg.numa_balancing, None)),
+                            "incoming": incoming,
+                            "collapse": collapse.as_ref().map(|c| c.progress()),
+                            "pmd_mapped_bytes": ram.guest_view_pmd_mapped_bytes().ok(),
                         }));
+                    }
+                    ApiCall::Shutdown(reply) => {
+                        shutdown_requested = true;
+                        let _ = reply.send(());
                     }
                     ApiCall::Migrate(req, reply) => {
                         if migrate_reply.is_some() {
@@ -808,7 +835,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 corrupted_at_pass.is_some_and(|at| mailbox.slot(mem, 0).passes >= at + 2)
             }
         };
-        if stop_requested_at.is_none() && stop_at.is_some_and(|t| now >= t) && corruption_checked {
+        let limit_reached = shutdown_requested || stop_at.is_some_and(|t| now >= t);
+        if stop_requested_at.is_none() && limit_reached && corruption_checked {
             mailbox.request_stop(mem);
             stop_requested_at = Some(now);
         }

@@ -22,7 +22,6 @@ use guest_mm::table::{Accounting, LeafSize, PageState, Run};
 use guest_mm::{GuestRam, RamConfig, ViewLayout};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::signal::Killable;
 
 use crate::api::{ApiCall, ApiServer};
 use crate::boot;
@@ -35,10 +34,8 @@ use crate::mailbox::Mailbox;
 use crate::migrate::{MigrationReport, RunInfo, SourceEvent};
 use crate::numa::{working_sets, Balancing, NumaEngine, NumaReport, NumaSpec};
 use crate::procfs;
-use crate::vstate::vcpu::VcpuState;
-use crate::vstate::vcpu::{
-    install_kick_handler, kick_signal, Vcpu, VcpuEnd, VcpuOutcome, VcpuShared,
-};
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuEnd, VcpuEndResult};
+use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::{open_kvm, DirtyLogMethod, Vm};
 
 /// When the workload ends.
@@ -262,50 +259,6 @@ const VECTOR_NAMES: [&str; 32] = [
 const POLL: Duration = Duration::from_millis(2);
 /// How long vCPUs get to finish their pass after the stop flag before they are kicked.
 const STOP_GRACE: Duration = Duration::from_secs(30);
-
-struct RunningVcpu {
-    handle: JoinHandle<VcpuOutcome>,
-}
-
-fn spawn_vcpus(
-    vcpus: Vec<Vcpu>,
-    shared: &Arc<VcpuShared>,
-    console: &Arc<Console>,
-    ids: &Arc<VcpuThreads>,
-) -> Result<Vec<RunningVcpu>> {
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        let index = vcpu.index();
-        let (s, c, t) = (shared.clone(), console.clone(), ids.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                t.register_current(index);
-                vcpu.run(s, c)
-            });
-        match spawned {
-            Ok(handle) => threads.push(RunningVcpu { handle }),
-            Err(source) => {
-                shared.stop.store(true, Ordering::Release);
-                kick_until_finished(&threads);
-                return Err(Error::Thread { index, source });
-            }
-        }
-    }
-    Ok(threads)
-}
-
-fn kick_until_finished(threads: &[RunningVcpu]) {
-    for _ in 0..500 {
-        if threads.iter().all(|t| t.handle.is_finished()) {
-            return;
-        }
-        for t in threads.iter().filter(|t| !t.handle.is_finished()) {
-            let _ = t.handle.kill(kick_signal());
-        }
-        std::thread::sleep(POLL);
-    }
-}
 
 /// Builds the VM, runs the workload and reports. Errors are returned only for problems
 /// of the VMM or the host; guest-detected failures are in [`RunReport::outcome`].
@@ -557,12 +510,18 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         None
     };
 
-    let shared = Arc::new(VcpuShared {
-        stop: Default::default(),
-    });
     let console = Arc::new(Console::new(cfg.console));
     let launch_ns = monotonic_ns();
-    let mut threads = spawn_vcpus(built, &shared, &console, &vcpu_threads)?;
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel::<(usize, VcpuEndResult)>();
+    let tids = vcpu_threads.clone();
+    let vcpu_set = Arc::new(VcpuSet::start(
+        built,
+        &console,
+        Arc::new(move |index| tids.register_current(index)),
+        &ended_tx,
+    )?);
+    // How each vCPU's guest ended, as it does.
+    let mut ended: Vec<Option<VcpuEndResult>> = vec![None; vcpus];
     if let Some(inc) = incoming_link.take() {
         match postcopy.take() {
             // Post-copy: pages keep arriving on both channels while the guest runs.
@@ -652,7 +611,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let mut migrate_reply: Option<
         std::sync::mpsc::Sender<std::result::Result<serde_json::Value, String>>,
     > = None;
-    let mut paused: Option<Vec<VcpuOutcome>> = None;
+    // The vCPUs are paused in place for a migration's switch-over.
+    let mut paused = false;
     let mut paused_max_pass: Vec<u64> = Vec::new();
     let mut migrated: Option<MigrationReport> = None;
     let mut migration_failures = Vec::new();
@@ -664,9 +624,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let mut timed_out = false;
     // `vm.shutdown` asked for the end of the run.
     let mut shutdown_requested = false;
-    while paused.is_some() || !threads.iter().all(|t| t.handle.is_finished()) {
+    while paused || ended.iter().any(Option::is_none) {
         std::thread::sleep(POLL);
         let now = monotonic_ns();
+        while let Ok((index, end)) = ended_rx.try_recv() {
+            ended[index] = Some(end);
+        }
         if let Some((_, calls)) = &api {
             while let Ok(call) = calls.try_recv() {
                 match call {
@@ -674,7 +637,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                         let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
                         let state = if stop_requested_at.is_some() || shutdown_requested {
                             "stopping"
-                        } else if paused.is_some() {
+                        } else if paused {
                             "paused"
                         } else if migrate_reply.is_some() {
                             "migrating"
@@ -736,35 +699,19 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         while let Ok(ev) = events_rx.try_recv() {
             match ev {
                 SourceEvent::Pause(reply) => {
-                    shared.stop.store(true, Ordering::Release);
-                    kick_until_finished(&threads);
-                    if !threads.iter().all(|t| t.handle.is_finished()) {
-                        // A vCPU did not leave KVM_RUN: keep the guest running here.
-                        shared.stop.store(false, Ordering::Release);
-                        let (done, running): (Vec<_>, Vec<_>) =
-                            threads.drain(..).partition(|t| t.handle.is_finished());
-                        let back: Vec<Vcpu> = done
-                            .into_iter()
-                            .filter_map(|t| t.handle.join().ok())
-                            .map(|o| o.vcpu)
-                            .collect();
-                        threads = running;
-                        threads.extend(spawn_vcpus(back, &shared, &console, &vcpu_threads)?);
-                        let _ = reply.send(Err(
-                            "a vCPU did not stop within 1 s; the guest keeps running here".into(),
-                        ));
-                        continue;
-                    }
-                    let mut outcomes = Vec::new();
-                    for t in threads.drain(..) {
-                        if let Ok(o) = t.handle.join() {
-                            outcomes.push(o);
+                    // Stopped in place: a failed migration resumes the same threads.
+                    let states = vcpu_set.pause().and_then(|()| {
+                        vcpu_set.save_states().inspect_err(|_| {
+                            let _ = vcpu_set.resume();
+                        })
+                    });
+                    let states = match states {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = reply.send(Err(e.to_string()));
+                            continue;
                         }
-                    }
-                    let states: std::result::Result<Vec<VcpuState>, String> = outcomes
-                        .iter()
-                        .map(|o| o.vcpu.save().map_err(|e| e.to_string()))
-                        .collect();
+                    };
                     let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
                     let info = RunInfo {
                         workload: workload_name.clone(),
@@ -774,7 +721,6 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                             RunLimit::Passes(_) => None,
                         },
                         max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
-                        source_exits: outcomes.iter().map(|o| o.exits).sum(),
                         passes: slots.iter().map(|s| s.passes).sum(),
                     };
                     // The pass that spans the switch-over is measured from here: clear
@@ -783,12 +729,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                     for i in 0..vcpus {
                         mailbox.reset_max_pass(mem, i);
                     }
-                    let _ = reply.send(states.map(|s| crate::migrate::Paused {
-                        vcpus: s,
+                    let _ = reply.send(Ok(crate::migrate::Paused {
+                        vcpus: states,
                         run: info,
                         mailbox: mailbox.gpa_range(vcpus),
                     }));
-                    paused = Some(outcomes);
+                    paused = true;
                 }
                 SourceEvent::Done(result) => {
                     let reply = migrate_reply.take();
@@ -807,16 +753,14 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                                 let _ = r.send(Err(e.clone()));
                             }
                             migration_failures.push(e);
-                            // The guest never left: run it here again.
-                            if let Some(outcomes) = paused.take() {
+                            // The guest never left: run it here again, on the same threads.
+                            if paused {
                                 for (i, &before) in paused_max_pass.iter().enumerate() {
                                     let now = mailbox.slot(mem, i).max_pass_cycles;
                                     mailbox.set_max_pass(mem, i, now.max(before));
                                 }
-                                shared.stop.store(false, Ordering::Release);
-                                let vcpus_back = outcomes.into_iter().map(|o| o.vcpu).collect();
-                                threads =
-                                    spawn_vcpus(vcpus_back, &shared, &console, &vcpu_threads)?;
+                                vcpu_set.resume()?;
+                                paused = false;
                             }
                         }
                     }
@@ -826,7 +770,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         if migrated.is_some() {
             break;
         }
-        if paused.is_some() {
+        if paused {
             continue;
         }
         let corruption_checked = match cfg.corruption {
@@ -856,7 +800,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             }
         }
         // One vCPU's failure ends the run for all.
-        if threads.iter().any(|t| t.handle.is_finished()) && stop_requested_at.is_none() {
+        if ended.iter().any(Option::is_some) && stop_requested_at.is_none() {
             let failed = (0..vcpus).any(|i| {
                 let st = mailbox.slot(mem, i).state;
                 st == abi::STATE_EXCEPTION || st == abi::STATE_BAD_PARAMS
@@ -869,19 +813,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         let grace_over = stop_requested_at.is_some_and(|t| now >= t + STOP_GRACE.as_nanos() as u64);
         if now >= deadline || grace_over {
             timed_out = true;
-            shared.stop.store(true, Ordering::Release);
-            kick_until_finished(&threads);
             break;
         }
     }
-    let mut outcomes = paused.take().unwrap_or_default();
-    for (index, t) in threads.into_iter().enumerate() {
-        let o = t.handle.join().map_err(|_| Error::Vcpu {
-            index,
-            what: "vCPU thread panicked".into(),
-        })?;
-        outcomes.push(o);
-    }
+    let outcomes = vcpu_set.finish();
     // A migration still in flight ends here: the guest finished (or failed) first.
     if let Some(r) = migrate_reply.take() {
         let why = "the guest finished before the migration could complete".to_string();

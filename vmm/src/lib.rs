@@ -18,6 +18,7 @@ pub mod caps;
 pub mod cli;
 pub mod clock;
 pub mod collapse;
+pub mod config;
 pub mod console;
 pub mod error;
 pub mod fault;
@@ -27,6 +28,7 @@ pub mod numa;
 pub mod periodic;
 pub mod plot;
 pub mod procfs;
+pub mod report;
 pub mod run;
 pub mod vstate;
 

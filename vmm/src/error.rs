@@ -32,6 +32,22 @@ pub enum Error {
     GuestWrite { gpa: u64, what: String },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("{what}: {source}")]
+    Table {
+        what: &'static str,
+        #[source]
+        source: guest_mm::table::TableError,
+    },
+    #[error("NUMA: {0}")]
+    Numa(String),
+    #[error("the fault path failed: {0}")]
+    FaultPath(String),
+    #[error("{failures} host-side mapping changes (zap or userfaultfd re-registration after a NUMA move) failed; guest memory may not be protected")]
+    HostMapping { failures: u64 },
+    #[error("incoming migration: {0}")]
+    Incoming(String),
+    #[error("post-copy: {0}")]
+    Postcopy(String),
     #[error("vCPU {index}: {what}")]
     Vcpu { index: usize, what: String },
     #[error("vCPU {index} is running; its state can only be read while it is paused")]

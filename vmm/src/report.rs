@@ -2,12 +2,22 @@
 //! memory machinery counted, and how a migration went — as JSON (`--json`) or a human
 //! summary.
 
+use guest_image::abi::{self, VcpuSlot};
 use guest_mm::table::{Accounting, LeafSize, PageState, Run};
 use serde::Serialize;
 
+use crate::clock::{TscClock, TscPoint};
+use crate::config::{MemmapListing, RunConfig};
+use crate::console::Console;
+use crate::controller::RunEnd;
+use crate::error::{Error, Result};
 use crate::fault::FaultReport;
+use crate::memory::MemoryReport;
 use crate::migrate::MigrationReport;
 use crate::numa::NumaReport;
+use crate::procfs;
+use crate::vstate::vcpu::{VcpuEnd, VcpuOutcome};
+use crate::vstate::vm::DirtyLogMethod;
 
 /// The second-stage table as listed by `--memmap`.
 #[derive(Clone, Debug, Serialize)]
@@ -333,4 +343,246 @@ fn write_memmap(f: &mut std::fmt::Formatter<'_>, m: &Memmap) -> std::fmt::Result
         )?;
     }
     Ok(())
+}
+
+/// Builds the run's report from how the run ended and what guest memory counted. Errors
+/// are problems of the VMM or the host (a vCPU that failed, a timeout); what the guest
+/// found is in [`RunReport::outcome`].
+pub fn assemble(
+    cfg: &RunConfig,
+    origin: TscPoint,
+    end: RunEnd,
+    mem: MemoryReport,
+) -> Result<RunReport> {
+    let memory = &end.memory;
+    let ram = &memory.ram;
+    let clock = TscClock::calibrate(origin);
+    let pmd_mapped_bytes = ram.guest_view_pmd_mapped_bytes()?;
+    let memmap = match cfg.memmap {
+        MemmapListing::AtExit => Some(Memmap {
+            accounting: memory.stage.accounting(),
+            runs: memory.stage.runs(),
+        }),
+        MemmapListing::Off => None,
+    };
+    // Resident memory while guest RAM is still mapped.
+    let (vmm_rss, ram_rss) = procfs::rss_split(&ram.host_ranges()).map_err(|source| Error::Io {
+        what: "reading /proc/self/smaps".into(),
+        source,
+    })?;
+    let slots: Vec<VcpuSlot> = (0..cfg.vcpus as usize)
+        .map(|i| end.mailbox.slot(ram.staging(), i))
+        .collect();
+    check_vcpus(&end)?;
+    let exception = exception(&slots);
+    if end.timed_out && exception.is_none() && end.migrated.is_none() {
+        return Err(Error::Timeout(cfg.timeout));
+    }
+    let per_vcpu = vcpu_reports(&slots, &end.outcomes, &clock);
+    let first_error = slots
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.integrity_errors > 0)
+        .map(|(i, s)| IntegrityError {
+            vcpu: i,
+            gpa: s.err_gpa,
+            expected: s.err_expected,
+            found: s.err_found,
+        });
+    let integrity_errors: u64 = slots.iter().map(|s| s.integrity_errors).sum();
+    let startup = startup(cfg, &slots, &clock, origin, end.end_ns);
+    let total_passes: u64 = per_vcpu.iter().map(|v| v.passes).sum();
+    let mut incoming = end.incoming;
+    if let Some(i) = incoming.as_mut() {
+        i.passes_after_switch = total_passes.saturating_sub(i.passes_at_switch);
+    }
+    let faults = mem.faults;
+    let numa = mem.numa;
+    let collapse = mem.collapse;
+    Ok(RunReport {
+        workload: end.workload,
+        vcpus: cfg.vcpus,
+        memory_bytes: ram.size(),
+        backing: ram.backing().to_string(),
+        page_size: ram.page_size(),
+        prefault: cfg.ram.prefault == guest_mm::Prefault::Populate,
+        entry: "ring-3 fast path",
+        outcome: if exception.is_some() {
+            Outcome::GuestException
+        } else if end.migrated.is_some() {
+            Outcome::Migrated
+        } else if integrity_errors > 0 {
+            Outcome::IntegrityErrors
+        } else {
+            Outcome::Ok
+        },
+        elapsed_ms: end.end_ns.saturating_sub(end.launch_ns) as f64 / 1e6,
+        passes: total_passes,
+        pages_touched: per_vcpu.iter().map(|v| v.pages_touched).sum(),
+        integrity_errors,
+        guest_exits: end.outcomes.iter().map(|o| o.exits).sum(),
+        bytes_per_sec: per_vcpu.iter().map(|v| v.bytes_per_sec).sum(),
+        steady_bytes_per_sec: per_vcpu.iter().map(|v| v.steady_bytes_per_sec).sum(),
+        max_pass_ms: per_vcpu.iter().map(|v| v.max_pass_ms).fold(0.0, f64::max),
+        first_error,
+        exception,
+        corrupted_gpa: end.corrupted_gpa,
+        startup,
+        tsc_khz: clock.khz(),
+        vmm_rss_bytes: vmm_rss,
+        guest_ram_rss_bytes: ram_rss,
+        vmm_overhead_rss_bytes: vmm_rss.saturating_sub(ram_rss),
+        per_vcpu,
+        fault_path: memory.fault_path_name(),
+        uffd_faults: faults.as_ref().map(|f| f.uffd_faults).unwrap_or(0),
+        fault_us_p50: faults.as_ref().map(|f| f.fault_us_p50).unwrap_or(0.0),
+        fault_us_p99: faults.as_ref().map(|f| f.fault_us_p99).unwrap_or(0.0),
+        faults,
+        zaps: mem.zaps,
+        memmap,
+        numa_hint_faults: numa.as_ref().map(|n| n.numa_hint_faults).unwrap_or(0),
+        numa_hint_faults_local: numa.as_ref().map(|n| n.numa_hint_faults_local).unwrap_or(0),
+        numa_pages_migrated: numa.as_ref().map(|n| n.numa_pages_migrated).unwrap_or(0),
+        numa_migrate_failures: numa.as_ref().map(|n| n.numa_migrate_failures).unwrap_or(0),
+        locality_pct: numa.as_ref().map(|n| n.locality_pct),
+        numa,
+        migration: end.migrated,
+        migration_failures: end.migration_failures,
+        guest_stall_ms: incoming.as_ref().map(|_| {
+            clock.cycles_to_ms(slots.iter().map(|s| s.max_pass_cycles).max().unwrap_or(0))
+        }),
+        incoming,
+        collapses: collapse.as_ref().map(|c| c.stats.collapses).unwrap_or(0),
+        collapse_failures: collapse
+            .as_ref()
+            .map(|c| c.stats.collapse_failures.clone())
+            .unwrap_or_default(),
+        collapse_ms_total: collapse
+            .as_ref()
+            .map(|c| c.stats.collapse_ms_total)
+            .unwrap_or(0.0),
+        pmd_mapped_bytes,
+        collapse,
+        dirty_log: cfg.dirty_log.name(),
+        dirty_ring_entries: match cfg.dirty_log {
+            DirtyLogMethod::Ring { entries } => Some(entries),
+            DirtyLogMethod::Bitmap => None,
+        },
+        dirty_ring_full_exits: end.outcomes.iter().map(|o| o.dirty_ring_full_exits).sum(),
+    })
+}
+
+/// A vCPU that failed, or a guest that rejected its parameters, fails the run.
+fn check_vcpus(end: &RunEnd) -> Result<()> {
+    for (index, o) in end.outcomes.iter().enumerate() {
+        if let Err(what) = &o.end {
+            return Err(Error::Vcpu {
+                index,
+                what: with_console(what, &end.console),
+            });
+        }
+        if o.end
+            == Ok(VcpuEnd::Exited {
+                code: abi::EXIT_BAD_PARAMS,
+            })
+        {
+            return Err(Error::Vcpu {
+                index,
+                what: with_console("the guest rejected its parameters", &end.console),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The first exception a vCPU's slot reports.
+fn exception(slots: &[VcpuSlot]) -> Option<GuestException> {
+    slots
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.state == abi::STATE_EXCEPTION)
+        .map(|(i, s)| GuestException {
+            vcpu: i,
+            vector: s.exc_vector,
+            name: VECTOR_NAMES[(s.exc_vector & 31) as usize],
+            error_code: s.exc_error_code,
+            cr2: s.exc_cr2,
+            rip: s.exc_rip,
+        })
+}
+
+fn vcpu_reports(slots: &[VcpuSlot], outcomes: &[VcpuOutcome], clock: &TscClock) -> Vec<VcpuReport> {
+    slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let secs = clock.cycles_to_ms(s.end_tsc.saturating_sub(s.start_tsc)) / 1000.0;
+            let last = clock.cycles_to_ms(s.last_pass_cycles) / 1000.0;
+            VcpuReport {
+                vcpu: i,
+                node: s.node,
+                passes: s.passes,
+                pages_touched: s.pages_touched,
+                bytes: s.bytes,
+                integrity_errors: s.integrity_errors,
+                last_pass_ms: clock.cycles_to_ms(s.last_pass_cycles),
+                max_pass_ms: clock.cycles_to_ms(s.max_pass_cycles),
+                bytes_per_sec: if secs > 0.0 {
+                    s.bytes as f64 / secs
+                } else {
+                    0.0
+                },
+                steady_bytes_per_sec: if last > 0.0 && s.passes > 0 {
+                    s.bytes as f64 / s.passes as f64 / last
+                } else {
+                    0.0
+                },
+                guest_exits: outcomes.get(i).map(|o| o.exits).unwrap_or(0),
+                partition: [s.part_start, s.part_end],
+            }
+        })
+        .collect()
+}
+
+/// Start-up latency, from the guest's own TSC stamps.
+fn startup(
+    cfg: &RunConfig,
+    slots: &[VcpuSlot],
+    clock: &TscClock,
+    origin: TscPoint,
+    end_ns: u64,
+) -> Startup {
+    let first_insn_tsc = slots
+        .iter()
+        .map(|s| s.entry_tsc)
+        .filter(|&t| t != 0)
+        .min()
+        .unwrap_or(origin.tsc);
+    let first_insn_ns = clock.tsc_to_monotonic_ns(first_insn_tsc);
+    let last_end_tsc = slots.iter().map(|s| s.end_tsc).max().unwrap_or(0);
+    let end_ns_guest = if last_end_tsc > 0 {
+        clock.tsc_to_monotonic_ns(last_end_tsc)
+    } else {
+        end_ns
+    };
+    let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e6;
+    Startup {
+        to_first_insn_ms: ms(cfg.process_start_ns, first_insn_ns),
+        to_workload_end_ms: ms(cfg.process_start_ns, end_ns_guest),
+        first_insn_monotonic_ns: first_insn_ns,
+        process_start_monotonic_ns: cfg.process_start_ns,
+    }
+}
+
+/// `what`, followed by the guest's last console lines if it printed any.
+fn with_console(what: &str, console: &Console) -> String {
+    let recent = console.recent();
+    if recent.is_empty() {
+        what.to_string()
+    } else {
+        format!(
+            "{what}\n  last guest console lines:\n    {}",
+            recent.join("\n    ")
+        )
+    }
 }

@@ -56,7 +56,10 @@ fn touch_once(method: DirtyLogMethod, size: u64, vcpus: usize) -> Touched {
         .map(|i| Vcpu::new(&vm, i, &image).unwrap())
         .collect();
     let (ended_tx, ended_rx) = std::sync::mpsc::channel();
-    let set = VcpuSet::start(vcpus_built, &console, Arc::new(|_| {}), &ended_tx).unwrap();
+    let on_end = Arc::new(move |index, end| {
+        let _ = ended_tx.send((index, end));
+    });
+    let set = VcpuSet::start(vcpus_built, &console, Arc::new(|_| {}), on_end).unwrap();
     // Each vCPU reports the end of its guest; a full ring that was not harvested would
     // leave a vCPU stuck in KVM and its report missing.
     for _ in 0..vcpus {

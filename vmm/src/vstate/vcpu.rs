@@ -20,6 +20,7 @@ use crate::boot::{self, LoadedImage};
 use crate::console::{Console, LineBuffer};
 use crate::error::{kvm, Error, Result};
 use crate::vstate::dirty_ring::{DirtyRing, KVM_EXIT_DIRTY_RING_FULL};
+use crate::vstate::vcpu_set::OnGuestEnd;
 use crate::vstate::vm::Vm;
 
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
@@ -262,12 +263,12 @@ impl Vcpu {
 
     /// The vCPU thread: runs the guest, pausing, resuming and saving its state in place
     /// as `events` ask, until [`VcpuEvent::Finish`] (or the VMM drops its end of the
-    /// channel). Answers every event on `answers`; reports the guest's end on `ended`.
+    /// channel). Answers every event on `answers`; reports the guest's end to `on_end`.
     pub fn thread_main(
         mut self,
         events: Receiver<VcpuEvent>,
         answers: Sender<VcpuAnswer>,
-        ended: Sender<(usize, VcpuEndResult)>,
+        on_end: OnGuestEnd,
         console: Arc<Console>,
     ) -> VcpuOutcome {
         let mut counts = Counts::default();
@@ -298,11 +299,11 @@ impl Vcpu {
                 Step::Continue => {}
                 Step::End(end) => {
                     state = VcpuRunState::Ended(Ok(end));
-                    let _ = ended.send((self.index, Ok(end)));
+                    on_end(self.index, Ok(end));
                 }
                 Step::Fail(what) => {
                     state = VcpuRunState::Ended(Err(what.clone()));
-                    let _ = ended.send((self.index, Err(what)));
+                    on_end(self.index, Err(what));
                 }
             }
         };

@@ -32,6 +32,8 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// Called on each vCPU thread before it first enters the guest, with the vCPU's index
 /// (the fault path maps fault thread ids to vCPUs).
 pub type OnThreadStart = Arc<dyn Fn(usize) + Send + Sync>;
+/// Called on a vCPU thread when its guest ends, with the vCPU's index and how.
+pub type OnGuestEnd = Arc<dyn Fn(usize, VcpuEndResult) + Send + Sync>;
 
 struct VcpuThread {
     index: usize,
@@ -74,14 +76,13 @@ pub struct VcpuSet {
 }
 
 impl VcpuSet {
-    /// Starts one thread per vCPU, running the guest at once. `ended` receives each
-    /// vCPU's index and how its guest ended, when it does. On error, the threads already
-    /// started are finished before returning.
+    /// Starts one thread per vCPU, running the guest at once. On error, the threads
+    /// already started are finished before returning.
     pub fn start(
         vcpus: Vec<Vcpu>,
         console: &Arc<Console>,
         on_start: OnThreadStart,
-        ended: &Sender<(usize, VcpuEndResult)>,
+        on_end: OnGuestEnd,
     ) -> Result<VcpuSet> {
         let set = VcpuSet {
             threads: Mutex::new(Vec::with_capacity(vcpus.len())),
@@ -90,12 +91,12 @@ impl VcpuSet {
             let index = vcpu.index();
             let (events_tx, events_rx) = channel();
             let (answers_tx, answers_rx) = channel();
-            let (console, ended, on_start) = (console.clone(), ended.clone(), on_start.clone());
+            let (console, on_end, on_start) = (console.clone(), on_end.clone(), on_start.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
                     on_start(index);
-                    vcpu.thread_main(events_rx, answers_tx, ended, console)
+                    vcpu.thread_main(events_rx, answers_tx, on_end, console)
                 });
             match spawned {
                 Ok(handle) => set.lock().push(VcpuThread {
@@ -186,5 +187,12 @@ impl VcpuSet {
                 })
             })
             .collect()
+    }
+}
+
+impl Drop for VcpuSet {
+    /// No vCPU thread outlives its set (on an error path, the set is dropped unfinished).
+    fn drop(&mut self) {
+        self.finish();
     }
 }

@@ -1,0 +1,169 @@
+//! Builds a VM for a run, in the order that leaves nothing half-built: the request is
+//! checked first, then the host (KVM), then guest memory (guest-mm validates pools and
+//! limits before it maps anything), then the VM and — when the guest boots here — its
+//! vCPUs at the image's entry. A migration destination gets the same VM with no vCPUs:
+//! they arrive with the guest's state. Everything is owned by the returned [`Vmm`], so
+//! an error at any step drops what exists, in reverse order.
+
+use std::sync::Arc;
+
+use guest_image::{abi, GuestParams};
+use guest_mm::collapse::CollapseMode;
+
+use crate::api::{ApiCall, ApiServer};
+use crate::boot::{self, LoadedImage};
+use crate::config::{RunConfig, RunLimit};
+use crate::error::{Error, Result};
+use crate::mailbox::Mailbox;
+use crate::memory::Memory;
+use crate::numa::{Balancing, Topology};
+use crate::vstate::vcpu::{install_kick_handler, Vcpu};
+use crate::vstate::vm::{open_kvm, Vm};
+
+/// How the guest comes to run on this VM.
+pub enum Start {
+    /// Booted here: the vCPUs are built at the image's ring-3 entry.
+    Boot(Vec<Vcpu>),
+    /// Received from a migration source; the vCPUs come with its state.
+    Incoming(migration::Uri),
+}
+
+/// A built VM, not running yet.
+pub struct Vmm {
+    pub memory: Memory,
+    pub vm: Arc<Vm>,
+    pub image: LoadedImage,
+    pub mailbox: Mailbox,
+    pub topology: Option<Topology>,
+    pub start: Start,
+    /// The control API and the calls it receives, when `--api-socket` was given.
+    pub api: Option<(ApiServer, std::sync::mpsc::Receiver<ApiCall>)>,
+}
+
+/// Checks what can be checked without touching the host.
+fn check(cfg: &RunConfig) -> Result<Option<Topology>> {
+    cfg.ram.check_shape()?;
+    if cfg.collapse == CollapseMode::Background {
+        if cfg.ram.backing == guest_mm::BackingKind::Anon && cfg.ram.thp == guest_mm::ThpMode::Off {
+            return Err(Error::Config(
+                "--collapse background on anon with --thp off: --thp off tells the kernel no huge pages (MADV_NOHUGEPAGE), so nothing could collapse; use --thp on or --backing shmem".into(),
+            ));
+        }
+        if cfg.numa.is_some() {
+            return Err(Error::Config(
+                "--collapse background with --numa is not supported yet (NUMA moves remap regions under the scanner); use --collapse on-fill".into(),
+            ));
+        }
+    }
+    let vcpus = cfg.vcpus as usize;
+    if vcpus == 0 || vcpus > abi::MAX_VCPUS {
+        return Err(Error::Config(format!(
+            "--vcpus {vcpus}: must be between 1 and {}",
+            abi::MAX_VCPUS
+        )));
+    }
+    if !cfg.ram.size.is_multiple_of(guest_mm::SIZE_2M) {
+        return Err(Error::Config(format!(
+            "--memory {}: must be a multiple of 2 MiB (the guest maps its RAM with 2 MiB pages)",
+            cfg.ram.size
+        )));
+    }
+    let data_pages = cfg.ram.size.saturating_sub(abi::DATA_START) / guest_mm::SIZE_4K;
+    if data_pages < vcpus as u64 {
+        return Err(Error::Config(format!(
+            "--memory {} leaves {data_pages} data pages for {vcpus} vCPUs; give each vCPU at least one page",
+            cfg.ram.size
+        )));
+    }
+    let topology = match &cfg.numa {
+        Some(spec) => Some(
+            spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())
+                .map_err(Error::Config)?,
+        ),
+        None => None,
+    };
+    if let Some(t) = &topology {
+        let mut ram = cfg.ram.clone();
+        ram.numa = t.layout;
+        ram.check_shape()?;
+        if cfg.numa_balancing == Balancing::On && ram.backing == guest_mm::BackingKind::Anon {
+            return Err(Error::Config(
+                "NUMA balancing takes hint faults through userfaultfd MINOR faults, which need file-backed RAM (shmem or hugetlb); use --numa-balancing off with anon".into(),
+            ));
+        }
+    }
+    if cfg.stress_zap.is_some() && cfg.ram.backing == guest_mm::BackingKind::Anon {
+        return Err(Error::Config(
+            "--stress-zap needs file-backed RAM (shmem or hugetlb): zapping anon RAM would discard it".into(),
+        ));
+    }
+    Ok(topology)
+}
+
+/// The guest's command line for the built-in image.
+fn guest_params(cfg: &RunConfig, topology: Option<&Topology>) -> GuestParams {
+    GuestParams {
+        workload: cfg.workload,
+        passes: match cfg.limit {
+            RunLimit::Passes(p) => Some(p),
+            RunLimit::Duration(_) => None,
+        },
+        vcpus: cfg.vcpus,
+        seed: cfg.seed,
+        vcpu_nodes: topology.map(|t| t.vcpu_nodes.clone()).unwrap_or_default(),
+    }
+}
+
+/// Builds the VM `cfg` asks for.
+pub fn build(cfg: &RunConfig) -> Result<Vmm> {
+    let topology = check(cfg)?;
+    // Host capabilities first, so a missing KVM leaves nothing behind.
+    let kvm = open_kvm(&cfg.kvm_device)?;
+    install_kick_handler()?;
+
+    let memory = Memory::create(cfg, topology.as_ref())?;
+    let staging = memory.ram.staging();
+    let image = match cfg.incoming {
+        // The image (and everything else) arrives with the guest's memory.
+        Some(_) => LoadedImage {
+            info: guest_image::image_info(guest_image::IMAGE)?,
+        },
+        None => {
+            let image = boot::load_image(staging, guest_image::IMAGE, memory.ram.size())?;
+            let cmdline = guest_params(cfg, topology.as_ref()).cmdline();
+            boot::write_boot_tables(
+                staging,
+                &image,
+                memory.ram.size(),
+                cfg.vcpus as usize,
+                &cmdline,
+            )?;
+            image
+        }
+    };
+    let mailbox = Mailbox::new(image.info.mailbox);
+
+    let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log)?);
+    vm.register_ram(&memory.ram)?;
+    let api = match &cfg.api_socket {
+        Some(p) => Some(ApiServer::start(p)?),
+        None => None,
+    };
+    let start = match &cfg.incoming {
+        Some(uri) => Start::Incoming(uri.clone()),
+        None => Start::Boot(
+            (0..cfg.vcpus as usize)
+                .map(|i| Vcpu::new(&vm, i, &image))
+                .collect::<Result<_>>()?,
+        ),
+    };
+    Ok(Vmm {
+        memory,
+        vm,
+        image,
+        mailbox,
+        topology,
+        start,
+        api,
+    })
+}

@@ -1,0 +1,629 @@
+//! The run controller: one thread that owns the run's state and reacts to events —
+//! control-API calls, vCPUs whose guest ended, a migration source asking to pause or
+//! reporting its end, a destination's guest arriving — and, between events, watches the
+//! guest's mailbox for the run's limits (`--duration`, `vm.shutdown`, a failed vCPU, the
+//! corruption test) and its deadline.
+//!
+//! ```text
+//!  Receiving ──arrived──▶ Running ◀──────────── migration failed ───────┐
+//!   (destination)          │  │ vm.migrate                              │
+//!                          │  └──────────▶ Migrating ──pause──▶ Paused ─┤
+//!                          │                                            │ migration done
+//!     limit / shutdown /   ▼                                            ▼
+//!     a vCPU failed      Stopping ──every vCPU ended──▶ (end)        Migrated ─▶ (end)
+//! ```
+//! Pausing happens inside the `Migrating → Paused` step: the vCPUs stop in place
+//! ([`VcpuSet::pause`]) before the controller answers.
+
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use guest_image::abi;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::api::ApiCall;
+use crate::builder::{Start, Vmm};
+use crate::clock::monotonic_ns;
+use crate::config::{CorruptionTest, RunConfig, RunLimit};
+use crate::console::Console;
+use crate::error::{Error, Result};
+use crate::mailbox::Mailbox;
+use crate::memory::Memory;
+use crate::migrate::{MigrationReport, Paused, RunInfo, SourceEvent};
+use crate::migration_host::{Arrival, IncomingEnd, IncomingEvent};
+use crate::report::IncomingReport;
+use crate::vstate::vcpu::{Vcpu, VcpuEndResult, VcpuOutcome};
+use crate::vstate::vcpu_set::VcpuSet;
+use crate::vstate::vm::Vm;
+
+/// How often the controller looks at the guest's mailbox between events.
+const POLL: Duration = Duration::from_millis(2);
+/// How long vCPUs get to finish their pass after the stop flag before they are kicked.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Where the run is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// A migration destination waiting for, or receiving, its guest.
+    Receiving,
+    /// The guest runs here.
+    Running,
+    /// The guest runs here while a migration sends it away.
+    Migrating,
+    /// The vCPUs are stopped in place for a migration's switch-over.
+    Paused,
+    /// The run's end was asked for; the vCPUs finish their pass.
+    Stopping,
+    /// The guest was handed over to a migration destination.
+    Migrated,
+}
+
+impl RunState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Receiving => "receiving",
+            RunState::Running => "running",
+            RunState::Migrating => "migrating",
+            RunState::Paused => "paused",
+            RunState::Stopping => "stopping",
+            RunState::Migrated => "migrated",
+        }
+    }
+}
+
+/// What reaches the controller.
+pub enum Event {
+    Api(ApiCall),
+    VcpuEnded(usize, VcpuEndResult),
+    Source(SourceEvent),
+    Incoming(IncomingEvent),
+}
+
+/// Everything the run leaves for its report.
+pub struct RunEnd {
+    pub outcomes: Vec<VcpuOutcome>,
+    pub timed_out: bool,
+    pub launch_ns: u64,
+    pub end_ns: u64,
+    pub workload: String,
+    pub corrupted_gpa: Option<u64>,
+    pub migrated: Option<MigrationReport>,
+    pub migration_failures: Vec<String>,
+    pub incoming: Option<IncomingReport>,
+    pub console: Arc<Console>,
+    pub memory: Arc<Memory>,
+    pub mailbox: Mailbox,
+}
+
+/// The source side of a migration in progress.
+struct Outgoing {
+    reply: Sender<std::result::Result<serde_json::Value, String>>,
+    /// Each vCPU's worst pass when it paused, restored if the migration fails.
+    max_pass_at_pause: Vec<u64>,
+}
+
+/// The run's limits, checked on every poll.
+#[derive(Default)]
+struct Limits {
+    /// When the guest is told to stop (`--duration`, from its first start anywhere).
+    stop_at: Option<u64>,
+    /// When the stop flag was set.
+    stop_requested_at: Option<u64>,
+    shutdown_requested: bool,
+    deadline: u64,
+    timed_out: bool,
+    corrupted_gpa: Option<u64>,
+    /// vCPU 0's pass count when the corruption was written.
+    corrupted_at_pass: Option<u64>,
+}
+
+pub struct Controller<'a> {
+    cfg: &'a RunConfig,
+    memory: Arc<Memory>,
+    vm: Arc<Vm>,
+    mailbox: Mailbox,
+    console: Arc<Console>,
+    vcpus: Option<VcpuSet>,
+    ended: Vec<Option<VcpuEndResult>>,
+    state: RunState,
+    events_tx: Sender<Event>,
+    events_rx: Receiver<Event>,
+    launch_ns: u64,
+    /// Guest run time on the source before it arrived here (0 when booted here).
+    source_elapsed_ns: u64,
+    workload: String,
+    limits: Limits,
+    outgoing: Option<Outgoing>,
+    migrated: Option<MigrationReport>,
+    migration_failures: Vec<String>,
+    incoming: Option<IncomingReport>,
+    /// A destination's receiving thread has not reported its end yet.
+    incoming_pending: bool,
+    /// The destination's migration failed after the guest started here (post-copy):
+    /// the run stops and ends with this error.
+    incoming_error: Option<Error>,
+    _api: Option<crate::api::ApiServer>,
+}
+
+impl<'a> Controller<'a> {
+    /// Starts the run: boots the vCPUs, or starts receiving the guest.
+    pub fn start(cfg: &'a RunConfig, vmm: Vmm) -> Result<Controller<'a>> {
+        let (events_tx, events_rx) = channel();
+        let memory = Arc::new(vmm.memory);
+        let api = vmm.api.map(|(server, calls)| {
+            forward(calls, events_tx.clone(), Event::Api);
+            server
+        });
+        let mut c = Controller {
+            cfg,
+            memory,
+            vm: vmm.vm,
+            mailbox: vmm.mailbox,
+            console: Arc::new(Console::new(cfg.console)),
+            vcpus: None,
+            ended: vec![None; cfg.vcpus as usize],
+            state: RunState::Receiving,
+            events_tx,
+            events_rx,
+            launch_ns: monotonic_ns(),
+            source_elapsed_ns: 0,
+            workload: cfg.workload.to_string(),
+            limits: Limits::default(),
+            outgoing: None,
+            migrated: None,
+            migration_failures: Vec::new(),
+            incoming: None,
+            incoming_pending: false,
+            incoming_error: None,
+            _api: api,
+        };
+        match vmm.start {
+            Start::Boot(vcpus) => {
+                c.memory.start_collapse(false, None)?;
+                c.start_guest(vcpus)?;
+            }
+            Start::Incoming(uri) => {
+                let tx = c.events_tx.clone();
+                crate::migration_host::start_receiving(
+                    uri,
+                    c.memory.clone(),
+                    c.vm.clone(),
+                    cfg.vcpus,
+                    cfg.timeout,
+                    move |e| {
+                        let _ = tx.send(Event::Incoming(e));
+                    },
+                )?;
+                c.incoming_pending = true;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Starts the vCPU threads and what runs beside the guest; the run's clock starts.
+    fn start_guest(&mut self, vcpus: Vec<Vcpu>) -> Result<()> {
+        self.launch_ns = monotonic_ns();
+        let tids = self.memory.vcpu_threads.clone();
+        let tx = self.events_tx.clone();
+        self.vcpus = Some(VcpuSet::start(
+            vcpus,
+            &self.console,
+            Arc::new(move |index| tids.register_current(index)),
+            Arc::new(move |index, end| {
+                let _ = tx.send(Event::VcpuEnded(index, end));
+            }),
+        )?);
+        self.memory.start()?;
+        self.state = RunState::Running;
+        self.limits.deadline = self.launch_ns + self.cfg.timeout.as_nanos() as u64;
+        self.limits.stop_at = match self.cfg.limit {
+            // The duration counts from the guest's first start, on whichever host.
+            RunLimit::Duration(d) => {
+                Some(self.launch_ns + (d.as_nanos() as u64).saturating_sub(self.source_elapsed_ns))
+            }
+            RunLimit::Passes(_) => None,
+        };
+        Ok(())
+    }
+
+    /// Runs the event loop until the run ends, then finishes the vCPUs.
+    pub fn run(mut self) -> Result<RunEnd> {
+        while !self.finished() {
+            match self.events_rx.recv_timeout(POLL) {
+                Ok(event) => self.handle(event)?,
+                Err(RecvTimeoutError::Timeout) => {}
+                // The controller holds a sender itself: never happens.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if self.state != RunState::Receiving {
+                self.poll_guest()?;
+            }
+        }
+        self.finish()
+    }
+
+    fn finished(&self) -> bool {
+        match self.state {
+            RunState::Migrated => true,
+            RunState::Receiving | RunState::Paused => false,
+            RunState::Running | RunState::Migrating | RunState::Stopping => {
+                self.limits.timed_out || self.ended.iter().all(Option::is_some)
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) -> Result<()> {
+        match event {
+            Event::Api(call) => self.on_api(call),
+            Event::VcpuEnded(index, end) => {
+                if let Some(slot) = self.ended.get_mut(index) {
+                    *slot = Some(end);
+                }
+            }
+            Event::Source(SourceEvent::Pause(reply)) => {
+                let _ = reply.send(self.pause_for_migration());
+            }
+            Event::Source(SourceEvent::Done(result)) => self.on_migration_done(result)?,
+            Event::Incoming(IncomingEvent::Arrived(arrival)) => self.on_arrival(*arrival),
+            Event::Incoming(IncomingEvent::Ended(result)) => {
+                self.incoming_pending = false;
+                self.on_incoming_end(result)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_api(&mut self, call: ApiCall) {
+        match call {
+            ApiCall::Info(reply) => {
+                let _ = reply.send(self.info());
+            }
+            ApiCall::Shutdown(reply) => {
+                self.limits.shutdown_requested = true;
+                let _ = reply.send(());
+            }
+            ApiCall::Migrate(req, reply) => {
+                if self.state != RunState::Running {
+                    let why = match self.state {
+                        RunState::Migrating | RunState::Paused => {
+                            "a migration is already running".to_string()
+                        }
+                        s => format!("the VM is {}; only a running guest migrates", s.name()),
+                    };
+                    let _ = reply.send(Err(why));
+                    return;
+                }
+                let tx = self.events_tx.clone();
+                let (source_tx, source_rx) = channel();
+                forward(source_rx, tx, Event::Source);
+                let (vm, ram, n) = (self.vm.clone(), self.memory.ram.clone(), self.cfg.vcpus);
+                let spawned = std::thread::Builder::new()
+                    .name("migrate".into())
+                    .spawn(move || {
+                        let r = crate::migrate::send(vm, ram, n, req, source_tx.clone());
+                        let _ = source_tx.send(SourceEvent::Done(r));
+                    });
+                match spawned {
+                    Ok(_) => {
+                        self.state = RunState::Migrating;
+                        self.outgoing = Some(Outgoing {
+                            reply,
+                            max_pass_at_pause: Vec::new(),
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("starting the migration thread: {e}")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `vm.info`: the run as it is now.
+    fn info(&self) -> serde_json::Value {
+        let mem = self.memory.ram.staging();
+        let slots: Vec<_> = (0..self.cfg.vcpus as usize)
+            .map(|i| self.mailbox.slot(mem, i))
+            .collect();
+        let state = if self.limits.stop_requested_at.is_some() || self.limits.shutdown_requested {
+            RunState::Stopping
+        } else {
+            self.state
+        };
+        let incoming = self.incoming.as_ref().map(|i| {
+            serde_json::json!({
+                "mode": i.mode,
+                "phase": if self.incoming_pending { "postcopy" } else { "complete" },
+            })
+        });
+        serde_json::json!({
+            "state": state.name(),
+            "workload": self.workload,
+            "vcpus": self.cfg.vcpus,
+            "memory_bytes": self.memory.ram.size(),
+            "backing": self.memory.ram.backing().to_string(),
+            "passes": slots.iter().map(|s| s.passes).sum::<u64>(),
+            "per_vcpu_passes": slots.iter().map(|s| s.passes).collect::<Vec<_>>(),
+            "integrity_errors": slots.iter().map(|s| s.integrity_errors).sum::<u64>(),
+            "numa": self.memory.numa_report(),
+            "incoming": incoming,
+            "collapse": self.memory.collapse_progress(),
+            "pmd_mapped_bytes": self.memory.ram.guest_view_pmd_mapped_bytes().ok(),
+        })
+    }
+
+    /// A migration source's switch-over: the vCPUs stop in place, their state and the
+    /// run's info go to the destination.
+    fn pause_for_migration(&mut self) -> std::result::Result<Paused, String> {
+        let (Some(vcpus), Some(out)) = (&self.vcpus, self.outgoing.as_mut()) else {
+            return Err("the guest has finished".into());
+        };
+        if self.limits.timed_out || self.ended.iter().all(Option::is_some) {
+            return Err("the guest has finished".into());
+        }
+        // Stopped in place: a failed migration resumes the same threads.
+        let states = vcpus
+            .pause()
+            .and_then(|()| vcpus.save_states().inspect_err(|_| drop(vcpus.resume())))
+            .map_err(|e| e.to_string())?;
+        let mem = self.memory.ram.staging();
+        let n = self.cfg.vcpus as usize;
+        let slots: Vec<_> = (0..n).map(|i| self.mailbox.slot(mem, i)).collect();
+        let run = RunInfo {
+            workload: self.workload.clone(),
+            elapsed_ns: self.source_elapsed_ns + (monotonic_ns() - self.launch_ns),
+            duration_ns: match self.cfg.limit {
+                RunLimit::Duration(d) => Some(d.as_nanos() as u64),
+                RunLimit::Passes(_) => None,
+            },
+            max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
+            passes: slots.iter().map(|s| s.passes).sum(),
+        };
+        // The pass that spans the switch-over is measured from here: clear each worst
+        // pass (restored if the migration fails).
+        out.max_pass_at_pause = run.max_pass_cycles.clone();
+        for i in 0..n {
+            self.mailbox.reset_max_pass(mem, i);
+        }
+        self.state = RunState::Paused;
+        Ok(Paused {
+            vcpus: states,
+            run,
+            mailbox: self.mailbox.gpa_range(n),
+        })
+    }
+
+    fn on_migration_done(
+        &mut self,
+        result: std::result::Result<MigrationReport, String>,
+    ) -> Result<()> {
+        let out = self.outgoing.take();
+        match result {
+            Ok(mut report) => {
+                report.dirty_log = self.vm.dirty_log_method().name().to_string();
+                (report.dirty_log_takes, report.dirty_log_ms) = self.vm.dirty_log_cost();
+                if let Some(o) = &out {
+                    let _ = o
+                        .reply
+                        .send(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                }
+                self.migrated = Some(report);
+                self.state = RunState::Migrated;
+            }
+            Err(e) => {
+                if let Some(o) = &out {
+                    let _ = o.reply.send(Err(e.clone()));
+                }
+                self.migration_failures.push(e);
+                // The guest never left: it runs here again, on the same threads.
+                if self.state == RunState::Paused {
+                    let mem = self.memory.ram.staging();
+                    let before = out.map(|o| o.max_pass_at_pause).unwrap_or_default();
+                    for (i, &before) in before.iter().enumerate() {
+                        let now = self.mailbox.slot(mem, i).max_pass_cycles;
+                        self.mailbox.set_max_pass(mem, i, now.max(before));
+                    }
+                    if let Some(v) = &self.vcpus {
+                        v.resume()?;
+                    }
+                }
+                if matches!(self.state, RunState::Paused | RunState::Migrating) {
+                    self.state = RunState::Running;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A destination's guest is here: run it (the end of the downtime).
+    fn on_arrival(&mut self, arrival: Arrival) {
+        self.source_elapsed_ns = arrival.run.elapsed_ns;
+        self.workload = arrival.run.workload.clone();
+        self.incoming = Some(arrival.report);
+        let started = self.start_guest(arrival.vcpus);
+        let answer = match &started {
+            Ok(()) => Ok(()),
+            Err(e) => Err(Error::Incoming(format!("starting the arrived guest: {e}"))),
+        };
+        let _ = arrival.started.send(answer);
+    }
+
+    fn on_incoming_end(&mut self, result: Result<IncomingEnd>) -> Result<()> {
+        let end = match result {
+            Ok(end) => end,
+            // Before the guest started here: nothing runs, the run fails now.
+            Err(e) if self.vcpus.is_none() => return Err(e),
+            // After: pages may be missing; stop the guest and fail the run at its end.
+            Err(e) => {
+                self.incoming_error = Some(e);
+                self.request_stop(monotonic_ns());
+                return Ok(());
+            }
+        };
+        if let (Some(p), Some(report)) = (end.postcopy, self.incoming.as_mut()) {
+            report.pages_demand = p.pages_demand;
+            report.pages_pushed = p.pages_pushed;
+            report.demand_fault_us_p50 = p.demand_fault_us_p50;
+            report.demand_fault_us_p99 = p.demand_fault_us_p99;
+            report.demand_fault_us_max = p.demand_fault_us_max;
+            report.postcopy_ms = Some(p.postcopy_ms);
+        }
+        Ok(())
+    }
+
+    /// Between events: the corruption test, the run's limits, failures, the deadline.
+    fn poll_guest(&mut self) -> Result<()> {
+        if matches!(self.state, RunState::Paused | RunState::Migrated) {
+            return Ok(());
+        }
+        let now = monotonic_ns();
+        let memory = self.memory.clone();
+        let mem = memory.ram.staging();
+        let corruption_checked = match self.cfg.corruption {
+            CorruptionTest::None => true,
+            CorruptionTest::AfterFirstPass => self
+                .limits
+                .corrupted_at_pass
+                .is_some_and(|at| self.mailbox.slot(mem, 0).passes >= at + 2),
+        };
+        let limit_reached =
+            self.limits.shutdown_requested || self.limits.stop_at.is_some_and(|t| now >= t);
+        if self.limits.stop_requested_at.is_none() && limit_reached && corruption_checked {
+            self.request_stop(now);
+        }
+        if self.cfg.corruption == CorruptionTest::AfterFirstPass
+            && self.limits.corrupted_gpa.is_none()
+        {
+            self.corrupt_one_page()?;
+        }
+        // One vCPU's failure ends the run for all.
+        if self.ended.iter().any(Option::is_some) && self.limits.stop_requested_at.is_none() {
+            let failed = (0..self.cfg.vcpus as usize).any(|i| {
+                let st = self.mailbox.slot(mem, i).state;
+                st == abi::STATE_EXCEPTION || st == abi::STATE_BAD_PARAMS
+            });
+            if failed {
+                self.request_stop(now);
+            }
+        }
+        let grace_over = self
+            .limits
+            .stop_requested_at
+            .is_some_and(|t| now >= t + STOP_GRACE.as_nanos() as u64);
+        if now >= self.limits.deadline || grace_over {
+            self.limits.timed_out = true;
+        }
+        Ok(())
+    }
+
+    fn request_stop(&mut self, now: u64) {
+        self.mailbox.request_stop(self.memory.ram.staging());
+        self.limits.stop_requested_at = Some(now);
+        if self.state == RunState::Running {
+            self.state = RunState::Stopping;
+        }
+    }
+
+    /// `--inject-corruption`: after vCPU 0's first pass, overwrite one word of a page in
+    /// its partition through the staging view (the VMM's own access path).
+    fn corrupt_one_page(&mut self) -> Result<()> {
+        let mem = self.memory.ram.staging();
+        let slot = self.mailbox.slot(mem, 0);
+        if slot.passes < 1 {
+            return Ok(());
+        }
+        let pages = (slot.part_end - slot.part_start) / 4096;
+        let gpa = slot.part_start + pages / 2 * 4096 + 8;
+        let word: u64 = mem.read_obj(GuestAddress(gpa)).unwrap_or(0);
+        mem.write_obj(word ^ 0x5a5a_0000_0000_5a5a, GuestAddress(gpa))
+            .map_err(|e| Error::GuestWrite {
+                gpa,
+                what: e.to_string(),
+            })?;
+        self.limits.corrupted_gpa = Some(gpa & !0xfff);
+        self.limits.corrupted_at_pass = Some(slot.passes);
+        Ok(())
+    }
+
+    /// The run is over: finish the vCPUs, end a migration still in flight, wait for a
+    /// destination's receiving thread.
+    fn finish(mut self) -> Result<RunEnd> {
+        let outcomes = self.vcpus.take().map(|v| v.finish()).unwrap_or_default();
+        let end_ns = monotonic_ns();
+        // A migration still in flight ends here: the guest finished (or failed) first.
+        if let Some(o) = self.outgoing.take() {
+            let why = "the guest finished before the migration could complete".to_string();
+            let _ = o.reply.send(Err(why.clone()));
+            self.migration_failures.push(why);
+        }
+        while self.incoming_pending {
+            match self.events_rx.recv() {
+                Ok(Event::Incoming(IncomingEvent::Ended(r))) => {
+                    self.incoming_pending = false;
+                    self.on_incoming_end(r)?;
+                }
+                Ok(Event::Incoming(IncomingEvent::Arrived(a))) => {
+                    let _ = a
+                        .started
+                        .send(Err(Error::Incoming("the run has ended".into())));
+                }
+                Ok(other) => self.refuse(other),
+                Err(_) => break,
+            }
+        }
+        while let Ok(event) = self.events_rx.try_recv() {
+            self.refuse(event);
+        }
+        if let Some(e) = self.incoming_error.take() {
+            return Err(e);
+        }
+        Ok(RunEnd {
+            outcomes,
+            timed_out: self.limits.timed_out,
+            launch_ns: self.launch_ns,
+            end_ns,
+            workload: self.workload,
+            corrupted_gpa: self.limits.corrupted_gpa,
+            migrated: self.migrated,
+            migration_failures: self.migration_failures,
+            incoming: self.incoming,
+            console: self.console,
+            memory: self.memory.clone(),
+            mailbox: self.mailbox,
+        })
+    }
+
+    /// Answers what arrives after the end.
+    fn refuse(&self, event: Event) {
+        match event {
+            Event::Source(SourceEvent::Pause(reply)) => {
+                let _ = reply.send(Err("the guest has finished".into()));
+            }
+            Event::Api(ApiCall::Info(reply)) => {
+                let _ = reply.send(self.info());
+            }
+            Event::Api(ApiCall::Shutdown(reply)) => {
+                let _ = reply.send(());
+            }
+            Event::Api(ApiCall::Migrate(_, reply)) => {
+                let _ = reply.send(Err("the guest has finished".into()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Forwards everything `from` receives into the controller's channel, wrapped by `wrap`,
+/// on a small thread that ends when either side closes.
+fn forward<T: Send + 'static>(from: Receiver<T>, to: Sender<Event>, wrap: fn(T) -> Event) {
+    let _ = std::thread::Builder::new()
+        .name("events".into())
+        .spawn(move || {
+            while let Ok(x) = from.recv() {
+                if to.send(wrap(x)).is_err() {
+                    return;
+                }
+            }
+        });
+}

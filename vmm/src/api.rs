@@ -85,10 +85,7 @@ impl ApiServer {
     /// Listens on `path` (mode 0600); calls arrive on the returned receiver.
     pub fn start(path: &Path) -> Result<(ApiServer, Receiver<ApiCall>)> {
         if path.exists() {
-            return Err(Error::Config(format!(
-                "--api-socket {}: the path exists; remove it or choose another",
-                path.display()
-            )));
+            return Err(Error::ApiSocketExists(path.to_path_buf()));
         }
         let listener = UnixListener::bind(path).map_err(|source| Error::Io {
             what: format!("binding the API socket {}", path.display()),
@@ -261,7 +258,10 @@ pub fn call(
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::Config(format!("the API at {} answered garbage", path.display())))?;
+        .ok_or_else(|| Error::ApiAnswer {
+            path: path.to_path_buf(),
+            what: "no HTTP status line".into(),
+        })?;
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)

@@ -12,7 +12,7 @@ use guest_image::abi::{self, ImageInfo};
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::error::{Error, Result};
+use crate::error::{ConfigError, Error, Result};
 
 /// Where hugevisor puts the PVH start_info, its memory map and the command line.
 pub const START_INFO_GPA: u64 = 0x6000;
@@ -64,11 +64,11 @@ pub fn load_image(mem: &GuestMemoryMmap, elf: &[u8], ram_size: u64) -> Result<Lo
     let info = guest_image::image_info(elf)?;
     for seg in guest_image::load_segments(elf)? {
         if seg.paddr + seg.mem_size > ram_size.min(abi::DATA_START) {
-            return Err(Error::Config(format!(
-                "guest image segment at {:#x}..{:#x} does not fit below the data area",
-                seg.paddr,
-                seg.paddr + seg.mem_size
-            )));
+            return Err(ConfigError::ImageTooLarge {
+                start: seg.paddr,
+                end: seg.paddr + seg.mem_size,
+            }
+            .into());
         }
         write(mem, seg.paddr, seg.file)?;
     }
@@ -85,17 +85,22 @@ pub fn write_boot_tables(
     cmdline: &str,
 ) -> Result<()> {
     let info = &image.info;
-    if ram_size > abi::MAX_RAM_GIB * SIZE_1G || !ram_size.is_multiple_of(SIZE_2M) {
-        return Err(Error::Config(format!(
-            "guest memory of {ram_size} bytes cannot be identity mapped: it must be a multiple of 2 MiB and at most {} GiB",
-            abi::MAX_RAM_GIB
-        )));
+    if !ram_size.is_multiple_of(SIZE_2M) {
+        return Err(ConfigError::MemoryNotMultipleOf2M { size: ram_size }.into());
+    }
+    if ram_size > abi::MAX_RAM_GIB * SIZE_1G {
+        return Err(ConfigError::MemoryTooLargeForImage {
+            size: ram_size,
+            max_gib: abi::MAX_RAM_GIB,
+        }
+        .into());
     }
     if vcpus == 0 || vcpus > abi::MAX_VCPUS {
-        return Err(Error::Config(format!(
-            "{vcpus} vCPUs: the guest image supports 1 to {}",
-            abi::MAX_VCPUS
-        )));
+        return Err(ConfigError::VcpusOutOfRange {
+            vcpus,
+            max: abi::MAX_VCPUS,
+        }
+        .into());
     }
     // Identity map with 2 MiB guest pages, user-accessible (the workloads run in ring 3).
     let pml4 = info.page_tables;
@@ -156,9 +161,7 @@ fn tss_base(info: &ImageInfo, cpu: u64) -> u64 {
 /// PVH start_info (version 1) with a one-entry memory map and the command line.
 fn write_start_info(mem: &GuestMemoryMmap, ram_size: u64, cmdline: &str) -> Result<()> {
     if cmdline.len() >= CMDLINE_LIMIT {
-        return Err(Error::Config(format!(
-            "guest command line longer than {CMDLINE_LIMIT} bytes"
-        )));
+        return Err(ConfigError::CmdlineTooLong { max: CMDLINE_LIMIT }.into());
     }
     let mut cl = cmdline.as_bytes().to_vec();
     cl.push(0);

@@ -13,7 +13,7 @@ use guest_mm::collapse::CollapseMode;
 use crate::api::{ApiCall, ApiServer};
 use crate::boot::{self, LoadedImage};
 use crate::config::{RunConfig, RunLimit};
-use crate::error::{Error, Result};
+use crate::error::{ConfigError, Result};
 use crate::mailbox::Mailbox;
 use crate::memory::Memory;
 use crate::numa::{Balancing, Topology};
@@ -45,40 +45,36 @@ fn check(cfg: &RunConfig) -> Result<Option<Topology>> {
     cfg.ram.check_shape()?;
     if cfg.collapse == CollapseMode::Background {
         if cfg.ram.backing == guest_mm::BackingKind::Anon && cfg.ram.thp == guest_mm::ThpMode::Off {
-            return Err(Error::Config(
-                "--collapse background on anon with --thp off: --thp off tells the kernel no huge pages (MADV_NOHUGEPAGE), so nothing could collapse; use --thp on or --backing shmem".into(),
-            ));
+            return Err(ConfigError::CollapseNeedsThp.into());
         }
         if cfg.numa.is_some() {
-            return Err(Error::Config(
-                "--collapse background with --numa is not supported yet (NUMA moves remap regions under the scanner); use --collapse on-fill".into(),
-            ));
+            return Err(ConfigError::CollapseWithNuma.into());
         }
     }
     let vcpus = cfg.vcpus as usize;
     if vcpus == 0 || vcpus > abi::MAX_VCPUS {
-        return Err(Error::Config(format!(
-            "--vcpus {vcpus}: must be between 1 and {}",
-            abi::MAX_VCPUS
-        )));
+        return Err(ConfigError::VcpusOutOfRange {
+            vcpus,
+            max: abi::MAX_VCPUS,
+        }
+        .into());
     }
     if !cfg.ram.size.is_multiple_of(guest_mm::SIZE_2M) {
-        return Err(Error::Config(format!(
-            "--memory {}: must be a multiple of 2 MiB (the guest maps its RAM with 2 MiB pages)",
-            cfg.ram.size
-        )));
+        return Err(ConfigError::MemoryNotMultipleOf2M { size: cfg.ram.size }.into());
     }
     let data_pages = cfg.ram.size.saturating_sub(abi::DATA_START) / guest_mm::SIZE_4K;
     if data_pages < vcpus as u64 {
-        return Err(Error::Config(format!(
-            "--memory {} leaves {data_pages} data pages for {vcpus} vCPUs; give each vCPU at least one page",
-            cfg.ram.size
-        )));
+        return Err(ConfigError::TooFewDataPages {
+            size: cfg.ram.size,
+            pages: data_pages,
+            vcpus,
+        }
+        .into());
     }
     let topology = match &cfg.numa {
         Some(spec) => Some(
             spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())
-                .map_err(Error::Config)?,
+                .map_err(ConfigError::Numa)?,
         ),
         None => None,
     };
@@ -87,15 +83,11 @@ fn check(cfg: &RunConfig) -> Result<Option<Topology>> {
         ram.numa = t.layout;
         ram.check_shape()?;
         if cfg.numa_balancing == Balancing::On && ram.backing == guest_mm::BackingKind::Anon {
-            return Err(Error::Config(
-                "NUMA balancing takes hint faults through userfaultfd MINOR faults, which need file-backed RAM (shmem or hugetlb); use --numa-balancing off with anon".into(),
-            ));
+            return Err(ConfigError::NumaBalancingNeedsFileRam.into());
         }
     }
     if cfg.stress_zap.is_some() && cfg.ram.backing == guest_mm::BackingKind::Anon {
-        return Err(Error::Config(
-            "--stress-zap needs file-backed RAM (shmem or hugetlb): zapping anon RAM would discard it".into(),
-        ));
+        return Err(ConfigError::StressZapNeedsFileRam.into());
     }
     Ok(topology)
 }

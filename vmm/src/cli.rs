@@ -171,6 +171,7 @@ pub struct RunArgs {
 
 fn parse_dirty_log(s: &str) -> Result<DirtyLogMethod, String> {
     s.parse()
+        .map_err(|e: crate::vstate::vm::DirtyLogParseError| e.to_string())
 }
 
 fn parse_uri(s: &str) -> Result<migration::Uri, String> {

@@ -31,7 +31,7 @@ pub enum Error {
     #[error("writing guest memory at {gpa:#x}: {what}")]
     GuestWrite { gpa: u64, what: String },
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error("{what}: {source}")]
     Table {
         what: &'static str,
@@ -66,8 +66,15 @@ pub enum Error {
     },
     #[error("the guest did not finish within the timeout of {0:?} (raise --timeout, or check the guest console)")]
     Timeout(std::time::Duration),
-    #[error("signal set-up failed: {0}")]
-    Signal(String),
+    #[error("installing the vCPU kick signal handler failed: {source}")]
+    Signal {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--api-socket {path}: the path exists; remove it or choose another", path = .0.display())]
+    ApiSocketExists(PathBuf),
+    #[error("the API at {path} answered something that is not HTTP: {what}", path = .path.display())]
+    ApiAnswer { path: PathBuf, what: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -76,6 +83,49 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A request that cannot be run as asked (flags or API fields); nothing was built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--vcpus {vcpus}: must be between 1 and {max} (the guest image's limit)")]
+    VcpusOutOfRange { vcpus: usize, max: usize },
+    #[error(
+        "--memory {size}: must be a multiple of 2 MiB (the guest maps its RAM with 2 MiB pages)"
+    )]
+    MemoryNotMultipleOf2M { size: u64 },
+    #[error("--memory {size} cannot be identity mapped by the guest image: at most {max_gib} GiB")]
+    MemoryTooLargeForImage { size: u64, max_gib: u64 },
+    #[error("--memory {size} leaves {pages} data pages for {vcpus} vCPUs; give each vCPU at least one page")]
+    TooFewDataPages { size: u64, pages: u64, vcpus: usize },
+    #[error("guest image segment at {start:#x}..{end:#x} does not fit below the data area; rebuild hugevisor")]
+    ImageTooLarge { start: u64, end: u64 },
+    #[error("guest command line longer than {max} bytes")]
+    CmdlineTooLong { max: usize },
+    #[error("--collapse background on anon with --thp off: --thp off tells the kernel no huge pages (MADV_NOHUGEPAGE), so nothing could collapse; use --thp on or --backing shmem")]
+    CollapseNeedsThp,
+    #[error("--collapse background with --numa is not supported yet (NUMA moves remap regions under the scanner); use --collapse on-fill")]
+    CollapseWithNuma,
+    #[error("NUMA balancing takes hint faults through userfaultfd MINOR faults, which need file-backed RAM (shmem or hugetlb); use --numa-balancing off with anon")]
+    NumaBalancingNeedsFileRam,
+    #[error(
+        "--stress-zap needs file-backed RAM (shmem or hugetlb): zapping anon RAM would discard it"
+    )]
+    StressZapNeedsFileRam,
+    #[error("{0}")]
+    Numa(String),
+    #[error("post-copy needs file-backed RAM (shmem or hugetlb) on the destination")]
+    PostcopyNeedsFileRam,
+    #[error(
+        "post-copy into a destination that also runs --numa or --stress-zap is not supported yet"
+    )]
+    PostcopyWithZapping,
+    #[error("--dirty-log ring={entries}: {why}")]
+    DirtyRingEntries { entries: u32, why: &'static str },
+    #[error("--dirty-log ring={entries}: KVM refused a ring of {bytes} bytes per vCPU; try a larger ring (e.g. ring=65536) or --dirty-log bitmap")]
+    DirtyRingRefused { entries: u32, bytes: u64 },
+    #[error("KVM device path {path} contains NUL", path = .0.display())]
+    NulInPath(PathBuf),
+}
 
 pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }

@@ -257,7 +257,7 @@ impl FaultPath {
                 | uffd::Features::MINOR_SHMEM
                 | uffd::Features::MINOR_HUGETLBFS,
         )
-        .map_err(|e| Error::Config(format!("userfaultfd for the fault path: {e}")))?;
+        .map_err(|e| Error::FaultPath(format!("userfaultfd for the fault path: {e}")))?;
         let mode = match registration {
             Registration::MinorOnly => uffd::RegisterMode::MINOR,
             Registration::MissingAndMinor => {
@@ -265,12 +265,12 @@ impl FaultPath {
             }
         };
         uffd.register(base, size, mode).map_err(|e| {
-            Error::Config(format!("registering the guest view with userfaultfd: {e}"))
+            Error::FaultPath(format!("registering the guest view with userfaultfd: {e}"))
         })?;
         let uffd = Arc::new(uffd);
         let stop = Arc::new(
             uffd::StopFd::new()
-                .map_err(|e| Error::Config(format!("fault thread stop eventfd: {e}")))?,
+                .map_err(|e| Error::FaultPath(format!("fault thread stop eventfd: {e}")))?,
         );
         let stats = Arc::new(FaultStats::new(vcpus.tids.len()));
         let ctx = Ctx {

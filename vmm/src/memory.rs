@@ -17,7 +17,7 @@ use guest_mm::{GuestRam, ViewLayout};
 
 use crate::collapse::{CollapseEngine, CollapseProgress, CollapseReport};
 use crate::config::RunConfig;
-use crate::error::{Error, Result};
+use crate::error::{ConfigError, Error, Result};
 use crate::fault::{FaultPath, FaultReport, GuestViewZapper, Registration, VcpuThreads};
 use crate::numa::{working_sets, Balancing, NumaEngine, NumaReport, Topology};
 use crate::periodic::Periodic;
@@ -201,14 +201,10 @@ impl Memory {
     ) -> Result<Arc<uffd::Uffd>> {
         let mut fp = self.fault_path.lock().unwrap_or_else(|e| e.into_inner());
         if fp.is_some() {
-            return Err(Error::Config(
-                "post-copy into a destination that also runs --numa or --stress-zap is not supported yet".into(),
-            ));
+            return Err(ConfigError::PostcopyWithZapping.into());
         }
         if self.ram.view_layout() == ViewLayout::SingleView {
-            return Err(Error::Config(
-                "post-copy needs file-backed RAM (shmem or hugetlb) on the destination".into(),
-            ));
+            return Err(ConfigError::PostcopyNeedsFileRam.into());
         }
         let path = FaultPath::start_with(
             self.stage.clone(),

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use kvm_bindings::kvm_enable_cap;
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use crate::error::{kvm, Error, Result};
+use crate::error::{kvm, ConfigError, Error, Result};
 
 /// The smallest ring KVM accepts: one page of entries.
 pub const MIN_ENTRIES: u32 = 256;
@@ -107,16 +107,18 @@ pub fn offered(kvm: &kvm_ioctls::Kvm) -> Option<(RingCap, u64)> {
 }
 
 /// Checks a ring size from the command line: a power of two within what any KVM accepts.
-pub fn check_entries(entries: u32) -> std::result::Result<(), String> {
+pub fn check_entries(entries: u32) -> std::result::Result<(), ConfigError> {
     if !entries.is_power_of_two() {
-        return Err(format!(
-            "dirty ring of {entries} entries: must be a power of two (e.g. 4096, 65536)"
-        ));
+        return Err(ConfigError::DirtyRingEntries {
+            entries,
+            why: "must be a power of two (e.g. 4096, 65536)",
+        });
     }
     if !(MIN_ENTRIES..=MAX_ENTRIES).contains(&entries) {
-        return Err(format!(
-            "dirty ring of {entries} entries: must be between {MIN_ENTRIES} (4 KiB) and {MAX_ENTRIES} (1 MiB) per vCPU"
-        ));
+        return Err(ConfigError::DirtyRingEntries {
+            entries,
+            why: "must be between 256 (4 KiB) and 65536 (1 MiB) per vCPU",
+        });
     }
     Ok(())
 }
@@ -209,7 +211,7 @@ impl std::fmt::Debug for DirtyRing {
 impl DirtyRing {
     /// Enables the dirty ring on `vm`, which must have no vCPU yet.
     pub fn enable(vm: &VmFd, entries: u32) -> Result<DirtyRing> {
-        check_entries(entries).map_err(Error::Config)?;
+        check_entries(entries)?;
         let acq_rel = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into());
         let plain = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING.into());
         let (cap, cap_nr, max_bytes) = if acq_rel > 0 {
@@ -234,9 +236,7 @@ impl DirtyRing {
         vm.enable_cap(&enable).map_err(|e| match e.errno() {
             // The size passed the checks above, so KVM wants more than its reserved
             // entries (or a vCPU already exists, which this module's callers never do).
-            libc::EINVAL => Error::Config(format!(
-                "--dirty-log ring={entries}: KVM refused a ring of {bytes} bytes per vCPU; try a larger ring (e.g. ring=65536) or --dirty-log bitmap"
-            )),
+            libc::EINVAL => ConfigError::DirtyRingRefused { entries, bytes }.into(),
             _ => kvm("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)")(e),
         })?;
         // SAFETY: F_DUPFD_CLOEXEC on a valid, open fd; it returns a new fd or -1.
@@ -361,9 +361,18 @@ mod tests {
     fn ring_sizes_are_powers_of_two_within_kvm_limits() {
         assert!(check_entries(256).is_ok());
         assert!(check_entries(65536).is_ok());
-        assert!(check_entries(1000).unwrap_err().contains("power of two"));
-        assert!(check_entries(128).unwrap_err().contains("between"));
-        assert!(check_entries(131072).unwrap_err().contains("between"));
+        assert!(check_entries(1000)
+            .unwrap_err()
+            .to_string()
+            .contains("power of two"));
+        assert!(check_entries(128)
+            .unwrap_err()
+            .to_string()
+            .contains("between"));
+        assert!(check_entries(131072)
+            .unwrap_err()
+            .to_string()
+            .contains("between"));
         assert!(check_entries(0).is_err());
     }
 

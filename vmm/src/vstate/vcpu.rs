@@ -33,15 +33,17 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 /// Installs the (empty) kick handler once per process; its only job is to make
 /// `KVM_RUN` return with `EINTR`.
 pub fn install_kick_handler() -> Result<()> {
-    static INSTALLED: std::sync::OnceLock<std::result::Result<(), String>> =
+    // The outcome of the one installation, as an errno (io::Error is not Clone).
+    static INSTALLED: std::sync::OnceLock<std::result::Result<(), i32>> =
         std::sync::OnceLock::new();
     INSTALLED
         .get_or_init(|| {
             vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.errno())
         })
-        .clone()
-        .map_err(Error::Signal)
+        .map_err(|errno| Error::Signal {
+            source: std::io::Error::from_raw_os_error(errno),
+        })
 }
 
 /// How a vCPU's loop ended, when it ended normally.

@@ -10,7 +10,7 @@ use guest_mm::GuestRam;
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::error::{kvm, Error, Result};
+use crate::error::{kvm, ConfigError, Error, Result};
 use crate::vstate::dirty_ring::{self, DirtyRing};
 
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -21,7 +21,7 @@ pub fn open_kvm(path: &Path) -> Result<Kvm> {
         return Err(Error::KvmMissing(path.to_path_buf()));
     }
     let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::Config(format!("KVM device path {} contains NUL", path.display())))?;
+        .map_err(|_| ConfigError::NulInPath(path.to_path_buf()))?;
     let kvm = Kvm::new_with_path(&c).map_err(|e| match e.errno() {
         libc::EACCES | libc::EPERM => Error::KvmPermission(path.to_path_buf()),
         libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::KvmMissing(path.to_path_buf()),
@@ -74,28 +74,36 @@ impl std::fmt::Display for DirtyLogMethod {
     }
 }
 
+/// Why a `--dirty-log` value was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogParseError {
+    #[error("{0:?}: ring=ENTRIES takes a number of entries, e.g. ring=4096")]
+    NotANumber(String),
+    #[error("{0:?}: choose bitmap, ring or ring=ENTRIES (a power of two, 256..=65536)")]
+    Unknown(String),
+    #[error(transparent)]
+    Entries(#[from] ConfigError),
+}
+
 impl std::str::FromStr for DirtyLogMethod {
-    type Err = String;
+    type Err = DirtyLogParseError;
 
     /// `bitmap`, `ring` (65536 entries per vCPU) or `ring=ENTRIES`.
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, DirtyLogParseError> {
         match s.split_once('=') {
             None if s == "bitmap" => Ok(DirtyLogMethod::Bitmap),
             None if s == "ring" => Ok(DirtyLogMethod::Ring {
                 entries: dirty_ring::DEFAULT_ENTRIES,
             }),
             Some(("ring", n)) => {
-                let entries: u32 = n.trim().parse().map_err(|_| {
-                    format!("{s:?}: ring=ENTRIES takes a number of entries, e.g. ring=4096")
-                })?;
+                let entries: u32 = n
+                    .trim()
+                    .parse()
+                    .map_err(|_| DirtyLogParseError::NotANumber(s.to_string()))?;
                 dirty_ring::check_entries(entries)?;
                 Ok(DirtyLogMethod::Ring { entries })
             }
-            _ => Err(format!(
-                "{s:?}: choose bitmap, ring or ring=ENTRIES (a power of two, {}..={})",
-                dirty_ring::MIN_ENTRIES,
-                dirty_ring::MAX_ENTRIES
-            )),
+            _ => Err(DirtyLogParseError::Unknown(s.to_string())),
         }
     }
 }

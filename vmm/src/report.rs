@@ -478,7 +478,7 @@ fn check_vcpus(end: &RunEnd) -> Result<()> {
         if let Err(what) = &o.end {
             return Err(Error::Vcpu {
                 index,
-                what: with_console(what, &end.console),
+                what: with_console(&what.to_string(), &end.console),
             });
         }
         if o.end

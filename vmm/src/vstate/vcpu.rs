@@ -59,7 +59,7 @@ pub enum VcpuEnd {
 
 #[derive(Debug)]
 pub struct VcpuOutcome {
-    pub end: std::result::Result<VcpuEnd, String>,
+    pub end: VcpuEndResult,
     /// Number of `KVM_RUN` returns (guest exits) this vCPU took.
     pub exits: u64,
     /// Of those, exits because this vCPU's dirty ring was full (harvested, then resumed).
@@ -117,7 +117,40 @@ mod fpu_bytes {
 enum Step {
     Continue,
     End(VcpuEnd),
-    Fail(String),
+    Fail(VcpuFault),
+}
+
+/// Why a vCPU stopped running the guest against the guest's will.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VcpuFault {
+    #[error("guest triple fault (shutdown)")]
+    TripleFault,
+    #[error("guest accessed guest-physical {gpa:#x}, outside guest RAM")]
+    OutsideRam { gpa: u64 },
+    #[error("harvesting the full dirty ring: {0}")]
+    DirtyRingHarvest(String),
+    #[error("dirty ring full exit, but no dirty ring is on")]
+    DirtyRingMissing,
+    #[error("KVM entry failed (reason {reason:#x} on host cpu {cpu})")]
+    EntryFailed { reason: u64, cpu: u32 },
+    #[error("unexpected KVM exit {0}")]
+    UnexpectedExit(String),
+    #[error(
+        "KVM_RUN: bad address: the host mapping behind a guest access is missing or inaccessible"
+    )]
+    BadAddress,
+    #[error("KVM_RUN failed: {0}")]
+    RunFailed(String),
+    #[error("the vCPU thread panicked")]
+    Panicked,
+}
+
+/// A vCPU's failure with the registers it stopped at.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{fault}; {registers}")]
+pub struct VcpuFailure {
+    pub fault: VcpuFault,
+    pub registers: String,
 }
 
 pub struct Vcpu {
@@ -230,37 +263,30 @@ impl Vcpu {
             }
             Ok(VcpuExit::Hlt) => Step::End(VcpuEnd::Halted),
             Ok(VcpuExit::Intr) => Step::Continue,
-            Ok(VcpuExit::Shutdown) => Step::Fail("guest triple fault (shutdown)".into()),
-            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Step::Fail(
-                format!("guest accessed guest-physical {addr:#x}, outside guest RAM"),
-            ),
+            Ok(VcpuExit::Shutdown) => Step::Fail(VcpuFault::TripleFault),
+            Ok(VcpuExit::MmioRead(gpa, _)) | Ok(VcpuExit::MmioWrite(gpa, _)) => {
+                Step::Fail(VcpuFault::OutsideRam { gpa })
+            }
             // KVM will not run this vCPU again until its ring has room: harvest it into
             // the VM's dirty bitmap and reset, then carry on.
             Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
                 counts.dirty_ring_full_exits += 1;
                 match self.dirty_ring.as_ref().map(|r| r.harvest_vcpu(self.index)) {
                     Some(Ok(_)) => Step::Continue,
-                    Some(Err(e)) => Step::Fail(format!("harvesting the full dirty ring: {e}")),
-                    None => Step::Fail("dirty ring full exit, but no dirty ring is on".into()),
+                    Some(Err(e)) => Step::Fail(VcpuFault::DirtyRingHarvest(e.to_string())),
+                    None => Step::Fail(VcpuFault::DirtyRingMissing),
                 }
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fail(format!(
-                "KVM entry failed (reason {reason:#x} on host cpu {cpu})"
-            )),
-            Ok(other) => Step::Fail(format!("unexpected KVM exit {other:?}")),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Step::Fail(VcpuFault::EntryFailed { reason, cpu })
+            }
+            Ok(other) => Step::Fail(VcpuFault::UnexpectedExit(format!("{other:?}"))),
             // A kick: the thread looks at its events before it runs the guest again.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
-            Err(e) if e.errno() == libc::EFAULT => Step::Fail(
-                "KVM_RUN: bad address: the host mapping behind a guest access is missing or \
-                 inaccessible"
-                    .into(),
-            ),
-            Err(e) => Step::Fail(format!("KVM_RUN failed: {e}")),
+            Err(e) if e.errno() == libc::EFAULT => Step::Fail(VcpuFault::BadAddress),
+            Err(e) => Step::Fail(VcpuFault::RunFailed(e.to_string())),
         };
-        match step {
-            Step::Fail(what) => Step::Fail(format!("{what}; {}", self.describe_state())),
-            other => other,
-        }
+        step
     }
 
     /// The vCPU thread: runs the guest, pausing, resuming and saving its state in place
@@ -303,9 +329,13 @@ impl Vcpu {
                     state = VcpuRunState::Ended(Ok(end));
                     on_end(self.index, Ok(end));
                 }
-                Step::Fail(what) => {
-                    state = VcpuRunState::Ended(Err(what.clone()));
-                    on_end(self.index, Err(what));
+                Step::Fail(fault) => {
+                    let failure = VcpuFailure {
+                        fault,
+                        registers: self.describe_state(),
+                    };
+                    state = VcpuRunState::Ended(Err(failure.clone()));
+                    on_end(self.index, Err(failure));
                 }
             }
         };
@@ -364,7 +394,7 @@ pub enum VcpuRunState {
 }
 
 /// How a vCPU's guest ended: normally, or with a failure described for the user.
-pub type VcpuEndResult = std::result::Result<VcpuEnd, String>;
+pub type VcpuEndResult = std::result::Result<VcpuEnd, VcpuFailure>;
 
 /// What the VMM asks of a vCPU thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

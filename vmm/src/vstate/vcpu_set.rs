@@ -20,7 +20,8 @@ use vmm_sys_util::signal::Killable;
 use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::vstate::vcpu::{
-    kick_signal, Vcpu, VcpuAnswer, VcpuEndResult, VcpuEvent, VcpuOutcome, VcpuState,
+    kick_signal, Vcpu, VcpuAnswer, VcpuEndResult, VcpuEvent, VcpuFailure, VcpuFault, VcpuOutcome,
+    VcpuState,
 };
 
 /// How often an unanswered event is followed by another kick.
@@ -181,7 +182,10 @@ impl VcpuSet {
                 let index = t.index;
                 drop(t.events);
                 t.handle.join().unwrap_or(VcpuOutcome {
-                    end: Err(format!("vCPU {index} thread panicked")),
+                    end: Err(VcpuFailure {
+                        fault: VcpuFault::Panicked,
+                        registers: format!("vCPU {index}"),
+                    }),
                     exits: 0,
                     dirty_ring_full_exits: 0,
                 })

@@ -1,10 +1,14 @@
 //! Helpers for hugevisor's end-to-end tests: find the real `hugevisor` binary, check the
-//! host capabilities a test needs, run the binary and parse its JSON.
+//! host capabilities a test needs, run the binary and parse its JSON. The crate also holds
+//! the benchmark harness ([`bench`], the `hugevisor-bench` binary), which drives the same
+//! binary from outside.
 //!
 //! A test whose capability is missing prints why and skips — unless
 //! `HUGEVISOR_REQUIRE_HOST=1` (set by `.ci/run` on machines with /dev/kvm), where a
 //! skip is a failure.
 
+pub mod api;
+pub mod bench;
 pub mod peers;
 
 use std::path::PathBuf;

@@ -12,7 +12,6 @@
 //! - guest RAM (backings, views): the `guest-mm` crate
 
 pub mod api;
-pub mod bench;
 pub mod boot;
 pub mod caps;
 pub mod cli;
@@ -25,7 +24,6 @@ pub mod mailbox;
 pub mod migrate;
 pub mod numa;
 pub mod periodic;
-pub mod plot;
 pub mod procfs;
 pub mod run;
 pub mod vstate;

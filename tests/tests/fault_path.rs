@@ -5,14 +5,15 @@
 // clippy's allow-unwrap-in-tests would cover on its own).
 #![allow(clippy::unwrap_used)]
 
-use tests::{have_hugetlb, have_kvm, run, HUGETLB_POOL};
+use tests::{have_hugetlb, have_kvm, run};
 
 #[test]
 fn verify_survives_random_zaps_of_the_guest_view() {
     if !have_kvm() {
         return;
     }
-    let _pool = HUGETLB_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    // Heavy: hugetlb pool pages.
+    let _heavy = tests::heavy();
     let mut cases = vec![("shmem", "64M")];
     if have_hugetlb(2048, 32) {
         cases.push(("hugetlb-2m", "64M"));

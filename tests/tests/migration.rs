@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use migration::{Frame, FrameKind, FrameWriter, Hello, Stream, Uri};
 use tests::peers::{finish, migrate, scratch, spawn, start_pair, wait_for, Pair};
-use tests::{have_hugetlb, have_kvm, HUGETLB_POOL};
+use tests::{have_hugetlb, have_kvm};
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -154,6 +154,7 @@ fn verify_keeps_running_across_precopy_postcopy_and_hybrid_on_shmem() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     migrate_case("shmem", "precopy", "tcp");
     migrate_case("shmem", "postcopy", "unix");
     migrate_case("shmem", "hybrid", "tcp");
@@ -164,6 +165,7 @@ fn verify_keeps_running_across_precopy_with_the_dirty_ring_on_shmem() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     // The default ring (65536 entries per vCPU): zero integrity errors, equal memory
     // hashes, passes continued (all checked by migrate_case_with).
     migrate_case_with("shmem", "precopy", "tcp", "ring");
@@ -181,7 +183,8 @@ fn verify_keeps_running_across_precopy_postcopy_and_hybrid_on_hugetlb_2m() {
     if !have_kvm() {
         return;
     }
-    let _pool = HUGETLB_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    // Heavy: guest pairs, and hugetlb pool pages.
+    let _heavy = tests::heavy();
     if !have_hugetlb(2048, 64) {
         return;
     }
@@ -195,6 +198,7 @@ fn source_keeps_running_when_the_destination_dies() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     let dir = scratch("dies");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let api = dir.join("api.sock");

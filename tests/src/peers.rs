@@ -34,8 +34,13 @@ pub fn finish(child: Child) -> (i32, serde_json::Value, String) {
     )
 }
 
+/// The bound of every wait for an event in these tests: generous, so that a busy host
+/// makes a test slow, never wrong; reaching it fails the test saying what never happened.
+pub const EVENT_BOUND: Duration = Duration::from_secs(300);
+
+/// Waits until `path` (a socket the VMM binds) exists.
 pub fn wait_for(path: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
         assert!(
             Instant::now() < deadline,
@@ -61,7 +66,7 @@ pub fn vm_info(api: &std::path::Path) -> serde_json::Value {
 /// Waits until the guest behind `api` has finished `passes` passes (summed over vCPUs), so
 /// that a migration starts with counters to continue from, however loaded the host is.
 pub fn wait_for_passes(api: &std::path::Path, passes: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + EVENT_BOUND;
     loop {
         let info = vm_info(api);
         if info["passes"].as_u64().unwrap_or(0) >= passes {

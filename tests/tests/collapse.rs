@@ -54,6 +54,7 @@ fn postcopy_destination_ends_pmd_mapped_and_off_ends_near_zero() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     let on = migrate_verify("collapse-on", "1G", "postcopy", &[]);
     assert!(
         on["incoming"]["postcopy_ms"].as_f64().is_some(),
@@ -83,6 +84,7 @@ fn precopy_destination_collapses_every_region_on_resume() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     let j = migrate_verify("collapse-precopy", "128M", "precopy", &[]);
     let frac = pmd_fraction(&j);
     assert!(frac >= 0.95, "{:.1} % PMD-mapped: {j}", frac * 100.0);

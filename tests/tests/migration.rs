@@ -246,16 +246,38 @@ fn source_keeps_running_when_the_destination_dies() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A fake source: connects to a destination and sends what the test wants.
-fn fake_source(uri: &str, frames: Vec<Frame>, then_wait: Duration) {
+/// A fake source: connects to a destination, sends what the test wants, then says nothing
+/// more and keeps the connection open until the destination hangs up (it refused, or
+/// gave up waiting) — so the destination, not this end, decides when the exchange ends.
+fn fake_source(uri: &str, frames: Vec<Frame>) {
     let u: Uri = uri.parse().unwrap();
-    let s = Stream::connect(&u, Duration::from_secs(10), Duration::from_secs(30)).unwrap();
+    let s = Stream::connect(&u, Duration::from_secs(60), Duration::from_secs(30)).unwrap();
     let mut w = FrameWriter::new(s);
     for f in &frames {
         w.send(f).unwrap();
     }
     w.flush().unwrap();
-    std::thread::sleep(then_wait);
+    until_hang_up(w.get_mut(), "the destination");
+}
+
+/// Reads (and drops) whatever the peer sends until it closes the connection; panics if it
+/// has not within 120 s.
+fn until_hang_up(conn: &mut impl std::io::Read, peer: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+        assert!(Instant::now() < deadline, "{peer} never hung up (120 s)");
+    }
 }
 
 fn hello(version: u32) -> Hello {
@@ -291,11 +313,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     // Wrong version.
     let dir = scratch("version");
     let (dst, uri) = destination(&dir);
-    fake_source(
-        &uri,
-        vec![Frame::json(FrameKind::Hello, &hello(99))],
-        Duration::from_millis(200),
-    );
+    fake_source(&uri, vec![Frame::json(FrameKind::Hello, &hello(99))]);
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);
     assert!(
@@ -307,11 +325,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     let (dst, uri) = destination(&dir);
     let mut h = hello(migration::PROTOCOL_VERSION);
     h.memory_bytes = 64 << 20;
-    fake_source(
-        &uri,
-        vec![Frame::json(FrameKind::Hello, &h)],
-        Duration::from_millis(200),
-    );
+    fake_source(&uri, vec![Frame::json(FrameKind::Hello, &h)]);
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);
     assert!(err.contains("memory") && err.contains("--memory"), "{err}");
@@ -325,7 +339,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     bytes[n - 7] ^= 0x10;
     let u: Uri = uri.parse().unwrap();
     {
-        let s = Stream::connect(&u, Duration::from_secs(10), Duration::from_secs(30)).unwrap();
+        let s = Stream::connect(&u, Duration::from_secs(60), Duration::from_secs(30)).unwrap();
         let mut w = FrameWriter::new(s);
         w.send(&Frame::json(
             FrameKind::Hello,
@@ -335,7 +349,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
         use std::io::Write;
         w.get_mut().write_all(&bytes).unwrap();
         w.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        until_hang_up(w.get_mut(), "the destination");
     }
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);
@@ -352,7 +366,6 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
                 FrameKind::Hello,
                 &hello(migration::PROTOCOL_VERSION),
             )],
-            Duration::from_secs(15),
         )
     });
     let (code, _, err) = finish(dst);
@@ -377,10 +390,11 @@ fn a_destination_that_never_answers_fails_the_migration_not_the_guest() {
     let api_s = api.to_string_lossy().to_string();
     let mute = dir.join("mute.sock");
     let listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    // Accepts, then stays mute until the source gives up and hangs up.
     let holder = std::thread::spawn(move || {
-        let c = listener.accept();
-        std::thread::sleep(Duration::from_secs(14));
-        drop(c);
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        until_hang_up(&mut c, "the source");
     });
     let src = spawn(&[
         "run",

@@ -3,7 +3,7 @@
 //! raw-userfaultfd baselines and QEMU `-M microvm` migrating the same image ([`super::qemu`]).
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -46,10 +46,14 @@ type Case<'a> = (&'a str, &'a str, &'a str);
 type Variant<'a> = (&'a str, &'a str);
 
 /// Migrate a warm guest: every vCPU past its first pass (4 KiB first touches take seconds
-/// per GiB here), then one more second of steady passes.
-fn wait_until_warm(api_path: &Path, vcpus: u32) {
+/// per GiB here), then one more second of steady passes. Gives up at once if the source
+/// has exited (it failed to start: the row then says why).
+fn wait_until_warm(api_path: &Path, vcpus: u32, src: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
+        if matches!(src.try_wait(), Ok(Some(_))) {
+            return;
+        }
         let passes = api::info(api_path)
             .ok()
             .and_then(|v| v["passes"].as_u64())
@@ -102,14 +106,14 @@ fn hugevisor_migration_row(
             .spawn()
     };
     let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode, "collapse": collapse, "push_order": push_order });
-    let (dst, src) = match (
+    let (dst, mut src) = match (
         spawn(&["--incoming", &mig, "--collapse", collapse]),
         spawn(&["--api-socket", &api_path.to_string_lossy()]),
     ) {
         (Ok(d), Ok(s)) => (d, s),
         _ => return with_error(id, "spawning the migration peers".into()),
     };
-    wait_until_warm(&api_path, args.vcpus);
+    wait_until_warm(&api_path, args.vcpus, &mut src);
     let body =
         serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50, "push_order": push_order });
     let report = api::call(

@@ -3,6 +3,7 @@
 //! runtime to pull in for it.
 //!
 //! - `GET /api/v1/vm.info` — the running VM: workload, vCPUs, memory, counters.
+//! - `PUT /api/v1/vm.shutdown` — ends the run as `--duration` would; answers 204.
 //! - `PUT /api/v1/vm.migrate` `{"to": URI, "mode": "precopy"|"postcopy"|"hybrid",
 //!   "downtime_ms": N}` — migrates and answers when the migration has ended.
 
@@ -66,6 +67,8 @@ fn default_downtime() -> u64 {
 /// A request the API thread hands to the VMM's monitor loop, with where to answer.
 pub enum ApiCall {
     Info(Sender<serde_json::Value>),
+    /// End the run as `--duration` would: the guest finishes its pass, the report follows.
+    Shutdown(Sender<()>),
     Migrate(
         MigrateRequest,
         Sender<std::result::Result<serde_json::Value, String>>,
@@ -145,12 +148,17 @@ impl Drop for ApiServer {
 fn respond(mut conn: &UnixStream, status: u16, body: &serde_json::Value) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         404 => "Not Found",
         409 => "Conflict",
         _ => "Internal Server Error",
     };
-    let text = body.to_string();
+    let text = if status == 204 {
+        String::new()
+    } else {
+        body.to_string()
+    };
     write!(
         conn,
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
@@ -189,6 +197,16 @@ fn serve(conn: UnixStream, tx: &Sender<ApiCall>) -> std::io::Result<()> {
             }
             match rrx.recv_timeout(Duration::from_secs(10)) {
                 Ok(v) => respond(&conn, 200, &v),
+                Err(_) => respond(&conn, 500, &err("the VM did not answer".into())),
+            }
+        }
+        ("PUT", "/api/v1/vm.shutdown") => {
+            let (rtx, rrx) = channel();
+            if tx.send(ApiCall::Shutdown(rtx)).is_err() {
+                return respond(&conn, 500, &err("the VM is shutting down".into()));
+            }
+            match rrx.recv_timeout(Duration::from_secs(10)) {
+                Ok(()) => respond(&conn, 204, &serde_json::Value::Null),
                 Err(_) => respond(&conn, 500, &err("the VM did not answer".into())),
             }
         }

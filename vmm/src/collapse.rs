@@ -13,6 +13,7 @@
 //! EAGAIN, ENOMEM), retried up to `MAX_ATTEMPTS` times; it never changes guest content.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -64,9 +65,25 @@ impl Pending {
 /// Handle to the collapse thread.
 pub struct CollapseEngine {
     tx: mpsc::Sender<Msg>,
+    /// Fill and sweep messages sent but not yet handled, plus queued retries: zero when
+    /// the engine has nothing left to do (what tests and `vm.info` wait for).
+    outstanding: Arc<std::sync::atomic::AtomicU64>,
+    scan_sweeps: Arc<std::sync::atomic::AtomicU64>,
     handle: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<Mutex<CollapseStats>>,
     mode: CollapseMode,
+}
+
+/// The engine's state while it runs (`vm.info`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CollapseProgress {
+    pub mode: &'static str,
+    pub collapses: u64,
+    /// Nothing queued: no fill or sweep waiting, no retry pending.
+    pub idle: bool,
+    pub regions_scanned: u64,
+    /// Full passes of the background scan over guest RAM.
+    pub scan_sweeps: u64,
 }
 
 /// What the run report carries about collapse.
@@ -94,7 +111,11 @@ impl CollapseEngine {
     ) -> std::io::Result<CollapseEngine> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(CollapseStats::default()));
+        let outstanding = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let scan_sweeps = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let worker = Worker {
+            outstanding: outstanding.clone(),
+            scan_sweeps: scan_sweeps.clone(),
             mode,
             budget,
             ram,
@@ -113,6 +134,8 @@ impl CollapseEngine {
             .spawn(move || worker.run(rx))?;
         Ok(CollapseEngine {
             tx,
+            outstanding,
+            scan_sweeps,
             handle: Mutex::new(Some(handle)),
             stats,
             mode,
@@ -121,12 +144,31 @@ impl CollapseEngine {
 
     /// A page at `gpa` now holds its final content.
     pub fn filled(&self, gpa: u64) {
-        let _ = self.tx.send(Msg::Filled(gpa));
+        self.send(Msg::Filled(gpa));
     }
 
     /// Look at every region once (complete ones collapse).
     pub fn sweep(&self) {
-        let _ = self.tx.send(Msg::Sweep);
+        self.send(Msg::Sweep);
+    }
+
+    fn send(&self, msg: Msg) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(msg).is_err() {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// What the engine has done so far, while it runs.
+    pub fn progress(&self) -> CollapseProgress {
+        let s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        CollapseProgress {
+            mode: self.mode.name(),
+            collapses: s.collapses,
+            idle: self.outstanding.load(Ordering::Acquire) == 0,
+            regions_scanned: s.regions_scanned,
+            scan_sweeps: self.scan_sweeps.load(Ordering::Acquire),
+        }
     }
 
     /// Stops the thread (pending work is dropped) and returns what it did.
@@ -145,6 +187,8 @@ impl CollapseEngine {
 }
 
 struct Worker {
+    outstanding: Arc<std::sync::atomic::AtomicU64>,
+    scan_sweeps: Arc<std::sync::atomic::AtomicU64>,
     mode: CollapseMode,
     budget: ScanBudget,
     ram: Arc<GuestRam>,
@@ -182,6 +226,7 @@ impl Worker {
             // Take everything queued: under load, hundreds of fills arrive together, and
             // each region's table entries are then read once, not once per page.
             let mut pending = Pending::default();
+            let mut taken = 0u64;
             match rx.recv_timeout(wait) {
                 Ok(msg) => {
                     let mut next = Some(msg);
@@ -189,6 +234,7 @@ impl Worker {
                         if !pending.add(msg) {
                             return;
                         }
+                        taken += 1;
                         next = rx.try_recv().ok();
                     }
                 }
@@ -219,6 +265,8 @@ impl Worker {
                 }
                 next_scan = Instant::now() + tick;
             }
+            // Handled only now, after the regions they named were tried.
+            self.outstanding.fetch_sub(taken, Ordering::AcqRel);
         }
     }
 
@@ -257,6 +305,7 @@ impl Worker {
             Err(why) => {
                 self.stats().failed(why);
                 if why.retry_later() && attempt < MAX_ATTEMPTS {
+                    self.outstanding.fetch_add(1, Ordering::AcqRel);
                     self.retries
                         .push_back((region, attempt + 1, Instant::now() + RETRY_AFTER));
                 }
@@ -274,11 +323,13 @@ impl Worker {
             .filter(|r| r.2 <= now)
             .collect();
         self.retries.retain(|r| r.2 > now);
+        let due_count = due.len() as u64;
         for (region, attempt, _) in due {
             if region_complete(&self.stage, region) {
                 self.attempt(region, attempt);
             }
         }
+        self.outstanding.fetch_sub(due_count, Ordering::AcqRel);
     }
 
     /// Which of the region's 512 pages the host holds (mincore of the guest view).
@@ -317,6 +368,9 @@ impl Worker {
         for _ in 0..regions.min(total) {
             let region = self.cursor;
             self.cursor = (self.cursor + SIZE_2M) % (total * SIZE_2M);
+            if self.cursor == 0 {
+                self.scan_sweeps.fetch_add(1, Ordering::AcqRel);
+            }
             // Already one leaf: nothing to do.
             if !matches!(
                 self.stage.inspect(|t| t.region_2m(region)),

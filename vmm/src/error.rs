@@ -34,6 +34,15 @@ pub enum Error {
     Config(String),
     #[error("vCPU {index}: {what}")]
     Vcpu { index: usize, what: String },
+    #[error("vCPU {index} is running; its state can only be read while it is paused")]
+    VcpuRunning { index: usize },
+    #[error("vCPU {index} did not answer within {waited:?} (stuck in KVM_RUN?); the guest keeps running")]
+    VcpuUnresponsive {
+        index: usize,
+        waited: std::time::Duration,
+    },
+    #[error("vCPU {index}'s thread has ended")]
+    VcpuGone { index: usize },
     #[error("starting vCPU thread {index}: {source}")]
     Thread {
         index: usize,

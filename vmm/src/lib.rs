@@ -17,6 +17,7 @@ pub mod caps;
 pub mod cli;
 pub mod clock;
 pub mod collapse;
+pub mod config;
 pub mod console;
 pub mod error;
 pub mod fault;
@@ -25,6 +26,7 @@ pub mod migrate;
 pub mod numa;
 pub mod periodic;
 pub mod procfs;
+pub mod report;
 pub mod run;
 pub mod vstate;
 

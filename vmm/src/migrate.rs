@@ -44,7 +44,6 @@ pub struct RunInfo {
     pub duration_ns: Option<u64>,
     /// Guest worst pass per vCPU at the switch (cycles), to find the stall afterwards.
     pub max_pass_cycles: Vec<u64>,
-    pub source_exits: u64,
     /// Passes of all vCPUs at the switch, to count those made on the destination.
     #[serde(default)]
     pub passes: u64,

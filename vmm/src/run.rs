@@ -6,306 +6,42 @@
 //! maps anything), then the VM. Everything is owned by this function's stack, so an error
 //! at any step drops what exists in reverse order.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use guest_image::abi;
-use guest_image::{GuestParams, Workload};
+use guest_image::GuestParams;
 use guest_mm::collapse::CollapseMode;
 use guest_mm::notifier::GpaRange;
-use guest_mm::numa::BalancerConfig;
 use guest_mm::stage::{Change, SecondStage};
-use guest_mm::table::{Accounting, LeafSize, PageState, Run};
-use guest_mm::{GuestRam, RamConfig, ViewLayout};
-use serde::Serialize;
+use guest_mm::{GuestRam, ViewLayout};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::signal::Killable;
 
 use crate::api::{ApiCall, ApiServer};
 use crate::boot;
 use crate::clock::{monotonic_ns, TscClock, TscPoint};
 use crate::collapse::CollapseEngine;
-use crate::console::{Console, ConsoleMode};
+pub use crate::config::{CorruptionTest, MemmapListing, RunConfig, RunLimit};
+use crate::console::Console;
 use crate::error::{Error, Result};
-use crate::fault::{FaultPath, FaultReport, GuestViewZapper, VcpuThreads};
+use crate::fault::{FaultPath, GuestViewZapper, VcpuThreads};
 use crate::mailbox::Mailbox;
 use crate::migrate::{MigrationReport, RunInfo, SourceEvent};
-use crate::numa::{working_sets, Balancing, NumaEngine, NumaReport, NumaSpec};
+use crate::numa::{working_sets, Balancing, NumaEngine};
 use crate::procfs;
-use crate::vstate::vcpu::VcpuState;
-use crate::vstate::vcpu::{
-    install_kick_handler, kick_signal, Vcpu, VcpuEnd, VcpuOutcome, VcpuShared,
+pub use crate::report::{
+    GuestException, IncomingReport, IntegrityError, Memmap, Outcome, RunReport, Startup,
+    VcpuReport, VECTOR_NAMES,
 };
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuEnd, VcpuEndResult};
+use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::{open_kvm, DirtyLogMethod, Vm};
-
-/// When the workload ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunLimit {
-    /// The VMM sets the mailbox stop flag after this long; vCPUs finish their pass.
-    Duration(Duration),
-    /// Each vCPU runs this many passes.
-    Passes(u64),
-}
-
-/// A deliberate fault injected by the VMM, to prove the guest's checks work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CorruptionTest {
-    None,
-    /// After vCPU 0's first pass, overwrite one word of a page in its partition through
-    /// the staging view (the VMM's own access path). The run's `--duration` is stretched,
-    /// if need be, until vCPU 0 has made two more passes, so the guest always gets to
-    /// check the page however slowly the host runs it.
-    AfterFirstPass,
-}
-
-#[derive(Clone, Debug)]
-pub struct RunConfig {
-    pub ram: RamConfig,
-    pub vcpus: u32,
-    pub workload: Workload,
-    pub limit: RunLimit,
-    pub seed: u64,
-    pub console: ConsoleMode,
-    pub kvm_device: PathBuf,
-    pub timeout: Duration,
-    pub corruption: CorruptionTest,
-    /// Monotonic time at process start (for start-up latency).
-    pub process_start_ns: u64,
-    /// Testing: a VMM thread zaps a random range of the guest view this often.
-    pub stress_zap: Option<Duration>,
-    pub memmap: MemmapListing,
-    /// Guest NUMA topology (`--numa`); None: one node.
-    pub numa: Option<NumaSpec>,
-    pub numa_balancing: Balancing,
-    pub numa_scan: BalancerConfig,
-    /// Testing: move a random region to another node this often.
-    pub numa_force_migrate: Option<Duration>,
-    /// When guest RAM becomes huge pages (`--collapse`).
-    pub collapse: guest_mm::collapse::CollapseMode,
-    pub collapse_scan: guest_mm::collapse::ScanBudget,
-    /// Serve the control API on this unix socket.
-    pub api_socket: Option<PathBuf>,
-    /// Receive the guest from a migration source instead of booting it.
-    pub incoming: Option<migration::Uri>,
-    /// How KVM reports written pages when a migration asks (`--dirty-log`).
-    pub dirty_log: DirtyLogMethod,
-}
-
-/// Whether the run report includes the second-stage table's memory map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MemmapListing {
-    Off,
-    AtExit,
-}
-
-/// The second-stage table as listed by `--memmap`.
-#[derive(Clone, Debug, Serialize)]
-pub struct Memmap {
-    pub accounting: Accounting,
-    pub runs: Vec<Run>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Ok,
-    IntegrityErrors,
-    GuestException,
-    /// The guest was handed over to a migration destination.
-    Migrated,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct IntegrityError {
-    pub vcpu: usize,
-    pub gpa: u64,
-    pub expected: u64,
-    pub found: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct GuestException {
-    pub vcpu: usize,
-    pub vector: u64,
-    pub name: &'static str,
-    pub error_code: u64,
-    pub cr2: u64,
-    pub rip: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Startup {
-    /// Process start to the first guest instruction (the earliest vCPU's ring-3 entry).
-    pub to_first_insn_ms: f64,
-    /// Process start to the end of the workload's last pass.
-    pub to_workload_end_ms: f64,
-    pub first_insn_monotonic_ns: u64,
-    pub process_start_monotonic_ns: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct VcpuReport {
-    pub vcpu: usize,
-    /// The guest NUMA node the guest reports for this vCPU.
-    pub node: u64,
-    pub passes: u64,
-    pub pages_touched: u64,
-    pub bytes: u64,
-    pub integrity_errors: u64,
-    pub last_pass_ms: f64,
-    pub max_pass_ms: f64,
-    pub bytes_per_sec: f64,
-    /// Throughput of the last pass alone: warm memory, no first-touch faults.
-    pub steady_bytes_per_sec: f64,
-    pub guest_exits: u64,
-    pub partition: [u64; 2],
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct RunReport {
-    pub workload: String,
-    pub vcpus: u32,
-    pub memory_bytes: u64,
-    pub backing: String,
-    pub page_size: u64,
-    pub prefault: bool,
-    pub entry: &'static str,
-    pub outcome: Outcome,
-    pub elapsed_ms: f64,
-    pub passes: u64,
-    pub pages_touched: u64,
-    pub integrity_errors: u64,
-    pub guest_exits: u64,
-    pub bytes_per_sec: f64,
-    /// Sum over vCPUs of their last pass's throughput (warm memory).
-    pub steady_bytes_per_sec: f64,
-    pub max_pass_ms: f64,
-    pub first_error: Option<IntegrityError>,
-    pub exception: Option<GuestException>,
-    pub corrupted_gpa: Option<u64>,
-    pub startup: Startup,
-    pub tsc_khz: u64,
-    pub vmm_rss_bytes: u64,
-    pub guest_ram_rss_bytes: u64,
-    /// Resident memory of the VMM itself: everything but the guest RAM views.
-    pub vmm_overhead_rss_bytes: u64,
-    pub per_vcpu: Vec<VcpuReport>,
-    /// "uffd-minor" when the fault path runs (file-backed RAM), else why not.
-    pub fault_path: String,
-    pub uffd_faults: u64,
-    pub fault_us_p50: f64,
-    pub fault_us_p99: f64,
-    pub faults: Option<FaultReport>,
-    pub zaps: u64,
-    pub memmap: Option<Memmap>,
-    pub numa_hint_faults: u64,
-    pub numa_hint_faults_local: u64,
-    pub numa_pages_migrated: u64,
-    pub numa_migrate_failures: u64,
-    pub locality_pct: Option<f64>,
-    pub numa: Option<NumaReport>,
-    /// Source: the migration that handed the guest over.
-    pub migration: Option<MigrationReport>,
-    /// Source: migrations that failed while the guest kept running here.
-    pub migration_failures: Vec<String>,
-    /// Destination: what arrived.
-    pub incoming: Option<IncomingReport>,
-    /// Destination: the worst pass the guest measured across the switch-over.
-    pub guest_stall_ms: Option<f64>,
-    pub collapses: u64,
-    /// Failed collapses by reason (ebusy, eagain, enomem, einval, not_complete, other).
-    pub collapse_failures: std::collections::BTreeMap<&'static str, u64>,
-    pub collapse_ms_total: f64,
-    /// Guest RAM the kernel maps with PMDs at the end of the run (smaps of the guest
-    /// view), whatever our own bookkeeping says.
-    pub pmd_mapped_bytes: u64,
-    /// The collapse engine's mode and counters; None when it did not run (off, hugetlb,
-    /// or on-fill in a run that received no migration).
-    pub collapse: Option<crate::collapse::CollapseReport>,
-    /// How KVM reports written pages: "bitmap" or "ring".
-    pub dirty_log: &'static str,
-    /// Dirty ring: entries per vCPU.
-    pub dirty_ring_entries: Option<u32>,
-    /// Dirty ring: exits because a vCPU's ring was full (harvested and resumed).
-    pub dirty_ring_full_exits: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct IncomingReport {
-    pub mode: String,
-    pub pages: u64,
-    pub bytes: u64,
-    pub source_elapsed_ms: f64,
-    pub receive_ms: f64,
-    /// Post-copy: pages that arrived after the switch, on demand or pushed.
-    pub pages_demand: u64,
-    pub pages_pushed: u64,
-    pub demand_fault_us_p50: f64,
-    pub demand_fault_us_p99: f64,
-    pub demand_fault_us_max: f64,
-    /// Post-copy: switch-over to the last page (then the guest view is unregistered).
-    pub postcopy_ms: Option<f64>,
-    /// The guest's passes (all vCPUs) before the switch, and those it made here.
-    pub passes_at_switch: u64,
-    pub passes_after_switch: u64,
-}
-
-const VECTOR_NAMES: [&str; 32] = [
-    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
-    "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "reserved", "reserved",
-    "reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
-];
 
 const POLL: Duration = Duration::from_millis(2);
 /// How long vCPUs get to finish their pass after the stop flag before they are kicked.
 const STOP_GRACE: Duration = Duration::from_secs(30);
-
-struct RunningVcpu {
-    handle: JoinHandle<VcpuOutcome>,
-}
-
-fn spawn_vcpus(
-    vcpus: Vec<Vcpu>,
-    shared: &Arc<VcpuShared>,
-    console: &Arc<Console>,
-    ids: &Arc<VcpuThreads>,
-) -> Result<Vec<RunningVcpu>> {
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        let index = vcpu.index();
-        let (s, c, t) = (shared.clone(), console.clone(), ids.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                t.register_current(index);
-                vcpu.run(s, c)
-            });
-        match spawned {
-            Ok(handle) => threads.push(RunningVcpu { handle }),
-            Err(source) => {
-                shared.stop.store(true, Ordering::Release);
-                kick_until_finished(&threads);
-                return Err(Error::Thread { index, source });
-            }
-        }
-    }
-    Ok(threads)
-}
-
-fn kick_until_finished(threads: &[RunningVcpu]) {
-    for _ in 0..500 {
-        if threads.iter().all(|t| t.handle.is_finished()) {
-            return;
-        }
-        for t in threads.iter().filter(|t| !t.handle.is_finished()) {
-            let _ = t.handle.kill(kick_signal());
-        }
-        std::thread::sleep(POLL);
-    }
-}
 
 /// Builds the VM, runs the workload and reports. Errors are returned only for problems
 /// of the VMM or the host; guest-detected failures are in [`RunReport::outcome`].
@@ -557,12 +293,18 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         None
     };
 
-    let shared = Arc::new(VcpuShared {
-        stop: Default::default(),
-    });
     let console = Arc::new(Console::new(cfg.console));
     let launch_ns = monotonic_ns();
-    let mut threads = spawn_vcpus(built, &shared, &console, &vcpu_threads)?;
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel::<(usize, VcpuEndResult)>();
+    let tids = vcpu_threads.clone();
+    let vcpu_set = Arc::new(VcpuSet::start(
+        built,
+        &console,
+        Arc::new(move |index| tids.register_current(index)),
+        &ended_tx,
+    )?);
+    // How each vCPU's guest ended, as it does.
+    let mut ended: Vec<Option<VcpuEndResult>> = vec![None; vcpus];
     if let Some(inc) = incoming_link.take() {
         match postcopy.take() {
             // Post-copy: pages keep arriving on both channels while the guest runs.
@@ -652,7 +394,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let mut migrate_reply: Option<
         std::sync::mpsc::Sender<std::result::Result<serde_json::Value, String>>,
     > = None;
-    let mut paused: Option<Vec<VcpuOutcome>> = None;
+    // The vCPUs are paused in place for a migration's switch-over.
+    let mut paused = false;
     let mut paused_max_pass: Vec<u64> = Vec::new();
     let mut migrated: Option<MigrationReport> = None;
     let mut migration_failures = Vec::new();
@@ -662,24 +405,54 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     // vCPU 0's pass count when the corruption was written.
     let mut corrupted_at_pass: Option<u64> = None;
     let mut timed_out = false;
-    while paused.is_some() || !threads.iter().all(|t| t.handle.is_finished()) {
+    // `vm.shutdown` asked for the end of the run.
+    let mut shutdown_requested = false;
+    while paused || ended.iter().any(Option::is_none) {
         std::thread::sleep(POLL);
         let now = monotonic_ns();
+        while let Ok((index, end)) = ended_rx.try_recv() {
+            ended[index] = Some(end);
+        }
         if let Some((_, calls)) = &api {
             while let Ok(call) = calls.try_recv() {
                 match call {
                     ApiCall::Info(reply) => {
                         let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
+                        let state = if stop_requested_at.is_some() || shutdown_requested {
+                            "stopping"
+                        } else if paused {
+                            "paused"
+                        } else if migrate_reply.is_some() {
+                            "migrating"
+                        } else {
+                            "running"
+                        };
+                        let incoming = incoming_report.as_ref().map(|i| {
+                            let postcopy_running =
+                                postcopy_threads.as_ref().is_some_and(|h| !h.is_finished());
+                            serde_json::json!({
+                                "mode": i.mode,
+                                "phase": if postcopy_running { "postcopy" } else { "complete" },
+                            })
+                        });
                         let _ = reply.send(serde_json::json!({
-                            "state": if paused.is_some() { "paused" } else { "running" },
+                            "state": state,
                             "workload": workload_name,
                             "vcpus": vcpus,
                             "memory_bytes": ram.size(),
                             "backing": ram.backing().to_string(),
                             "passes": slots.iter().map(|s| s.passes).sum::<u64>(),
+                            "per_vcpu_passes": slots.iter().map(|s| s.passes).collect::<Vec<_>>(),
                             "integrity_errors": slots.iter().map(|s| s.integrity_errors).sum::<u64>(),
                             "numa": numa_engine.as_ref().map(|e| e.report(cfg.numa_balancing, None)),
+                            "incoming": incoming,
+                            "collapse": collapse.as_ref().map(|c| c.progress()),
+                            "pmd_mapped_bytes": ram.guest_view_pmd_mapped_bytes().ok(),
                         }));
+                    }
+                    ApiCall::Shutdown(reply) => {
+                        shutdown_requested = true;
+                        let _ = reply.send(());
                     }
                     ApiCall::Migrate(req, reply) => {
                         if migrate_reply.is_some() {
@@ -709,35 +482,19 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         while let Ok(ev) = events_rx.try_recv() {
             match ev {
                 SourceEvent::Pause(reply) => {
-                    shared.stop.store(true, Ordering::Release);
-                    kick_until_finished(&threads);
-                    if !threads.iter().all(|t| t.handle.is_finished()) {
-                        // A vCPU did not leave KVM_RUN: keep the guest running here.
-                        shared.stop.store(false, Ordering::Release);
-                        let (done, running): (Vec<_>, Vec<_>) =
-                            threads.drain(..).partition(|t| t.handle.is_finished());
-                        let back: Vec<Vcpu> = done
-                            .into_iter()
-                            .filter_map(|t| t.handle.join().ok())
-                            .map(|o| o.vcpu)
-                            .collect();
-                        threads = running;
-                        threads.extend(spawn_vcpus(back, &shared, &console, &vcpu_threads)?);
-                        let _ = reply.send(Err(
-                            "a vCPU did not stop within 1 s; the guest keeps running here".into(),
-                        ));
-                        continue;
-                    }
-                    let mut outcomes = Vec::new();
-                    for t in threads.drain(..) {
-                        if let Ok(o) = t.handle.join() {
-                            outcomes.push(o);
+                    // Stopped in place: a failed migration resumes the same threads.
+                    let states = vcpu_set.pause().and_then(|()| {
+                        vcpu_set.save_states().inspect_err(|_| {
+                            let _ = vcpu_set.resume();
+                        })
+                    });
+                    let states = match states {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = reply.send(Err(e.to_string()));
+                            continue;
                         }
-                    }
-                    let states: std::result::Result<Vec<VcpuState>, String> = outcomes
-                        .iter()
-                        .map(|o| o.vcpu.save().map_err(|e| e.to_string()))
-                        .collect();
+                    };
                     let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
                     let info = RunInfo {
                         workload: workload_name.clone(),
@@ -747,7 +504,6 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                             RunLimit::Passes(_) => None,
                         },
                         max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
-                        source_exits: outcomes.iter().map(|o| o.exits).sum(),
                         passes: slots.iter().map(|s| s.passes).sum(),
                     };
                     // The pass that spans the switch-over is measured from here: clear
@@ -756,12 +512,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                     for i in 0..vcpus {
                         mailbox.reset_max_pass(mem, i);
                     }
-                    let _ = reply.send(states.map(|s| crate::migrate::Paused {
-                        vcpus: s,
+                    let _ = reply.send(Ok(crate::migrate::Paused {
+                        vcpus: states,
                         run: info,
                         mailbox: mailbox.gpa_range(vcpus),
                     }));
-                    paused = Some(outcomes);
+                    paused = true;
                 }
                 SourceEvent::Done(result) => {
                     let reply = migrate_reply.take();
@@ -780,16 +536,14 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                                 let _ = r.send(Err(e.clone()));
                             }
                             migration_failures.push(e);
-                            // The guest never left: run it here again.
-                            if let Some(outcomes) = paused.take() {
+                            // The guest never left: run it here again, on the same threads.
+                            if paused {
                                 for (i, &before) in paused_max_pass.iter().enumerate() {
                                     let now = mailbox.slot(mem, i).max_pass_cycles;
                                     mailbox.set_max_pass(mem, i, now.max(before));
                                 }
-                                shared.stop.store(false, Ordering::Release);
-                                let vcpus_back = outcomes.into_iter().map(|o| o.vcpu).collect();
-                                threads =
-                                    spawn_vcpus(vcpus_back, &shared, &console, &vcpu_threads)?;
+                                vcpu_set.resume()?;
+                                paused = false;
                             }
                         }
                     }
@@ -799,7 +553,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         if migrated.is_some() {
             break;
         }
-        if paused.is_some() {
+        if paused {
             continue;
         }
         let corruption_checked = match cfg.corruption {
@@ -808,7 +562,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 corrupted_at_pass.is_some_and(|at| mailbox.slot(mem, 0).passes >= at + 2)
             }
         };
-        if stop_requested_at.is_none() && stop_at.is_some_and(|t| now >= t) && corruption_checked {
+        let limit_reached = shutdown_requested || stop_at.is_some_and(|t| now >= t);
+        if stop_requested_at.is_none() && limit_reached && corruption_checked {
             mailbox.request_stop(mem);
             stop_requested_at = Some(now);
         }
@@ -828,7 +583,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             }
         }
         // One vCPU's failure ends the run for all.
-        if threads.iter().any(|t| t.handle.is_finished()) && stop_requested_at.is_none() {
+        if ended.iter().any(Option::is_some) && stop_requested_at.is_none() {
             let failed = (0..vcpus).any(|i| {
                 let st = mailbox.slot(mem, i).state;
                 st == abi::STATE_EXCEPTION || st == abi::STATE_BAD_PARAMS
@@ -841,19 +596,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         let grace_over = stop_requested_at.is_some_and(|t| now >= t + STOP_GRACE.as_nanos() as u64);
         if now >= deadline || grace_over {
             timed_out = true;
-            shared.stop.store(true, Ordering::Release);
-            kick_until_finished(&threads);
             break;
         }
     }
-    let mut outcomes = paused.take().unwrap_or_default();
-    for (index, t) in threads.into_iter().enumerate() {
-        let o = t.handle.join().map_err(|_| Error::Vcpu {
-            index,
-            what: "vCPU thread panicked".into(),
-        })?;
-        outcomes.push(o);
-    }
+    let outcomes = vcpu_set.finish();
     // A migration still in flight ends here: the guest finished (or failed) first.
     if let Some(r) = migrate_reply.take() {
         let why = "the guest finished before the migration could complete".to_string();
@@ -1144,172 +890,4 @@ fn with_console(what: &str, console: &Console) -> String {
             recent.join("\n    ")
         )
     }
-}
-
-impl std::fmt::Display for RunReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "{} on {} vCPU(s), {} MiB {} ({} KiB pages){}: {}",
-            self.workload,
-            self.vcpus,
-            self.memory_bytes >> 20,
-            self.backing,
-            self.page_size >> 10,
-            if self.prefault { ", prefaulted" } else { "" },
-            match self.outcome {
-                Outcome::Ok => "ok",
-                Outcome::IntegrityErrors => "INTEGRITY ERRORS",
-                Outcome::GuestException => "GUEST EXCEPTION",
-                Outcome::Migrated => "migrated",
-            }
-        )?;
-        writeln!(
-            f,
-            "  {:.1} ms, {} passes, {} pages, {:.1} MiB/s ({:.1} MiB/s warm), worst pass {:.2} ms, {} guest exits",
-            self.elapsed_ms,
-            self.passes,
-            self.pages_touched,
-            self.bytes_per_sec / (1 << 20) as f64,
-            self.steady_bytes_per_sec / (1 << 20) as f64,
-            self.max_pass_ms,
-            self.guest_exits
-        )?;
-        writeln!(
-            f,
-            "  start-up: first guest instruction at {:.1} ms, workload end at {:.1} ms; VMM overhead RSS {} KiB",
-            self.startup.to_first_insn_ms,
-            self.startup.to_workload_end_ms,
-            self.vmm_overhead_rss_bytes >> 10
-        )?;
-        if let Some(e) = &self.first_error {
-            writeln!(
-                f,
-                "  integrity errors: {} (first on vCPU {} at GPA {:#x}: expected {:#x}, found {:#x})",
-                self.integrity_errors, e.vcpu, e.gpa, e.expected, e.found
-            )?;
-        }
-        if self.fault_path == "uffd-minor" {
-            writeln!(
-                f,
-                "  fault path: {} MINOR faults, p50 {:.0} µs, p99 {:.0} µs{}",
-                self.uffd_faults,
-                self.fault_us_p50,
-                self.fault_us_p99,
-                if self.zaps > 0 {
-                    format!(", {} zaps", self.zaps)
-                } else {
-                    String::new()
-                }
-            )?;
-        }
-        if let Some(n) = &self.numa {
-            writeln!(
-                f,
-                "  NUMA: {} {} node(s), balancing {}: {} hint faults ({} local), {} pages migrated, {} failures, locality {:.1}%{}",
-                n.nodes,
-                n.backend,
-                if n.balancing { "on" } else { "off" },
-                n.numa_hint_faults,
-                n.numa_hint_faults_local,
-                n.numa_pages_migrated,
-                n.numa_migrate_failures,
-                n.locality_pct,
-                n.time_to_95_ms.map(|t| format!(", 95% after {t:.0} ms")).unwrap_or_default()
-            )?;
-            if let Some(note) = &n.note {
-                writeln!(f, "  note: {note}")?;
-            }
-        }
-        if let Some(x) = &self.exception {
-            writeln!(
-                f,
-                "  guest exception on vCPU {}: {} (vector {}) error code {:#x}, CR2 {:#x}, RIP {:#x}",
-                x.vcpu, x.name, x.vector, x.error_code, x.cr2, x.rip
-            )?;
-        }
-        if let Some(m) = &self.migration {
-            writeln!(
-                f,
-                "  migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} MiB sent, {} pre-copy pages in {} rounds",
-                m.mode,
-                m.to,
-                m.total_ms,
-                m.downtime_ms,
-                m.bytes_sent >> 20,
-                m.pages_precopy,
-                m.precopy_rounds
-            )?;
-        }
-        if let Some(entries) = self.dirty_ring_entries {
-            writeln!(
-                f,
-                "  dirty ring: {entries} entries per vCPU, {} ring-full exits",
-                self.dirty_ring_full_exits
-            )?;
-        }
-        for e in &self.migration_failures {
-            writeln!(f, "  a migration failed; the guest kept running here: {e}")?;
-        }
-        if let (Some(i), Some(stall)) = (&self.incoming, self.guest_stall_ms) {
-            writeln!(
-                f,
-                "  arrived by {} migration: {} pages, {} MiB, after {:.0} ms on the source; guest stall {:.1} ms",
-                i.mode,
-                i.pages,
-                i.bytes >> 20,
-                i.source_elapsed_ms,
-                stall
-            )?;
-        }
-        if let Some(m) = &self.memmap {
-            write_memmap(f, m)?;
-        }
-        Ok(())
-    }
-}
-
-fn write_memmap(f: &mut std::fmt::Formatter<'_>, m: &Memmap) -> std::fmt::Result {
-    let a = &m.accounting;
-    writeln!(f, "second-stage table:")?;
-    writeln!(
-        f,
-        "  present {} KiB (hinted {} KiB), absent {} KiB; leaves 4K {} 2M {} 1G {}; piecewise huge pages {}; logical mappings {}",
-        a.present_bytes >> 10,
-        a.hinted_bytes >> 10,
-        a.absent_bytes >> 10,
-        a.leaves_4k,
-        a.leaves_2m,
-        a.leaves_1g,
-        a.piecewise_huge_pages,
-        a.logical_mappings
-    )?;
-    writeln!(
-        f,
-        "  {:>18} {:>18} {:>10} {:>4} {:>8} {:>4} {:>4}",
-        "start", "end", "size KiB", "leaf", "state", "node", "zone"
-    )?;
-    for r in &m.runs {
-        writeln!(
-            f,
-            "  {:#018x} {:#018x} {:>10} {:>4} {:>8} {:>4} {:>4}{}",
-            r.start,
-            r.end,
-            (r.end - r.start) >> 10,
-            match r.size {
-                LeafSize::Size4K => "4K",
-                LeafSize::Size2M => "2M",
-                LeafSize::Size1G => "1G",
-            },
-            match r.state {
-                PageState::Present => "present",
-                PageState::Absent => "absent",
-                PageState::Hinted => "hinted",
-            },
-            r.node,
-            r.zone,
-            if r.piecewise { " piecewise" } else { "" }
-        )?;
-    }
-    Ok(())
 }

@@ -6,7 +6,6 @@
 // clippy's allow-unwrap-in-tests would cover on its own).
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,8 @@ use guest_image::{abi, GuestParams, Workload};
 use guest_mm::{BackingKind, GuestRam, RamConfig};
 use vmm::boot;
 use vmm::console::{Console, ConsoleMode};
-use vmm::vstate::vcpu::{Vcpu, VcpuEnd, VcpuOutcome, VcpuShared};
+use vmm::vstate::vcpu::{Vcpu, VcpuEnd, VcpuOutcome};
+use vmm::vstate::vcpu_set::VcpuSet;
 use vmm::vstate::vm::{open_kvm, DirtyLogMethod, DirtyLogging, Vm};
 
 /// A VM whose vCPUs run one `touch` pass (one write per 4 KiB data page) with dirty
@@ -51,32 +51,32 @@ fn touch_once(method: DirtyLogMethod, size: u64, vcpus: usize) -> Touched {
         empty.iter().all(|&w| w == 0),
         "{method}: dirty before any vCPU ran"
     );
-    let shared = Arc::new(VcpuShared {
-        stop: AtomicBool::new(false),
-    });
     let console = Arc::new(Console::new(ConsoleMode::Off));
-    let threads: Vec<_> = (0..vcpus)
-        .map(|i| {
-            let vcpu = Vcpu::new(&vm, i, &image).unwrap();
-            let (s, c) = (shared.clone(), console.clone());
-            std::thread::spawn(move || vcpu.run(s, c))
-        })
+    let vcpus_built: Vec<Vcpu> = (0..vcpus)
+        .map(|i| Vcpu::new(&vm, i, &image).unwrap())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !threads.iter().all(|t| t.is_finished()) {
-        assert!(
-            Instant::now() < deadline,
-            "{method}: the guest did not finish (a full dirty ring not harvested?)"
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    let set = VcpuSet::start(vcpus_built, &console, Arc::new(|_| {}), &ended_tx).unwrap();
+    // Each vCPU reports the end of its guest; a full ring that was not harvested would
+    // leave a vCPU stuck in KVM and its report missing.
+    for _ in 0..vcpus {
+        let (index, end) = ended_rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                panic!("{method}: the guest did not finish (a full dirty ring not harvested?)")
+            });
+        assert_eq!(
+            end,
+            Ok(VcpuEnd::Exited { code: abi::EXIT_OK }),
+            "{method}: vCPU {index}"
         );
-        std::thread::sleep(Duration::from_millis(5));
     }
-    let outcomes: Vec<VcpuOutcome> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    for o in &outcomes {
+    let outcomes: Vec<VcpuOutcome> = set.finish();
+    for (index, o) in outcomes.iter().enumerate() {
         assert_eq!(
             o.end,
             Ok(VcpuEnd::Exited { code: abi::EXIT_OK }),
-            "{method}: vCPU {}",
-            o.vcpu.index()
+            "{method}: vCPU {index}"
         );
     }
     Touched { vm, ram, outcomes }

@@ -1,4 +1,6 @@
-//! KVM state: the VM ([`vm`]) and its vCPUs with the vCPU loop ([`vcpu`]).
+//! KVM state: the VM ([`vm`]), its vCPUs with the vCPU loop ([`vcpu`]) and the set of
+//! vCPU threads that pauses and resumes them in place ([`vcpu_set`]).
 pub mod dirty_ring;
 pub mod vcpu;
+pub mod vcpu_set;
 pub mod vm;

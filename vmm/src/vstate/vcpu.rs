@@ -3,8 +3,14 @@
 //! Guests report through the shared mailbox, so exits are rare: console bytes, the
 //! per-vCPU exit port, and errors. The VMM interrupts a vCPU with a signal
 //! ([`kick_signal`]) that makes `KVM_RUN` return `EINTR`.
+//!
+//! A vCPU's life is an explicit state machine on its own thread ([`VcpuRunState`]),
+//! driven by [`VcpuEvent`]s (Firecracker's model): it pauses and resumes in place — a
+//! migration's switch-over, a failed migration, a snapshot — without its thread ever
+//! being respawned. When the guest ends (exit port, halt, a failure) the thread stays,
+//! answering events, until the VMM finishes it ([`VcpuSet`] in `vcpu_set.rs`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
 use guest_image::abi;
@@ -55,8 +61,6 @@ pub struct VcpuOutcome {
     pub exits: u64,
     /// Of those, exits because this vCPU's dirty ring was full (harvested, then resumed).
     pub dirty_ring_full_exits: u64,
-    /// The vCPU itself, so a stopped vCPU can be saved (migration) or run again.
-    pub vcpu: Vcpu,
 }
 
 /// Architectural state of a vCPU, as migrated. The built-in guest uses no interrupt
@@ -106,15 +110,11 @@ mod fpu_bytes {
     }
 }
 
+/// What one `KVM_RUN` led to.
 enum Step {
     Continue,
     End(VcpuEnd),
     Fail(String),
-}
-
-/// State shared between a vCPU thread and the VMM.
-pub struct VcpuShared {
-    pub stop: AtomicBool,
 }
 
 pub struct Vcpu {
@@ -198,79 +198,191 @@ impl Vcpu {
         }
     }
 
-    /// The vCPU loop. Runs until the guest finishes, fails, or `shared.stop` is set.
-    pub fn run(mut self, shared: Arc<VcpuShared>, console: Arc<Console>) -> VcpuOutcome {
-        let mut exits = 0u64;
-        let mut ring_full = 0u64;
-        let mut line = LineBuffer::default();
-        let end = loop {
-            if shared.stop.load(Ordering::Acquire) {
-                break Ok(VcpuEnd::Stopped);
+    /// Runs the guest until its next exit that needs the VMM: one `KVM_RUN` and the
+    /// handling of what it returned.
+    fn run_once(&mut self, line: &mut LineBuffer, console: &Console, counts: &mut Counts) -> Step {
+        counts.exits += 1;
+        // Decide inside the match (which borrows the kvm_run page), describe the vCPU's
+        // registers after it.
+        let step = match self.fd.run() {
+            Ok(VcpuExit::IoOut(abi::PORT_SERIAL, data)) => {
+                for &b in data {
+                    line.push(console, b);
+                }
+                Step::Continue
             }
-            exits += 1;
-            // Decide inside the match (which borrows the kvm_run page), describe the
-            // vCPU's registers after it.
-            let step = match self.fd.run() {
-                Ok(VcpuExit::IoOut(abi::PORT_SERIAL, data)) => {
-                    for &b in data {
-                        line.push(&console, b);
-                    }
-                    Step::Continue
+            Ok(VcpuExit::IoOut(abi::PORT_EXIT, data)) => Step::End(VcpuEnd::Exited {
+                code: data.first().copied().unwrap_or(0),
+            }),
+            // Other 16550 registers and unknown ports: writes are ignored.
+            Ok(VcpuExit::IoOut(..)) => Step::Continue,
+            Ok(VcpuExit::IoIn(port, data)) => {
+                // 16550 line status: transmitter empty; everything else floats high.
+                data.fill(if port == abi::PORT_SERIAL + 5 {
+                    0x60
+                } else {
+                    0xff
+                });
+                Step::Continue
+            }
+            Ok(VcpuExit::Hlt) => Step::End(VcpuEnd::Halted),
+            Ok(VcpuExit::Intr) => Step::Continue,
+            Ok(VcpuExit::Shutdown) => Step::Fail("guest triple fault (shutdown)".into()),
+            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Step::Fail(
+                format!("guest accessed guest-physical {addr:#x}, outside guest RAM"),
+            ),
+            // KVM will not run this vCPU again until its ring has room: harvest it into
+            // the VM's dirty bitmap and reset, then carry on.
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                counts.dirty_ring_full_exits += 1;
+                match self.dirty_ring.as_ref().map(|r| r.harvest_vcpu(self.index)) {
+                    Some(Ok(_)) => Step::Continue,
+                    Some(Err(e)) => Step::Fail(format!("harvesting the full dirty ring: {e}")),
+                    None => Step::Fail("dirty ring full exit, but no dirty ring is on".into()),
                 }
-                Ok(VcpuExit::IoOut(abi::PORT_EXIT, data)) => Step::End(VcpuEnd::Exited {
-                    code: data.first().copied().unwrap_or(0),
-                }),
-                // Other 16550 registers and unknown ports: writes are ignored.
-                Ok(VcpuExit::IoOut(..)) => Step::Continue,
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    // 16550 line status: transmitter empty; everything else floats high.
-                    data.fill(if port == abi::PORT_SERIAL + 5 {
-                        0x60
-                    } else {
-                        0xff
-                    });
-                    Step::Continue
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fail(format!(
+                "KVM entry failed (reason {reason:#x} on host cpu {cpu})"
+            )),
+            Ok(other) => Step::Fail(format!("unexpected KVM exit {other:?}")),
+            // A kick: the thread looks at its events before it runs the guest again.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) if e.errno() == libc::EFAULT => Step::Fail(
+                "KVM_RUN: bad address: the host mapping behind a guest access is missing or \
+                 inaccessible"
+                    .into(),
+            ),
+            Err(e) => Step::Fail(format!("KVM_RUN failed: {e}")),
+        };
+        match step {
+            Step::Fail(what) => Step::Fail(format!("{what}; {}", self.describe_state())),
+            other => other,
+        }
+    }
+
+    /// The vCPU thread: runs the guest, pausing, resuming and saving its state in place
+    /// as `events` ask, until [`VcpuEvent::Finish`] (or the VMM drops its end of the
+    /// channel). Answers every event on `answers`; reports the guest's end on `ended`.
+    pub fn thread_main(
+        mut self,
+        events: Receiver<VcpuEvent>,
+        answers: Sender<VcpuAnswer>,
+        ended: Sender<(usize, VcpuEndResult)>,
+        console: Arc<Console>,
+    ) -> VcpuOutcome {
+        let mut counts = Counts::default();
+        let mut line = LineBuffer::default();
+        let mut state = VcpuRunState::Running;
+        let end = loop {
+            let event = match state {
+                VcpuRunState::Running => match events.try_recv() {
+                    Ok(e) => Some(e),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => Some(VcpuEvent::Finish),
+                },
+                // Paused or ended: nothing to do until the VMM says.
+                VcpuRunState::Paused | VcpuRunState::Ended(_) => {
+                    Some(events.recv().unwrap_or(VcpuEvent::Finish))
                 }
-                Ok(VcpuExit::Hlt) => Step::End(VcpuEnd::Halted),
-                Ok(VcpuExit::Intr) => Step::Continue,
-                Ok(VcpuExit::Shutdown) => Step::Fail("guest triple fault (shutdown)".into()),
-                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Step::Fail(
-                    format!("guest accessed guest-physical {addr:#x}, outside guest RAM"),
-                ),
-                // KVM will not run this vCPU again until its ring has room: harvest it
-                // into the VM's dirty bitmap and reset, then carry on.
-                Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
-                    ring_full += 1;
-                    match self.dirty_ring.as_ref().map(|r| r.harvest_vcpu(self.index)) {
-                        Some(Ok(_)) => Step::Continue,
-                        Some(Err(e)) => Step::Fail(format!("harvesting the full dirty ring: {e}")),
-                        None => Step::Fail("dirty ring full exit, but no dirty ring is on".into()),
-                    }
-                }
-                Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fail(format!(
-                    "KVM entry failed (reason {reason:#x} on host cpu {cpu})"
-                )),
-                Ok(other) => Step::Fail(format!("unexpected KVM exit {other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
-                Err(e) if e.errno() == libc::EFAULT => Step::Fail(
-                    "KVM_RUN: bad address: the host mapping behind a guest access is missing or \
-                     inaccessible"
-                        .into(),
-                ),
-                Err(e) => Step::Fail(format!("KVM_RUN failed: {e}")),
             };
-            match step {
+            if let Some(event) = event {
+                match self.on_event(event, &mut state) {
+                    Some(answer) => {
+                        let _ = answers.send(answer);
+                        continue;
+                    }
+                    None => break state,
+                }
+            }
+            match self.run_once(&mut line, &console, &mut counts) {
                 Step::Continue => {}
-                Step::End(end) => break Ok(end),
-                Step::Fail(what) => break Err(format!("{what}; {}", self.describe_state())),
+                Step::End(end) => {
+                    state = VcpuRunState::Ended(Ok(end));
+                    let _ = ended.send((self.index, Ok(end)));
+                }
+                Step::Fail(what) => {
+                    state = VcpuRunState::Ended(Err(what.clone()));
+                    let _ = ended.send((self.index, Err(what)));
+                }
             }
         };
         line.flush(&console);
         VcpuOutcome {
-            end,
-            exits,
-            dirty_ring_full_exits: ring_full,
-            vcpu: self,
+            end: match end {
+                VcpuRunState::Ended(e) => e,
+                VcpuRunState::Running | VcpuRunState::Paused => Ok(VcpuEnd::Stopped),
+            },
+            exits: counts.exits,
+            dirty_ring_full_exits: counts.dirty_ring_full_exits,
         }
     }
+
+    /// The state change `event` asks for; `None` ends the thread.
+    fn on_event(&self, event: VcpuEvent, state: &mut VcpuRunState) -> Option<VcpuAnswer> {
+        Some(match (event, &*state) {
+            (VcpuEvent::Finish, _) => return None,
+            (VcpuEvent::Pause, VcpuRunState::Running) => {
+                *state = VcpuRunState::Paused;
+                VcpuAnswer::Paused
+            }
+            (VcpuEvent::Resume, VcpuRunState::Paused) => {
+                *state = VcpuRunState::Running;
+                VcpuAnswer::Resumed
+            }
+            // Pausing a paused vCPU, resuming a running one: already there.
+            (VcpuEvent::Pause, VcpuRunState::Paused) => VcpuAnswer::Paused,
+            (VcpuEvent::Resume, VcpuRunState::Running) => VcpuAnswer::Resumed,
+            // A vCPU whose guest ended stays where it stopped: its state can be saved
+            // (a migration carries it), but it does not run again.
+            (VcpuEvent::Pause | VcpuEvent::Resume, VcpuRunState::Ended(_)) => VcpuAnswer::Ended,
+            (VcpuEvent::SaveState, VcpuRunState::Running) => {
+                VcpuAnswer::State(Box::new(Err(Error::VcpuRunning { index: self.index })))
+            }
+            (VcpuEvent::SaveState, _) => VcpuAnswer::State(Box::new(self.save())),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    exits: u64,
+    dirty_ring_full_exits: u64,
+}
+
+/// Where a vCPU thread is in its life.
+#[derive(Debug)]
+pub enum VcpuRunState {
+    /// In or around `KVM_RUN`.
+    Running,
+    /// Stopped in place by the VMM; its state is stable and can be saved.
+    Paused,
+    /// The guest ended on this vCPU (exit port, halt) or it failed; it will not run again.
+    Ended(VcpuEndResult),
+}
+
+/// How a vCPU's guest ended: normally, or with a failure described for the user.
+pub type VcpuEndResult = std::result::Result<VcpuEnd, String>;
+
+/// What the VMM asks of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// Stop running the guest, in place.
+    Pause,
+    /// Run the guest again after a pause.
+    Resume,
+    /// Answer with the vCPU's architectural state (it must be paused or ended).
+    SaveState,
+    /// End the thread.
+    Finish,
+}
+
+/// What a vCPU thread answers.
+#[derive(Debug)]
+pub enum VcpuAnswer {
+    Paused,
+    Resumed,
+    /// The guest ended on this vCPU before the event; it stays stopped.
+    Ended,
+    // Boxed: a VcpuState is ~1 KiB (sregs, FPU) and the other answers carry nothing.
+    State(Box<Result<VcpuState>>),
 }

@@ -7,10 +7,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::Child;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use migration::{Frame, FrameKind, FrameWriter, Hello, Stream, Uri};
-use tests::peers::{finish, migrate, scratch, spawn, start_pair, wait_for, Pair};
+use tests::peers::{
+    end_run, finish, migrate, scratch, spawn, start_pair, wait_for, wait_for_passes, Pair,
+    EVENT_BOUND, RUN_BOUND,
+};
 use tests::{have_hugetlb, have_kvm};
 
 fn free_tcp_port() -> u16 {
@@ -55,8 +59,9 @@ fn migrate_case_with(
         "off",
         "--json",
     ];
-    let Pair { dst, src } = start_pair(&common, &uri, &api, &[], &["--dirty-log", dirty_log]);
-    std::thread::sleep(Duration::from_millis(300));
+    let Pair { dst, src, .. } = start_pair(&common, &uri, &api, &[], &["--dirty-log", dirty_log]);
+    // Two more passes: the guest is in its steady state, writing, when the migration starts.
+    wait_for_passes(&api, 4);
     let verify: &[&str] = if mode == "precopy" {
         &["--verify", "memory-hash"]
     } else {
@@ -212,7 +217,7 @@ fn source_keeps_running_when_the_destination_dies() {
         "--workload",
         "verify",
         "--duration",
-        "5s",
+        RUN_BOUND,
         "--console",
         "off",
         "--json",
@@ -224,16 +229,26 @@ fn source_keeps_running_when_the_destination_dies() {
     src_args.extend(["--api-socket", &api_s]);
     let src = spawn(&src_args);
     wait_for(&api);
-    std::thread::sleep(Duration::from_millis(300));
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(150));
-        let _ = dst.kill();
-        let _ = dst.wait();
-    });
-    let (code, _, err) = migrate(&api, &uri, &[]);
-    killer.join().unwrap();
+    wait_for_passes(&api, 2);
+    // The destination dies while the migration is under way: the source migrates through
+    // a relay that says when 16 MiB have reached the destination, and forwards no more.
+    // (vm.info cannot tell: the API serves one call at a time, and vm.migrate holds it.)
+    let relay = dir.join("relay.sock");
+    let arrived = relay_until(&relay, &dir.join("mig.sock"), 16 << 20);
+    let client = {
+        let (api, to) = (api.clone(), format!("unix:{}", relay.display()));
+        std::thread::spawn(move || migrate(&api, &to, &[]))
+    };
+    arrived
+        .recv_timeout(EVENT_BOUND)
+        .expect("the migration never sent 16 MiB to the destination");
+    let _ = dst.kill();
+    let _ = dst.wait();
+    let (code, _, err) = client.join().unwrap();
     assert_eq!(code, 1, "the migration fails: {err}");
     assert!(err.contains("migration failed"), "{err}");
+    // The guest kept running; the test ends it.
+    end_run(&api);
     let (scode, sj, serr) = finish(src);
     assert_eq!(scode, 0, "the source guest kept running: {serr}");
     assert_eq!(sj["outcome"], "ok", "{sj}");
@@ -244,6 +259,42 @@ fn source_keeps_running_when_the_destination_dies() {
         "{sj}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Relays one migration connection accepted on `listen` to the destination listening on
+/// `to`, and says so on the returned channel once `bytes` have gone through to it; then it
+/// forwards nothing more (so the migration cannot complete, however fast the host), and
+/// closes the source's side only once the destination's side is gone.
+fn relay_until(listen: &std::path::Path, to: &std::path::Path, bytes: u64) -> mpsc::Receiver<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(listen).unwrap();
+    let to = to.to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut src, _) = listener.accept().unwrap();
+        let mut dst = UnixStream::connect(&to).unwrap();
+        let (mut dst_back, mut src_back) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut dst_back, &mut src_back);
+        });
+        let mut buf = vec![0u8; 1 << 16];
+        let mut sent = 0u64;
+        while sent < bytes {
+            match src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if dst.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                }
+            }
+        }
+        let _ = tx.send(());
+        let _ = back.join();
+    });
+    rx
 }
 
 /// A fake source: connects to a destination, sends what the test wants, then says nothing
@@ -403,7 +454,7 @@ fn a_destination_that_never_answers_fails_the_migration_not_the_guest() {
         "--workload",
         "verify",
         "--duration",
-        "15s",
+        RUN_BOUND,
         "--console",
         "off",
         "--json",
@@ -416,6 +467,8 @@ fn a_destination_that_never_answers_fails_the_migration_not_the_guest() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("did not answer"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(13), "{:?}", t0.elapsed());
+    // The guest kept running; the test ends it.
+    end_run(&api);
     let (scode, sj, serr) = finish(src);
     assert_eq!(scode, 0, "{serr}");
     assert_eq!(sj["outcome"], "ok");

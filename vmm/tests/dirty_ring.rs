@@ -56,6 +56,9 @@ fn touch_once(method: DirtyLogMethod, size: u64, vcpus: usize) -> Touched {
         .map(|i| Vcpu::new(&vm, i, &image).unwrap())
         .collect();
     let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    // VcpuSet kicks its threads with a real-time signal; without the (empty) handler that
+    // `run` installs, the first kick kills the test process (signal 34).
+    vmm::vstate::vcpu::install_kick_handler().unwrap();
     let set = VcpuSet::start(vcpus_built, &console, Arc::new(|_| {}), &ended_tx).unwrap();
     // Each vCPU reports the end of its guest; a full ring that was not harvested would
     // leave a vCPU stuck in KVM and its report missing.

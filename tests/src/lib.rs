@@ -1,19 +1,67 @@
 //! Helpers for hugevisor's end-to-end tests: find the real `hugevisor` binary, check the
-//! host capabilities a test needs, run the binary and parse its JSON.
+//! host capabilities a test needs, keep heavy tests from running at once, run the binary
+//! and parse its JSON. The crate also holds the benchmark harness ([`bench`], the
+//! `hugevisor-bench` binary), which drives the same binary from outside.
 //!
 //! A test whose capability is missing prints why and skips — unless
 //! `HUGEVISOR_REQUIRE_HOST=1` (set by `.ci/run` on machines with /dev/kvm), where a
 //! skip is a failure.
 
+pub mod api;
+pub mod bench;
 pub mod peers;
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::Mutex;
 
-/// Serialises tests that take hugetlb pool pages, so parallel tests do not starve
-/// each other's pools.
-pub static HUGETLB_POOL: Mutex<()> = Mutex::new(());
+/// The lock file behind [`heavy`]. A fixed path under /tmp, not `$TMPDIR`: every test
+/// binary, and every cargo-nextest process, must find the same file.
+pub const HEAVY_LOCK: &str = "/tmp/hugevisor-tests-heavy.lock";
+
+/// Held while a heavy test runs (see [`heavy`]); dropping it lets the next one start.
+#[must_use = "the heavy-test lock is released when this guard is dropped"]
+pub struct Heavy {
+    _file: std::fs::File,
+}
+
+/// Waits until no other heavy test runs on this host, then holds the host until the
+/// returned guard is dropped: `let _heavy = tests::heavy();` first thing in the test.
+///
+/// **Heavy** are the tests that
+/// - start a guest pair (any live migration): two VMMs with 2 vCPUs each, plus migration
+///   and fault threads, already oversubscribe a 2-core host;
+/// - start a guest of 512 MiB or more: first touches alone take seconds per GiB here;
+/// - take hugetlb pool pages, or check that a pool is untouched: a pool is host-wide, so
+///   two such tests (in one binary or in two) would take each other's pages.
+///
+/// Everything else — bad input, small single guests of up to 128 MiB, the QEMU boot —
+/// stays parallel. The lock is an `flock(2)` on [`HEAVY_LOCK`], so it holds across test
+/// binaries and under cargo-nextest (one process per test) as well as across the threads
+/// of one binary; the kernel drops it if a test process dies. It is not re-entrant: a
+/// test takes it once, helpers never do.
+pub fn heavy() -> Heavy {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o666)
+        .open(HEAVY_LOCK)
+        .unwrap_or_else(|e| panic!("opening the heavy-test lock {HEAVY_LOCK}: {e}"));
+    loop {
+        // SAFETY: flock on a file descriptor we own for the whole call; it touches no memory.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if r == 0 {
+            return Heavy { _file: file };
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            panic!("locking the heavy-test lock {HEAVY_LOCK}: {e}");
+        }
+    }
+}
 
 /// Path of the `hugevisor` binary built alongside the tests (`target/<profile>/hugevisor`),
 /// or `$HUGEVISOR_BIN`.

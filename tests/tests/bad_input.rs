@@ -103,9 +103,9 @@ fn hugetlb_pool_too_small_names_the_fix_and_leaves_the_pool_alone() {
     if !have_kvm() {
         return;
     }
-    let _pool = tests::HUGETLB_POOL
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    // Heavy: it checks that the host-wide pool is untouched, so no other test may take
+    // pages from it meanwhile.
+    let _heavy = tests::heavy();
     let before = hugetlb_free_pages(2048);
     // 62 GiB of 2 MiB pages is far more than any test pool.
     let r = run(&[

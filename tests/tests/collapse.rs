@@ -5,11 +5,17 @@
 // clippy's allow-unwrap-in-tests would cover on its own).
 #![allow(clippy::unwrap_used)]
 
-use tests::peers::{finish, migrate, scratch, start_pair, Pair};
+use tests::peers::{
+    end_run, finish, incoming_settled, migrate, run_until, scratch, start_pair, wait_until, Pair,
+    RUN_BOUND,
+};
 use tests::{have_kvm, run};
 
 /// Migrates a `verify` guest of `memory` by `mode` to a destination started with
-/// `dst_extra`; returns the destination's run JSON.
+/// `dst_extra`; returns the destination's run JSON. The destination is ended (vm.shutdown)
+/// only once the migration has fully arrived — post-copy has every page — and its
+/// collapse engine is idle: what the test measures is then over, however slowly a busy
+/// host got there (`--duration` is only a bound).
 fn migrate_verify(name: &str, memory: &str, mode: &str, dst_extra: &[&str]) -> serde_json::Value {
     let dir = scratch(name);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
@@ -25,17 +31,28 @@ fn migrate_verify(name: &str, memory: &str, mode: &str, dst_extra: &[&str]) -> s
         "--workload",
         "verify",
         "--duration",
-        "30s",
+        RUN_BOUND,
         "--console",
         "off",
         "--json",
     ];
-    let Pair { dst, src } = start_pair(&common, &uri, &api, dst_extra, &[]);
+    let Pair {
+        mut dst,
+        src,
+        dst_api,
+    } = start_pair(&common, &uri, &api, dst_extra, &[]);
     let (code, report, err) = migrate(&api, &uri, &["--mode", mode]);
     assert_eq!(code, 0, "{name}: migrate failed: {err}");
     assert_eq!(report["mode"], mode);
     let (scode, _, serr) = finish(src);
     assert_eq!(scode, 0, "{name}: source: {serr}");
+    wait_until(
+        &mut dst,
+        &dst_api,
+        &format!("{name}: the migration's complete arrival with the collapse engine idle"),
+        incoming_settled,
+    );
+    end_run(&dst_api);
     let (dcode, dj, derr) = finish(dst);
     assert_eq!(dcode, 0, "{name}: destination: {derr}");
     assert_eq!(dj["integrity_errors"], 0, "{name}: {dj}");
@@ -54,6 +71,7 @@ fn postcopy_destination_ends_pmd_mapped_and_off_ends_near_zero() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     let on = migrate_verify("collapse-on", "1G", "postcopy", &[]);
     assert!(
         on["incoming"]["postcopy_ms"].as_f64().is_some(),
@@ -83,6 +101,7 @@ fn precopy_destination_collapses_every_region_on_resume() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     let j = migrate_verify("collapse-precopy", "128M", "precopy", &[]);
     let frac = pmd_fraction(&j);
     assert!(frac >= 0.95, "{:.1} % PMD-mapped: {j}", frac * 100.0);
@@ -95,26 +114,44 @@ fn background_scan_collapses_a_running_guest() {
     if !have_kvm() {
         return;
     }
-    let r = run(&[
-        "run",
-        "--json",
-        "--console",
-        "off",
-        "--memory",
-        "128M",
-        "--backing",
-        "shmem",
-        "--vcpus",
-        "2",
-        "--workload",
-        "verify",
-        "--duration",
-        "6s",
-        "--collapse",
-        "background",
-        "--collapse-scan",
-        "pages=8192,period=50,rate=100,max-ptes-none=64",
-    ]);
+    // The guest runs until the scan has covered every region after the guest populated
+    // it: once each vCPU finished its first pass (all its pages touched), two more sweeps
+    // (the one under way may have passed some regions already), and no retry pending.
+    let mut populated_at_sweep = None;
+    let r = run_until(
+        &[
+            "run",
+            "--json",
+            "--console",
+            "off",
+            "--memory",
+            "128M",
+            "--backing",
+            "shmem",
+            "--vcpus",
+            "2",
+            "--workload",
+            "verify",
+            "--duration",
+            RUN_BOUND,
+            "--collapse",
+            "background",
+            "--collapse-scan",
+            "pages=8192,period=50,rate=100,max-ptes-none=64",
+        ],
+        "two background-scan sweeps over every region after the first pass, the engine idle",
+        |info| {
+            let sweeps = info["collapse"]["scan_sweeps"].as_u64().unwrap_or(0);
+            let first_pass_done = info["per_vcpu_passes"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty() && p.iter().all(|n| n.as_u64() >= Some(1)));
+            if first_pass_done && populated_at_sweep.is_none() {
+                populated_at_sweep = Some(sweeps);
+            }
+            populated_at_sweep.is_some_and(|s0| sweeps >= s0 + 2)
+                && info["collapse"]["idle"] == true
+        },
+    );
     let j = r.json();
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(j["integrity_errors"], 0, "{j}");

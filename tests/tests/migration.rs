@@ -7,11 +7,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::Child;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use migration::{Frame, FrameKind, FrameWriter, Hello, Stream, Uri};
-use tests::peers::{finish, migrate, scratch, spawn, start_pair, wait_for, Pair};
-use tests::{have_hugetlb, have_kvm, HUGETLB_POOL};
+use tests::peers::{
+    end_run, finish, migrate, scratch, spawn, start_pair, wait_for, wait_for_passes, Pair,
+    EVENT_BOUND, RUN_BOUND,
+};
+use tests::{have_hugetlb, have_kvm};
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -55,8 +59,9 @@ fn migrate_case_with(
         "off",
         "--json",
     ];
-    let Pair { dst, src } = start_pair(&common, &uri, &api, &[], &["--dirty-log", dirty_log]);
-    std::thread::sleep(Duration::from_millis(300));
+    let Pair { dst, src, .. } = start_pair(&common, &uri, &api, &[], &["--dirty-log", dirty_log]);
+    // Two more passes: the guest is in its steady state, writing, when the migration starts.
+    wait_for_passes(&api, 4);
     let verify: &[&str] = if mode == "precopy" {
         &["--verify", "memory-hash"]
     } else {
@@ -154,6 +159,7 @@ fn verify_keeps_running_across_precopy_postcopy_and_hybrid_on_shmem() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     migrate_case("shmem", "precopy", "tcp");
     migrate_case("shmem", "postcopy", "unix");
     migrate_case("shmem", "hybrid", "tcp");
@@ -164,6 +170,7 @@ fn verify_keeps_running_across_precopy_with_the_dirty_ring_on_shmem() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     // The default ring (65536 entries per vCPU): zero integrity errors, equal memory
     // hashes, passes continued (all checked by migrate_case_with).
     migrate_case_with("shmem", "precopy", "tcp", "ring");
@@ -181,7 +188,8 @@ fn verify_keeps_running_across_precopy_postcopy_and_hybrid_on_hugetlb_2m() {
     if !have_kvm() {
         return;
     }
-    let _pool = HUGETLB_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    // Heavy: guest pairs, and hugetlb pool pages.
+    let _heavy = tests::heavy();
     if !have_hugetlb(2048, 64) {
         return;
     }
@@ -195,6 +203,7 @@ fn source_keeps_running_when_the_destination_dies() {
     if !have_kvm() {
         return;
     }
+    let _heavy = tests::heavy();
     let dir = scratch("dies");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let api = dir.join("api.sock");
@@ -208,7 +217,7 @@ fn source_keeps_running_when_the_destination_dies() {
         "--workload",
         "verify",
         "--duration",
-        "5s",
+        RUN_BOUND,
         "--console",
         "off",
         "--json",
@@ -220,16 +229,26 @@ fn source_keeps_running_when_the_destination_dies() {
     src_args.extend(["--api-socket", &api_s]);
     let src = spawn(&src_args);
     wait_for(&api);
-    std::thread::sleep(Duration::from_millis(300));
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(150));
-        let _ = dst.kill();
-        let _ = dst.wait();
-    });
-    let (code, _, err) = migrate(&api, &uri, &[]);
-    killer.join().unwrap();
+    wait_for_passes(&api, 2);
+    // The destination dies while the migration is under way: the source migrates through
+    // a relay that says when 16 MiB have reached the destination, and forwards no more.
+    // (vm.info cannot tell: the API serves one call at a time, and vm.migrate holds it.)
+    let relay = dir.join("relay.sock");
+    let arrived = relay_until(&relay, &dir.join("mig.sock"), 16 << 20);
+    let client = {
+        let (api, to) = (api.clone(), format!("unix:{}", relay.display()));
+        std::thread::spawn(move || migrate(&api, &to, &[]))
+    };
+    arrived
+        .recv_timeout(EVENT_BOUND)
+        .expect("the migration never sent 16 MiB to the destination");
+    let _ = dst.kill();
+    let _ = dst.wait();
+    let (code, _, err) = client.join().unwrap();
     assert_eq!(code, 1, "the migration fails: {err}");
     assert!(err.contains("migration failed"), "{err}");
+    // The guest kept running; the test ends it.
+    end_run(&api);
     let (scode, sj, serr) = finish(src);
     assert_eq!(scode, 0, "the source guest kept running: {serr}");
     assert_eq!(sj["outcome"], "ok", "{sj}");
@@ -242,16 +261,74 @@ fn source_keeps_running_when_the_destination_dies() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A fake source: connects to a destination and sends what the test wants.
-fn fake_source(uri: &str, frames: Vec<Frame>, then_wait: Duration) {
+/// Relays one migration connection accepted on `listen` to the destination listening on
+/// `to`, and says so on the returned channel once `bytes` have gone through to it; then it
+/// forwards nothing more (so the migration cannot complete, however fast the host), and
+/// closes the source's side only once the destination's side is gone.
+fn relay_until(listen: &std::path::Path, to: &std::path::Path, bytes: u64) -> mpsc::Receiver<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(listen).unwrap();
+    let to = to.to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut src, _) = listener.accept().unwrap();
+        let mut dst = UnixStream::connect(&to).unwrap();
+        let (mut dst_back, mut src_back) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut dst_back, &mut src_back);
+        });
+        let mut buf = vec![0u8; 1 << 16];
+        let mut sent = 0u64;
+        while sent < bytes {
+            match src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if dst.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                }
+            }
+        }
+        let _ = tx.send(());
+        let _ = back.join();
+    });
+    rx
+}
+
+/// A fake source: connects to a destination, sends what the test wants, then says nothing
+/// more and keeps the connection open until the destination hangs up (it refused, or
+/// gave up waiting) — so the destination, not this end, decides when the exchange ends.
+fn fake_source(uri: &str, frames: Vec<Frame>) {
     let u: Uri = uri.parse().unwrap();
-    let s = Stream::connect(&u, Duration::from_secs(10), Duration::from_secs(30)).unwrap();
+    let s = Stream::connect(&u, Duration::from_secs(60), Duration::from_secs(30)).unwrap();
     let mut w = FrameWriter::new(s);
     for f in &frames {
         w.send(f).unwrap();
     }
     w.flush().unwrap();
-    std::thread::sleep(then_wait);
+    until_hang_up(w.get_mut(), "the destination");
+}
+
+/// Reads (and drops) whatever the peer sends until it closes the connection; panics if it
+/// has not within 120 s.
+fn until_hang_up(conn: &mut impl std::io::Read, peer: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+        assert!(Instant::now() < deadline, "{peer} never hung up (120 s)");
+    }
 }
 
 fn hello(version: u32) -> Hello {
@@ -287,11 +364,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     // Wrong version.
     let dir = scratch("version");
     let (dst, uri) = destination(&dir);
-    fake_source(
-        &uri,
-        vec![Frame::json(FrameKind::Hello, &hello(99))],
-        Duration::from_millis(200),
-    );
+    fake_source(&uri, vec![Frame::json(FrameKind::Hello, &hello(99))]);
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);
     assert!(
@@ -303,11 +376,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     let (dst, uri) = destination(&dir);
     let mut h = hello(migration::PROTOCOL_VERSION);
     h.memory_bytes = 64 << 20;
-    fake_source(
-        &uri,
-        vec![Frame::json(FrameKind::Hello, &h)],
-        Duration::from_millis(200),
-    );
+    fake_source(&uri, vec![Frame::json(FrameKind::Hello, &h)]);
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);
     assert!(err.contains("memory") && err.contains("--memory"), "{err}");
@@ -321,7 +390,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     bytes[n - 7] ^= 0x10;
     let u: Uri = uri.parse().unwrap();
     {
-        let s = Stream::connect(&u, Duration::from_secs(10), Duration::from_secs(30)).unwrap();
+        let s = Stream::connect(&u, Duration::from_secs(60), Duration::from_secs(30)).unwrap();
         let mut w = FrameWriter::new(s);
         w.send(&Frame::json(
             FrameKind::Hello,
@@ -331,7 +400,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
         use std::io::Write;
         w.get_mut().write_all(&bytes).unwrap();
         w.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        until_hang_up(w.get_mut(), "the destination");
     }
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);
@@ -348,7 +417,6 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
                 FrameKind::Hello,
                 &hello(migration::PROTOCOL_VERSION),
             )],
-            Duration::from_secs(15),
         )
     });
     let (code, _, err) = finish(dst);
@@ -373,10 +441,11 @@ fn a_destination_that_never_answers_fails_the_migration_not_the_guest() {
     let api_s = api.to_string_lossy().to_string();
     let mute = dir.join("mute.sock");
     let listener = std::os::unix::net::UnixListener::bind(&mute).unwrap();
+    // Accepts, then stays mute until the source gives up and hangs up.
     let holder = std::thread::spawn(move || {
-        let c = listener.accept();
-        std::thread::sleep(Duration::from_secs(14));
-        drop(c);
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        until_hang_up(&mut c, "the source");
     });
     let src = spawn(&[
         "run",
@@ -385,7 +454,7 @@ fn a_destination_that_never_answers_fails_the_migration_not_the_guest() {
         "--workload",
         "verify",
         "--duration",
-        "15s",
+        RUN_BOUND,
         "--console",
         "off",
         "--json",
@@ -398,6 +467,8 @@ fn a_destination_that_never_answers_fails_the_migration_not_the_guest() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("did not answer"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(13), "{:?}", t0.elapsed());
+    // The guest kept running; the test ends it.
+    end_run(&api);
     let (scode, sj, serr) = finish(src);
     assert_eq!(scode, 0, "{serr}");
     assert_eq!(sj["outcome"], "ok");

@@ -5,19 +5,37 @@
 // clippy's allow-unwrap-in-tests would cover on its own).
 #![allow(clippy::unwrap_used)]
 
+use tests::peers::{run_until, RUN_BOUND};
 use tests::{have_kvm, run};
 
+const COMMON: [&str; 8] = [
+    "run",
+    "--json",
+    "--console",
+    "off",
+    "--memory",
+    "64M",
+    "--vcpus",
+    "2",
+];
+
+/// Runs a 2-vCPU 64 MiB guest with `extra` until `done` holds for its `vm.info` (`numa`
+/// there is the NUMA report as far as it goes), then ends it.
+fn numa_run_until(
+    extra: &[&str],
+    what: &str,
+    done: impl FnMut(&serde_json::Value) -> bool,
+) -> tests::Run {
+    let mut args = COMMON.to_vec();
+    args.extend(["--duration", RUN_BOUND]);
+    args.extend(extra);
+    let r = run_until(&args, what, done);
+    assert_eq!(r.code(), 0, "{extra:?}: stderr:\n{}", r.stderr());
+    r
+}
+
 fn numa_run(extra: &[&str]) -> tests::Run {
-    let mut args = vec![
-        "run",
-        "--json",
-        "--console",
-        "off",
-        "--memory",
-        "64M",
-        "--vcpus",
-        "2",
-    ];
+    let mut args = COMMON.to_vec();
     args.extend(extra);
     let r = run(&args);
     assert_eq!(r.code(), 0, "{extra:?}: stderr:\n{}", r.stderr());
@@ -29,16 +47,21 @@ fn numa02_placed_wrong_converges_to_local() {
     if !have_kvm() {
         return;
     }
-    let r = numa_run(&[
-        "--workload",
-        "numa02",
-        "--duration",
-        "4s",
-        "--numa",
-        "nodes=2",
-        "--numa-scan",
-        "window=64M,period=20ms",
-    ]);
+    let r = numa_run_until(
+        &[
+            "--workload",
+            "numa02",
+            "--numa",
+            "nodes=2",
+            "--numa-scan",
+            "window=64M,period=20ms",
+        ],
+        "numa02 converging to 95 % locality",
+        |info| {
+            let n = &info["numa"];
+            n["time_to_95_ms"].is_number() && n["locality_pct"].as_f64() >= Some(95.0)
+        },
+    );
     let j = r.json();
     let n = &j["numa"];
     assert_eq!(n["backend"], "emulated", "{j}");
@@ -80,16 +103,18 @@ fn numa01_shared_buffer_does_not_ping_pong() {
     if !have_kvm() {
         return;
     }
-    let r = numa_run(&[
-        "--workload",
-        "numa01",
-        "--duration",
-        "4s",
-        "--numa",
-        "nodes=2",
-        "--numa-scan",
-        "window=64M,period=20ms",
-    ]);
+    let r = numa_run_until(
+        &[
+            "--workload",
+            "numa01",
+            "--numa",
+            "nodes=2",
+            "--numa-scan",
+            "window=64M,period=20ms",
+        ],
+        "more than 20 NUMA scans",
+        |info| info["numa"]["scans"].as_u64() > Some(20),
+    );
     let j = r.json();
     // 32 regions of 2 MiB in all; a shared region may move at most once before both
     // nodes' faults mark it shared, so migrations stay well below one per region per scan.
@@ -112,8 +137,6 @@ fn verify_with_balancing_and_forced_migrations_loses_nothing() {
         let mut a = vec![
             "--workload",
             "verify",
-            "--duration",
-            "3s",
             "--numa",
             "nodes=2",
             "--numa-scan",
@@ -122,7 +145,10 @@ fn verify_with_balancing_and_forced_migrations_loses_nothing() {
             "2ms",
         ];
         a.extend(extra);
-        let r = numa_run(&a);
+        let r = numa_run_until(&a, "over 100 region moves and 2 passes", |info| {
+            info["numa"]["numa_pages_migrated"].as_u64().unwrap_or(0) / 512 > 100
+                && info["passes"].as_u64() >= Some(2)
+        });
         let j = r.json();
         assert_eq!(r.u64("integrity_errors"), 0, "{j}");
         assert!(

@@ -4,7 +4,7 @@
 // clippy's allow-unwrap-in-tests would cover on its own).
 #![allow(clippy::unwrap_used)]
 
-use tests::{have_hugetlb, have_kvm, run, HUGETLB_POOL};
+use tests::{have_hugetlb, have_kvm, run};
 
 /// (backing, memory, 2 MiB pages needed, 1 GiB pages needed)
 const BACKINGS: &[(&str, &str, u64, u64)] = &[
@@ -34,7 +34,8 @@ fn every_workload_on_every_backing() {
     if !have_kvm() {
         return;
     }
-    let _pool = HUGETLB_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    // Heavy: hugetlb pool pages and a 1 GiB guest.
+    let _heavy = tests::heavy();
     for &(backing, memory, p2m, p1g) in BACKINGS {
         if (p2m > 0 && !have_hugetlb(2048, p2m)) || (p1g > 0 && !have_hugetlb(1048576, p1g)) {
             continue;
@@ -168,7 +169,8 @@ fn verify_reports_a_page_corrupted_by_the_vmm() {
     if !have_kvm() {
         return;
     }
-    let _pool = HUGETLB_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    // Heavy: hugetlb pool pages.
+    let _heavy = tests::heavy();
     let mut backings = vec!["shmem", "anon"];
     if have_hugetlb(2048, 32) {
         backings.push("hugetlb-2m");

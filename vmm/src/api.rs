@@ -107,11 +107,15 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // Each connection on its own thread: `vm.migrate` answers only when the
+                // migration ends, and `vm.info` must answer meanwhile. A bounded number
+                // at once, so a local flood of connections cannot exhaust threads.
+                let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 while !s.load(std::sync::atomic::Ordering::Acquire) {
                     match listener.accept() {
                         Ok((conn, _)) => {
                             let _ = conn.set_nonblocking(false);
-                            let _ = serve(conn, &tx);
+                            serve_on_thread(conn, &tx, &active);
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
@@ -149,6 +153,7 @@ fn respond(mut conn: &UnixStream, status: u16, body: &serde_json::Value) -> std:
         400 => "Bad Request",
         404 => "Not Found",
         409 => "Conflict",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
     let text = if status == 204 {
@@ -162,6 +167,33 @@ fn respond(mut conn: &UnixStream, status: u16, body: &serde_json::Value) -> std:
         text.len()
     )?;
     conn.flush()
+}
+
+/// Connections served at once; more are answered 503 at once.
+const MAX_CONNECTIONS: usize = 16;
+
+fn serve_on_thread(
+    conn: UnixStream,
+    tx: &Sender<ApiCall>,
+    active: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+        active.fetch_sub(1, Ordering::AcqRel);
+        let body = serde_json::json!({ "error": "too many API connections at once; retry" });
+        let _ = respond(&conn, 503, &body);
+        return;
+    }
+    let (tx, active_conn) = (tx.clone(), active.clone());
+    let spawned = std::thread::Builder::new()
+        .name("api-conn".into())
+        .spawn(move || {
+            let _ = serve(conn, &tx);
+            active_conn.fetch_sub(1, Ordering::AcqRel);
+        });
+    if spawned.is_err() {
+        active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn serve(conn: UnixStream, tx: &Sender<ApiCall>) -> std::io::Result<()> {

@@ -42,8 +42,6 @@ enum Command {
     GuestImage(GuestImageArgs),
     /// Report what this host offers (KVM, userfaultfd, huge pages, THP, NUMA) and how to fix what is missing.
     Caps(CapsArgs),
-    /// Benchmarks (see docs/benchmarks.md).
-    Bench(crate::bench::BenchArgs),
     /// Live-migrate a running VM (through its control API) to a `run --incoming` peer.
     Migrate(MigrateArgs),
 }
@@ -414,7 +412,6 @@ pub fn main(process_start_ns: u64) -> i32 {
         Command::Run(a) => cmd_run(a, process_start_ns),
         Command::GuestImage(a) => cmd_guest_image(a),
         Command::Caps(a) => crate::caps::cmd_caps(a.json, &a.kvm_device),
-        Command::Bench(a) => crate::bench::cmd_bench(a),
         Command::Migrate(a) => cmd_migrate(a),
     }
 }

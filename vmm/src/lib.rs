@@ -12,7 +12,6 @@
 //! - guest RAM (backings, views): the `guest-mm` crate
 
 pub mod api;
-pub mod bench;
 pub mod boot;
 pub mod builder;
 pub mod caps;
@@ -30,7 +29,6 @@ pub mod migrate;
 pub mod migration_host;
 pub mod numa;
 pub mod periodic;
-pub mod plot;
 pub mod procfs;
 pub mod report;
 pub mod run;

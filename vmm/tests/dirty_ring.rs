@@ -133,6 +133,8 @@ fn dirty_log_fetch_cost_on_1g() {
     if !tests::have_kvm() {
         return;
     }
+    // Heavy: a 1 GiB guest with 8 vCPUs.
+    let _heavy = tests::heavy();
     const SIZE: u64 = 1 << 30;
     // 8 vCPUs × 32640 pages each fit their 65536-entry rings with room to spare: no
     // ring-full exit, so the take below harvests all 261120 entries itself.

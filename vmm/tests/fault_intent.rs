@@ -57,7 +57,9 @@ fn internal_reads_of_hinted_pages_do_not_fault_vcpu_accesses_do() {
         ram.staging().read_obj::<u64>(GuestAddress(gpa)).unwrap(),
         0x1234_5678
     );
-    std::thread::sleep(Duration::from_millis(50));
+    // No waiting "long enough" for a stray fault: the staging view is not registered, so
+    // a read there can never raise one; and a fault counted late would still show in the
+    // exact total of one (the vCPU's) asserted at the end.
     assert_eq!(
         fp.stats.faults.load(std::sync::atomic::Ordering::Relaxed),
         0,
@@ -76,7 +78,7 @@ fn internal_reads_of_hinted_pages_do_not_fault_vcpu_accesses_do() {
         // SAFETY: test: reading a u64 inside the guest view.
         unsafe { std::ptr::read_volatile(p as *const u64) }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while !v.is_finished() {
         assert!(
             Instant::now() < deadline,

@@ -7,7 +7,7 @@
 // clippy's allow-unwrap-in-tests would cover on its own).
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,8 @@ fn moves_under_a_writer_lose_nothing() {
         .subscribe(Arc::new(GuestViewZapper::new(base, SIZE, Some(fp.uffd()))));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (s, t) = (stop.clone(), threads.clone());
+    let passes_done = Arc::new(AtomicU64::new(0));
+    let (s, t, done) = (stop.clone(), threads.clone(), passes_done.clone());
     let writer = std::thread::spawn(move || {
         t.register_current(0);
         let pages = SIZE / 4096;
@@ -64,14 +65,27 @@ fn moves_under_a_writer_lose_nothing() {
                 unsafe { std::ptr::write_volatile(addr, gen[p as usize]) };
             }
             passes += 1;
+            done.store(passes, Ordering::Relaxed);
         }
         (passes, errors)
     });
 
     let mut x = 0x1234_5678_9abc_def1u64;
     let mut moves = 0;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
+    // Moves for at least 3 s (the stress), and on until the writer has made its passes
+    // under them however slowly a loaded host runs it, within a generous bound.
+    let start = Instant::now();
+    let enough = |moves: u64| {
+        start.elapsed() >= Duration::from_secs(3)
+            && moves > 100
+            && passes_done.load(Ordering::Relaxed) > 3
+    };
+    while !enough(moves) {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "in 300 s of moves the writer made only {} passes ({moves} moves)",
+            passes_done.load(Ordering::Relaxed)
+        );
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;

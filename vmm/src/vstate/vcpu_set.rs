@@ -20,8 +20,8 @@ use vmm_sys_util::signal::Killable;
 use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::vstate::vcpu::{
-    kick_signal, Vcpu, VcpuAnswer, VcpuEndResult, VcpuEvent, VcpuFailure, VcpuFault, VcpuOutcome,
-    VcpuState,
+    install_kick_handler, kick_signal, Vcpu, VcpuAnswer, VcpuEndResult, VcpuEvent, VcpuFailure,
+    VcpuFault, VcpuOutcome, VcpuState,
 };
 
 /// How often an unanswered event is followed by another kick.
@@ -85,6 +85,9 @@ impl VcpuSet {
         on_start: OnThreadStart,
         on_end: OnGuestEnd,
     ) -> Result<VcpuSet> {
+        // Every kick below needs the (empty) handler: without it the signal kills the
+        // process.
+        install_kick_handler()?;
         let set = VcpuSet {
             threads: Mutex::new(Vec::with_capacity(vcpus.len())),
         };

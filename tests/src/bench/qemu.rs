@@ -1,4 +1,5 @@
-//! The QEMU baseline for `bench migration`: the same guest image under QEMU's `microvm`
+//! The QEMU baseline for `hugevisor-bench migration`: the same guest image (written by the
+//! hugevisor under measurement, `hugevisor guest-image`) under QEMU's `microvm`
 //! machine, with the same memory size and backing, migrated on the same host over QMP
 //! by pre-copy and by postcopy-ram.
 //!
@@ -21,7 +22,45 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::clock::{rdtsc, TscClock, TscPoint};
+use super::clock::{rdtsc, TscClock, TscPoint};
+
+/// What went wrong in one QEMU migration (the row then carries this as its `error`).
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("spawning qemu-system-x86_64: {0} (apt-get install qemu-system-x86, or --qemu off)")]
+    Spawn(#[source] std::io::Error),
+    #[error("QEMU stdout not piped")]
+    NoStdout,
+    #[error("QMP socket {path}: {source}")]
+    QmpConnect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP {what}: {source}")]
+    QmpIo {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP: QEMU closed the socket")]
+    QmpClosed,
+    #[error("QMP reply: {0}")]
+    QmpReply(#[source] serde_json::Error),
+    #[error("QMP {cmd}: {desc}")]
+    Qmp { cmd: String, desc: String },
+    #[error("QEMU exited ({status}) before printing {needle:?}")]
+    Exited {
+        status: std::process::ExitStatus,
+        needle: String,
+    },
+    #[error("QEMU did not print {needle:?} within {timeout:?}")]
+    Silent { needle: String, timeout: Duration },
+    #[error("QEMU migration {status}: {reason}")]
+    Migration { status: String, reason: String },
+    #[error("QEMU migration did not complete within 300 s")]
+    MigrationTimeout,
+}
 
 /// QEMU's migration modes measured beside hugevisor's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +85,8 @@ pub struct QemuCase<'a> {
     pub backing: &'a str,
     pub workload: &'a str,
     pub mode: QemuMode,
+    /// The guest image, from the hugevisor under measurement.
+    pub image: &'a Path,
     /// How long the guest runs before the migration starts.
     pub warmup: Duration,
     /// How long the destination runs after the migration completes (checking memory).
@@ -82,19 +123,25 @@ struct Qmp {
 }
 
 impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, String> {
+    fn connect(path: &Path) -> Result<Qmp, QemuError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => {
-                    return Err(format!("QMP socket {}: {e}", path.display()))
+                Err(source) if Instant::now() > deadline => {
+                    return Err(QemuError::QmpConnect {
+                        path: path.to_path_buf(),
+                        source,
+                    })
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|source| QemuError::QmpIo {
+            what: "cloning the socket",
+            source,
+        })?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),
             writer,
@@ -105,33 +152,49 @@ impl Qmp {
     }
 
     /// Reads the next line that is not an asynchronous event.
-    fn read_reply(&mut self) -> Result<Value, String> {
+    fn read_reply(&mut self) -> Result<Value, QemuError> {
         loop {
             let mut line = String::new();
             match self.reader.read_line(&mut line) {
-                Ok(0) => return Err("QMP: QEMU closed the socket".into()),
+                Ok(0) => return Err(QemuError::QmpClosed),
                 Ok(_) => {}
-                Err(e) => return Err(format!("QMP read: {e}")),
+                Err(source) => {
+                    return Err(QemuError::QmpIo {
+                        what: "read",
+                        source,
+                    })
+                }
             }
-            let v: Value = serde_json::from_str(&line).map_err(|e| format!("QMP reply: {e}"))?;
+            let v: Value = serde_json::from_str(&line).map_err(QemuError::QmpReply)?;
             if v.get("event").is_none() {
                 return Ok(v);
             }
         }
     }
 
-    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, QemuError> {
         let msg = json!({ "execute": cmd, "arguments": args });
-        writeln!(self.writer, "{msg}").map_err(|e| format!("QMP write: {e}"))?;
+        writeln!(self.writer, "{msg}").map_err(|source| QemuError::QmpIo {
+            what: "write",
+            source,
+        })?;
         let v = self.read_reply()?;
         match v.get("error") {
-            Some(e) => Err(format!(
-                "QMP {cmd}: {}",
-                e["desc"].as_str().unwrap_or("error")
-            )),
+            Some(e) => Err(QemuError::Qmp {
+                cmd: cmd.to_string(),
+                desc: e["desc"].as_str().unwrap_or("error").to_string(),
+            }),
             None => Ok(v["return"].clone()),
         }
     }
+}
+
+/// Which end of the migration a QEMU process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Source,
+    /// Started with `-incoming defer`.
+    Destination,
 }
 
 /// A QEMU process whose console lines arrive on a channel.
@@ -142,8 +205,12 @@ struct Peer {
 }
 
 impl Peer {
-    fn spawn(case: &QemuCase, image: &Path, role: &str, incoming: bool) -> Result<Peer, String> {
-        let qmp_path = case.dir.join(format!("qmp-{role}.sock"));
+    fn spawn(case: &QemuCase, role: Role) -> Result<Peer, QemuError> {
+        let role_name = match role {
+            Role::Source => "src",
+            Role::Destination => "dst",
+        };
+        let qmp_path = case.dir.join(format!("qmp-{role_name}.sock"));
         let _ = std::fs::remove_file(&qmp_path);
         let mut backend = format!("memory-backend-memfd,id=mem,size={},share=on", case.memory);
         if case.backing == "hugetlb-2m" {
@@ -155,7 +222,7 @@ impl Peer {
             .args(["-cpu", "max,-arch-capabilities", "-m", case.memory])
             .args(["-object", &backend])
             .arg("-kernel")
-            .arg(image)
+            .arg(case.image)
             .args([
                 "-append",
                 &format!("workload={} passes=0 vcpus=1 seed=1 slow=2", case.workload),
@@ -163,7 +230,7 @@ impl Peer {
             .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
-        if incoming {
+        if role == Role::Destination {
             cmd.args(["-incoming", "defer"]);
         }
         let mut child = cmd
@@ -171,11 +238,8 @@ impl Peer {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("spawning qemu-system-x86_64: {e}"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| "QEMU stdout not piped".to_string())?;
+            .map_err(QemuError::Spawn)?;
+        let stdout = child.stdout.take().ok_or(QemuError::NoStdout)?;
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -191,21 +255,27 @@ impl Peer {
         })
     }
 
-    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<(), QemuError> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             match self.lines.recv_timeout(Duration::from_millis(100)) {
                 Ok(l) if l.contains(needle) => return Ok(()),
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Ok(Some(st)) = self.child.try_wait() {
-                        return Err(format!("QEMU exited ({st}) before printing {needle:?}"));
+                    if let Ok(Some(status)) = self.child.try_wait() {
+                        return Err(QemuError::Exited {
+                            status,
+                            needle: needle.to_string(),
+                        });
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        Err(format!("QEMU did not print {needle:?} within {timeout:?}"))
+        Err(QemuError::Silent {
+            needle: needle.to_string(),
+            timeout,
+        })
     }
 
     fn drain(&mut self) -> Vec<String> {
@@ -235,15 +305,13 @@ fn slow_pass(line: &str) -> Option<(u64, u64)> {
 }
 
 /// Migrates a running QEMU guest to a second QEMU on this host and measures it.
-pub fn measure(case: &QemuCase) -> Result<QemuResult, String> {
-    let image = case.dir.join("hvguest.elf");
-    std::fs::write(&image, guest_image::IMAGE).map_err(|e| format!("writing the image: {e}"))?;
+pub fn measure(case: &QemuCase) -> Result<QemuResult, QemuError> {
     let uri = format!("unix:{}", case.dir.join("qemu-mig.sock").display());
     let _ = std::fs::remove_file(case.dir.join("qemu-mig.sock"));
     let origin = TscPoint::now();
 
-    let mut dst = Peer::spawn(case, &image, "dst", true)?;
-    let mut src = Peer::spawn(case, &image, "src", false)?;
+    let mut dst = Peer::spawn(case, Role::Destination)?;
+    let mut src = Peer::spawn(case, Role::Source)?;
     let mut dq = Qmp::connect(&dst.qmp_path)?;
     let mut sq = Qmp::connect(&src.qmp_path)?;
     if case.mode == QemuMode::PostcopyRam {
@@ -276,15 +344,15 @@ pub fn measure(case: &QemuCase) -> Result<QemuResult, String> {
         match q["status"].as_str().unwrap_or("") {
             "completed" => break q,
             "failed" | "cancelled" => {
-                return Err(format!(
-                    "QEMU migration {}: {}",
-                    q["status"].as_str().unwrap_or(""),
-                    q["error-desc"].as_str().unwrap_or("no reason given")
-                ))
+                return Err(QemuError::Migration {
+                    status: q["status"].as_str().unwrap_or("").to_string(),
+                    reason: q["error-desc"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                        .to_string(),
+                })
             }
-            _ if Instant::now() > deadline => {
-                return Err("QEMU migration did not complete within 300 s".into())
-            }
+            _ if Instant::now() > deadline => return Err(QemuError::MigrationTimeout),
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     };

@@ -1,0 +1,402 @@
+//! `hugevisor-bench migration`: every mode on shmem and hugetlb-2m, for a `verify` and an
+//! `idle` guest, hugevisor to hugevisor on this host, beside loopback-TCP and
+//! raw-userfaultfd baselines and QEMU `-M microvm` migrating the same image ([`super::qemu`]).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::baselines::{loopback_tcp_bytes_per_sec, raw_minor_round_trip_us};
+use super::error::BenchError;
+use super::qemu;
+use super::{write_file, Completion, Hugevisor};
+use crate::api;
+
+#[derive(clap::Args, Debug)]
+pub struct MigrationBenchArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// Run time of each guest (the migration starts once every vCPU is past its first pass, plus 1 s).
+    #[arg(long, default_value = "20s")]
+    duration: String,
+    /// Also write the JSON result here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Measure QEMU (`-M microvm`, same image, memory and backing) beside hugevisor.
+    #[arg(long, value_enum, default_value_t = QemuBaseline::On)]
+    qemu: QemuBaseline,
+}
+
+/// Whether `bench migration` measures the QEMU baseline.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum QemuBaseline {
+    On,
+    Off,
+}
+
+/// What one hugevisor row migrates: (backing, workload, mode).
+type Case<'a> = (&'a str, &'a str, &'a str);
+
+/// The destination's settings of one hugevisor row: (collapse, push order).
+type Variant<'a> = (&'a str, &'a str);
+
+/// Migrate a warm guest: every vCPU past its first pass (4 KiB first touches take seconds
+/// per GiB here), then one more second of steady passes. Gives up at once if the source
+/// has exited (it failed to start: the row then says why).
+fn wait_until_warm(api_path: &Path, vcpus: u32, src: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if matches!(src.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let passes = api::info(api_path)
+            .ok()
+            .and_then(|v| v["passes"].as_u64())
+            .unwrap_or(0);
+        if passes >= 2 * vcpus as u64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+}
+
+/// One hugevisor-to-hugevisor migration of a guest running `workload`, as a result row.
+fn hugevisor_migration_row(
+    hv: &Hugevisor,
+    args: &MigrationBenchArgs,
+    (backing, workload, mode): Case,
+    (collapse, push_order): Variant,
+    dir: &Path,
+) -> Value {
+    let api_path = dir.join(format!("api-{backing}-{workload}-{mode}.sock"));
+    let mig = format!(
+        "unix:{}",
+        dir.join(format!("mig-{backing}-{workload}-{mode}.sock"))
+            .display()
+    );
+    let vcpus = args.vcpus.to_string();
+    let common = [
+        "run",
+        "--memory",
+        &args.memory,
+        "--backing",
+        backing,
+        "--vcpus",
+        &vcpus,
+        "--workload",
+        workload,
+        "--duration",
+        &args.duration,
+        "--console",
+        "off",
+        "--json",
+    ];
+    let spawn = |extra: &[&str]| {
+        hv.command()
+            .args(common)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode, "collapse": collapse, "push_order": push_order });
+    let (dst, mut src) = match (
+        spawn(&["--incoming", &mig, "--collapse", collapse]),
+        spawn(&["--api-socket", &api_path.to_string_lossy()]),
+    ) {
+        (Ok(d), Ok(s)) => (d, s),
+        _ => return with_error(id, "spawning the migration peers".into()),
+    };
+    wait_until_warm(&api_path, args.vcpus, &mut src);
+    let body =
+        serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50, "push_order": push_order });
+    let report = api::call(
+        &api_path,
+        api::Method::Put,
+        "/api/v1/vm.migrate",
+        Some(&body),
+    );
+    let (s_out, d_out) = (src.wait_with_output(), dst.wait_with_output());
+    let dj: Value = d_out
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or(Value::Null);
+    let _ = s_out;
+    match report {
+        Ok(api::Answer { status: 200, body }) => hugevisor_figures(id, &body, &dj),
+        Ok(api::Answer { status, body }) => with_error(id, format!("HTTP {status}: {body}")),
+        Err(e) => with_error(id, e.to_string()),
+    }
+}
+
+/// A row from the source's migration report `r` and the destination's run report `dj`.
+fn hugevisor_figures(mut row: Value, r: &Value, dj: &Value) -> Value {
+    for k in [
+        "total_ms",
+        "downtime_ms",
+        "bytes_sent",
+        "precopy_rounds",
+        "pages_demand",
+        "demand_fault_us_p50",
+        "demand_fault_us_p99",
+        "demand_fault_us_max",
+    ] {
+        row[k] = r[k].clone();
+    }
+    row["guest_stall_ms"] = dj["guest_stall_ms"].clone();
+    row["integrity_errors"] = dj["integrity_errors"].clone();
+    row["collapses"] = dj["collapses"].clone();
+    row["collapse_ms_total"] = dj["collapse_ms_total"].clone();
+    row["pmd_mapped_pct"] = (dj["pmd_mapped_bytes"].as_f64().unwrap_or(0.0) * 100.0
+        / dj["memory_bytes"].as_f64().unwrap_or(1.0))
+    .into();
+    // Passes the guest made on the destination: what huge pages buy after the switch.
+    row["passes_after_switch"] = dj["incoming"]["passes_after_switch"].clone();
+    row["postcopy_ms"] = dj["incoming"]["postcopy_ms"].clone();
+    row["collapsed_50pct_ms"] = dj["collapse"]["collapsed_50pct_ms"].clone();
+    row["collapsed_95pct_ms"] = dj["collapse"]["collapsed_95pct_ms"].clone();
+    // The guest's last pass on the destination: warm throughput, after collapse.
+    row["steady_mib_s"] =
+        (dj["steady_bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64).into();
+    row
+}
+
+fn with_error(mut row: Value, e: String) -> Value {
+    row["error"] = Value::String(e);
+    row
+}
+
+/// One QEMU-to-QEMU migration of the same image, as a result row.
+fn qemu_migration_row(
+    args: &MigrationBenchArgs,
+    (backing, workload, mode): (&str, &str, qemu::QemuMode),
+    image: &Path,
+    dir: &Path,
+) -> Value {
+    let id = serde_json::json!({ "vmm": "qemu", "backing": backing, "workload": workload, "mode": mode.name() });
+    let c = qemu::QemuCase {
+        memory: &args.memory,
+        backing,
+        workload,
+        mode,
+        warmup: Duration::from_secs(1),
+        after: Duration::from_secs(3),
+        image,
+        dir,
+    };
+    match qemu::measure(&c) {
+        Ok(r) => {
+            let mut row = id;
+            row["total_ms"] = r.total_ms.into();
+            row["downtime_ms"] = r.downtime_ms.into();
+            row["bytes_sent"] = r.bytes_sent.into();
+            row["pages_demand"] = r.postcopy_requests.into();
+            row["guest_stall_ms"] = match r.guest_stall_ms {
+                Some(ms) => ms.into(),
+                None => Value::Null,
+            };
+            row["integrity_errors"] = r.integrity_errors.into();
+            row["destination_lines"] = r.destination_lines.into();
+            row
+        }
+        Err(e) => with_error(id, e.to_string()),
+    }
+}
+
+/// Writes the guest image of the hugevisor under measurement to `path`, so QEMU boots the
+/// very image that build runs.
+fn write_guest_image(hv: &Hugevisor, path: &Path) -> Result<(), BenchError> {
+    let what = format!("hugevisor guest-image --out {}", path.display());
+    let out = hv
+        .command()
+        .args(["guest-image", "--out"])
+        .arg(path)
+        .output()
+        .map_err(|source| BenchError::Spawn {
+            what: what.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(BenchError::ChildFailed {
+            message: err.lines().last().unwrap_or("failed").trim().to_string(),
+            what,
+        });
+    }
+    Ok(())
+}
+
+pub fn bench_migration(
+    hv: &Hugevisor,
+    args: &MigrationBenchArgs,
+) -> Result<Completion, BenchError> {
+    eprintln!("bench: baselines ...");
+    let tcp = loopback_tcp_bytes_per_sec().unwrap_or(0.0);
+    let minor = raw_minor_round_trip_us(2000).unwrap_or(0.0);
+    let dir = std::env::temp_dir().join(format!("hv-bench-mig-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let mut with_qemu = args.qemu == QemuBaseline::On && qemu::available();
+    if args.qemu == QemuBaseline::On && !with_qemu {
+        eprintln!("bench: qemu-system-x86_64 not found; the QEMU rows are left out (apt-get install qemu-system-x86)");
+    }
+    let image = dir.join("hvguest.elf");
+    if with_qemu {
+        if let Err(e) = write_guest_image(hv, &image) {
+            eprintln!("bench: {e}; the QEMU rows are left out");
+            with_qemu = false;
+        }
+    }
+    let mut rows = Vec::new();
+    for backing in ["shmem", "hugetlb-2m"] {
+        for workload in ["verify", "idle"] {
+            for mode in ["precopy", "postcopy", "hybrid"] {
+                eprintln!("bench: hugevisor {mode} of {workload} on {backing} ...");
+                let case = (backing, workload, mode);
+                let default = ("on-fill", "sequential");
+                rows.push(hugevisor_migration_row(hv, args, case, default, &dir));
+                // What collapse on fill buys a post-copy destination, and whether the
+                // push order helps it (shmem: hugetlb is huge already).
+                if backing == "shmem" && mode == "postcopy" {
+                    for variant in [("on-fill", "fewest-missing-first"), ("off", "sequential")] {
+                        eprintln!(
+                            "bench: hugevisor {mode} of {workload} on {backing}, collapse {}, push {} ...",
+                            variant.0, variant.1
+                        );
+                        rows.push(hugevisor_migration_row(hv, args, case, variant, &dir));
+                    }
+                }
+            }
+            if with_qemu {
+                for mode in [qemu::QemuMode::Precopy, qemu::QemuMode::PostcopyRam] {
+                    eprintln!("bench: qemu {} of {workload} on {backing} ...", mode.name());
+                    rows.push(qemu_migration_row(
+                        args,
+                        (backing, workload, mode),
+                        &image,
+                        &dir,
+                    ));
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let result = serde_json::json!({
+        "memory": args.memory, "vcpus": args.vcpus, "qemu_vcpus": 1,
+        "loopback_tcp_mib_s": tcp / (1 << 20) as f64,
+        "raw_minor_round_trip_us": minor, "rows": rows,
+    });
+    if let Some(p) = &args.out {
+        write_file(p, result.to_string())?;
+    }
+    println!("guest {} on {} vCPUs (QEMU: 1 vCPU); baselines: loopback TCP {:.0} MiB/s, raw userfaultfd MINOR round trip {:.1} µs", args.memory, args.vcpus, tcp / (1 << 20) as f64, minor);
+    println!();
+    print_rows(&rows, tcp);
+    println!();
+    print_collapse_rows(&rows);
+    Ok(Completion::AllMeasured)
+}
+
+/// The main table: one line per row.
+fn print_rows(rows: &[Value], tcp: f64) {
+    println!("| vmm | backing | workload | mode | total ms | downtime ms | guest stall ms | MiB sent | total vs bytes/bandwidth | rounds | demand pages | demand µs p50/p99/max | integrity errors | collapse | PMD-mapped % | passes after switch | last-pass MiB/s |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|");
+    for r in rows {
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        if let Some(e) = r.get("error") {
+            println!(
+                "| {} | {} | {} | {} | error: {} | | | | | | | | | | | | |",
+                s("vmm"),
+                s("backing"),
+                s("workload"),
+                s("mode"),
+                e
+            );
+            continue;
+        }
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let stall = match r["guest_stall_ms"].as_f64() {
+            Some(ms) => format!("{ms:.1}"),
+            // No pass was slower than twice the fastest: the stall hid inside one pass.
+            None => "< 2× a pass".to_string(),
+        };
+        let wire_ms = f("bytes_sent") / tcp.max(1.0) * 1e3;
+        let opt = |k: &str| match &r[k] {
+            Value::Null => "–".to_string(),
+            v => v.to_string(),
+        };
+        let demand = if r["demand_fault_us_p50"].is_null() {
+            "–".to_string()
+        } else {
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                f("demand_fault_us_p50"),
+                f("demand_fault_us_p99"),
+                f("demand_fault_us_max")
+            )
+        };
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {} | {:.0} | ×{:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s("vmm"),
+            s("backing"),
+            s("workload"),
+            s("mode"),
+            f("total_ms"),
+            f("downtime_ms"),
+            stall,
+            f("bytes_sent") / (1 << 20) as f64,
+            f("total_ms") / wire_ms.max(1e-9),
+            opt("precopy_rounds"),
+            opt("pages_demand"),
+            demand,
+            opt("integrity_errors"),
+            r["collapse"].as_str().unwrap_or("–"),
+            match r["pmd_mapped_pct"].as_f64() {
+                Some(p) => format!("{p:.0}"),
+                None => "–".into(),
+            },
+            opt("passes_after_switch"),
+            match r["steady_mib_s"].as_f64() {
+                Some(v) => format!("{v:.0}"),
+                None => "–".into(),
+            },
+        );
+    }
+}
+
+/// Post-copy on shmem: collapse on fill and the push order, side by side.
+fn print_collapse_rows(rows: &[Value]) {
+    println!("Post-copy on shmem: collapse on fill and the push order");
+    println!();
+    println!("| workload | collapse | push order | post-copy ms | guest stall ms | 50 % PMD-mapped at ms | 95 % at ms | PMD-mapped % | passes after switch | last-pass MiB/s |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows.iter().filter(|r| {
+        r["vmm"] == "hugevisor"
+            && r["backing"] == "shmem"
+            && r["mode"] == "postcopy"
+            && r.get("error").is_none()
+    }) {
+        let ms = |k: &str| match r[k].as_f64() {
+            Some(v) => format!("{v:.0}"),
+            None => "–".into(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r["workload"].as_str().unwrap_or(""),
+            r["collapse"].as_str().unwrap_or(""),
+            r["push_order"].as_str().unwrap_or(""),
+            ms("postcopy_ms"),
+            ms("guest_stall_ms"),
+            ms("collapsed_50pct_ms"),
+            ms("collapsed_95pct_ms"),
+            ms("pmd_mapped_pct"),
+            r["passes_after_switch"],
+            ms("steady_mib_s"),
+        );
+    }
+}

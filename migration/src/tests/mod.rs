@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::error::Error;
 use crate::host::NoProgress;
 use crate::report::{IncomingReport, MigrationReport};
-use crate::wire::frame::{Frame, FrameReader, FrameWriter};
+use crate::wire::frame::{Frame, FrameWriter};
 use crate::wire::message::{Hello, Layout, Message, MessageReader, PROTOCOL_VERSION};
 use crate::wire::transport::{Acceptor, Channel, Connector};
 use crate::{destination, source, MigrationRequest, Mode, Timeouts};
@@ -32,14 +32,15 @@ pub fn timeouts() -> Timeouts {
     }
 }
 
-/// Short waits, for the tests of peers that stall.
+/// Short waits, for the tests of peers that stall (long enough that a loaded machine
+/// does not look like a stalled peer).
 pub fn quick() -> Timeouts {
     Timeouts {
         connect: Duration::from_millis(500),
-        io: Duration::from_millis(300),
-        accept: Duration::from_millis(500),
-        urgent_accept: Duration::from_millis(300),
-        confirm: Duration::from_millis(400),
+        io: Duration::from_millis(1000),
+        accept: Duration::from_millis(1000),
+        urgent_accept: Duration::from_millis(1000),
+        confirm: Duration::from_millis(1500),
     }
 }
 
@@ -109,6 +110,11 @@ impl Peer {
         self.r.decode(f).unwrap()
     }
 
+    /// The kinds of the frames that arrive until the connection ends or goes silent.
+    pub fn rest(&mut self) -> Vec<crate::FrameKind> {
+        std::iter::from_fn(|| self.r.recv().ok().map(|f| f.kind)).collect()
+    }
+
     /// Frames until one that is not a page (or the end).
     pub fn skip_pages(&mut self) -> Option<Message<'static>> {
         loop {
@@ -119,10 +125,4 @@ impl Peer {
             }
         }
     }
-}
-
-/// Reads raw frames until the connection ends: what a peer sent before it went away.
-pub fn drain(c: Box<dyn Channel>) -> Vec<Frame> {
-    let mut r = FrameReader::new(c);
-    std::iter::from_fn(|| r.recv().ok()).collect()
 }

@@ -38,8 +38,8 @@ pub fn quick() -> Timeouts {
     Timeouts {
         connect: Duration::from_millis(500),
         io: Duration::from_millis(1000),
-        accept: Duration::from_millis(1000),
-        urgent_accept: Duration::from_millis(1000),
+        accept: Duration::from_secs(5),
+        urgent_accept: Duration::from_secs(2),
         confirm: Duration::from_millis(1500),
     }
 }
@@ -113,16 +113,5 @@ impl Peer {
     /// The kinds of the frames that arrive until the connection ends or goes silent.
     pub fn rest(&mut self) -> Vec<crate::FrameKind> {
         std::iter::from_fn(|| self.r.recv().ok().map(|f| f.kind)).collect()
-    }
-
-    /// Frames until one that is not a page (or the end).
-    pub fn skip_pages(&mut self) -> Option<Message<'static>> {
-        loop {
-            let f = Box::leak(Box::new(self.r.recv().ok()?));
-            match self.r.decode(f).ok()? {
-                Message::Page { .. } | Message::ZeroPage { .. } => {}
-                other => return Some(other),
-            }
-        }
     }
 }

@@ -670,3 +670,59 @@ fn a_destination_failing_to_begin_postcopy_sends_the_guest_back() {
     );
     resumed_once(&src);
 }
+
+#[test]
+fn a_source_garbling_its_stream_is_refused_and_keeps_its_guest() {
+    for (fault, check) in [
+        (
+            Fault::FlipBit(At::Frame(FrameKind::Page, 3)),
+            (|e: &Error| {
+                matches!(
+                    e,
+                    Error::Wire {
+                        step: Step::Round(0),
+                        source: WireError::Checksum {
+                            kind: FrameKind::Page,
+                            ..
+                        }
+                    }
+                )
+            }) as fn(&Error) -> bool,
+        ),
+        (Fault::BadMagic(At::Frame(FrameKind::RoundEnd, 0)), |e| {
+            matches!(
+                e,
+                Error::Wire {
+                    step: Step::Round(0),
+                    source: WireError::BadMagic { .. }
+                }
+            )
+        }),
+        (Fault::FlipBit(At::Frame(FrameKind::SwitchOver, 0)), |e| {
+            matches!(
+                e,
+                Error::Wire {
+                    source: WireError::Checksum {
+                        kind: FrameKind::SwitchOver,
+                        ..
+                    },
+                    ..
+                }
+            )
+        }),
+    ] {
+        let (src, dst) = fakes();
+        let net = TestNet::new().source_fault(0, fault);
+        let (s, d) = pair(&src, &dst, &request(Mode::Precopy), &net, &timeouts());
+        let (s, d) = (s.unwrap_err(), d.unwrap_err());
+        assert!(check(&d), "{fault:?}: {d}");
+        never_started(&dst);
+        assert_eq!(s.guest_at(), GuestAt::Source, "{s}");
+        assert_eq!(
+            src.ram.calls.count("resume"),
+            src.ram.calls.count("pause"),
+            "resumed exactly when paused: {:?}",
+            src.calls()
+        );
+    }
+}

@@ -2,6 +2,19 @@
 
 use guest_mm::{Gpa, GpaRange};
 
+/// Why words from the wire are not a bitmap of guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum BitmapError {
+    #[error("a bitmap of {words} words for {pages} pages (expected {expected})")]
+    Length {
+        words: usize,
+        pages: u64,
+        expected: usize,
+    },
+    #[error("a bitmap with bits set beyond page {pages}")]
+    BeyondEnd { pages: u64 },
+}
+
 /// A set of backing pages, by index (page `i` holds GPA `i * page_size`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageBitmap {
@@ -34,17 +47,17 @@ impl PageBitmap {
 
     /// A bitmap from its words, refused unless it has exactly the words for `pages`
     /// and no bit beyond them (it comes from the wire).
-    pub fn from_words(words: Vec<u64>, pages: u64) -> Result<PageBitmap, String> {
+    pub fn from_words(words: Vec<u64>, pages: u64) -> Result<PageBitmap, BitmapError> {
         if words.len() != Self::words_for(pages) {
-            return Err(format!(
-                "a bitmap of {} words for {pages} pages (expected {})",
-                words.len(),
-                Self::words_for(pages)
-            ));
+            return Err(BitmapError::Length {
+                words: words.len(),
+                pages,
+                expected: Self::words_for(pages),
+            });
         }
         let bitmap = PageBitmap { words, pages };
         if bitmap != bitmap.masked() {
-            return Err(format!("a bitmap with bits set beyond page {pages}"));
+            return Err(BitmapError::BeyondEnd { pages });
         }
         Ok(bitmap)
     }

@@ -83,6 +83,9 @@ fn huge_header(kind: FrameKind) -> Vec<u8> {
     h
 }
 
+/// What a case expects of the destination's error.
+type Check = fn(&Error) -> bool;
+
 fn nothing_happened(dst: &FakeDestination) {
     assert!(dst.calls().is_empty(), "{:?}", dst.calls());
 }
@@ -95,7 +98,6 @@ fn garbage_or_another_guest_instead_of_a_hello_is_refused() {
     other_layout.memory_bytes = 8 * MIB;
     let mut unknown = frame_bytes(&Frame::new(FrameKind::Hello, vec![]));
     unknown[4] = 77;
-    type Check = fn(&Error) -> bool;
     let cases: Vec<(Vec<u8>, Option<&str>, Check)> = vec![
         (b"GET / HTTP/1.1\r\n\r\n".to_vec(), None, |e| {
             matches!(
@@ -197,7 +199,6 @@ fn garbage_during_pre_copy_names_the_frame_and_never_starts_the_guest() {
     bad_crc[n - 7] ^= 0x10;
     let truncated = frame_bytes(&page_frame(0x4000, 4096))[..100].to_vec();
     let msg = |m: Message| frame_bytes(&m.to_frame().unwrap());
-    type Check = fn(&Error) -> bool;
     let cases: Vec<(Vec<u8>, Check)> = vec![
         (bad_crc, |e| {
             matches!(
@@ -254,6 +255,31 @@ fn garbage_during_pre_copy_names_the_frame_and_never_starts_the_guest() {
                 }
             )
         }),
+    ];
+    after_handshake(cases);
+}
+
+/// After the handshake, the source sends `bytes` and closes; the destination's error
+/// must pass `check`, and it must not have started anything.
+fn after_handshake(cases: Vec<(Vec<u8>, Check)>) {
+    for (bytes, check) in cases {
+        let dst = small();
+        let (r, _) = against(&dst, &timeouts(), |_, mut peer| {
+            handshake(&mut peer, Mode::Precopy);
+            raw(&bytes)(&mut peer);
+            peer.w.get_mut().shutdown();
+        });
+        let e = r.unwrap_err();
+        assert!(check(&e), "{e}");
+        assert_eq!(e.guest_at(), GuestAt::Source);
+        nothing_happened(&dst);
+    }
+}
+
+#[test]
+fn messages_out_of_turn_during_pre_copy_are_refused() {
+    let msg = |m: Message| frame_bytes(&m.to_frame().unwrap());
+    let cases: Vec<(Vec<u8>, Check)> = vec![
         (msg(Message::Complete { demand: None }), |e| {
             matches!(
                 e,
@@ -306,18 +332,7 @@ fn garbage_during_pre_copy_names_the_frame_and_never_starts_the_guest() {
             )
         }),
     ];
-    for (bytes, check) in cases {
-        let dst = small();
-        let (r, _) = against(&dst, &timeouts(), |_, mut peer| {
-            handshake(&mut peer, Mode::Precopy);
-            raw(&bytes)(&mut peer);
-            peer.w.get_mut().shutdown();
-        });
-        let e = r.unwrap_err();
-        assert!(check(&e), "{e}");
-        assert_eq!(e.guest_at(), GuestAt::Source);
-        nothing_happened(&dst);
-    }
+    after_handshake(cases);
 }
 
 #[test]
@@ -539,7 +554,6 @@ fn post_copy_without_an_urgent_connection_never_starts() {
 
 #[test]
 fn garbage_during_post_copy_fails_after_the_switch_over_without_ending_it() {
-    type Check = fn(&Error) -> bool;
     let cases: Vec<(bool, Frame, Check)> = vec![
         (false, page_frame(SMALL.memory_bytes, 4096), |e| {
             matches!(

@@ -77,15 +77,15 @@ impl Layout {
     }
 
     /// `gpa` if it starts a backing page inside guest RAM.
-    fn page_at(&self, gpa: u64) -> Result<Gpa, String> {
+    fn page_at(&self, gpa: u64) -> Result<Gpa, Refused> {
         let inside = gpa
             .checked_add(self.page_size)
             .is_some_and(|end| end <= self.memory_bytes);
         if !gpa.is_multiple_of(self.page_size) || !inside {
-            return Err(format!(
+            return Err(Refused::Malformed(format!(
                 "page at GPA {gpa:#x} is outside guest RAM ({:#x} bytes in pages of {:#x})",
                 self.memory_bytes, self.page_size
-            ));
+            )));
         }
         Ok(Gpa(gpa))
     }
@@ -318,20 +318,25 @@ impl<'a> Message<'a> {
     }
 }
 
+/// Why a payload was refused (the caller adds the frame's index and kind).
 enum Refused {
     Version(u32),
     Malformed(String),
 }
 
-impl From<String> for Refused {
-    fn from(s: String) -> Refused {
-        Refused::Malformed(s)
+impl From<crate::bitmap::BitmapError> for Refused {
+    fn from(e: crate::bitmap::BitmapError) -> Refused {
+        Refused::Malformed(e.to_string())
     }
 }
 
-fn exact<const N: usize>(p: &[u8]) -> Result<[u8; N], String> {
+fn malformed<T>(what: String) -> Result<T, Refused> {
+    Err(Refused::Malformed(what))
+}
+
+fn exact<const N: usize>(p: &[u8]) -> Result<[u8; N], Refused> {
     p.try_into()
-        .map_err(|_| format!("a payload of {} bytes, expected {N}", p.len()))
+        .or_else(|_| malformed(format!("a payload of {} bytes, expected {N}", p.len())))
 }
 
 fn decode_hello(p: &[u8]) -> Result<Hello, Refused> {
@@ -340,30 +345,31 @@ fn decode_hello(p: &[u8]) -> Result<Hello, Refused> {
         version: u32,
     }
     // The version first: a peer of another version may send another Hello.
-    let probe: Probe = serde_json::from_slice(p).map_err(|e| format!("not a Hello: {e}"))?;
+    let not_hello = |e: serde_json::Error| Refused::Malformed(format!("not a Hello: {e}"));
+    let probe: Probe = serde_json::from_slice(p).map_err(not_hello)?;
     if probe.version != PROTOCOL_VERSION {
         return Err(Refused::Version(probe.version));
     }
-    Ok(serde_json::from_slice(p).map_err(|e| format!("not a Hello: {e}"))?)
+    serde_json::from_slice(p).map_err(not_hello)
 }
 
-fn decode_switch_over(p: &[u8], layout: &Layout) -> Result<SwitchOver, String> {
+fn decode_switch_over(p: &[u8], layout: &Layout) -> Result<SwitchOver, Refused> {
     let head_len = u32::from_le_bytes(exact::<4>(p.get(..4).unwrap_or(p))?) as usize;
     if head_len as u64 > MAX_VM_STATE || 4 + head_len >= p.len() {
-        return Err(format!(
+        return malformed(format!(
             "a VM state of {head_len} bytes in a payload of {}",
             p.len()
         ));
     }
     let head: SwitchOverHead = serde_json::from_slice(&p[4..4 + head_len])
-        .map_err(|e| format!("the VM state is not valid JSON: {e}"))?;
+        .map_err(|e| Refused::Malformed(format!("the VM state is not valid JSON: {e}")))?;
     let rest = &p[4 + head_len..];
     let missing = match rest[0] {
         0 if rest.len() == 1 => None,
         1 => {
             let words = &rest[1..];
             if !words.len().is_multiple_of(8) {
-                return Err(format!("a bitmap of {} bytes", words.len()));
+                return malformed(format!("a bitmap of {} bytes", words.len()));
             }
             let words = words
                 .chunks_exact(8)
@@ -372,7 +378,7 @@ fn decode_switch_over(p: &[u8], layout: &Layout) -> Result<SwitchOver, String> {
             Some(PageBitmap::from_words(words, layout.pages())?)
         }
         flag => {
-            return Err(format!(
+            return malformed(format!(
                 "missing-pages flag {flag} with {} bytes",
                 rest.len()
             ))
@@ -386,7 +392,7 @@ fn decode_switch_over(p: &[u8], layout: &Layout) -> Result<SwitchOver, String> {
     })
 }
 
-fn decode_complete(p: &[u8]) -> Result<Option<DemandStats>, String> {
+fn decode_complete(p: &[u8]) -> Result<Option<DemandStats>, Refused> {
     if p.is_empty() {
         return Ok(None);
     }
@@ -408,12 +414,11 @@ fn decode<'a>(frame: &'a Frame, layout: &Layout) -> Result<Message<'a>, Refused>
         FrameKind::HelloAck => Message::HelloAck(decode_hello(p)?),
         FrameKind::Page => {
             if p.len() as u64 != 8 + layout.page_size {
-                return Err(format!(
+                return malformed(format!(
                     "a page frame of {} bytes, expected 8 + {}",
                     p.len(),
                     layout.page_size
-                )
-                .into());
+                ));
             }
             Message::Page {
                 gpa: layout.page_at(u64_of(&p[..8])?)?,

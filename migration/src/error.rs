@@ -133,6 +133,8 @@ pub enum WireError {
     },
     #[error("migration stream: frame {index}: truncated ({what}); the peer closed the connection mid-frame")]
     Truncated { index: u64, what: &'static str },
+    #[error("migration stream: frame {index}: the peer stopped sending mid-frame ({what}) (is it alive? network down?)")]
+    Stalled { index: u64, what: &'static str },
     #[error("migration stream: the peer closed the connection before frame {index}")]
     Closed { index: u64 },
     #[error("migration stream: frame {index} ({kind:?}): {what}")]

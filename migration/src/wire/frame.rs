@@ -1,4 +1,4 @@
-//! Checksummed frames: the unit of the migration stream.
+//! Checksummed frames: what the migration stream is made of.
 //!
 //! Each frame is a 16-byte header — magic `HVMF`, kind (u8), 3 reserved bytes, payload
 //! length (u32 LE), CRC-32 of kind, length and payload (u32 LE) — then the payload. What a
@@ -257,14 +257,24 @@ impl<R: Read> FrameReader<R> {
                 }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(timeout_or_io(e)),
+                Err(e) => {
+                    return Err(match timeout_or_io(e) {
+                        // Part of the frame was consumed: the stream cannot be resumed.
+                        WireError::Silent if got > 0 || !at_start => WireError::Stalled {
+                            index: self.frames,
+                            what,
+                        },
+                        other => other,
+                    });
+                }
             }
         }
         Ok(())
     }
 
-    /// The next frame. A timeout before its first byte is [`WireError::Silent`]; the
-    /// reader may be used again after it.
+    /// The next frame. A timeout before its first byte is [`WireError::Silent`], and the
+    /// reader may be used again after it; a timeout inside a frame is
+    /// [`WireError::Stalled`], and it may not.
     pub fn recv(&mut self) -> Result<Frame, WireError> {
         let index = self.frames;
         let mut header = [0u8; HEADER_LEN];
@@ -442,6 +452,29 @@ mod tests {
             matches!(e, WireError::TooLarge { len: 9, max: 8, .. }),
             "{e}"
         );
+    }
+
+    #[test]
+    fn silence_between_frames_can_be_waited_out_but_not_inside_one() {
+        use std::os::unix::net::UnixStream;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        let mut r = FrameReader::new(b);
+        assert!(matches!(r.recv(), Err(WireError::Silent)));
+        let mut w = FrameWriter::new(Vec::new());
+        w.send(&page(0, &[1u8; 64])).unwrap();
+        let bytes = w.get_mut().clone();
+        a.write_all(&bytes).unwrap();
+        assert_eq!(r.recv().unwrap(), page(0, &[1u8; 64]), "after a silence");
+        a.write_all(&bytes[..HEADER_LEN + 3]).unwrap();
+        assert!(matches!(
+            r.recv(),
+            Err(WireError::Stalled {
+                index: 1,
+                what: "payload"
+            })
+        ));
     }
 
     #[test]

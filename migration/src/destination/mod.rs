@@ -1,4 +1,4 @@
-//! The destination of a migration: [`ReceiveState`] plus a step function from (state,
+//! The destination of a migration: `ReceiveState` plus a step function from (state,
 //! message) to the next state, over the main connection.
 //!
 //! ```text
@@ -27,7 +27,7 @@ use crate::wire::transport::{Acceptor, Channel};
 use crate::Timeouts;
 use guest_mm::PageContent;
 
-pub use pager::UrgentPager;
+use pager::UrgentPager;
 
 /// Receives one migration from the first source that connects to `acceptor` into `vm`.
 /// Returns when the migration is complete: pre-copy, at the source's `Complete`;

@@ -15,7 +15,7 @@ use crate::wire::frame::FrameWriter;
 use crate::wire::message::{DemandStats, Layout, Message};
 use crate::wire::transport::Channel;
 
-pub struct UrgentPager {
+pub(crate) struct UrgentPager {
     urgent: Mutex<FrameWriter<Box<dyn Channel>>>,
     layout: Layout,
     /// When each page was first asked for.

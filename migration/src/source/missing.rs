@@ -26,7 +26,7 @@ pub fn dirty_pages(bitmap: &[u64], page_size: u64) -> Vec<u64> {
 }
 
 /// The post-copy source's record of what the destination still lacks.
-pub struct Missing {
+pub(crate) struct Missing {
     bits: PageBitmap,
     per_region_missing: Vec<u32>,
     /// Backing pages per region (512 at 4 KiB, 1 at 2 MiB).
@@ -45,10 +45,6 @@ impl Missing {
             per_region_missing,
             per_region,
         }
-    }
-
-    pub fn pages(&self) -> u64 {
-        self.bits.pages()
     }
 
     pub fn per_region(&self) -> u64 {

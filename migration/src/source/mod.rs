@@ -1,5 +1,5 @@
-//! The source of a migration, as a state machine: [`State`] says what comes next, and
-//! [`Session::step`] does it and returns the state after it.
+//! The source of a migration, as a state machine: `State` says what comes next, and
+//! `Session::step` does it and returns the state after it.
 //!
 //! ```text
 //! Handshake ─▶ DirtyLog ─▶ Round(0) ─▶ Round(n)… ─▶ Pause ─▶ StopAndCopy ─▶ SwitchOver
@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The session remembers whether it paused the guest and whether the destination
-//! confirmed it runs it, which decides what a failure does (see [`Session::fail`]).
+//! confirmed it runs it, which decides what a failure does (see `Session::fail`).
 
 mod missing;
 mod postcopy;
@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use guest_mm::GpaRange;
 
-pub use missing::{dirty_pages, Missing};
+pub use missing::dirty_pages;
+use missing::Missing;
 
 use crate::bitmap::PageBitmap;
 use crate::clock::monotonic_ns;

@@ -1,10 +1,251 @@
-//! Live migration for hugevisor: the wire protocol ([`protocol`]) and transports
-//! ([`transport`]). The pre-copy and post-copy state machines drive these from the VMM.
+//! Live migration for hugevisor: the protocol, its transports, and both ends' state
+//! machines. The VMM implements the traits in [`host`] and calls [`source::migrate`] or
+//! [`destination::receive`] on a thread of its own; nothing here touches KVM.
+//!
+//! # The protocol
+//!
+//! A stream of checksummed frames ([`wire::frame`]) carrying typed messages
+//! ([`wire::message`]) over a main connection and, in post-copy, a second "urgent"
+//! connection. Source → destination is `→`, the other way `←`.
+//!
+//! **Handshake** (every mode): `→ Hello` (protocol version, guest memory size, backing,
+//! backing page size, vCPUs, mode). The destination checks it against its own guest: on a
+//! different version or layout it answers `← Abort` naming every difference and stops;
+//! otherwise `← HelloAck` (its own Hello).
+//!
+//! **Pre-copy**: the source turns KVM dirty logging on. Round 0 sends every backing page
+//! (`→ Page`, or `→ ZeroPage` for one that is all zeros), then `→ RoundEnd{0}`. Each next
+//! round sends the pages written since the last, then `→ RoundEnd{n}`, until what is left
+//! fits the downtime budget at the rate the last round measured, or the dirty set stopped
+//! shrinking for two rounds, or 20 rounds were sent. Then the source pauses its vCPUs,
+//! sends the last dirty pages and the pages the VMM itself wrote (the mailbox, not in the
+//! dirty log), optionally hashes guest RAM (CRC-32), and sends `→ SwitchOver` (the VM
+//! state, its CLOCK_MONOTONIC pause time, the hash). The destination checks the hash (a
+//! mismatch is `← Abort`), restores the VM, starts it and answers `← Resumed` (its
+//! CLOCK_MONOTONIC: downtime = resumed − paused, one host). The source ends with
+//! `→ Complete`.
+//!
+//! **Post-copy**: the source pauses at once and sends `→ SwitchOver` with a bitmap of
+//! every backing page as missing, then opens the urgent connection. The destination
+//! restores the VM, accepts the urgent connection, marks the missing pages absent, starts
+//! the guest and answers `← Resumed`. A vCPU touching an absent page becomes
+//! `← PageRequest` on the urgent connection and its `→ Page` comes back there; the source
+//! pushes every other missing page on the main connection (in address order from the
+//! last request, or region by region with the fewest pages missing first) and ends it
+//! with `→ Complete`. Each page is sent once, on one of the two. When every page is in,
+//! the destination sends `← Complete{demand-fault figures}` on the urgent connection and
+//! leaves post-copy; the source waits up to 60 s after its last push for that. The urgent
+//! connection may be silent as long as the guest asks for nothing; the main one may not.
+//!
+//! **Hybrid**: three pre-copy rounds, then post-copy with only the pages dirtied since
+//! they were sent (and the VMM-written ones) missing.
+//!
+//! **Failure**: either end may send `Abort{reason}` and close. A failure before the pause
+//! leaves the guest running on the source; between the pause and `Resumed` the source
+//! resumes it; after `Resumed` the guest is the destination's (see [`GuestAt`]).
+//!
+//! # Modules
+//!
+//! - [`wire`]: frames, messages, transports (and an in-memory one for tests).
+//! - [`host`]: the traits the VMM implements.
+//! - [`source`], [`destination`]: the two state machines.
+//! - [`report`]: what each end reports.
 
-pub mod protocol;
-pub mod transport;
+use std::time::Duration;
 
-pub use protocol::{
-    is_zero, Error, Frame, FrameKind, FrameReader, FrameWriter, Hello, PageData, PROTOCOL_VERSION,
+use serde::{Deserialize, Serialize};
+
+pub mod bitmap;
+pub mod clock;
+pub mod destination;
+pub mod error;
+pub mod host;
+mod pages;
+pub mod report;
+pub mod source;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use bitmap::PageBitmap;
+pub use error::{Error, GuestAt, HostCall, LayoutMismatch, ParseError, PeerError, Step, WireError};
+pub use host::{
+    DestinationVm, GuestPages, HostError, NoProgress, Paused, Phase, Progress, SourceVm, VmState,
 };
-pub use transport::{Listener, Stream, Uri};
+pub use report::{IncomingReport, MigrationReport};
+pub use wire::frame::{is_zero, Frame, FrameKind, FrameReader, FrameWriter};
+pub use wire::message::{DemandStats, Hello, Layout, Message, SwitchOver, PROTOCOL_VERSION};
+pub use wire::transport::{Acceptor, Channel, Connector, Listener, MemoryNet, Stream, Uri};
+
+/// How the guest's memory moves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Copy while the guest runs, stop, copy the rest, start on the destination.
+    #[default]
+    Precopy,
+    /// Stop at once, start on the destination, pages on demand plus a background push.
+    Postcopy,
+    /// Three pre-copy rounds, then post-copy.
+    Hybrid,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Mode, ParseError> {
+        [Mode::Precopy, Mode::Postcopy, Mode::Hybrid]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| ParseError::Mode(s.to_string()))
+    }
+}
+
+/// The order in which a post-copy source pushes the pages nobody asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PushOrder {
+    /// From the last demand request onwards, in address order. The default: the other
+    /// order made no measurable difference to when regions complete (docs/benchmarks.md).
+    #[default]
+    Sequential,
+    /// The 2 MiB region with the fewest pages still missing first (the regions the guest
+    /// has touched), so that regions complete, and can collapse, as early as possible.
+    FewestMissingFirst,
+}
+
+impl PushOrder {
+    pub fn name(self) -> &'static str {
+        match self {
+            PushOrder::Sequential => "sequential",
+            PushOrder::FewestMissingFirst => "fewest-missing-first",
+        }
+    }
+}
+
+impl std::fmt::Display for PushOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for PushOrder {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<PushOrder, ParseError> {
+        [PushOrder::Sequential, PushOrder::FewestMissingFirst]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| ParseError::PushOrder(s.to_string()))
+    }
+}
+
+/// A check at the switch-over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verify {
+    /// Both ends hash guest RAM (CRC-32) and the destination refuses to resume on a
+    /// mismatch. Pre-copy only; costs downtime (a pass over guest RAM each side).
+    MemoryHash,
+}
+
+impl std::str::FromStr for Verify {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Verify, ParseError> {
+        match s {
+            "memory-hash" => Ok(Verify::MemoryHash),
+            other => Err(ParseError::Verify(other.to_string())),
+        }
+    }
+}
+
+/// A migration the source is asked for (the control API's `vm.migrate` body).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRequest {
+    pub to: Uri,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Pre-copy stops when what is left would take this long to send.
+    #[serde(rename = "downtime_ms", with = "millis", default = "default_downtime")]
+    pub downtime: Duration,
+    #[serde(default)]
+    pub verify: Option<Verify>,
+    /// Post-copy: the order of the background push.
+    #[serde(default)]
+    pub push_order: PushOrder,
+}
+
+impl MigrationRequest {
+    /// A pre-copy to `to` with the default budget.
+    pub fn new(to: Uri, mode: Mode) -> MigrationRequest {
+        MigrationRequest {
+            to,
+            mode,
+            downtime: default_downtime(),
+            verify: None,
+            push_order: PushOrder::default(),
+        }
+    }
+}
+
+fn default_downtime() -> Duration {
+    Duration::from_millis(50)
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// How long each end waits for the other (tests shorten them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Source: how long to retry connecting (the destination may still be starting).
+    pub connect: Duration,
+    /// Silence on a connection that owes us something: the peer is gone.
+    pub io: Duration,
+    /// Destination: how long to wait for the source's first connection.
+    pub accept: Duration,
+    /// Destination: how long to wait for the urgent connection after the switch-over.
+    pub urgent_accept: Duration,
+    /// Post-copy source: how long after its last pushed page the destination may take to
+    /// confirm that every page is installed (it may still be working through what is in
+    /// flight on a loaded host; once seen at over 10 s in the benchmark).
+    pub confirm: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            io: Duration::from_secs(10),
+            accept: Duration::from_secs(60),
+            urgent_accept: Duration::from_secs(10),
+            confirm: Duration::from_secs(60),
+        }
+    }
+}

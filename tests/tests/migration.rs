@@ -10,7 +10,7 @@ use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use migration::{Frame, FrameKind, FrameWriter, Hello, Stream, Uri};
+use migration::{Connector, Frame, FrameWriter, Hello, Message, Mode, Uri};
 use tests::peers::{
     end_run, finish, migrate, scratch, spawn, start_pair, wait_for, wait_for_passes, Pair,
     EVENT_BOUND, RUN_BOUND,
@@ -302,7 +302,9 @@ fn relay_until(listen: &std::path::Path, to: &std::path::Path, bytes: u64) -> mp
 /// gave up waiting) — so the destination, not this end, decides when the exchange ends.
 fn fake_source(uri: &str, frames: Vec<Frame>) {
     let u: Uri = uri.parse().unwrap();
-    let s = Stream::connect(&u, Duration::from_secs(60), Duration::from_secs(30)).unwrap();
+    let s = u
+        .connect(Duration::from_secs(60), Duration::from_secs(30))
+        .unwrap();
     let mut w = FrameWriter::new(s);
     for f in &frames {
         w.send(f).unwrap();
@@ -331,6 +333,10 @@ fn until_hang_up(conn: &mut impl std::io::Read, peer: &str) {
     }
 }
 
+fn hello_frame(h: Hello) -> Frame {
+    Message::Hello(h).to_frame().unwrap()
+}
+
 fn hello(version: u32) -> Hello {
     Hello {
         version,
@@ -338,7 +344,7 @@ fn hello(version: u32) -> Hello {
         backing: "shmem".into(),
         page_size: 4096,
         vcpus: 1,
-        mode: "precopy".into(),
+        mode: Mode::Precopy,
     }
 }
 
@@ -364,7 +370,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     // Wrong version.
     let dir = scratch("version");
     let (dst, uri) = destination(&dir);
-    fake_source(&uri, vec![Frame::json(FrameKind::Hello, &hello(99))]);
+    fake_source(&uri, vec![hello_frame(hello(99))]);
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);
     assert!(
@@ -376,7 +382,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     let (dst, uri) = destination(&dir);
     let mut h = hello(migration::PROTOCOL_VERSION);
     h.memory_bytes = 64 << 20;
-    fake_source(&uri, vec![Frame::json(FrameKind::Hello, &h)]);
+    fake_source(&uri, vec![hello_frame(h)]);
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);
     assert!(err.contains("memory") && err.contains("--memory"), "{err}");
@@ -384,19 +390,22 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     // A page frame whose data was corrupted in transit.
     let (dst, uri) = destination(&dir);
     let mut bad = FrameWriter::new(Vec::new());
-    bad.send(&Frame::page(0x40_0000, &[0xab; 4096])).unwrap();
+    let page = Message::Page {
+        gpa: guest_mm::Gpa(0x40_0000),
+        data: &[0xab; 4096],
+    };
+    bad.send(&page.to_frame().unwrap()).unwrap();
     let mut bytes = bad.get_mut().clone();
     let n = bytes.len();
     bytes[n - 7] ^= 0x10;
     let u: Uri = uri.parse().unwrap();
     {
-        let s = Stream::connect(&u, Duration::from_secs(60), Duration::from_secs(30)).unwrap();
+        let s = u
+            .connect(Duration::from_secs(60), Duration::from_secs(30))
+            .unwrap();
         let mut w = FrameWriter::new(s);
-        w.send(&Frame::json(
-            FrameKind::Hello,
-            &hello(migration::PROTOCOL_VERSION),
-        ))
-        .unwrap();
+        w.send(&hello_frame(hello(migration::PROTOCOL_VERSION)))
+            .unwrap();
         use std::io::Write;
         w.get_mut().write_all(&bytes).unwrap();
         w.flush().unwrap();
@@ -411,13 +420,7 @@ fn destination_refuses_a_wrong_version_a_corrupt_frame_and_a_silent_peer() {
     let t0 = Instant::now();
     let uri2 = uri.clone();
     let silent = std::thread::spawn(move || {
-        fake_source(
-            &uri2,
-            vec![Frame::json(
-                FrameKind::Hello,
-                &hello(migration::PROTOCOL_VERSION),
-            )],
-        )
+        fake_source(&uri2, vec![hello_frame(hello(migration::PROTOCOL_VERSION))])
     });
     let (code, _, err) = finish(dst);
     assert_eq!(code, 1);

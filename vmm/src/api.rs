@@ -15,54 +15,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MigrateRequest {
-    pub to: String,
-    #[serde(default = "default_mode")]
-    pub mode: String,
-    #[serde(default = "default_downtime")]
-    pub downtime_ms: u64,
-    /// "memory-hash": both ends hash guest RAM at the switch-over and the destination
-    /// refuses to resume on a mismatch (costs downtime: a pass over guest RAM each side).
-    #[serde(default)]
-    pub verify: Option<String>,
-    /// Post-copy: the order of the background push.
-    #[serde(default)]
-    pub push_order: PushOrder,
-}
-
-/// The order in which a post-copy source pushes the pages nobody asked for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum PushOrder {
-    /// From the last demand request onwards, in address order. The default: the other
-    /// order made no measurable difference to when regions complete (docs/benchmarks.md).
-    #[default]
-    Sequential,
-    /// The 2 MiB region with the fewest pages still missing first (the regions the guest
-    /// has touched), so that regions complete, and can collapse, as early as possible.
-    FewestMissingFirst,
-}
-
-impl PushOrder {
-    pub fn name(self) -> &'static str {
-        match self {
-            PushOrder::Sequential => "sequential",
-            PushOrder::FewestMissingFirst => "fewest-missing-first",
-        }
-    }
-}
-
-fn default_mode() -> String {
-    "precopy".into()
-}
-fn default_downtime() -> u64 {
-    50
-}
 
 /// A request the API thread hands to the VMM's monitor loop, with where to answer.
 pub enum ApiCall {
@@ -70,7 +23,7 @@ pub enum ApiCall {
     /// End the run as `--duration` would: the guest finishes its pass, the report follows.
     Shutdown(Sender<()>),
     Migrate(
-        MigrateRequest,
+        migration::MigrationRequest,
         Sender<std::result::Result<serde_json::Value, String>>,
     ),
 }
@@ -240,7 +193,7 @@ fn serve(conn: UnixStream, tx: &Sender<ApiCall>) -> std::io::Result<()> {
             }
         }
         ("PUT", "/api/v1/vm.migrate") => {
-            let req: MigrateRequest = match serde_json::from_slice(&body) {
+            let req: migration::MigrationRequest = match serde_json::from_slice(&body) {
                 Ok(r) => r,
                 Err(e) => return respond(&conn, 400, &err(format!("bad vm.migrate body: {e}"))),
             };

@@ -13,7 +13,7 @@ use guest_mm::collapse::CollapseMode;
 use crate::api::{ApiCall, ApiServer};
 use crate::boot::{self, LoadedImage};
 use crate::config::{RunConfig, RunLimit};
-use crate::error::{ConfigError, Result};
+use crate::error::{ConfigError, Error, Result};
 use crate::mailbox::Mailbox;
 use crate::memory::Memory;
 use crate::numa::{Balancing, Topology};
@@ -24,8 +24,9 @@ use crate::vstate::vm::{open_kvm, Vm};
 pub enum Start {
     /// Booted here: the vCPUs are built at the image's ring-3 entry.
     Boot(Vec<Vcpu>),
-    /// Received from a migration source; the vCPUs come with its state.
-    Incoming(migration::Uri),
+    /// Received from a migration source on this listener (bound while the VM is built,
+    /// so a source can connect as soon as the run starts); the vCPUs come with its state.
+    Incoming(migration::Listener),
 }
 
 /// A built VM, not running yet.
@@ -142,7 +143,7 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
         None => None,
     };
     let start = match &cfg.incoming {
-        Some(uri) => Start::Incoming(uri.clone()),
+        Some(uri) => Start::Incoming(migration::Listener::bind(uri).map_err(Error::Listen)?),
         None => Start::Boot(
             (0..cfg.vcpus as usize)
                 .map(|i| Vcpu::new(&vm, i, &image))

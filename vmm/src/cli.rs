@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a built-in guest workload in a new VM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the built-in guest image (a PVH ELF other VMMs can boot).
     GuestImage(GuestImageArgs),
     /// Report what this host offers (KVM, userfaultfd, huge pages, THP, NUMA) and how to fix what is missing.
@@ -173,7 +173,7 @@ fn parse_dirty_log(s: &str) -> Result<DirtyLogMethod, String> {
 }
 
 fn parse_uri(s: &str) -> Result<migration::Uri, String> {
-    s.parse()
+    s.parse().map_err(|e: migration::ParseError| e.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -186,22 +186,34 @@ struct MigrateArgs {
     to: migration::Uri,
     /// precopy, postcopy (userfaultfd on the destination; pages on demand plus background
     /// push) or hybrid (three pre-copy rounds, then post-copy).
-    #[arg(long, default_value = "precopy")]
-    mode: String,
+    #[arg(long, default_value = "precopy", value_parser = parse_mode)]
+    mode: migration::Mode,
     /// Pre-copy stops when what is left would take this long to send.
     #[arg(long, default_value_t = 50)]
     downtime_ms: u64,
     /// Post-copy background push: sequential (from the last demand request on) or
     /// fewest-missing-first (complete the 2 MiB regions the guest touched first).
-    #[arg(long, value_enum, default_value = "sequential")]
-    push_order: crate::api::PushOrder,
+    #[arg(long, default_value = "sequential", value_parser = parse_push_order)]
+    push_order: migration::PushOrder,
     /// Print the migration report as JSON.
     #[arg(long)]
     json: bool,
     /// Check the transfer: `memory-hash` compares a CRC-32 of guest RAM on both ends at the
     /// switch-over (adds a pass over guest RAM to the downtime on each side).
-    #[arg(long)]
-    verify: Option<String>,
+    #[arg(long, value_parser = parse_verify)]
+    verify: Option<migration::Verify>,
+}
+
+fn parse_mode(s: &str) -> Result<migration::Mode, String> {
+    s.parse().map_err(|e: migration::ParseError| e.to_string())
+}
+
+fn parse_push_order(s: &str) -> Result<migration::PushOrder, String> {
+    s.parse().map_err(|e: migration::ParseError| e.to_string())
+}
+
+fn parse_verify(s: &str) -> Result<migration::Verify, String> {
+    s.parse().map_err(|e: migration::ParseError| e.to_string())
 }
 
 fn parse_numa(s: &str) -> Result<NumaSpec, String> {
@@ -353,10 +365,16 @@ fn cmd_guest_image(args: &GuestImageArgs) -> i32 {
 }
 
 fn cmd_migrate(args: &MigrateArgs) -> i32 {
-    let body = serde_json::json!({
-        "to": args.to.to_string(), "mode": args.mode, "downtime_ms": args.downtime_ms, "verify": args.verify,
-        "push_order": args.push_order,
-    });
+    let req = migration::MigrationRequest {
+        verify: args.verify,
+        push_order: args.push_order,
+        downtime: Duration::from_millis(args.downtime_ms),
+        ..migration::MigrationRequest::new(args.to.clone(), args.mode)
+    };
+    let body = match serde_json::to_value(&req) {
+        Ok(b) => b,
+        Err(e) => return fail(&format!("encoding the migration request: {e}")),
+    };
     match crate::api::call(&args.api_socket, "PUT", "/api/v1/vm.migrate", Some(&body)) {
         Ok((200, report)) => {
             if args.json {

@@ -30,12 +30,11 @@ use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::mailbox::Mailbox;
 use crate::memory::Memory;
-use crate::migrate::{MigrationReport, Paused, RunInfo, SourceEvent};
-use crate::migration_host::{Arrival, IncomingEnd, IncomingEvent};
-use crate::report::IncomingReport;
+use crate::migration_host::{Arrival, DestinationEvent, MigratedState, RunInfo, SourceRequest};
 use crate::vstate::vcpu::{Vcpu, VcpuEndResult, VcpuOutcome};
 use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
+use migration::{GuestAt, IncomingReport, MigrationReport, Paused, VmState};
 
 /// How often the controller looks at the guest's mailbox between events.
 const POLL: Duration = Duration::from_millis(2);
@@ -76,8 +75,31 @@ impl RunState {
 pub enum Event {
     Api(ApiCall),
     VcpuEnded(usize, VcpuEndResult),
-    Source(SourceEvent),
-    Incoming(IncomingEvent),
+    Source(SourceRequest),
+    Incoming(DestinationEvent),
+}
+
+/// Where a destination's migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IncomingPhase {
+    /// Waiting for the source, or receiving pages before the switch-over.
+    Receiving,
+    /// The guest runs here; post-copy pages still arrive.
+    Postcopy,
+    /// The guest runs here; the source has yet to end the migration.
+    Completing,
+    Complete,
+}
+
+impl IncomingPhase {
+    fn name(self) -> &'static str {
+        match self {
+            IncomingPhase::Receiving => "receiving",
+            IncomingPhase::Postcopy => "postcopy",
+            IncomingPhase::Completing => "completing",
+            IncomingPhase::Complete => "complete",
+        }
+    }
 }
 
 /// Everything the run leaves for its report.
@@ -89,6 +111,8 @@ pub struct RunEnd {
     pub workload: String,
     pub corrupted_gpa: Option<u64>,
     pub migrated: Option<MigrationReport>,
+    /// The guest was handed over although the migration did not end cleanly.
+    pub handed_over: bool,
     pub migration_failures: Vec<String>,
     pub incoming: Option<IncomingReport>,
     pub console: Arc<Console>,
@@ -136,13 +160,16 @@ pub struct Controller<'a> {
     limits: Limits,
     outgoing: Option<Outgoing>,
     migrated: Option<MigrationReport>,
+    handed_over: bool,
     migration_failures: Vec<String>,
     incoming: Option<IncomingReport>,
-    /// A destination's receiving thread has not reported its end yet.
-    incoming_pending: bool,
-    /// The destination's migration failed after the guest started here (post-copy):
-    /// the run stops and ends with this error.
-    incoming_error: Option<Error>,
+    /// A destination's migration; `None` for a guest booted here.
+    incoming_phase: Option<IncomingPhase>,
+    /// The guest's run info as it arrived (a destination's report needs it).
+    arrived: Option<RunInfo>,
+    /// What ends the run with an error once the vCPUs are finished (a post-copy that
+    /// failed after the guest started here, a source that could not resume its guest).
+    fatal: Option<Error>,
     _api: Option<crate::api::ApiServer>,
 }
 
@@ -172,10 +199,12 @@ impl<'a> Controller<'a> {
             limits: Limits::default(),
             outgoing: None,
             migrated: None,
+            handed_over: false,
             migration_failures: Vec::new(),
             incoming: None,
-            incoming_pending: false,
-            incoming_error: None,
+            incoming_phase: None,
+            arrived: None,
+            fatal: None,
             _api: api,
         };
         match vmm.start {
@@ -183,19 +212,23 @@ impl<'a> Controller<'a> {
                 c.memory.start_collapse(false, None)?;
                 c.start_guest(vcpus)?;
             }
-            Start::Incoming(uri) => {
+            Start::Incoming(listener) => {
                 let tx = c.events_tx.clone();
+                let timeouts = migration::Timeouts {
+                    accept: cfg.timeout,
+                    ..Default::default()
+                };
                 crate::migration_host::start_receiving(
-                    uri,
+                    listener,
                     c.memory.clone(),
                     c.vm.clone(),
                     cfg.vcpus,
-                    cfg.timeout,
+                    timeouts,
                     move |e| {
                         let _ = tx.send(Event::Incoming(e));
                     },
                 )?;
-                c.incoming_pending = true;
+                c.incoming_phase = Some(IncomingPhase::Receiving);
             }
         }
         Ok(c)
@@ -244,6 +277,9 @@ impl<'a> Controller<'a> {
     }
 
     fn finished(&self) -> bool {
+        if self.fatal.is_some() && self.state != RunState::Stopping {
+            return true;
+        }
         match self.state {
             RunState::Migrated => true,
             RunState::Receiving | RunState::Paused => false,
@@ -261,15 +297,15 @@ impl<'a> Controller<'a> {
                     *slot = Some(end);
                 }
             }
-            Event::Source(SourceEvent::Pause(reply)) => {
+            Event::Source(SourceRequest::Pause(reply)) => {
                 let _ = reply.send(self.pause_for_migration());
             }
-            Event::Source(SourceEvent::Done(result)) => self.on_migration_done(result)?,
-            Event::Incoming(IncomingEvent::Arrived(arrival)) => self.on_arrival(*arrival),
-            Event::Incoming(IncomingEvent::Ended(result)) => {
-                self.incoming_pending = false;
-                self.on_incoming_end(result)?;
+            Event::Source(SourceRequest::Resume(reply)) => {
+                let _ = reply.send(self.resume_after_failed_migration());
             }
+            Event::Source(SourceRequest::Done(result)) => self.on_migration_done(result),
+            Event::Incoming(DestinationEvent::Arrived(arrival)) => self.on_arrival(*arrival),
+            Event::Incoming(DestinationEvent::Ended(result)) => self.on_incoming_end(result)?,
         }
         Ok(())
     }
@@ -295,15 +331,15 @@ impl<'a> Controller<'a> {
                     return;
                 }
                 let tx = self.events_tx.clone();
-                let (source_tx, source_rx) = channel();
-                forward(source_rx, tx, Event::Source);
-                let (vm, ram, n) = (self.vm.clone(), self.memory.ram.clone(), self.cfg.vcpus);
-                let spawned = std::thread::Builder::new()
-                    .name("migrate".into())
-                    .spawn(move || {
-                        let r = crate::migrate::send(vm, ram, n, req, source_tx.clone());
-                        let _ = source_tx.send(SourceEvent::Done(r));
-                    });
+                let spawned = crate::migration_host::start_sending(
+                    self.memory.clone(),
+                    self.vm.clone(),
+                    self.cfg.vcpus,
+                    req,
+                    move |r| {
+                        let _ = tx.send(Event::Source(r));
+                    },
+                );
                 match spawned {
                     Ok(_) => {
                         self.state = RunState::Migrating;
@@ -331,10 +367,10 @@ impl<'a> Controller<'a> {
         } else {
             self.state
         };
-        let incoming = self.incoming.as_ref().map(|i| {
+        let incoming = self.incoming_phase.map(|phase| {
             serde_json::json!({
-                "mode": i.mode,
-                "phase": if self.incoming_pending { "postcopy" } else { "complete" },
+                "mode": self.incoming.as_ref().map(|i| i.mode.clone()),
+                "phase": phase.name(),
             })
         });
         serde_json::json!({
@@ -355,18 +391,16 @@ impl<'a> Controller<'a> {
 
     /// A migration source's switch-over: the vCPUs stop in place, their state and the
     /// run's info go to the destination.
-    fn pause_for_migration(&mut self) -> std::result::Result<Paused, String> {
+    fn pause_for_migration(&mut self) -> Result<Paused> {
         let (Some(vcpus), Some(out)) = (&self.vcpus, self.outgoing.as_mut()) else {
-            return Err("the guest has finished".into());
+            return Err(Error::GuestFinished);
         };
         if self.limits.timed_out || self.ended.iter().all(Option::is_some) {
-            return Err("the guest has finished".into());
+            return Err(Error::GuestFinished);
         }
         // Stopped in place: a failed migration resumes the same threads.
-        let states = vcpus
-            .pause()
-            .and_then(|()| vcpus.save_states().inspect_err(|_| drop(vcpus.resume())))
-            .map_err(|e| e.to_string())?;
+        vcpus.pause()?;
+        let states = vcpus.save_states().inspect_err(|_| drop(vcpus.resume()))?;
         let mem = self.memory.ram.staging();
         let n = self.cfg.vcpus as usize;
         let slots: Vec<_> = (0..n).map(|i| self.mailbox.slot(mem, i)).collect();
@@ -386,89 +420,129 @@ impl<'a> Controller<'a> {
         for i in 0..n {
             self.mailbox.reset_max_pass(mem, i);
         }
+        let state =
+            serde_json::to_value(MigratedState { vcpus: states, run }).map_err(Error::VmState)?;
         self.state = RunState::Paused;
+        let mailbox = self.mailbox.gpa_range(n);
         Ok(Paused {
-            vcpus: states,
-            run,
-            mailbox: self.mailbox.gpa_range(n),
+            state: VmState(state),
+            vmm_written: vec![guest_mm::GpaRange::new(
+                guest_mm::Gpa(mailbox.start),
+                guest_mm::Gpa(mailbox.end),
+            )],
         })
+    }
+
+    /// The migration failed after the pause: the guest runs here again, on the same
+    /// threads, with the worst passes it had.
+    fn resume_after_failed_migration(&mut self) -> Result<()> {
+        if self.state != RunState::Paused {
+            return Ok(());
+        }
+        let mem = self.memory.ram.staging();
+        let before = self
+            .outgoing
+            .as_ref()
+            .map(|o| o.max_pass_at_pause.clone())
+            .unwrap_or_default();
+        for (i, &before) in before.iter().enumerate() {
+            let now = self.mailbox.slot(mem, i).max_pass_cycles;
+            self.mailbox.set_max_pass(mem, i, now.max(before));
+        }
+        if let Some(v) = &self.vcpus {
+            v.resume()?;
+        }
+        self.state = RunState::Migrating;
+        Ok(())
     }
 
     fn on_migration_done(
         &mut self,
-        result: std::result::Result<MigrationReport, String>,
-    ) -> Result<()> {
+        result: std::result::Result<MigrationReport, migration::Error>,
+    ) {
         let out = self.outgoing.take();
+        let reply = |answer| {
+            if let Some(o) = &out {
+                let _ = o.reply.send(answer);
+            }
+        };
         match result {
             Ok(mut report) => {
                 report.dirty_log = self.vm.dirty_log_method().name().to_string();
                 (report.dirty_log_takes, report.dirty_log_ms) = self.vm.dirty_log_cost();
-                if let Some(o) = &out {
-                    let _ = o
-                        .reply
-                        .send(Ok(serde_json::to_value(&report).unwrap_or_default()));
-                }
+                reply(Ok(serde_json::to_value(&report).unwrap_or_default()));
                 self.migrated = Some(report);
                 self.state = RunState::Migrated;
             }
             Err(e) => {
-                if let Some(o) = &out {
-                    let _ = o.reply.send(Err(e.clone()));
-                }
-                self.migration_failures.push(e);
-                // The guest never left: it runs here again, on the same threads.
-                if self.state == RunState::Paused {
-                    let mem = self.memory.ram.staging();
-                    let before = out.map(|o| o.max_pass_at_pause).unwrap_or_default();
-                    for (i, &before) in before.iter().enumerate() {
-                        let now = self.mailbox.slot(mem, i).max_pass_cycles;
-                        self.mailbox.set_max_pass(mem, i, now.max(before));
+                reply(Err(e.to_string()));
+                self.migration_failures.push(e.to_string());
+                match e.guest_at() {
+                    // It never left, or it was resumed here.
+                    GuestAt::Source => {
+                        if matches!(self.state, RunState::Paused | RunState::Migrating) {
+                            self.state = RunState::Running;
+                        }
                     }
-                    if let Some(v) = &self.vcpus {
-                        v.resume()?;
+                    // The destination runs it: this copy must never run again.
+                    GuestAt::Destination => {
+                        self.handed_over = true;
+                        self.state = RunState::Migrated;
                     }
-                }
-                if matches!(self.state, RunState::Paused | RunState::Migrating) {
-                    self.state = RunState::Running;
+                    // Paused here and could not resume: nothing runs it.
+                    GuestAt::PausedOnSource => self.fatal = Some(Error::Migration(e)),
                 }
             }
         }
-        Ok(())
     }
 
     /// A destination's guest is here: run it (the end of the downtime).
     fn on_arrival(&mut self, arrival: Arrival) {
         self.source_elapsed_ns = arrival.run.elapsed_ns;
         self.workload = arrival.run.workload.clone();
-        self.incoming = Some(arrival.report);
-        let started = self.start_guest(arrival.vcpus);
-        let answer = match &started {
-            Ok(()) => Ok(()),
-            Err(e) => Err(Error::Incoming(format!("starting the arrived guest: {e}"))),
-        };
+        let answer = self
+            .start_guest(arrival.vcpus)
+            .map_err(|e| Error::GuestStart(e.to_string()));
+        if answer.is_ok() {
+            self.incoming_phase = Some(if arrival.postcopy {
+                IncomingPhase::Postcopy
+            } else {
+                IncomingPhase::Completing
+            });
+        }
+        self.arrived = Some(arrival.run);
         let _ = arrival.started.send(answer);
     }
 
-    fn on_incoming_end(&mut self, result: Result<IncomingEnd>) -> Result<()> {
-        let end = match result {
-            Ok(end) => end,
-            // Before the guest started here: nothing runs, the run fails now.
-            Err(e) if self.vcpus.is_none() => return Err(e),
-            // After: pages may be missing; stop the guest and fail the run at its end.
+    fn on_incoming_end(
+        &mut self,
+        result: std::result::Result<IncomingReport, migration::Error>,
+    ) -> Result<()> {
+        let phase = self.incoming_phase.replace(IncomingPhase::Complete);
+        let mut report = match result {
+            Ok(report) => report,
+            // Before the guest started here: nothing runs; the run fails now.
+            Err(e) if self.vcpus.is_none() => return Err(e.into()),
+            // Pre-copy: the guest has all its memory, only the source's last word went
+            // missing; it runs on.
+            Err(e) if phase == Some(IncomingPhase::Completing) => {
+                eprintln!(
+                    "hugevisor: warning: the source did not complete the hand-over cleanly: {e}"
+                );
+                return Ok(());
+            }
+            // Post-copy: pages are missing. Stop the guest, fail the run at its end.
             Err(e) => {
-                self.incoming_error = Some(e);
+                self.fatal = Some(e.into());
                 self.request_stop(monotonic_ns());
                 return Ok(());
             }
         };
-        if let (Some(p), Some(report)) = (end.postcopy, self.incoming.as_mut()) {
-            report.pages_demand = p.pages_demand;
-            report.pages_pushed = p.pages_pushed;
-            report.demand_fault_us_p50 = p.demand_fault_us_p50;
-            report.demand_fault_us_p99 = p.demand_fault_us_p99;
-            report.demand_fault_us_max = p.demand_fault_us_max;
-            report.postcopy_ms = Some(p.postcopy_ms);
+        if let Some(run) = &self.arrived {
+            report.source_elapsed_ms = run.elapsed_ns as f64 / 1e6;
+            report.passes_at_switch = run.passes;
         }
+        self.incoming = Some(report);
         Ok(())
     }
 
@@ -557,16 +631,18 @@ impl<'a> Controller<'a> {
             let _ = o.reply.send(Err(why.clone()));
             self.migration_failures.push(why);
         }
-        while self.incoming_pending {
+        // A destination's migration reports its end once its threads are done (they end
+        // when the source does, or when their connections fail).
+        while self
+            .incoming_phase
+            .is_some_and(|p| p != IncomingPhase::Complete)
+        {
             match self.events_rx.recv() {
-                Ok(Event::Incoming(IncomingEvent::Ended(r))) => {
-                    self.incoming_pending = false;
-                    self.on_incoming_end(r)?;
-                }
-                Ok(Event::Incoming(IncomingEvent::Arrived(a))) => {
+                Ok(Event::Incoming(DestinationEvent::Ended(r))) => self.on_incoming_end(r)?,
+                Ok(Event::Incoming(DestinationEvent::Arrived(a))) => {
                     let _ = a
                         .started
-                        .send(Err(Error::Incoming("the run has ended".into())));
+                        .send(Err(Error::GuestStart("the run has ended".into())));
                 }
                 Ok(other) => self.refuse(other),
                 Err(_) => break,
@@ -575,7 +651,7 @@ impl<'a> Controller<'a> {
         while let Ok(event) = self.events_rx.try_recv() {
             self.refuse(event);
         }
-        if let Some(e) = self.incoming_error.take() {
+        if let Some(e) = self.fatal.take() {
             return Err(e);
         }
         Ok(RunEnd {
@@ -586,6 +662,7 @@ impl<'a> Controller<'a> {
             workload: self.workload,
             corrupted_gpa: self.limits.corrupted_gpa,
             migrated: self.migrated,
+            handed_over: self.handed_over,
             migration_failures: self.migration_failures,
             incoming: self.incoming,
             console: self.console,
@@ -597,8 +674,11 @@ impl<'a> Controller<'a> {
     /// Answers what arrives after the end.
     fn refuse(&self, event: Event) {
         match event {
-            Event::Source(SourceEvent::Pause(reply)) => {
-                let _ = reply.send(Err("the guest has finished".into()));
+            Event::Source(SourceRequest::Pause(reply)) => {
+                let _ = reply.send(Err(Error::GuestFinished));
+            }
+            Event::Source(SourceRequest::Resume(reply)) => {
+                let _ = reply.send(Err(Error::GuestFinished));
             }
             Event::Api(ApiCall::Info(reply)) => {
                 let _ = reply.send(self.info());

@@ -44,10 +44,22 @@ pub enum Error {
     FaultPath(String),
     #[error("{failures} host-side mapping changes (zap or userfaultfd re-registration after a NUMA move) failed; guest memory may not be protected")]
     HostMapping { failures: u64 },
-    #[error("incoming migration: {0}")]
-    Incoming(String),
-    #[error("post-copy: {0}")]
-    Postcopy(String),
+    #[error("live migration: {0}")]
+    Migration(#[from] migration::Error),
+    #[error("the migration's VM state is malformed: {0}")]
+    VmState(#[source] serde_json::Error),
+    #[error("the migration carries {arrived} vCPU states but this VM has {here} vCPUs (give the destination the same --vcpus)")]
+    VcpuCount { here: usize, arrived: usize },
+    #[error("the migration started a VM that was never restored")]
+    NotRestored,
+    #[error("the run ended while a migration still needed it")]
+    ControllerGone,
+    #[error("the guest has finished")]
+    GuestFinished,
+    #[error("--incoming: {0}")]
+    Listen(#[source] migration::WireError),
+    #[error("the arrived guest could not start: {0}")]
+    GuestStart(String),
     #[error("vCPU {index}: {what}")]
     Vcpu { index: usize, what: String },
     #[error("vCPU {index} is running; its state can only be read while it is paused")]

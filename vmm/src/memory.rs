@@ -46,6 +46,8 @@ pub struct Memory {
     fault_path_name: std::sync::Mutex<String>,
     host_zapper: Option<Arc<GuestViewZapper>>,
     collapse: OnceLock<Arc<CollapseEngine>>,
+    /// A post-copy destination's registration of the guest view (MISSING|MINOR).
+    postcopy: OnceLock<Arc<uffd::Uffd>>,
     collapse_mode: CollapseMode,
     collapse_scan: guest_mm::collapse::ScanBudget,
     balancing: Balancing,
@@ -125,6 +127,7 @@ impl Memory {
             fault_path_name: std::sync::Mutex::new(name),
             host_zapper,
             collapse: OnceLock::new(),
+            postcopy: OnceLock::new(),
             collapse_mode: cfg.collapse,
             collapse_scan: cfg.collapse_scan,
             balancing: cfg.numa_balancing,
@@ -149,7 +152,10 @@ impl Memory {
             CollapseMode::OnFill => destination,
             CollapseMode::Background => true,
         };
-        if !has_work || !crate::collapse::applies_to(self.ram.backing()) {
+        if !has_work
+            || !crate::collapse::applies_to(self.ram.backing())
+            || self.collapse.get().is_some()
+        {
             return Ok(());
         }
         let engine = CollapseEngine::start(
@@ -317,5 +323,192 @@ impl StressZapper {
     fn stop(self) -> u64 {
         self.stop.store(true, Ordering::Release);
         self.thread.join().unwrap_or(0)
+    }
+}
+
+/// A page installed or written outside guest RAM, or not one backing page long.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error(
+        "page at GPA {gpa:#x} is outside guest RAM or not aligned to its {page}-byte backing page"
+    )]
+    OutOfRange { gpa: u64, page: u64 },
+    #[error("page at GPA {gpa:#x}: {len} bytes for a {page}-byte backing page")]
+    WrongLength { gpa: u64, len: usize, page: u64 },
+    #[error("guest memory at GPA {gpa:#x}: {source}")]
+    Access {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("installing GPA {gpa:#x}: {source}")]
+    Continue {
+        gpa: u64,
+        #[source]
+        source: uffd::Error,
+    },
+    #[error("post-copy has not begun on this destination")]
+    NotInPostcopy,
+    #[error("marking post-copy pages absent: {0}")]
+    Table(#[from] guest_mm::table::TableError),
+}
+
+impl Memory {
+    /// The backing page holding `gpa`, checked against guest RAM.
+    fn page_at(&self, gpa: guest_mm::Gpa) -> std::result::Result<u64, PageError> {
+        let page = self.ram.page_size();
+        let g = gpa.raw();
+        match g.checked_add(page) {
+            Some(end) if g.is_multiple_of(page) && end <= self.ram.size() => Ok(g),
+            _ => Err(PageError::OutOfRange { gpa: g, page }),
+        }
+    }
+
+    /// Writes one arriving page through the staging view.
+    fn write_content(
+        &self,
+        gpa: u64,
+        page: guest_mm::PageContent<'_>,
+    ) -> std::result::Result<(), PageError> {
+        use vm_memory::Bytes;
+        static ZEROS: [u8; 65536] = [0; 65536];
+        let size = self.ram.page_size();
+        let write = |bytes: &[u8], at: u64| {
+            self.ram
+                .staging()
+                .write_slice(bytes, vm_memory::GuestAddress(at))
+                .map_err(|source| PageError::Access { gpa: at, source })
+        };
+        match page {
+            guest_mm::PageContent::Bytes(b) if b.len() as u64 != size => {
+                Err(PageError::WrongLength {
+                    gpa,
+                    len: b.len(),
+                    page: size,
+                })
+            }
+            guest_mm::PageContent::Bytes(b) => write(b, gpa),
+            guest_mm::PageContent::Zero => {
+                let mut off = 0;
+                while off < size {
+                    let n = (size - off).min(ZEROS.len() as u64);
+                    write(&ZEROS[..n as usize], gpa + off)?;
+                    off += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether this destination is in post-copy (pages still arrive while the guest runs).
+    pub fn in_postcopy(&self) -> bool {
+        self.postcopy.get().is_some()
+    }
+}
+
+/// The fault path's pager, speaking guest-mm's `Pager` (post-copy demand requests).
+struct PagerLink(Arc<dyn guest_mm::Pager>);
+
+impl crate::fault::Pager for PagerLink {
+    fn request(&self, gpa: u64) {
+        self.0.request(guest_mm::Gpa(gpa));
+    }
+}
+
+impl migration::GuestPages for Memory {
+    fn size(&self) -> u64 {
+        self.ram.size()
+    }
+
+    fn page_size(&self) -> u64 {
+        self.ram.page_size()
+    }
+
+    fn backing(&self) -> String {
+        self.ram.backing().to_string()
+    }
+
+    fn read_page(
+        &self,
+        gpa: guest_mm::Gpa,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), migration::HostError> {
+        use vm_memory::Bytes;
+        let g = self.page_at(gpa)?;
+        self.ram
+            .staging()
+            .read_slice(buf, vm_memory::GuestAddress(g))
+            .map_err(|source| PageError::Access { gpa: g, source })?;
+        Ok(())
+    }
+
+    fn write_page(
+        &self,
+        gpa: guest_mm::Gpa,
+        page: guest_mm::PageContent<'_>,
+    ) -> std::result::Result<(), migration::HostError> {
+        let g = self.page_at(gpa)?;
+        Ok(self.write_content(g, page)?)
+    }
+
+    fn begin_postcopy(
+        &self,
+        absent: &[guest_mm::GpaRange],
+        pager: Arc<dyn guest_mm::Pager>,
+    ) -> std::result::Result<u64, migration::HostError> {
+        let page = self.ram.page_size();
+        let mut count = 0;
+        for r in absent {
+            let range = GpaRange::new(r.start.raw(), r.end.raw().min(self.ram.size()));
+            if range.is_empty() {
+                continue;
+            }
+            count += range.len().div_ceil(page);
+            self.stage
+                .apply(Change::MarkAbsent { range })
+                .map_err(PageError::Table)?;
+        }
+        let uffd = self.start_postcopy_fault_path(Arc::new(PagerLink(pager)))?;
+        self.start_collapse(true, Some(uffd.clone()))?;
+        let _ = self.postcopy.set(uffd);
+        Ok(count)
+    }
+
+    fn install_page(
+        &self,
+        gpa: guest_mm::Gpa,
+        page: guest_mm::PageContent<'_>,
+    ) -> std::result::Result<guest_mm::Installed, migration::HostError> {
+        let g = self.page_at(gpa)?;
+        let uffd = self.postcopy.get().ok_or(PageError::NotInPostcopy)?;
+        let base = self.ram.guest_view_addr() as u64;
+        let size = self.ram.page_size();
+        let installed = self.stage.fill(g, || {
+            self.write_content(g, page)?;
+            match uffd.continue_range(base + g, size, uffd::Wake::Yes) {
+                Ok(()) | Err(uffd::Error::AlreadyMapped { .. }) => Ok(()),
+                Err(source) => Err(PageError::Continue { gpa: g, source }),
+            }
+        })?;
+        if !installed {
+            return Ok(guest_mm::Installed::Duplicate);
+        }
+        if let Some(c) = self.collapse.get() {
+            c.filled(g);
+        }
+        Ok(guest_mm::Installed::New)
+    }
+
+    fn end_postcopy(&self) -> std::result::Result<(), migration::HostError> {
+        let uffd = self.postcopy.get().ok_or(PageError::NotInPostcopy)?;
+        // Every page arrived: the guest view needs no userfaultfd anymore.
+        let _ = uffd.unregister(self.ram.guest_view_addr() as u64, self.ram.size());
+        // Regions whose collapse failed on fill get one more try.
+        self.resumed_after_migration();
+        Ok(())
+    }
+
+    fn resumed_after_migration(&self) {
+        Memory::resumed_after_migration(self);
     }
 }

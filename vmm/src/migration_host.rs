@@ -1,214 +1,245 @@
-//! The VM as a live migration sees it: what the controller does for a migration source
-//! (pause in place at the switch-over, resume when it fails) and for a destination
-//! (receive on a thread of its own, build the vCPUs from the arriving state, start them
-//! through the controller, keep installing post-copy pages while the guest runs).
+//! The VM as the `migration` crate sees it: this module implements its `SourceVm` and
+//! `DestinationVm` traits (guest memory's `GuestPages` is in `memory.rs`) and runs each
+//! end on a thread of its own. Every decision about what to send when lives in the
+//! migration crate; here are only the VM's answers:
+//! - source: dirty logging through KVM, and pause/resume in place — asked of the
+//!   controller, which owns the vCPUs and the run's state;
+//! - destination: the vCPUs built from the arriving state, started through the
+//!   controller (the end of the downtime).
 //!
-//! (Transitional: the state machines are moving into the `migration` crate, which will
-//! call this module through its `SourceVm` / `DestinationVm` traits.)
+//! The VM state a migration carries ([`MigratedState`]) is serialised here and opaque to
+//! the migration crate.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
-use crate::clock::monotonic_ns;
+use migration::{
+    DestinationVm, GuestPages, HostError, MigrationRequest, Paused, SourceVm, VmState,
+};
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 use crate::memory::Memory;
-use crate::migrate::{Incoming, PostcopyLink, RunInfo, Silence};
-use crate::report::IncomingReport;
-use crate::vstate::vcpu::Vcpu;
-use crate::vstate::vm::Vm;
+use crate::vstate::vcpu::{Vcpu, VcpuState};
+use crate::vstate::vm::{DirtyLogging, Vm};
 
-/// A destination's guest, ready to run: the controller starts it.
+/// What the destination needs to continue the run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub workload: String,
+    /// Guest run time on the source so far.
+    pub elapsed_ns: u64,
+    /// The run's `--duration`, if it has one.
+    pub duration_ns: Option<u64>,
+    /// Guest worst pass per vCPU at the switch (cycles), to find the stall afterwards.
+    pub max_pass_cycles: Vec<u64>,
+    /// Passes of all vCPUs at the switch, to count those made on the destination.
+    pub passes: u64,
+}
+
+/// The VM state that travels with a migration: every vCPU's architectural state and the
+/// run's info.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigratedState {
+    pub vcpus: Vec<VcpuState>,
+    pub run: RunInfo,
+}
+
+/// What the source side asks of the controller.
+pub enum SourceRequest {
+    /// Stop the vCPUs in place; answer with the state to carry.
+    Pause(Sender<Result<Paused>>),
+    /// The migration failed after the pause: run the guest here again.
+    Resume(Sender<Result<()>>),
+    /// The migration ended.
+    Done(std::result::Result<migration::MigrationReport, migration::Error>),
+}
+
+/// What the destination side tells the controller.
+pub enum DestinationEvent {
+    /// The guest's vCPUs are built; start them and answer.
+    Arrived(Box<Arrival>),
+    /// The migration ended: every page is here, or it failed.
+    Ended(std::result::Result<migration::IncomingReport, migration::Error>),
+}
+
+/// A destination's guest, ready to run.
 pub struct Arrival {
     pub vcpus: Vec<Vcpu>,
     pub run: RunInfo,
-    pub report: IncomingReport,
-    /// The controller's answer: the vCPUs run (the end of the downtime), or why not.
+    /// Whether pages are still to come (post-copy) while the guest runs.
+    pub postcopy: bool,
     pub started: Sender<Result<()>>,
 }
 
-/// How a destination's migration ended.
-pub struct IncomingEnd {
-    /// Post-copy: switch-over to the last page, and what the demand faults cost.
-    pub postcopy: Option<PostcopyFigures>,
-}
-
-pub struct PostcopyFigures {
-    pub postcopy_ms: f64,
-    pub pages_demand: u64,
-    pub pages_pushed: u64,
-    pub demand_fault_us_p50: f64,
-    pub demand_fault_us_p99: f64,
-    pub demand_fault_us_max: f64,
-}
-
-/// What the receiving thread tells the controller.
-pub enum IncomingEvent {
-    /// The guest's state is here; start it.
-    Arrived(Box<Arrival>),
-    /// The migration ended (every page in), or failed.
-    Ended(Result<IncomingEnd>),
-}
-
-/// Receives the guest on `uri` into `memory`/`vm` on a thread of its own, telling the
-/// controller through `events`.
-pub fn start_receiving(
-    uri: migration::Uri,
+/// The source VM: KVM's dirty log, and pause/resume through the controller.
+struct SourceHost {
     memory: Arc<Memory>,
     vm: Arc<Vm>,
     vcpus: u32,
-    wait: Duration,
-    events: impl Fn(IncomingEvent) + Send + 'static,
-) -> Result<std::thread::JoinHandle<()>> {
+    controller: Box<dyn Fn(SourceRequest) + Send + Sync>,
+}
+
+fn ask<T>(
+    controller: &(dyn Fn(SourceRequest) + Send + Sync),
+    make: impl FnOnce(Sender<Result<T>>) -> SourceRequest,
+) -> std::result::Result<T, HostError> {
+    let (tx, rx) = channel();
+    controller(make(tx));
+    Ok(rx.recv().map_err(|_| Error::ControllerGone)??)
+}
+
+impl SourceVm for SourceHost {
+    fn pages(&self) -> &dyn GuestPages {
+        &*self.memory
+    }
+
+    fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+
+    fn start_dirty_log(&self) -> std::result::Result<(), HostError> {
+        Ok(self
+            .vm
+            .set_dirty_logging(&self.memory.ram, DirtyLogging::On)?)
+    }
+
+    fn take_dirty_log(&self) -> std::result::Result<Vec<u64>, HostError> {
+        Ok(self.vm.take_dirty_log(&self.memory.ram)?)
+    }
+
+    fn stop_dirty_log(&self) {
+        // Failing to stop logging only costs the guest some speed; the migration is over.
+        let _ = self
+            .vm
+            .set_dirty_logging(&self.memory.ram, DirtyLogging::Off);
+    }
+
+    fn pause(&self) -> std::result::Result<Paused, HostError> {
+        ask(&*self.controller, SourceRequest::Pause)
+    }
+
+    fn resume(&self) -> std::result::Result<(), HostError> {
+        ask(&*self.controller, SourceRequest::Resume)
+    }
+}
+
+/// Sends the guest away on a thread of its own; `controller` receives the pause and
+/// resume requests and, last, the migration's end.
+pub fn start_sending(
+    memory: Arc<Memory>,
+    vm: Arc<Vm>,
+    vcpus: u32,
+    req: MigrationRequest,
+    controller: impl Fn(SourceRequest) + Send + Sync + 'static,
+) -> Result<()> {
+    let host = SourceHost {
+        memory,
+        vm,
+        vcpus,
+        controller: Box::new(controller),
+    };
     std::thread::Builder::new()
-        .name("incoming".into())
+        .name("migrate".into())
         .spawn(move || {
-            let r = receive(&uri, &memory, &vm, vcpus, wait, &events);
-            events(IncomingEvent::Ended(r));
+            let r = migration::source::migrate(&host, &req, &crate::progress::Terminal::new());
+            (host.controller)(SourceRequest::Done(r));
         })
+        .map(drop)
         .map_err(|source| Error::Io {
-            what: "starting the incoming migration thread".into(),
+            what: "starting the migration thread".into(),
             source,
         })
 }
 
-fn receive(
-    uri: &migration::Uri,
-    memory: &Memory,
-    vm: &Vm,
+/// The destination VM: vCPUs built from the arriving state, started by the controller.
+struct DestinationHost {
+    memory: Arc<Memory>,
+    vm: Arc<Vm>,
     vcpus: u32,
-    wait: Duration,
-    events: &dyn Fn(IncomingEvent),
-) -> Result<IncomingEnd> {
-    let t = monotonic_ns();
-    let inc = crate::migrate::receive(uri, &memory.ram, vcpus, wait).map_err(Error::Incoming)?;
-    // Each vCPU's worst pass was cleared by the source when it paused (and that mailbox
-    // page sent after the pause), so from here on it is the guest's own view of the
-    // stall. Writing it here instead would, in post-copy, put a page into the page cache
-    // before the source's copy arrives.
-    let report = IncomingReport {
-        mode: inc.hello.mode.clone(),
-        pages: inc.pages,
-        bytes: inc.bytes,
-        source_elapsed_ms: inc.switch.run.elapsed_ns as f64 / 1e6,
-        receive_ms: (monotonic_ns() - t) as f64 / 1e6,
-        pages_demand: 0,
-        pages_pushed: 0,
-        demand_fault_us_p50: 0.0,
-        demand_fault_us_p99: 0.0,
-        demand_fault_us_max: 0.0,
-        postcopy_ms: None,
-        passes_at_switch: inc.switch.run.passes,
-        passes_after_switch: 0,
-    };
-    let postcopy = match inc.switch.postcopy_missing.clone() {
-        Some(missing) => {
-            let urgent = inc.accept_urgent().map_err(Error::Incoming)?;
-            let urgent_reader = urgent
-                .try_clone()
-                .map_err(|e| Error::Incoming(e.to_string()))?;
-            let link = Arc::new(
-                crate::migrate::postcopy_begin(&memory.stage, &memory.ram, &missing, urgent)
-                    .map_err(Error::Incoming)?,
-            );
-            let uffd = memory.start_postcopy_fault_path(link.clone())?;
-            memory.start_collapse(true, Some(uffd.clone()))?;
-            Some((link, urgent_reader, uffd))
-        }
-        None => {
-            memory.start_collapse(true, None)?;
-            None
-        }
-    };
-    let built = (0..vcpus as usize)
-        .map(|i| Vcpu::restore(vm, i, &inc.switch.vcpus[i]))
-        .collect::<Result<Vec<_>>>()?;
-    let (started_tx, started_rx) = channel();
-    events(IncomingEvent::Arrived(Box::new(Arrival {
-        vcpus: built,
-        run: inc.switch.run.clone(),
-        report,
-        started: started_tx,
-    })));
-    started_rx
-        .recv()
-        .map_err(|_| Error::Incoming("the VM ended before the guest could start".into()))??;
-    match postcopy {
-        Some((link, urgent_reader, uffd)) => {
-            let figures = run_postcopy(inc, memory, link, urgent_reader, uffd)?;
-            Ok(IncomingEnd {
-                postcopy: Some(figures),
-            })
-        }
-        None => {
-            // The end of the downtime: tell the source, which then completes.
-            if let Err(e) = inc.confirm_resumed() {
-                eprintln!(
-                    "hugevisor: warning: the source did not complete the hand-over cleanly: {e}"
-                );
+    restored: Mutex<Option<(Vec<Vcpu>, RunInfo)>>,
+    controller: Box<dyn Fn(DestinationEvent) + Send + Sync>,
+}
+
+impl DestinationVm for DestinationHost {
+    fn pages(&self) -> &dyn GuestPages {
+        &*self.memory
+    }
+
+    fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+
+    fn restore(&self, state: VmState) -> std::result::Result<(), HostError> {
+        let state: MigratedState = serde_json::from_value(state.0).map_err(Error::VmState)?;
+        if state.vcpus.len() != self.vcpus as usize {
+            return Err(Error::VcpuCount {
+                here: self.vcpus as usize,
+                arrived: state.vcpus.len(),
             }
-            // Every region arrived complete by pre-copy.
-            memory.resumed_after_migration();
-            Ok(IncomingEnd { postcopy: None })
+            .into());
         }
+        let vcpus = state
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Vcpu::restore(&self.vm, i, s))
+            .collect::<Result<Vec<_>>>()?;
+        *self.restored.lock().unwrap_or_else(|e| e.into_inner()) = Some((vcpus, state.run));
+        Ok(())
+    }
+
+    fn start(&self) -> std::result::Result<(), HostError> {
+        let (vcpus, run) = self
+            .restored
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or(Error::NotRestored)?;
+        let postcopy = self.memory.in_postcopy();
+        // A pre-copy destination's on-fill collapse engine; post-copy started it with
+        // its registration.
+        self.memory.start_collapse(true, None)?;
+        let (started, answer) = channel();
+        (self.controller)(DestinationEvent::Arrived(Box::new(Arrival {
+            vcpus,
+            run,
+            postcopy,
+            started,
+        })));
+        Ok(answer.recv().map_err(|_| Error::ControllerGone)??)
     }
 }
 
-/// Post-copy: pages keep arriving on both channels while the guest runs.
-fn run_postcopy(
-    inc: Incoming,
-    memory: &Memory,
-    link: Arc<PostcopyLink>,
-    urgent_reader: migration::Stream,
-    uffd: Arc<uffd::Uffd>,
-) -> Result<PostcopyFigures> {
-    let main = inc.resumed_postcopy().map_err(Error::Postcopy)?;
-    let switched = monotonic_ns();
-    // Regions that pre-copy rounds (hybrid) completed before the switch.
-    memory.resumed_after_migration();
-    let collapse = memory.collapse().cloned();
-    let filled = AtomicU64::new(0);
-    let receive = |reader, silence| {
-        crate::migrate::postcopy_receive(
-            &link,
-            &memory.stage,
-            &memory.ram,
-            &uffd,
-            reader,
-            &filled,
-            collapse.as_deref(),
-            silence,
-        )
+/// Receives the guest on `listener` (bound before the run starts, so that the source
+/// finds it) on a thread of its own; `controller` gets the arrival and, last, the end.
+pub fn start_receiving(
+    listener: migration::Listener,
+    memory: Arc<Memory>,
+    vm: Arc<Vm>,
+    vcpus: u32,
+    timeouts: migration::Timeouts,
+    controller: impl Fn(DestinationEvent) + Send + Sync + 'static,
+) -> Result<()> {
+    let host = DestinationHost {
+        memory,
+        vm,
+        vcpus,
+        restored: Mutex::new(None),
+        controller: Box::new(controller),
     };
-    let r = std::thread::scope(|sc| {
-        let urgent =
-            sc.spawn(|| receive(migration::FrameReader::new(urgent_reader), Silence::Idle));
-        let m = receive(main, Silence::PeerGone);
-        let u = urgent
-            .join()
-            .unwrap_or_else(|_| Err("urgent receiver panicked".into()));
-        m.and(u)
-    });
-    r.map_err(Error::Postcopy)?;
-    let installed = filled.load(Ordering::Relaxed);
-    if installed != link.missing {
-        return Err(Error::Postcopy(format!(
-            "post-copy ended with {installed} of {} pages",
-            link.missing
-        )));
-    }
-    // Every page arrived: the guest view needs no userfaultfd anymore.
-    let _ = uffd.unregister(memory.ram.guest_view_addr() as u64, memory.ram.size());
-    // Regions whose collapse failed on fill get one more try.
-    memory.resumed_after_migration();
-    let lat = link.latency.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(PostcopyFigures {
-        postcopy_ms: (monotonic_ns() - switched) as f64 / 1e6,
-        pages_demand: link.demand_pages.load(Ordering::Relaxed),
-        pages_pushed: link.pushed_pages.load(Ordering::Relaxed),
-        demand_fault_us_p50: lat.percentile_us(50.0),
-        demand_fault_us_p99: lat.percentile_us(99.0),
-        demand_fault_us_max: lat.max_us(),
-    })
+    std::thread::Builder::new()
+        .name("incoming".into())
+        .spawn(move || {
+            let r = migration::destination::receive(&listener, &host, &timeouts);
+            // Unbound before the run hears of the end: the process may exit at once, and
+            // a socket file left behind would refuse the next destination's sources.
+            drop(listener);
+            (host.controller)(DestinationEvent::Ended(r));
+        })
+        .map(drop)
+        .map_err(|source| Error::Io {
+            what: "starting the incoming migration thread".into(),
+            source,
+        })
 }

@@ -4,6 +4,7 @@
 
 use guest_image::abi::{self, VcpuSlot};
 use guest_mm::table::{Accounting, LeafSize, PageState, Run};
+use migration::{IncomingReport, MigrationReport};
 use serde::Serialize;
 
 use crate::clock::{TscClock, TscPoint};
@@ -13,7 +14,6 @@ use crate::controller::RunEnd;
 use crate::error::{Error, Result};
 use crate::fault::FaultReport;
 use crate::memory::MemoryReport;
-use crate::migrate::MigrationReport;
 use crate::numa::NumaReport;
 use crate::procfs;
 use crate::vstate::vcpu::{VcpuEnd, VcpuOutcome};
@@ -149,26 +149,6 @@ pub struct RunReport {
     pub dirty_ring_entries: Option<u32>,
     /// Dirty ring: exits because a vCPU's ring was full (harvested and resumed).
     pub dirty_ring_full_exits: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct IncomingReport {
-    pub mode: String,
-    pub pages: u64,
-    pub bytes: u64,
-    pub source_elapsed_ms: f64,
-    pub receive_ms: f64,
-    /// Post-copy: pages that arrived after the switch, on demand or pushed.
-    pub pages_demand: u64,
-    pub pages_pushed: u64,
-    pub demand_fault_us_p50: f64,
-    pub demand_fault_us_p99: f64,
-    pub demand_fault_us_max: f64,
-    /// Post-copy: switch-over to the last page (then the guest view is unregistered).
-    pub postcopy_ms: Option<f64>,
-    /// The guest's passes (all vCPUs) before the switch, and those it made here.
-    pub passes_at_switch: u64,
-    pub passes_after_switch: u64,
 }
 
 pub const VECTOR_NAMES: [&str; 32] = [
@@ -375,7 +355,7 @@ pub fn assemble(
         .collect();
     check_vcpus(&end)?;
     let exception = exception(&slots);
-    if end.timed_out && exception.is_none() && end.migrated.is_none() {
+    if end.timed_out && exception.is_none() && end.migrated.is_none() && !end.handed_over {
         return Err(Error::Timeout(cfg.timeout));
     }
     let per_vcpu = vcpu_reports(&slots, &end.outcomes, &clock);
@@ -409,7 +389,7 @@ pub fn assemble(
         entry: "ring-3 fast path",
         outcome: if exception.is_some() {
             Outcome::GuestException
-        } else if end.migrated.is_some() {
+        } else if end.migrated.is_some() || end.handed_over {
             Outcome::Migrated
         } else if integrity_errors > 0 {
             Outcome::IntegrityErrors

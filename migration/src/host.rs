@@ -1,0 +1,114 @@
+//! What a migration needs from the VMM: the seam. The VMM implements these traits over
+//! its guest memory, vCPUs and devices; the migration calls them from its own thread(s)
+//! and knows nothing of KVM, userfaultfd or the second-stage table.
+//!
+//! Order of calls, source: `start_dirty_log` → `take_dirty_log`… → `pause` → (pages,
+//! switch-over) → `stop_dirty_log`; `resume` only if the migration fails after `pause`
+//! and before the destination confirmed it runs the guest. Destination: `write_page`…
+//! → `restore` → (post-copy: `begin_postcopy`) → `start` → `resumed_after_migration` →
+//! (post-copy: `install_page`… → `end_postcopy`).
+
+use std::sync::Arc;
+
+use guest_mm::{Gpa, GpaRange, Installed, PageContent, Pager};
+use serde::{Deserialize, Serialize};
+
+/// An error of the VMM's own, carried as the source of [`crate::Error::Host`].
+pub type HostError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Guest memory as a migration sees it.
+pub trait GuestPages: Send + Sync {
+    fn size(&self) -> u64;
+    /// The backing page: the granularity of every page frame.
+    fn page_size(&self) -> u64;
+    /// "shmem", "hugetlb-2m", ... (for Hello).
+    fn backing(&self) -> String;
+    /// Reads the backing page at `gpa` into `buf` (one backing page long).
+    fn read_page(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), HostError>;
+    /// Pre-copy receive: writes an arriving page while no vCPU runs.
+    fn write_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<(), HostError>;
+    /// Post-copy: marks `absent` not-here-yet; a vCPU touching one of them calls `pager`.
+    /// Returns how many backing pages are absent now: the migration installs that many.
+    fn begin_postcopy(&self, absent: &[GpaRange], pager: Arc<dyn Pager>) -> Result<u64, HostError>;
+    /// Post-copy: installs an arriving page if it is still absent (a duplicate never
+    /// overwrites what the guest wrote since).
+    fn install_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<Installed, HostError>;
+    /// Post-copy: every page is in; stop paging (e.g. unregister userfaultfd).
+    fn end_postcopy(&self) -> Result<(), HostError>;
+    /// The guest runs here after a migration (e.g. a collapse sweep).
+    fn resumed_after_migration(&self);
+}
+
+/// The VM state a migration carries without looking inside (vCPUs, devices, the run's
+/// info): serialised by the VMM, opaque here.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VmState(pub serde_json::Value);
+
+/// What `pause` hands over.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Paused {
+    pub state: VmState,
+    /// Ranges the VMM itself wrote while the guest ran (the mailbox): not in KVM's dirty
+    /// log, so they are sent after the pause in every mode.
+    pub vmm_written: Vec<GpaRange>,
+}
+
+/// The source VM.
+pub trait SourceVm: Send + Sync {
+    fn pages(&self) -> &dyn GuestPages;
+    fn vcpus(&self) -> u32;
+    fn start_dirty_log(&self) -> Result<(), HostError>;
+    /// One bit per 4 KiB page written since the last take (bit `i` of word `w` is the
+    /// page at GPA `(w * 64 + i) * 4096`).
+    fn take_dirty_log(&self) -> Result<Vec<u64>, HostError>;
+    fn stop_dirty_log(&self);
+    /// Stops the vCPUs in place and returns their state, plus the ranges the VMM itself
+    /// wrote while the guest ran. An error means the guest still runs here.
+    fn pause(&self) -> Result<Paused, HostError>;
+    /// The migration failed after `pause`: the guest runs here again.
+    fn resume(&self) -> Result<(), HostError>;
+}
+
+/// The destination VM (its vCPUs do not exist until `restore`).
+pub trait DestinationVm: Send + Sync {
+    fn pages(&self) -> &dyn GuestPages;
+    fn vcpus(&self) -> u32;
+    /// Builds the vCPUs/devices from the state (not running yet); an error aborts the
+    /// migration.
+    fn restore(&self, state: VmState) -> Result<(), HostError>;
+    /// Starts the restored guest: the end of the downtime.
+    fn start(&self) -> Result<(), HostError>;
+}
+
+/// What the source is doing, for a progress display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Round(u32),
+    StopAndCopy,
+    Push,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Round(n) => write!(f, "round {n}"),
+            Phase::StopAndCopy => f.write_str("stop+copy"),
+            Phase::Push => f.write_str("push"),
+        }
+    }
+}
+
+/// Told about the source's progress: at each phase and every 256 pages.
+pub trait Progress: Sync {
+    fn update(&self, phase: Phase, bytes_sent: u64);
+    /// The migration ended (either way).
+    fn finished(&self) {}
+}
+
+/// No display.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&self, _phase: Phase, _bytes_sent: u64) {}
+}

@@ -1,0 +1,409 @@
+//! The source of a migration, as a state machine: `State` says what comes next, and
+//! `Session::step` does it and returns the state after it.
+//!
+//! ```text
+//! Handshake ─▶ DirtyLog ─▶ Round(0) ─▶ Round(n)… ─▶ Pause ─▶ StopAndCopy ─▶ SwitchOver
+//!      (post-copy: DirtyLog ─▶ Pause ─▶ SwitchOver)                            │
+//!   Done ◀─ Complete ◀─ AwaitResumed (pre-copy) ◀──────────────────────────────┘
+//!   Done ◀─ Postcopy ◀─ AwaitResumed (post-copy, hybrid)
+//! ```
+//!
+//! The session remembers whether it paused the guest and whether the destination
+//! confirmed it runs it, which decides what a failure does (see `Session::fail`).
+
+mod missing;
+mod postcopy;
+mod precopy;
+
+use std::time::Instant;
+
+use guest_mm::GpaRange;
+
+pub use missing::dirty_pages;
+use missing::Missing;
+
+use crate::bitmap::PageBitmap;
+use crate::clock::monotonic_ns;
+use crate::error::{Error, HostCall, Step};
+use crate::host::{Paused, Phase, Progress, SourceVm};
+use crate::pages::{expect, layout_of, memory_hash, PageSender};
+use crate::report::MigrationReport;
+use crate::wire::frame::FrameWriter;
+use crate::wire::message::{Hello, Layout, Message, MessageReader, SwitchOver, PROTOCOL_VERSION};
+use crate::wire::transport::{Channel, Connector};
+use crate::{MigrationRequest, Mode, Timeouts, Verify};
+
+/// Migrates the guest of `vm` to `req.to` with the default timeouts. Returns when the
+/// migration has ended; see [`migrate_over`].
+pub fn migrate(
+    vm: &dyn SourceVm,
+    req: &MigrationRequest,
+    progress: &dyn Progress,
+) -> Result<MigrationReport, Error> {
+    migrate_over(vm, req, &req.to, &Timeouts::default(), progress)
+}
+
+/// Migrates the guest of `vm` over connections from `connector`.
+///
+/// On success the guest runs on the destination and stays paused here. On failure,
+/// [`Error::guest_at`] says where it runs: before `pause` it never stopped; between
+/// `pause` and the destination's `Resumed` this function has called `resume`; after
+/// `Resumed` the error is [`Error::AfterSwitchOver`] and the guest is the destination's.
+pub fn migrate_over(
+    vm: &dyn SourceVm,
+    req: &MigrationRequest,
+    connector: &dyn Connector,
+    timeouts: &Timeouts,
+    progress: &dyn Progress,
+) -> Result<MigrationReport, Error> {
+    let t0 = Instant::now();
+    let layout = layout_of(vm.pages())?;
+    let main = connector
+        .connect(timeouts.connect, timeouts.io)
+        .map_err(Error::wire(Step::Connect, timeouts.io))?;
+    let clone = |c: &dyn Channel| {
+        c.try_clone()
+            .map_err(|e| Error::wire(Step::Connect, timeouts.io)(e.into()))
+    };
+    let mut s = Session {
+        vm,
+        req,
+        connector,
+        timeouts,
+        progress,
+        layout,
+        writer: FrameWriter::new(clone(main.as_ref())?),
+        reader: MessageReader::new(clone(main.as_ref())?, layout),
+        main,
+        urgent: None,
+        sender: PageSender::new(vm.pages(), &layout),
+        convergence: precopy::Convergence::default(),
+        logging: false,
+        paused_at_ns: None,
+        resumed: false,
+        report: MigrationReport {
+            mode: req.mode.name().to_string(),
+            to: req.to.to_string(),
+            granularity_bytes: layout.page_size,
+            ..Default::default()
+        },
+    };
+    let result = s.run();
+    if s.logging {
+        vm.stop_dirty_log();
+    }
+    progress.finished();
+    match result {
+        Ok(()) => {
+            s.report.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            s.report.bytes_sent += s.writer.bytes;
+            Ok(s.report)
+        }
+        Err(e) => Err(s.fail(e)),
+    }
+}
+
+/// Which pages a pre-copy round sends.
+#[derive(Debug)]
+pub(crate) enum RoundPages {
+    All,
+    Dirty(Vec<u64>),
+}
+
+/// What the source does next.
+pub(crate) enum State {
+    Handshake,
+    DirtyLog,
+    Round {
+        n: u32,
+        pages: RoundPages,
+    },
+    /// Stop the vCPUs; `pending` were dirtied since the last round and are not sent yet.
+    Pause {
+        pending: Vec<u64>,
+    },
+    /// Pre-copy, paused: the last pages, then the optional hash.
+    StopAndCopy {
+        paused: Paused,
+        pages: Vec<u64>,
+    },
+    SwitchOver(Box<SwitchOver>),
+    /// Waiting for the destination to say it runs the guest; `missing` for post-copy.
+    AwaitResumed {
+        missing: Option<PageBitmap>,
+    },
+    Postcopy {
+        missing: PageBitmap,
+    },
+    Complete,
+    Done,
+}
+
+pub(crate) struct Session<'a> {
+    vm: &'a dyn SourceVm,
+    req: &'a MigrationRequest,
+    connector: &'a dyn Connector,
+    timeouts: &'a Timeouts,
+    progress: &'a dyn Progress,
+    layout: Layout,
+    /// A handle on the main connection, to shut it down.
+    main: Box<dyn Channel>,
+    writer: FrameWriter<Box<dyn Channel>>,
+    reader: MessageReader<Box<dyn Channel>>,
+    /// Post-copy: the urgent connection, once open.
+    urgent: Option<Box<dyn Channel>>,
+    sender: PageSender<'a>,
+    convergence: precopy::Convergence,
+    logging: bool,
+    /// Set once the vCPUs stopped.
+    paused_at_ns: Option<u64>,
+    /// Set once the destination confirmed it runs the guest.
+    resumed: bool,
+    report: MigrationReport,
+}
+
+impl Session<'_> {
+    fn run(&mut self) -> Result<(), Error> {
+        let mut state = State::Handshake;
+        while !matches!(state, State::Done) {
+            state = self.step(state)?;
+        }
+        Ok(())
+    }
+
+    /// Does what `state` says and returns what comes next.
+    fn step(&mut self, state: State) -> Result<State, Error> {
+        match state {
+            State::Handshake => self.handshake(),
+            State::DirtyLog => self.start_dirty_log(),
+            State::Round { n, pages } => self.round(n, pages),
+            State::Pause { pending } => self.pause(pending),
+            State::StopAndCopy { paused, pages } => self.stop_and_copy(paused, pages),
+            State::SwitchOver(sw) => self.switch_over(*sw),
+            State::AwaitResumed { missing } => self.await_resumed(missing),
+            State::Postcopy { missing } => {
+                postcopy::run(self, missing)?;
+                Ok(State::Done)
+            }
+            State::Complete => {
+                self.send(Step::Complete, &Message::Complete { demand: None })?;
+                Ok(State::Done)
+            }
+            State::Done => Ok(State::Done),
+        }
+    }
+
+    /// Sends a message that the peer may wait for: written out at once.
+    fn send(&mut self, step: Step, m: &Message) -> Result<(), Error> {
+        let wire = Error::wire(step, self.timeouts.io);
+        m.send(&mut self.writer)
+            .and_then(|()| self.writer.flush())
+            .map_err(wire)
+    }
+
+    fn handshake(&mut self) -> Result<State, Error> {
+        let pages = self.vm.pages();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            memory_bytes: self.layout.memory_bytes,
+            backing: pages.backing(),
+            page_size: self.layout.page_size,
+            vcpus: self.vm.vcpus(),
+            mode: self.req.mode,
+        };
+        self.send(Step::Handshake, &Message::Hello(hello.clone()))?;
+        let theirs = expect(
+            &mut self.reader,
+            Step::Handshake,
+            self.timeouts.io,
+            "the destination's HelloAck",
+            |m| match m {
+                Message::HelloAck(h) => Ok(h),
+                other => Err(other.kind()),
+            },
+        )?;
+        hello
+            .check_compatible(&theirs)
+            .map_err(|source| Error::Layout {
+                step: Step::Handshake,
+                source,
+            })?;
+        Ok(State::DirtyLog)
+    }
+
+    fn start_dirty_log(&mut self) -> Result<State, Error> {
+        self.vm
+            .start_dirty_log()
+            .map_err(Error::host(Step::DirtyLog, HostCall::StartDirtyLog))?;
+        self.logging = true;
+        // What was written before logging began is in round 0 (or missing) anyway.
+        self.take_dirty(Step::DirtyLog)?;
+        Ok(match self.req.mode {
+            Mode::Precopy | Mode::Hybrid => State::Round {
+                n: 0,
+                pages: RoundPages::All,
+            },
+            Mode::Postcopy => State::Pause {
+                pending: Vec::new(),
+            },
+        })
+    }
+
+    /// Backing pages written since the last take.
+    fn take_dirty(&mut self, step: Step) -> Result<Vec<u64>, Error> {
+        let bitmap = self
+            .vm
+            .take_dirty_log()
+            .map_err(Error::host(step, HostCall::TakeDirtyLog))?;
+        let mut pages = dirty_pages(&bitmap, self.layout.page_size);
+        pages.retain(|&p| p < self.layout.pages());
+        Ok(pages)
+    }
+
+    /// Sends `pages`, telling the progress display every 256; returns how many.
+    fn send_pages(
+        &mut self,
+        pages: impl Iterator<Item = u64>,
+        step: Step,
+        phase: Phase,
+    ) -> Result<u64, Error> {
+        self.progress.update(phase, self.writer.bytes);
+        let mut n = 0;
+        for p in pages {
+            self.sender
+                .send(&mut self.writer, p, step, self.timeouts.io)?;
+            n += 1;
+            if n % 256 == 0 {
+                self.progress.update(phase, self.writer.bytes);
+            }
+        }
+        Ok(n)
+    }
+
+    fn pause(&mut self, pending: Vec<u64>) -> Result<State, Error> {
+        self.progress.update(Phase::StopAndCopy, self.writer.bytes);
+        let paused = self
+            .vm
+            .pause()
+            .map_err(Error::host(Step::Pause, HostCall::Pause))?;
+        self.paused_at_ns = Some(monotonic_ns());
+        let last = self.take_dirty(Step::StopAndCopy)?;
+        let written = vmm_written_pages(&paused.vmm_written, &self.layout);
+        let mut pages: Vec<u64> = pending.into_iter().chain(last).chain(written).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        Ok(match self.req.mode {
+            Mode::Precopy => State::StopAndCopy { paused, pages },
+            Mode::Postcopy => {
+                self.postcopy_switch_over(paused, PageBitmap::full(self.layout.pages()))
+            }
+            Mode::Hybrid => {
+                let mut missing = PageBitmap::empty(self.layout.pages());
+                pages.into_iter().for_each(|p| missing.set(p));
+                self.postcopy_switch_over(paused, missing)
+            }
+        })
+    }
+
+    fn postcopy_switch_over(&mut self, paused: Paused, missing: PageBitmap) -> State {
+        self.report.push_order = self.req.push_order.name().to_string();
+        State::SwitchOver(Box::new(SwitchOver {
+            state: paused.state,
+            paused_at_ns: self.paused_at_ns.unwrap_or_default(),
+            memory_hash: None,
+            missing: Some(missing),
+        }))
+    }
+
+    fn stop_and_copy(&mut self, paused: Paused, pages: Vec<u64>) -> Result<State, Error> {
+        self.report.pages_precopy +=
+            self.send_pages(pages.into_iter(), Step::StopAndCopy, Phase::StopAndCopy)?;
+        let hash = match self.req.verify {
+            Some(Verify::MemoryHash) => Some(memory_hash(self.vm.pages(), &self.layout)?),
+            None => None,
+        };
+        self.report.memory_hash = hash;
+        Ok(State::SwitchOver(Box::new(SwitchOver {
+            state: paused.state,
+            paused_at_ns: self.paused_at_ns.unwrap_or_default(),
+            memory_hash: hash,
+            missing: None,
+        })))
+    }
+
+    fn switch_over(&mut self, sw: SwitchOver) -> Result<State, Error> {
+        let missing = sw.missing.clone();
+        self.send(Step::SwitchOver, &Message::SwitchOver(Box::new(sw)))?;
+        if missing.is_some() {
+            // The urgent channel: a second connection, for demand requests and their
+            // pages only (the destination accepts it before it starts the guest).
+            let urgent = self
+                .connector
+                .connect(self.timeouts.connect, self.timeouts.io)
+                .map_err(Error::wire(Step::UrgentConnect, self.timeouts.io))?;
+            self.urgent = Some(urgent);
+        }
+        Ok(State::AwaitResumed { missing })
+    }
+
+    fn await_resumed(&mut self, missing: Option<PageBitmap>) -> Result<State, Error> {
+        let at_ns = expect(
+            &mut self.reader,
+            Step::Resumed,
+            self.timeouts.io,
+            "the destination's Resumed",
+            |m| match m {
+                Message::Resumed { at_ns } => Ok(at_ns),
+                other => Err(other.kind()),
+            },
+        )?;
+        self.resumed = true;
+        let paused_at = self.paused_at_ns.unwrap_or(at_ns);
+        self.report.downtime_ms = at_ns.saturating_sub(paused_at) as f64 / 1e6;
+        Ok(match missing {
+            None => State::Complete,
+            Some(missing) => State::Postcopy { missing },
+        })
+    }
+
+    /// After a failure: tells the peer (best effort), closes, and puts the guest where it
+    /// belongs — resumed here if it was paused and the destination never ran it.
+    fn fail(&mut self, error: Error) -> Error {
+        let abort = Message::Abort {
+            reason: error.to_string(),
+        };
+        let _ = abort
+            .send(&mut self.writer)
+            .and_then(|()| self.writer.flush());
+        self.main.shutdown();
+        if let Some(u) = &self.urgent {
+            u.shutdown();
+        }
+        if self.resumed {
+            return Error::AfterSwitchOver {
+                source: Box::new(error),
+            };
+        }
+        if self.paused_at_ns.is_some() {
+            if let Err(resume) = self.vm.resume() {
+                return Error::ResumeFailed {
+                    source: Box::new(error),
+                    resume,
+                };
+            }
+        }
+        error
+    }
+}
+
+/// The backing pages that hold any byte of the VMM-written ranges, inside guest RAM.
+fn vmm_written_pages<'r>(
+    ranges: &'r [GpaRange],
+    layout: &'r Layout,
+) -> impl Iterator<Item = u64> + 'r {
+    ranges
+        .iter()
+        .map(|r| r.clamp_to(layout.memory_bytes))
+        .filter(|r| !r.is_empty())
+        .flat_map(|r| r.pages(layout.page_size))
+}

@@ -1,0 +1,204 @@
+//! Every mode, end to end between the fakes: the destination ends with the source's
+//! memory and VM state, and both ends made their host calls in order.
+
+use std::time::Duration;
+
+use guest_mm::Gpa;
+
+use super::fakes::{FakeDestination, FakeSource};
+use super::net::TestNet;
+use super::{pair, request, timeouts, MIB};
+use crate::{destination, source, Listener, Mode, PushOrder, Uri, Verify};
+
+const POSTCOPY_CALLS: [&str; 5] = [
+    "restore",
+    "begin_postcopy",
+    "start",
+    "resumed_after_migration",
+    "end_postcopy",
+];
+
+fn assert_same_guest(src: &FakeSource, dst: &FakeDestination) {
+    let (a, b) = (src.ram.snapshot(), dst.ram.snapshot());
+    let first_diff = a.iter().zip(&b).position(|(x, y)| x != y);
+    assert!(first_diff.is_none(), "RAM differs at {first_diff:x?}");
+    let m = src.mailbox;
+    assert!(b[m.start.0 as usize..m.end.0 as usize]
+        .iter()
+        .all(|&x| x == 0xee));
+    assert_eq!(dst.restored.lock().unwrap().as_ref(), Some(&src.state));
+}
+
+#[test]
+fn precopy_rounds_until_the_dirty_set_stops_shrinking_then_hands_over() {
+    let src = FakeSource::new(4 * MIB, 4096, "shmem");
+    let dst = FakeDestination::new(4 * MIB, 4096, "shmem");
+    let mut req = request(Mode::Precopy);
+    // Nothing fits a zero budget: the rounds stop because 8 dirty pages a round never
+    // shrink (two stalled rounds after round 1).
+    req.downtime = Duration::ZERO;
+    req.verify = Some(Verify::MemoryHash);
+    let (s, d) = pair(&src, &dst, &req, &TestNet::new(), &timeouts());
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_same_guest(&src, &dst);
+    assert_eq!(s.precopy_rounds, 4, "{s:?}");
+    assert!(s.pages_precopy >= 1024 + 3 * 8 + 8, "{s:?}");
+    assert_eq!(d.pages, s.pages_precopy);
+    assert!(s.memory_hash.is_some());
+    assert!(
+        s.bytes_sent < 3 * MIB,
+        "zero pages travel as addresses: {s:?}"
+    );
+    assert_eq!((s.mode.as_str(), d.mode.as_str()), ("precopy", "precopy"));
+    assert!(s.downtime_ms >= 0.0 && s.total_ms > 0.0);
+    assert_eq!(src.calls(), ["start_dirty_log", "pause", "stop_dirty_log"]);
+    assert_eq!(dst.calls(), ["restore", "start", "resumed_after_migration"]);
+}
+
+#[test]
+fn precopy_stops_after_round_0_when_the_rest_fits_the_budget() {
+    let src = FakeSource::new(4 * MIB, 4096, "shmem");
+    let dst = FakeDestination::new(4 * MIB, 4096, "shmem");
+    let (s, _) = pair(
+        &src,
+        &dst,
+        &request(Mode::Precopy),
+        &TestNet::new(),
+        &timeouts(),
+    );
+    assert_eq!(s.unwrap().precopy_rounds, 1);
+    assert_same_guest(&src, &dst);
+}
+
+#[test]
+fn postcopy_pages_on_demand_first_and_pushes_on_from_the_request() {
+    let mut src = FakeSource::new(MIB, 4096, "shmem");
+    // A slow push (256 pages, 2 ms each) that a demand request overtakes.
+    src.read_delay_after_pause = Duration::from_millis(2);
+    let dst = FakeDestination::new(MIB, 4096, "shmem");
+    let req = request(Mode::Postcopy);
+    let (s, d, pos, installs) = std::thread::scope(|scope| {
+        let vcpu = scope.spawn(|| {
+            assert!(dst.wait_started(Duration::from_secs(10)));
+            let pager = dst.ram.pager().expect("begin_postcopy before start");
+            pager.request(Gpa(200 * 4096 + 123));
+            let wait = Duration::from_secs(10);
+            let pos = dst.ram.wait_installed(200, wait).unwrap();
+            dst.ram.wait_installed(202, wait).unwrap();
+            (pos, dst.ram.installs.lock().unwrap().clone())
+        });
+        let (s, d) = pair(&src, &dst, &req, &TestNet::new(), &timeouts());
+        let (pos, installs) = vcpu.join().unwrap();
+        (s, d, pos, installs)
+    });
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_same_guest(&src, &dst);
+    // It overtook the push: at most a batch of pushed pages (64 of 4 KiB) came first.
+    assert!(pos < 64, "the demanded page came first (install #{pos})");
+    // The push went on from the request: what arrived between 200 and 201 had been
+    // pushed (or batched) before the request was seen, and 202 follows 201.
+    let next = installs.iter().position(|&p| p == 201).unwrap();
+    assert!(
+        next > pos && installs[pos + 1..next].iter().all(|&p| p < 200),
+        "{installs:?}"
+    );
+    assert_eq!(installs[next + 1], 202, "{installs:?}");
+    assert_eq!((s.pages_demand, d.pages_demand), (1, 1), "{s:?} {d:?}");
+    assert_eq!((s.pages_pushed, d.pages_pushed), (255, 255));
+    assert!(s.demand_fault_us_max >= 1000.0, "{s:?}");
+    assert_eq!(s.demand_fault_us_max, d.demand_fault_us_max);
+    assert_eq!(s.precopy_rounds, 0);
+    assert_eq!(s.push_order, "sequential");
+    assert!(d.postcopy_ms.is_some());
+    assert_eq!(src.calls(), ["start_dirty_log", "pause", "stop_dirty_log"]);
+    assert_eq!(dst.calls(), POSTCOPY_CALLS);
+}
+
+#[test]
+fn hybrid_sends_three_rounds_then_only_what_was_dirtied_since() {
+    let src = FakeSource::new(4 * MIB, 4096, "shmem");
+    let dst = FakeDestination::new(4 * MIB, 4096, "shmem");
+    let (s, d) = pair(
+        &src,
+        &dst,
+        &request(Mode::Hybrid),
+        &TestNet::new(),
+        &timeouts(),
+    );
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_same_guest(&src, &dst);
+    assert_eq!(s.precopy_rounds, 3);
+    let after = s.pages_pushed + s.pages_demand;
+    // What the guest wrote after round 1's take (three bursts of 8 here) and the
+    // mailbox page, at most.
+    assert!((1..=25).contains(&after), "{s:?}");
+    assert_eq!(dst.ram.installs.lock().unwrap().len() as u64, after);
+    assert_eq!(d.pages, s.pages_precopy);
+    assert_eq!(dst.calls(), POSTCOPY_CALLS);
+    assert_eq!(src.calls(), ["start_dirty_log", "pause", "stop_dirty_log"]);
+}
+
+#[test]
+fn huge_backing_pages_travel_whole_in_every_mode() {
+    for (mode, order) in [
+        (Mode::Precopy, PushOrder::Sequential),
+        (Mode::Postcopy, PushOrder::FewestMissingFirst),
+        (Mode::Hybrid, PushOrder::Sequential),
+    ] {
+        let src = FakeSource::new(8 * MIB, 2 * MIB, "hugetlb-2m");
+        let dst = FakeDestination::new(8 * MIB, 2 * MIB, "hugetlb-2m");
+        let mut req = request(mode);
+        req.push_order = order;
+        let (s, d) = pair(&src, &dst, &req, &TestNet::new(), &timeouts());
+        let (s, _) = (s.unwrap(), d.unwrap());
+        assert_same_guest(&src, &dst);
+        assert_eq!(s.granularity_bytes, 2 * MIB);
+        if mode == Mode::Postcopy {
+            assert_eq!(
+                (s.pages_pushed, s.push_order.as_str()),
+                (4, "fewest-missing-first")
+            );
+        }
+    }
+}
+
+#[test]
+fn fewest_missing_first_pushes_every_page_once() {
+    let src = FakeSource::new(4 * MIB, 4096, "shmem");
+    let dst = FakeDestination::new(4 * MIB, 4096, "shmem");
+    let mut req = request(Mode::Postcopy);
+    req.push_order = PushOrder::FewestMissingFirst;
+    let (s, d) = pair(&src, &dst, &req, &TestNet::new(), &timeouts());
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_same_guest(&src, &dst);
+    assert_eq!((s.pages_pushed, d.pages_pushed), (1024, 1024));
+}
+
+#[test]
+fn over_a_real_unix_socket_with_the_default_timeouts() {
+    let dir = std::env::temp_dir().join(format!("hv-mig-ok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uri: Uri = format!("unix:{}", dir.join("m.sock").display())
+        .parse()
+        .unwrap();
+    let listener = Listener::bind(&uri).unwrap();
+    for mode in [Mode::Precopy, Mode::Postcopy] {
+        let src = FakeSource::new(2 * MIB, 4096, "shmem");
+        let dst = FakeDestination::new(2 * MIB, 4096, "shmem");
+        let mut req = request(mode);
+        req.to = uri.clone();
+        let (s, d) = std::thread::scope(|scope| {
+            let d = scope.spawn(|| destination::receive(&listener, &dst, &timeouts()));
+            (
+                source::migrate(&src, &req, &crate::NoProgress),
+                d.join().unwrap(),
+            )
+        });
+        let (s, d) = (s.unwrap(), d.unwrap());
+        assert_same_guest(&src, &dst);
+        assert_eq!(s.to, uri.to_string());
+        assert_eq!(d.mode, mode.name());
+    }
+    drop(listener);
+    std::fs::remove_dir_all(dir).unwrap();
+}

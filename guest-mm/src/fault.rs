@@ -34,6 +34,10 @@ use crate::stats::LatencyHistogram;
 #[derive(Default)]
 pub struct FaultStats {
     pub faults: AtomicU64,
+    /// Faults on a hole of the page cache (MISSING: post-copy's not-yet-arrived pages).
+    pub missing: AtomicU64,
+    /// Faults on a page the page cache holds but the guest view does not map (MINOR).
+    pub minor: AtomicU64,
     pub hint_faults: AtomicU64,
     /// Faults on a page the table already had present (a zap raced the fault).
     pub raced: AtomicU64,
@@ -50,6 +54,8 @@ pub struct FaultStats {
 #[derive(Clone, Debug, Serialize)]
 pub struct FaultReport {
     pub uffd_faults: u64,
+    pub missing_faults: u64,
+    pub minor_faults: u64,
     pub fault_us_p50: f64,
     pub fault_us_p99: f64,
     pub fault_us_max: f64,
@@ -79,6 +85,8 @@ impl FaultStats {
         let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         FaultReport {
             uffd_faults: self.faults.load(Ordering::Relaxed),
+            missing_faults: self.missing.load(Ordering::Relaxed),
+            minor_faults: self.minor.load(Ordering::Relaxed),
             fault_us_p50: h.percentile_us(50.0),
             fault_us_p99: h.percentile_us(99.0),
             fault_us_max: h.max_us(),
@@ -192,15 +200,20 @@ impl FaultThread {
 fn handle_event(ctx: &FaultContext, ev: uffd::Event) {
     let uffd::Event::Pagefault {
         address,
+        kind,
         access,
         thread_id,
-        ..
     } = ev
     else {
         return;
     };
     let t0 = Instant::now();
     ctx.stats.faults.fetch_add(1, Ordering::Relaxed);
+    match kind {
+        uffd::FaultKind::Missing => ctx.stats.missing.fetch_add(1, Ordering::Relaxed),
+        uffd::FaultKind::Minor => ctx.stats.minor.fetch_add(1, Ordering::Relaxed),
+        uffd::FaultKind::WriteProtect => 0,
+    };
     let Some(gpa) = ctx.view.gpa_of(address) else {
         ctx.stats.error(format!(
             "fault at host address {address:#x}, outside the guest view"

@@ -113,9 +113,9 @@ pub struct GuestMemory {
 
 impl GuestMemory {
     /// Validates `cfg` (host pools, MemAvailable, combinations that cannot work), then
-    /// creates RAM, table, notifier and the engines the configuration needs, applies the
-    /// initial NUMA placement and registers the guest view if anything will zap it. On
-    /// error nothing is left behind. Threads start in [`start`](Self::start).
+    /// creates RAM, table, notifier and the engines the configuration needs, and applies
+    /// the initial NUMA placement. On error nothing is left behind. Nothing runs and
+    /// nothing is registered with userfaultfd until [`start`](Self::start).
     pub fn create(cfg: &MemoryConfig) -> Result<Arc<GuestMemory>, Error> {
         cfg.validate()?;
         let ram = Arc::new(GuestRam::create(&cfg.ram)?);
@@ -141,10 +141,7 @@ impl GuestMemory {
             None => None,
         };
         let fault_path = match (file_backed, cfg.needs_minor_faults()) {
-            (true, true) => {
-                view.register(Registration::MinorOnly)?;
-                FaultPathKind::Minor
-            }
+            (true, true) => FaultPathKind::Minor,
             (true, false) => FaultPathKind::NothingZaps,
             (false, _) => FaultPathKind::SingleView,
         };
@@ -182,7 +179,8 @@ impl GuestMemory {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the fault thread, collapse engine, NUMA threads and stress zapper that the
+    /// Registers the guest view for MINOR faults if anything will zap it, and starts the
+    /// fault thread, collapse engine, NUMA threads and stress zapper that the
     /// configuration asks for. vCPU threads may still be registering. Once per run;
     /// later calls do nothing.
     pub fn start(self: &Arc<Self>) -> Result<(), Error> {
@@ -191,6 +189,9 @@ impl GuestMemory {
             return Ok(());
         }
         r.started = true;
+        if r.fault_path == FaultPathKind::Minor && self.view.registration() == Registration::None {
+            self.view.register(Registration::MinorOnly)?;
+        }
         self.start_fault_thread(&mut r)?;
         if let Some(c) = &self.collapse {
             c.start()?;
@@ -412,11 +413,11 @@ impl GuestMemory {
     /// Every post-copy page is in: unregister the guest view (which wakes anything still
     /// waiting), and sweep once more for regions whose collapse failed on fill.
     pub fn end_postcopy(&self) -> Result<(), Error> {
-        self.view.register(Registration::None)?;
+        let unregistered = self.view.register(Registration::None);
         if let Some(c) = &self.collapse {
             c.sweep();
         }
-        Ok(())
+        unregistered
     }
 
     /// A migration destination resumed the guest: collapse every complete region (those

@@ -27,6 +27,8 @@ pub enum Error {
     #[error(transparent)]
     Memory(#[from] guest_mm::Error),
     #[error(transparent)]
+    Numa(#[from] guest_mm::numa::SpecError),
+    #[error(transparent)]
     Image(#[from] guest_image::Error),
     #[error("writing guest memory at {gpa:#x}: {what}")]
     GuestWrite { gpa: u64, what: String },

@@ -3,13 +3,14 @@
 //!
 //! Where things are:
 //! - vCPU loop and exit handling: [`vstate::vcpu`]
-//! - the fault path (userfaultfd events → second-stage table → CONTINUE): [`fault`]
 //! - VM, memslots: [`vstate::vm`]
 //! - entering the guest image (tables, registers): [`boot`]
 //! - one workload run, start to report: [`run`]
 //! - live migration (pre-copy state machine over the `migration` protocol): [`migrate`]
 //! - the control API: [`api`]
-//! - guest RAM (backings, views): the `guest-mm` crate
+//! - guest memory (backings, views, the second-stage table, the fault path, collapse and
+//!   NUMA engines): the `guest-mm` crate; the workload-specific NUMA placement:
+//!   [`placement`]
 
 pub mod api;
 pub mod bench;
@@ -17,16 +18,12 @@ pub mod boot;
 pub mod caps;
 pub mod cli;
 pub mod clock;
-pub mod collapse;
 pub mod console;
 pub mod error;
-pub mod fault;
 pub mod mailbox;
 pub mod migrate;
-pub mod numa;
-pub mod periodic;
+pub mod placement;
 pub mod plot;
-pub mod procfs;
 pub mod run;
 pub mod vstate;
 

@@ -10,14 +10,15 @@
 //! ```
 //! Any error before the pause leaves the guest running on the source; an error after it
 //! resumes the source vCPUs (the destination has not started the guest until it sends
-//! Resumed). Destination (`receive`): the mirror image, writing pages through the staging
-//! view while its vCPUs do not exist yet.
+//! Resumed). Destination (`receive`): the mirror image, writing pages into guest memory
+//! (`GuestMemory::write_page`) while its vCPUs do not exist yet; post-copy installs
+//! later pages with `GuestMemory::install_page`.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guest_mm::GuestRam;
+use guest_mm::{Gpa, GpaRange, GuestMemory, Installed, PageContent};
 use migration::{Frame, FrameKind, FrameReader, FrameWriter, Hello, Listener, Stream, Uri};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -64,7 +65,7 @@ pub struct SwitchOver {
 }
 
 /// CRC-32 of guest RAM, read through the staging view.
-pub fn memory_hash(ram: &GuestRam) -> std::result::Result<u32, String> {
+pub fn memory_hash(ram: &GuestMemory) -> std::result::Result<u32, String> {
     let mut h = crc32fast::Hasher::new();
     let chunk = 1u64 << 20;
     let mut buf = vec![0u8; chunk as usize];
@@ -134,7 +135,7 @@ pub struct MigrationReport {
     pub dirty_log_ms: f64,
 }
 
-pub fn hello_for(ram: &GuestRam, vcpus: u32, mode: &str) -> Hello {
+pub fn hello_for(ram: &GuestMemory, vcpus: u32, mode: &str) -> Hello {
     Hello {
         version: migration::PROTOCOL_VERSION,
         memory_bytes: ram.size(),
@@ -164,32 +165,17 @@ fn dirty_units(bitmap: &[u64], page_size: u64) -> Vec<u64> {
     out
 }
 
-/// Writes a received page through the staging view.
-fn write_page(ram: &GuestRam, gpa: u64, data: migration::PageData) -> Result<(), String> {
-    static ZEROS: [u8; 65536] = [0; 65536];
-    let write = |bytes: &[u8], at: u64| {
-        ram.staging()
-            .write_slice(bytes, GuestAddress(at))
-            .map_err(|e| format!("writing GPA {at:#x}: {e}"))
-    };
+/// The guest-mm form of a received page.
+fn content(data: migration::PageData<'_>) -> PageContent<'_> {
     match data {
-        migration::PageData::Bytes(b) => write(b, gpa),
-        migration::PageData::Zero => {
-            let page = ram.page_size();
-            let mut off = 0;
-            while off < page {
-                let n = (page - off).min(ZEROS.len() as u64);
-                write(&ZEROS[..n as usize], gpa + off)?;
-                off += n;
-            }
-            Ok(())
-        }
+        migration::PageData::Bytes(b) => PageContent::Bytes(b),
+        migration::PageData::Zero => PageContent::Zero,
     }
 }
 
 fn send_pages(
     w: &mut FrameWriter<Stream>,
-    ram: &GuestRam,
+    ram: &GuestMemory,
     units: impl Iterator<Item = u64>,
     buf: &mut [u8],
 ) -> Result<u64, String> {
@@ -197,8 +183,7 @@ fn send_pages(
     let mut n = 0;
     for u in units {
         let gpa = u * page;
-        ram.staging()
-            .read_slice(buf, GuestAddress(gpa))
+        ram.read_page(Gpa(gpa), buf)
             .map_err(|e| format!("reading GPA {gpa:#x}: {e}"))?;
         let frame = if migration::is_zero(buf) {
             Frame::zero_page(gpa)
@@ -249,7 +234,7 @@ fn progress(bytes: u64, phase: &str) {
 /// The source side. Runs on its own thread; `events` reaches the monitor loop.
 pub fn send(
     vm: Arc<Vm>,
-    ram: Arc<GuestRam>,
+    ram: Arc<GuestMemory>,
     vcpus: u32,
     req: MigrateRequest,
     events: Sender<SourceEvent>,
@@ -279,13 +264,13 @@ pub fn send(
         granularity_bytes: ram.page_size(),
         ..Default::default()
     };
-    vm.set_dirty_logging(&ram, DirtyLogging::On)
+    vm.set_dirty_logging(ram.memslot(), DirtyLogging::On)
         .map_err(|e| e.to_string())?;
     let result = match req.mode.as_str() {
         "precopy" => precopy(&vm, &ram, &mut w, &mut r, &req, &events, &mut report),
         _ => postcopy(&vm, &ram, &uri, &mut w, &mut r, &req, &events, &mut report),
     };
-    let _ = vm.set_dirty_logging(&ram, DirtyLogging::Off);
+    let _ = vm.set_dirty_logging(ram.memslot(), DirtyLogging::Off);
     if result.is_err() {
         let _ = w.send(&Frame {
             kind: FrameKind::Abort,
@@ -304,7 +289,7 @@ pub fn send(
 
 fn precopy(
     vm: &Vm,
-    ram: &GuestRam,
+    ram: &GuestMemory,
     w: &mut FrameWriter<Stream>,
     r: &mut FrameReader<Stream>,
     req: &MigrateRequest,
@@ -313,7 +298,9 @@ fn precopy(
 ) -> std::result::Result<(), String> {
     let page = ram.page_size();
     let mut buf = vec![0u8; page as usize];
-    let _ = vm.take_dirty_log(ram).map_err(|e| e.to_string())?;
+    let _ = vm
+        .take_dirty_log(ram.memslot())
+        .map_err(|e| e.to_string())?;
     // Round 0: everything.
     let start = Instant::now();
     progress(w.bytes, "round 0");
@@ -323,7 +310,11 @@ fn precopy(
         .map_err(|e| e.to_string())?;
     let mut rate = (n * page) as f64 / start.elapsed().as_secs_f64().max(1e-6);
     let budget = req.downtime_ms as f64 / 1000.0;
-    let mut dirty = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
+    let mut dirty = dirty_units(
+        &vm.take_dirty_log(ram.memslot())
+            .map_err(|e| e.to_string())?,
+        page,
+    );
     report.precopy_rounds = 1;
     // Rounds until what is left fits the downtime budget — or stops shrinking: a guest
     // that dirties memory faster than it can be sent would otherwise never converge.
@@ -346,7 +337,11 @@ fn precopy(
             .map_err(|e| e.to_string())?;
         rate = (n * page) as f64 / start.elapsed().as_secs_f64().max(1e-6);
         report.precopy_rounds += 1;
-        dirty = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
+        dirty = dirty_units(
+            &vm.take_dirty_log(ram.memslot())
+                .map_err(|e| e.to_string())?,
+            page,
+        );
     }
     // Stop and copy.
     progress(w.bytes, "stop+copy");
@@ -362,7 +357,11 @@ fn precopy(
         .recv()
         .map_err(|_| "the VM is shutting down".to_string())??;
     let paused_at_ns = crate::clock::monotonic_ns();
-    let last = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
+    let last = dirty_units(
+        &vm.take_dirty_log(ram.memslot())
+            .map_err(|e| e.to_string())?,
+        page,
+    );
     let mut all: Vec<u64> = dirty
         .into_iter()
         .chain(last)
@@ -413,7 +412,7 @@ fn precopy(
 #[allow(clippy::too_many_arguments)]
 fn postcopy(
     vm: &Vm,
-    ram: &GuestRam,
+    ram: &GuestMemory,
     uri: &Uri,
     w: &mut FrameWriter<Stream>,
     r: &mut FrameReader<Stream>,
@@ -427,7 +426,9 @@ fn postcopy(
     let page = ram.page_size();
     let units = ram.size() / page;
     let mut buf = vec![0u8; page as usize];
-    let _ = vm.take_dirty_log(ram).map_err(|e| e.to_string())?;
+    let _ = vm
+        .take_dirty_log(ram.memslot())
+        .map_err(|e| e.to_string())?;
     // One bit per unit the destination does not have.
     let mut missing = vec![u64::MAX; units.div_ceil(64) as usize];
     if !units.is_multiple_of(64) {
@@ -442,7 +443,11 @@ fn postcopy(
             .map_err(|e| e.to_string())?;
         report.precopy_rounds = 1;
         while report.precopy_rounds < HYBRID_ROUNDS {
-            let dirty = dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page);
+            let dirty = dirty_units(
+                &vm.take_dirty_log(ram.memslot())
+                    .map_err(|e| e.to_string())?,
+                page,
+            );
             report.pages_precopy += send_pages(w, ram, dirty.into_iter(), &mut buf)?;
             w.send(&Frame::json(FrameKind::RoundEnd, &report.precopy_rounds))
                 .map_err(|e| e.to_string())?;
@@ -462,9 +467,13 @@ fn postcopy(
         .map_err(|_| "the VM is shutting down".to_string())??;
     let paused_at_ns = crate::clock::monotonic_ns();
     if req.mode == "hybrid" {
-        for u in dirty_units(&vm.take_dirty_log(ram).map_err(|e| e.to_string())?, page)
-            .into_iter()
-            .chain(units_of(&mailbox, page))
+        for u in dirty_units(
+            &vm.take_dirty_log(ram.memslot())
+                .map_err(|e| e.to_string())?,
+            page,
+        )
+        .into_iter()
+        .chain(units_of(&mailbox, page))
         {
             missing[(u / 64) as usize] |= 1 << (u % 64);
         }
@@ -616,7 +625,7 @@ struct Missing {
 
 impl Missing {
     fn new(bits: Vec<u64>, units: u64, page: u64) -> Missing {
-        let per_region = (guest_mm::table::SIZE_2M / page).max(1);
+        let per_region = (guest_mm::SIZE_2M / page).max(1);
         let mut per_region_missing = vec![0u32; units.div_ceil(per_region) as usize];
         for u in 0..units {
             if bits[(u / 64) as usize] & (1 << (u % 64)) != 0 {
@@ -707,7 +716,7 @@ impl Incoming {
 /// The destination side: accepts one source on `uri` and receives the guest into `ram`.
 pub fn receive(
     uri: &Uri,
-    ram: &GuestRam,
+    ram: &GuestMemory,
     vcpus: u32,
     wait: Duration,
 ) -> std::result::Result<Incoming, String> {
@@ -743,7 +752,8 @@ pub fn receive(
                 if gpa % page != 0 || gpa + page > ram.size() {
                     return Err(format!("migration stream: frame {index}: page at GPA {gpa:#x} is outside guest RAM"));
                 }
-                write_page(ram, gpa, data)?;
+                ram.write_page(Gpa(gpa), content(data))
+                    .map_err(|e| format!("migration stream: frame {index}: {e}"))?;
                 pages += 1;
             }
             FrameKind::RoundEnd => {}
@@ -850,15 +860,15 @@ pub struct PostcopyLink {
     urgent: std::sync::Mutex<FrameWriter<Stream>>,
     requested: std::sync::Mutex<std::collections::HashMap<u64, Instant>>,
     page: u64,
-    pub latency: std::sync::Mutex<crate::fault::LatencyHistogram>,
+    pub latency: std::sync::Mutex<guest_mm::stats::LatencyHistogram>,
     pub demand_pages: std::sync::atomic::AtomicU64,
     pub pushed_pages: std::sync::atomic::AtomicU64,
     pub missing: u64,
 }
 
-impl crate::fault::Pager for PostcopyLink {
-    fn request(&self, gpa: u64) {
-        let unit = gpa / self.page * self.page;
+impl guest_mm::Pager for PostcopyLink {
+    fn request(&self, gpa: Gpa) {
+        let unit = gpa.raw() / self.page * self.page;
         let mut req = self.requested.lock().unwrap_or_else(|e| e.into_inner());
         if req.contains_key(&unit) {
             return;
@@ -871,20 +881,21 @@ impl crate::fault::Pager for PostcopyLink {
     }
 }
 
-/// Marks the missing pages absent, then returns the link that pages them in.
+/// Post-copy destination: the link that pages in what `missing` (one bit per backing
+/// page) marks, with guest memory told which pages are absent and who to ask for them.
 pub fn postcopy_begin(
-    stage: &guest_mm::stage::SecondStage,
-    ram: &GuestRam,
+    memory: &GuestMemory,
     missing: &[u64],
     urgent: Stream,
-) -> std::result::Result<PostcopyLink, String> {
-    let page = ram.page_size();
-    let units = ram.size() / page;
+) -> Result<Arc<PostcopyLink>, guest_mm::Error> {
+    let page = memory.page_size();
+    let units = memory.size() / page;
     let bit = |u: u64| {
         missing
             .get((u / 64) as usize)
             .is_some_and(|w| w & (1 << (u % 64)) != 0)
     };
+    let mut absent = Vec::new();
     let mut count = 0;
     let mut u = 0;
     while u < units {
@@ -897,12 +908,9 @@ pub fn postcopy_begin(
             u += 1;
         }
         count += u - start;
-        let range = guest_mm::notifier::GpaRange::new(start * page, u * page);
-        stage
-            .apply(guest_mm::stage::Change::MarkAbsent { range })
-            .map_err(|e| format!("marking post-copy pages absent: {e}"))?;
+        absent.push(GpaRange::new(Gpa(start * page), Gpa(u * page)));
     }
-    Ok(PostcopyLink {
+    let link = Arc::new(PostcopyLink {
         urgent: std::sync::Mutex::new(FrameWriter::new(urgent)),
         requested: Default::default(),
         page,
@@ -910,7 +918,9 @@ pub fn postcopy_begin(
         demand_pages: Default::default(),
         pushed_pages: Default::default(),
         missing: count,
-    })
+    });
+    memory.begin_postcopy(&absent, link.clone())?;
+    Ok(link)
 }
 
 /// What a post-copy receiver makes of a channel that sends nothing for the I/O timeout.
@@ -923,20 +933,15 @@ pub enum Silence {
 }
 
 /// Installs pages arriving on `reader` (either channel) until it closes or sends Complete.
-#[allow(clippy::too_many_arguments)]
 pub fn postcopy_receive(
     link: &PostcopyLink,
-    stage: &guest_mm::stage::SecondStage,
-    ram: &GuestRam,
-    uffd: &uffd::Uffd,
+    ram: &GuestMemory,
     mut reader: FrameReader<Stream>,
     filled: &std::sync::atomic::AtomicU64,
-    collapse: Option<&crate::collapse::CollapseEngine>,
     silence: Silence,
 ) -> std::result::Result<(), String> {
     use std::sync::atomic::Ordering;
     let page = ram.page_size();
-    let base = ram.guest_view_addr() as u64;
     loop {
         let f = match reader.recv() {
             Ok(f) => f,
@@ -954,18 +959,11 @@ pub fn postcopy_receive(
                         "post-copy frame {index}: GPA {gpa:#x} is outside guest RAM"
                     ));
                 }
-                let installed = stage.fill(gpa, || {
-                    write_page(ram, gpa, data)?;
-                    match uffd.continue_range(base + gpa, page, uffd::Wake::Yes) {
-                        Ok(()) | Err(uffd::Error::AlreadyMapped { .. }) => Ok(()),
-                        Err(e) => Err(format!("installing GPA {gpa:#x}: {e}")),
-                    }
-                })?;
-                if !installed {
+                let installed = ram
+                    .install_page(Gpa(gpa), content(data))
+                    .map_err(|e| format!("installing GPA {gpa:#x}: {e}"))?;
+                if installed == Installed::Duplicate {
                     continue;
-                }
-                if let Some(c) = collapse {
-                    c.filled(gpa);
                 }
                 let asked = link
                     .requested

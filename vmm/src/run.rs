@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use guest_image::abi;
 use guest_image::{GuestParams, Workload};
-use guest_mm::collapse::CollapseMode;
-use guest_mm::notifier::GpaRange;
-use guest_mm::numa::BalancerConfig;
-use guest_mm::stage::{Change, SecondStage};
-use guest_mm::table::{Accounting, LeafSize, PageState, Run};
-use guest_mm::{GuestRam, RamConfig, ViewLayout};
+use guest_mm::numa::{BalancerConfig, Balancing, NumaSpec};
+use guest_mm::stage::{Accounting, LeafSize, PageState, Run};
+use guest_mm::{
+    CollapseConfig, CollapseReport, FaultReport, GuestMemory, GuestOrigin, MemoryConfig,
+    NumaConfig, NumaReport, RamConfig, Recurring,
+};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::Killable;
@@ -27,14 +27,10 @@ use vmm_sys_util::signal::Killable;
 use crate::api::{ApiCall, ApiServer};
 use crate::boot;
 use crate::clock::{monotonic_ns, TscClock, TscPoint};
-use crate::collapse::CollapseEngine;
 use crate::console::{Console, ConsoleMode};
 use crate::error::{Error, Result};
-use crate::fault::{FaultPath, FaultReport, GuestViewZapper, VcpuThreads};
 use crate::mailbox::Mailbox;
 use crate::migrate::{MigrationReport, RunInfo, SourceEvent};
-use crate::numa::{working_sets, Balancing, NumaEngine, NumaReport, NumaSpec};
-use crate::procfs;
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vcpu::{
     install_kick_handler, kick_signal, Vcpu, VcpuEnd, VcpuOutcome, VcpuShared,
@@ -82,7 +78,7 @@ pub struct RunConfig {
     pub numa_balancing: Balancing,
     pub numa_scan: BalancerConfig,
     /// Testing: move a random region to another node this often.
-    pub numa_force_migrate: Option<Duration>,
+    pub numa_force_move: Option<Duration>,
     /// When guest RAM becomes huge pages (`--collapse`).
     pub collapse: guest_mm::collapse::CollapseMode,
     pub collapse_scan: guest_mm::collapse::ScanBudget,
@@ -224,7 +220,7 @@ pub struct RunReport {
     pub pmd_mapped_bytes: u64,
     /// The collapse engine's mode and counters; None when it did not run (off, hugetlb,
     /// or on-fill in a run that received no migration).
-    pub collapse: Option<crate::collapse::CollapseReport>,
+    pub collapse: Option<CollapseReport>,
     /// How KVM reports written pages: "bitmap" or "ring".
     pub dirty_log: &'static str,
     /// Dirty ring: entries per vCPU.
@@ -271,16 +267,16 @@ fn spawn_vcpus(
     vcpus: Vec<Vcpu>,
     shared: &Arc<VcpuShared>,
     console: &Arc<Console>,
-    ids: &Arc<VcpuThreads>,
+    memory: &Arc<GuestMemory>,
 ) -> Result<Vec<RunningVcpu>> {
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let index = vcpu.index();
-        let (s, c, t) = (shared.clone(), console.clone(), ids.clone());
+        let (s, c, m) = (shared.clone(), console.clone(), memory.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                t.register_current(index);
+                m.vcpu_threads().register_current(index);
                 vcpu.run(s, c)
             });
         match spawned {
@@ -312,18 +308,6 @@ fn kick_until_finished(threads: &[RunningVcpu]) {
 pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let origin = TscPoint::now();
     cfg.ram.check_shape()?;
-    if cfg.collapse == CollapseMode::Background {
-        if cfg.ram.backing == guest_mm::BackingKind::Anon && cfg.ram.thp == guest_mm::ThpMode::Off {
-            return Err(Error::Config(
-                "--collapse background on anon with --thp off: --thp off tells the kernel no huge pages (MADV_NOHUGEPAGE), so nothing could collapse; use --thp on or --backing shmem".into(),
-            ));
-        }
-        if cfg.numa.is_some() {
-            return Err(Error::Config(
-                "--collapse background with --numa is not supported yet (NUMA moves remap regions under the scanner); use --collapse on-fill".into(),
-            ));
-        }
-    }
     let vcpus = cfg.vcpus as usize;
     if vcpus == 0 || vcpus > abi::MAX_VCPUS {
         return Err(Error::Config(format!(
@@ -345,27 +329,16 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         )));
     }
     let topology = match &cfg.numa {
-        Some(spec) => Some(
-            spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())
-                .map_err(Error::Config)?,
-        ),
+        Some(spec) => Some(spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())?),
         None => None,
     };
-    let mut ram_cfg = cfg.ram.clone();
-    if let Some(t) = &topology {
-        ram_cfg.numa = t.layout;
-        ram_cfg.check_shape()?;
-        if cfg.numa_balancing == Balancing::On && ram_cfg.backing == guest_mm::BackingKind::Anon {
-            return Err(Error::Config(
-                "NUMA balancing takes hint faults through userfaultfd MINOR faults, which need file-backed RAM (shmem or hugetlb); use --numa-balancing off with anon".into(),
-            ));
-        }
-    }
+    let mem_cfg = memory_config(cfg, topology.as_ref());
+    mem_cfg.check()?;
     // Host capabilities first, so a missing KVM leaves nothing behind.
     let kvm = open_kvm(&cfg.kvm_device)?;
     install_kick_handler()?;
 
-    let ram = Arc::new(GuestRam::create(&ram_cfg)?);
+    let ram = GuestMemory::create(&mem_cfg)?;
     let mem = ram.staging();
     let image = match cfg.incoming {
         // The image (and everything else) arrives with the guest's memory.
@@ -392,61 +365,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     }
     let mailbox = Mailbox::new(image.info.mailbox);
 
-    // The second-stage table: all of guest RAM present, in leaves of the backing page.
-    let stage = Arc::new(
-        SecondStage::all_present(ram.size(), ram.page_size())
-            .map_err(|e| Error::Config(format!("building the second-stage table: {e}")))?,
-    );
-    let numa_engine = match &topology {
-        Some(t) => {
-            let sets = working_sets(cfg.workload, ram.size(), vcpus);
-            let engine = Arc::new(NumaEngine::new(
-                ram.clone(),
-                stage.clone(),
-                t.vcpu_nodes.clone(),
-                sets,
-                cfg.numa_scan,
-            ));
-            engine.place_initial(cfg.workload).map_err(Error::Config)?;
-            Some(engine)
-        }
-        None => None,
-    };
-    let vcpu_threads = Arc::new(VcpuThreads::new(vcpus));
-    let mut host_zapper = None;
-    let needs_fault_path = numa_engine.is_some() || cfg.stress_zap.is_some();
-    let (mut fault_path, mut fault_path_name) = match ram.view_layout() {
-        ViewLayout::GuestAndStaging if !needs_fault_path => (
-            None,
-            "off: nothing zaps the guest view in this run".to_string(),
-        ),
-        ViewLayout::GuestAndStaging => {
-            let base = ram.guest_view_addr() as u64;
-            let fp = FaultPath::start(
-                stage.clone(),
-                vcpu_threads.clone(),
-                base,
-                ram.size(),
-                numa_engine.clone(),
-            )?;
-            let zapper = Arc::new(GuestViewZapper::new(base, ram.size(), Some(fp.uffd())));
-            stage.notifier().subscribe(zapper.clone());
-            host_zapper = Some(zapper);
-            (Some(fp), "uffd-minor".to_string())
-        }
-        ViewLayout::SingleView => (
-            None,
-            "off: anon RAM has a single view and no page cache for MINOR faults".to_string(),
-        ),
-    };
-    if cfg.stress_zap.is_some() && ram.view_layout() == ViewLayout::SingleView {
-        return Err(Error::Config(
-            "--stress-zap needs file-backed RAM (shmem or hugetlb): zapping anon RAM would discard it".into(),
-        ));
-    }
-
     let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log)?);
-    vm.register_ram(&ram)?;
+    vm.register_ram(ram.memslot())?;
     let api = match &cfg.api_socket {
         Some(p) => Some(ApiServer::start(p)?),
         None => None,
@@ -454,11 +374,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     // Destination: receive the guest before any vCPU exists.
     let mut incoming_report = None;
     let mut incoming_link = None;
-    let mut postcopy: Option<(
-        Arc<crate::migrate::PostcopyLink>,
-        migration::Stream,
-        Arc<uffd::Uffd>,
-    )> = None;
+    let mut postcopy: Option<(Arc<crate::migrate::PostcopyLink>, migration::Stream)> = None;
     let mut postcopy_threads = None;
     let mut source_elapsed_ns = 0u64;
     let mut workload_name = cfg.workload.to_string();
@@ -489,37 +405,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 passes_after_switch: 0,
             });
             if let Some(missing) = inc.switch.postcopy_missing.clone() {
-                if fault_path.is_some() {
-                    return Err(Error::Config(
-                        "post-copy into a destination that also runs --numa or --stress-zap is not supported yet".into(),
-                    ));
-                }
-                if ram.view_layout() == ViewLayout::SingleView {
-                    return Err(Error::Config(
-                        "post-copy needs file-backed RAM (shmem or hugetlb) on the destination"
-                            .into(),
-                    ));
-                }
                 let urgent = inc.accept_urgent().map_err(Error::Config)?;
                 let urgent_reader = urgent
                     .try_clone()
                     .map_err(|e| Error::Config(e.to_string()))?;
-                let link = Arc::new(
-                    crate::migrate::postcopy_begin(&stage, &ram, &missing, urgent)
-                        .map_err(Error::Config)?,
-                );
-                let fp = FaultPath::start_with(
-                    stage.clone(),
-                    vcpu_threads.clone(),
-                    ram.guest_view_addr() as u64,
-                    ram.size(),
-                    None,
-                    Some(link.clone()),
-                    crate::fault::Registration::MissingAndMinor,
-                )?;
-                fault_path_name = "uffd-missing-minor (post-copy)".to_string();
-                postcopy = Some((link, urgent_reader, fp.uffd()));
-                fault_path = Some(fp);
+                let link = crate::migrate::postcopy_begin(&ram, &missing, urgent)?;
+                postcopy = Some((link, urgent_reader));
             }
             let built = (0..vcpus)
                 .map(|i| Vcpu::restore(&vm, i, &inc.switch.vcpus[i]))
@@ -532,43 +423,19 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             .collect::<Result<_>>()?,
     };
 
-    // The engine runs only where it can have work: on-fill needs an incoming migration
-    // (a booted guest's regions never "fill"), background scans any run.
-    let collapse_has_work = match cfg.collapse {
-        CollapseMode::Off => false,
-        CollapseMode::OnFill => cfg.incoming.is_some(),
-        CollapseMode::Background => true,
-    };
-    let collapse = if collapse_has_work && crate::collapse::applies_to(ram.backing()) {
-        let uffd = postcopy.as_ref().map(|p| p.2.clone());
-        let engine = CollapseEngine::start(
-            cfg.collapse,
-            cfg.collapse_scan,
-            ram.clone(),
-            stage.clone(),
-            uffd,
-        )
-        .map_err(|source| Error::Io {
-            what: "starting the collapse thread".into(),
-            source,
-        })?;
-        Some(Arc::new(engine))
-    } else {
-        None
-    };
-
     let shared = Arc::new(VcpuShared {
         stop: Default::default(),
     });
     let console = Arc::new(Console::new(cfg.console));
     let launch_ns = monotonic_ns();
-    let mut threads = spawn_vcpus(built, &shared, &console, &vcpu_threads)?;
+    ram.start()?;
+    let mut threads = spawn_vcpus(built, &shared, &console, &ram)?;
     if let Some(inc) = incoming_link.take() {
         match postcopy.take() {
             // Post-copy: pages keep arriving on both channels while the guest runs.
-            Some((link, urgent_reader, uffd)) => {
+            Some((link, urgent_reader)) => {
                 let main = inc.resumed_postcopy().map_err(Error::Config)?;
-                let (st, rm, co) = (stage.clone(), ram.clone(), collapse.clone());
+                let rm = ram.clone();
                 let switched = monotonic_ns();
                 let handle = std::thread::Builder::new()
                     .name("postcopy".into())
@@ -578,27 +445,22 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                             let urgent = sc.spawn(|| {
                                 crate::migrate::postcopy_receive(
                                     &link,
-                                    &st,
                                     &rm,
-                                    &uffd,
                                     migration::FrameReader::new(urgent_reader),
                                     &filled,
-                                    co.as_deref(),
                                     crate::migrate::Silence::Idle,
                                 )
                             });
-                            let m = crate::migrate::postcopy_receive(&link, &st, &rm, &uffd, main, &filled, co.as_deref(), crate::migrate::Silence::PeerGone);
+                            let m = crate::migrate::postcopy_receive(&link, &rm, main, &filled, crate::migrate::Silence::PeerGone);
                             let u = urgent.join().unwrap_or_else(|_| Err("urgent receiver panicked".into()));
                             m.and(u)
                         });
                         let done = filled.load(Ordering::Relaxed) == link.missing;
                         if done {
-                            // Every page arrived: the guest view needs no userfaultfd anymore.
-                            let _ = uffd.unregister(rm.guest_view_addr() as u64, rm.size());
-                            // Regions whose collapse failed on fill get one more try.
-                            if let Some(c) = &co {
-                                c.sweep();
-                            }
+                            // Every page arrived: the guest view needs no userfaultfd
+                            // anymore, and regions whose collapse failed on fill get one
+                            // more try.
+                            let _ = rm.end_postcopy();
                         }
                         let ms = (monotonic_ns() - switched) as f64 / 1e6;
                         let r = r.and_then(|_| if done { Ok(Some(ms)) } else { Err(format!("post-copy ended with {} of {} pages", filled.load(Ordering::Relaxed), link.missing)) });
@@ -607,9 +469,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                     .map_err(|source| Error::Thread { index: vcpus, source })?;
                 postcopy_threads = Some(handle);
                 // Regions that pre-copy rounds (hybrid) completed before the switch.
-                if let Some(c) = &collapse {
-                    c.sweep();
-                }
+                ram.resumed_after_migration();
             }
             None => {
                 // The end of the downtime: tell the source, which then completes.
@@ -617,25 +477,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                     eprintln!("hugevisor: warning: the source did not complete the hand-over cleanly: {e}");
                 }
                 // Every region arrived complete by pre-copy.
-                if let Some(c) = &collapse {
-                    c.sweep();
-                }
+                ram.resumed_after_migration();
             }
-        }
-    }
-
-    let zapper = cfg
-        .stress_zap
-        .map(|period| StressZapper::start(stage.clone(), ram.size(), period, cfg.seed));
-    let mut numa_threads = Vec::new();
-    if let Some(e) = &numa_engine {
-        let io = |source| Error::Io {
-            what: "starting a NUMA thread".into(),
-            source,
-        };
-        numa_threads = e.start_threads(cfg.numa_balancing).map_err(io)?;
-        if let Some(p) = cfg.numa_force_migrate {
-            numa_threads.push(e.start_forced_migrations(p, cfg.seed).map_err(io)?);
         }
     }
 
@@ -678,7 +521,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                             "backing": ram.backing().to_string(),
                             "passes": slots.iter().map(|s| s.passes).sum::<u64>(),
                             "integrity_errors": slots.iter().map(|s| s.integrity_errors).sum::<u64>(),
-                            "numa": numa_engine.as_ref().map(|e| e.report(cfg.numa_balancing, None)),
+                            "numa": ram.stats().numa,
+                            "memory": ram.stats(),
                         }));
                     }
                     ApiCall::Migrate(req, reply) => {
@@ -722,7 +566,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                             .map(|o| o.vcpu)
                             .collect();
                         threads = running;
-                        threads.extend(spawn_vcpus(back, &shared, &console, &vcpu_threads)?);
+                        threads.extend(spawn_vcpus(back, &shared, &console, &ram)?);
                         let _ = reply.send(Err(
                             "a vCPU did not stop within 1 s; the guest keeps running here".into(),
                         ));
@@ -788,8 +632,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                                 }
                                 shared.stop.store(false, Ordering::Release);
                                 let vcpus_back = outcomes.into_iter().map(|o| o.vcpu).collect();
-                                threads =
-                                    spawn_vcpus(vcpus_back, &shared, &console, &vcpu_threads)?;
+                                threads = spawn_vcpus(vcpus_back, &shared, &console, &ram)?;
                             }
                         }
                     }
@@ -882,43 +725,34 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             Err(_) => return Err(Error::Config("the post-copy receiver panicked".into())),
         }
     }
-    let collapse = collapse.map(|c| c.stop());
-    let pmd_mapped_bytes = ram.guest_view_pmd_mapped_bytes()?;
-    let zaps = zapper.map(StressZapper::stop).unwrap_or(0);
-    numa_threads.into_iter().for_each(|t| t.stop());
-    let numa = numa_engine.as_ref().map(|e| {
-        e.report(
-            cfg.numa_balancing,
-            topology.as_ref().and_then(|t| t.note.clone()),
-        )
-    });
-    let faults = fault_path.map(|fp| fp.stop().report());
+    let memory_report = ram.stop();
+    let pmd_mapped_bytes = ram.pmd_mapped_bytes()?;
+    let (collapse, zaps, numa) = (
+        memory_report.collapse,
+        memory_report.zaps,
+        memory_report.numa,
+    );
+    let faults = memory_report.faults;
     let clock = TscClock::calibrate(origin);
     if let Some(e) = faults.as_ref().and_then(|f| f.error.clone()) {
         return Err(Error::Config(format!("fault path: {e}")));
     }
-    if let Some(n) = host_zapper
-        .as_ref()
-        .map(|z| z.failures())
-        .filter(|&n| n > 0)
-    {
+    if let Some(n) = Some(memory_report.host_failures).filter(|&n| n > 0) {
         return Err(Error::Config(format!(
             "{n} host-side mapping changes (zap or userfaultfd re-registration after a NUMA move) failed; guest memory may not be protected"
         )));
     }
     let memmap = match cfg.memmap {
         MemmapListing::AtExit => Some(Memmap {
-            accounting: stage.accounting(),
-            runs: stage.runs(),
+            accounting: ram.accounting(),
+            runs: ram.runs(),
         }),
         MemmapListing::Off => None,
     };
 
     // Resident memory while guest RAM is still mapped.
-    let (vmm_rss, ram_rss) = procfs::rss_split(&ram.host_ranges()).map_err(|source| Error::Io {
-        what: "reading /proc/self/smaps".into(),
-        source,
-    })?;
+    let rss = ram.rss_split()?;
+    let (vmm_rss, ram_rss) = (rss.vmm_rss_bytes, rss.guest_ram_rss_bytes);
 
     let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
     for (index, o) in outcomes.iter().enumerate() {
@@ -1056,7 +890,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         guest_ram_rss_bytes: ram_rss,
         vmm_overhead_rss_bytes: vmm_rss.saturating_sub(ram_rss),
         per_vcpu,
-        fault_path: fault_path_name,
+        fault_path: memory_report.fault_path.to_string(),
         uffd_faults: faults.as_ref().map(|f| f.uffd_faults).unwrap_or(0),
         fault_us_p50: faults.as_ref().map(|f| f.fault_us_p50).unwrap_or(0.0),
         fault_us_p99: faults.as_ref().map(|f| f.fault_us_p99).unwrap_or(0.0),
@@ -1095,42 +929,46 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     })
 }
 
-/// Testing: zaps random ranges of guest RAM through the second-stage table (and so the
-/// guest view) until stopped. The guest keeps running; every zapped page comes back as a
-/// MINOR fault on its next vCPU touch.
-struct StressZapper {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: JoinHandle<u64>,
-}
-
-impl StressZapper {
-    fn start(stage: Arc<SecondStage>, size: u64, period: Duration, seed: u64) -> StressZapper {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            let mut zaps = 0u64;
-            let pages = size / 4096;
-            while !s.load(Ordering::Acquire) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let start = (x % pages) * 4096;
-                let len = (1 + (x >> 32) % 512) * 4096;
-                let range = GpaRange::new(start, (start + len).min(size));
-                if stage.apply(Change::Zap { range }).is_ok() {
-                    zaps += 1;
-                }
-                std::thread::sleep(period);
-            }
-            zaps
-        });
-        StressZapper { stop, thread }
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        self.thread.join().unwrap_or(0)
+/// What guest memory is asked to be in this run: the RAM, and the fault path, collapse,
+/// NUMA and stress options, with the workload's working sets and placement plan.
+fn memory_config(cfg: &RunConfig, topology: Option<&guest_mm::numa::Topology>) -> MemoryConfig {
+    let vcpus = cfg.vcpus as usize;
+    let mut ram = cfg.ram.clone();
+    let numa = topology.map(|t| {
+        ram.numa = t.layout;
+        let sets = crate::placement::working_sets(cfg.workload, ram.size, vcpus);
+        let placement =
+            crate::placement::plan(cfg.workload, ram.size, &sets, &t.vcpu_nodes, t.layout.nodes);
+        NumaConfig {
+            balancing: cfg.numa_balancing,
+            scan: cfg.numa_scan,
+            vcpu_nodes: t.vcpu_nodes.clone(),
+            working_sets: sets,
+            placement,
+            forced_moves: cfg.numa_force_move.map(|period| Recurring {
+                period,
+                seed: cfg.seed,
+            }),
+            note: t.note.clone(),
+        }
+    });
+    MemoryConfig {
+        ram,
+        vcpus,
+        origin: match cfg.incoming {
+            Some(_) => GuestOrigin::MigrationDestination,
+            None => GuestOrigin::Booted,
+        },
+        fault_path: guest_mm::FaultPathNeed::Derived,
+        collapse: CollapseConfig {
+            mode: cfg.collapse,
+            scan: cfg.collapse_scan,
+        },
+        numa,
+        stress_zap: cfg.stress_zap.map(|period| Recurring {
+            period,
+            seed: cfg.seed,
+        }),
     }
 }
 
@@ -1206,7 +1044,7 @@ impl std::fmt::Display for RunReport {
         if let Some(n) = &self.numa {
             writeln!(
                 f,
-                "  NUMA: {} {} node(s), balancing {}: {} hint faults ({} local), {} pages migrated, {} failures, locality {:.1}%{}",
+                "  NUMA: {} {} node(s), balancing {}: {} hint faults ({} local), {} pages moved, {} failures, locality {:.1}%{}",
                 n.nodes,
                 n.backend,
                 if n.balancing { "on" } else { "off" },
@@ -1295,7 +1133,7 @@ fn write_memmap(f: &mut std::fmt::Formatter<'_>, m: &Memmap) -> std::fmt::Result
             "  {:#018x} {:#018x} {:>10} {:>4} {:>8} {:>4} {:>4}{}",
             r.start,
             r.end,
-            (r.end - r.start) >> 10,
+            r.end.offset_from(r.start) >> 10,
             match r.size {
                 LeafSize::Size4K => "4K",
                 LeafSize::Size2M => "2M",

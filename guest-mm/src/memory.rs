@@ -68,7 +68,6 @@ pub struct MemoryStats {
     pub faults: Option<FaultReport>,
     pub collapse: Option<CollapseStatus>,
     pub numa: Option<NumaReport>,
-    pub accounting: Accounting,
 }
 
 /// The final figures of a run's guest memory.
@@ -467,7 +466,6 @@ impl GuestMemory {
             faults: r.fault.as_ref().map(|_| self.fault_stats.report()),
             collapse: self.collapse.as_ref().map(|c| c.status()),
             numa: self.numa.as_ref().map(|n| n.report()),
-            accounting: self.stage.accounting(),
         }
     }
 

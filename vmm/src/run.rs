@@ -513,6 +513,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                 match call {
                     ApiCall::Info(reply) => {
                         let slots: Vec<_> = (0..vcpus).map(|i| mailbox.slot(mem, i)).collect();
+                        let memory = ram.stats();
                         let _ = reply.send(serde_json::json!({
                             "state": if paused.is_some() { "paused" } else { "running" },
                             "workload": workload_name,
@@ -521,8 +522,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                             "backing": ram.backing().to_string(),
                             "passes": slots.iter().map(|s| s.passes).sum::<u64>(),
                             "integrity_errors": slots.iter().map(|s| s.integrity_errors).sum::<u64>(),
-                            "numa": ram.stats().numa,
-                            "memory": ram.stats(),
+                            "numa": memory.numa,
+                            "memory": memory,
                         }));
                     }
                     ApiCall::Migrate(req, reply) => {

@@ -9,16 +9,19 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use guest_mm::notifier::{GpaRange, InvalidateReason, MmuNotifierSubscriber};
-use guest_mm::stage::{Change, SecondStage};
-use guest_mm::table::{
-    BackingRef, Dirtied, FaultCause, Intent, LeafSize, LeafSpec, Lookup, PageState, SIZE_2M,
-    SIZE_4K,
+use guest_mm::stage::{
+    BackingRef, Change, Dirtied, FaultCause, Intent, InvalidateReason, LeafSize, LeafSpec, Lookup,
+    MmuNotifierSubscriber, PageState, SecondStage, Table,
 };
+use guest_mm::{Gpa, GpaRange, SIZE_2M, SIZE_4K};
 use proptest::prelude::*;
 
 const SPACE: u64 = 16 << 20; // 8 regions of 2 MiB
 const PAGES: u64 = SPACE / SIZE_4K;
+
+fn range(start: u64, end: u64) -> GpaRange {
+    GpaRange::new(Gpa(start), Gpa(end))
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PageModel {
@@ -109,13 +112,13 @@ fn snapshot(stage: &SecondStage) -> BTreeMap<u64, (PageModel, u64, LeafSize)> {
     let mut m = BTreeMap::new();
     for p in 0..PAGES {
         let gpa = p * SIZE_4K;
-        if let Lookup::Mapped(x) | Lookup::Fault(x, _) = stage.lookup(gpa, Intent::Internal) {
+        if let Lookup::Mapped(x) | Lookup::Fault(x, _) = stage.lookup(Gpa(gpa), Intent::Internal) {
             let pm = PageModel {
                 state: x.leaf.state,
                 node: x.leaf.node,
-                backing: x.backing_at(gpa),
+                backing: x.backing_at(Gpa(gpa)),
             };
-            m.insert(p, (pm, x.start, x.leaf.size));
+            m.insert(p, (pm, x.start.0, x.leaf.size));
         }
     }
     m
@@ -127,8 +130,8 @@ fn check_against(
 ) -> Result<(), TestCaseError> {
     for p in 0..PAGES {
         let gpa = p * SIZE_4K;
-        let internal = stage.lookup(gpa, Intent::Internal);
-        let vcpu = stage.lookup(gpa, Intent::Vcpu);
+        let internal = stage.lookup(Gpa(gpa), Intent::Internal);
+        let vcpu = stage.lookup(Gpa(gpa), Intent::Vcpu);
         match model.get(&p) {
             None => {
                 prop_assert_eq!(internal, Lookup::Unmapped, "page {:#x}", gpa);
@@ -144,7 +147,12 @@ fn check_against(
                 };
                 prop_assert_eq!(m.leaf.state, want.state, "state at {:#x}", gpa);
                 prop_assert_eq!(m.leaf.node, want.node, "node at {:#x}", gpa);
-                prop_assert_eq!(m.backing_at(gpa), want.backing, "backing at {:#x}", gpa);
+                prop_assert_eq!(
+                    m.backing_at(Gpa(gpa)),
+                    want.backing,
+                    "backing at {:#x}",
+                    gpa
+                );
                 // Intent: a hinted page faults for a vCPU only; absent faults for both.
                 match want.state {
                     PageState::Present => {
@@ -212,7 +220,7 @@ fn apply_model(
         Op::Split { .. } | Op::Merge { .. } => {}
         Op::Hint { .. } | Op::MarkAbsent { .. } => {
             let Some(w) = widened else { return };
-            for p in w.start / SIZE_4K..w.end / SIZE_4K {
+            for p in w.start.0 / SIZE_4K..w.end.0 / SIZE_4K {
                 if let Some(m) = model.get_mut(&p) {
                     match (op, m.state) {
                         (Op::Hint { .. }, PageState::Present) => m.state = PageState::Hinted,
@@ -252,29 +260,30 @@ proptest! {
             let ok = match *op {
                 Op::Map { start, count, size, state, node, zone } => {
                     let spec = LeafSpec { state, node, backing: BackingRef { zone, offset: 0x1000_0000 } };
-                    let range = GpaRange::new(start, start + count * size.bytes());
+                    let range = range(start, start + count * size.bytes());
                     stage.apply(Change::Map { range, size, spec }).is_ok()
                 }
-                Op::Unmap { start, pages } => stage.apply(Change::Unmap { range: GpaRange::new(start, start + pages * SIZE_4K) }).is_ok(),
-                Op::Split { gpa, to } => stage.apply(Change::Split { gpa, to }).is_ok(),
-                Op::Merge { gpa } => stage.apply(Change::Merge { gpa, to: LeafSize::Size2M }).is_ok(),
+                Op::Unmap { start, pages } => stage.apply(Change::Unmap { range: range(start, start + pages * SIZE_4K) }).is_ok(),
+                Op::Split { gpa, to } => stage.apply(Change::Split { gpa: Gpa(gpa), to }).is_ok(),
+                Op::Merge { gpa } => stage.apply(Change::Merge { gpa: Gpa(gpa), to: LeafSize::Size2M }).is_ok(),
                 Op::Hint { start, pages } => {
-                    let r = stage.apply(Change::Hint { range: GpaRange::new(start, start + pages * SIZE_4K) });
+                    let r = stage.apply(Change::Hint { range: range(start, start + pages * SIZE_4K) });
                     if let Ok(w) = r {
-                        prop_assert!(w.contains(&GpaRange::new(start, start + pages * SIZE_4K)));
+                        prop_assert!(w.contains(&range(start, start + pages * SIZE_4K)));
                         widened = Some(w);
                     }
                     r.is_ok()
                 }
                 Op::MarkAbsent { start, pages } => {
-                    let r = stage.apply(Change::MarkAbsent { range: GpaRange::new(start, start + pages * SIZE_4K) });
+                    let r = stage.apply(Change::MarkAbsent { range: range(start, start + pages * SIZE_4K) });
                     widened = r.clone().ok();
                     r.is_ok()
                 }
                 Op::Resolve { gpa } => {
-                    span = Some(stage.inspect(|t| t.zap_span(gpa)));
+                    let z = stage.inspect(|t| t.zap_span(Gpa(gpa)));
+                    span = Some((z.start.0, z.end.0));
                     let token = stage.seq();
-                    stage.resolve(gpa, token, Dirtied::No, || Ok::<(), ()>(())).unwrap_or(false)
+                    stage.resolve(Gpa(gpa), token, Dirtied::No, |_| Ok::<(), ()>(())).unwrap_or(false)
                 }
             };
             if ok {
@@ -293,7 +302,7 @@ proptest! {
                     if before.get(&p) != after.get(&p) {
                         let gpa = p * SIZE_4K;
                         prop_assert!(
-                            starts.iter().any(|(r, _, _)| r.start <= gpa && gpa < r.end),
+                            starts.iter().any(|(r, _, _)| r.contains_gpa(Gpa(gpa))),
                             "page {:#x} changed by {:?} outside notified ranges {:?}", gpa, op, starts
                         );
                     }
@@ -306,7 +315,7 @@ proptest! {
 #[test]
 fn a_huge_page_mapped_piecewise_is_one_logical_mapping() {
     // A 2 MiB hugetlb page arrives piece by piece (post-copy CONTINUE of 4 KiB parts).
-    let mut t = guest_mm::table::Table::empty();
+    let mut t = Table::empty();
     for k in [0u64, 7, 300] {
         let gpa = 4 * SIZE_2M + k * SIZE_4K;
         let spec = LeafSpec {
@@ -317,21 +326,21 @@ fn a_huge_page_mapped_piecewise_is_one_logical_mapping() {
                 offset: k * SIZE_4K,
             },
         };
-        t.map_piece(gpa, LeafSize::Size4K, LeafSize::Size2M, spec)
+        t.map_piece(Gpa(gpa), LeafSize::Size4K, LeafSize::Size2M, spec)
             .unwrap();
     }
     let a = t.accounting();
     assert_eq!(a.leaves_4k, 3);
     assert_eq!(a.piecewise_huge_pages, 1);
     assert_eq!(a.logical_mappings, 1, "{a:?}");
-    assert_eq!(t.occupancy_2m(4 * SIZE_2M), 3);
+    assert_eq!(t.occupancy_2m(Gpa(4 * SIZE_2M)), 3);
     // A change to any piece may zap the whole huge page.
     assert_eq!(
-        t.zap_span(4 * SIZE_2M + 7 * SIZE_4K),
-        (4 * SIZE_2M, 5 * SIZE_2M)
+        t.zap_span(Gpa(4 * SIZE_2M + 7 * SIZE_4K)),
+        range(4 * SIZE_2M, 5 * SIZE_2M)
     );
     // A plain 4 KiB table is not piecewise: each leaf is its own mapping.
-    let mut plain = guest_mm::table::Table::empty();
+    let mut plain = Table::empty();
     for k in 0..3u64 {
         let spec = LeafSpec {
             state: PageState::Present,
@@ -341,10 +350,10 @@ fn a_huge_page_mapped_piecewise_is_one_logical_mapping() {
                 offset: k * SIZE_4K,
             },
         };
-        plain.map(k * SIZE_4K, LeafSize::Size4K, spec).unwrap();
+        plain.map(Gpa(k * SIZE_4K), LeafSize::Size4K, spec).unwrap();
     }
     assert_eq!(plain.accounting().logical_mappings, 3);
-    assert_eq!(plain.zap_span(SIZE_4K), (SIZE_4K, 2 * SIZE_4K));
+    assert_eq!(plain.zap_span(Gpa(SIZE_4K)), range(SIZE_4K, 2 * SIZE_4K));
 }
 
 #[test]
@@ -358,7 +367,7 @@ fn gigabyte_leaves_split_merge_and_widen() {
     let g = 1u64 << 30;
     stage
         .apply(Change::Map {
-            range: GpaRange::new(g, 2 * g),
+            range: range(g, 2 * g),
             size: LeafSize::Size1G,
             spec,
         })
@@ -366,17 +375,17 @@ fn gigabyte_leaves_split_merge_and_widen() {
     // Hinting one 4 KiB page of a 1 GiB leaf hints (and notifies) the whole leaf.
     let w = stage
         .apply(Change::Hint {
-            range: GpaRange::new(g + 8192, g + 12288),
+            range: range(g + 8192, g + 12288),
         })
         .unwrap();
-    assert_eq!(w, GpaRange::new(g, 2 * g));
+    assert_eq!(w, range(g, 2 * g));
     assert!(matches!(
-        stage.lookup(g + 5 * SIZE_2M, Intent::Vcpu),
+        stage.lookup(Gpa(g + 5 * SIZE_2M), Intent::Vcpu),
         Lookup::Fault(_, FaultCause::Hint)
     ));
     stage
         .apply(Change::Split {
-            gpa: g + 3 * SIZE_2M + 5 * SIZE_4K,
+            gpa: Gpa(g + 3 * SIZE_2M + 5 * SIZE_4K),
             to: LeafSize::Size4K,
         })
         .unwrap();
@@ -384,16 +393,16 @@ fn gigabyte_leaves_split_merge_and_widen() {
     assert_eq!((a.leaves_1g, a.leaves_2m, a.leaves_4k), (0, 511, 512));
     assert_eq!(a.present_bytes, g);
     // Backing stays linear through the split.
-    match stage.lookup(g + 3 * SIZE_2M + 5 * SIZE_4K, Intent::Internal) {
+    match stage.lookup(Gpa(g + 3 * SIZE_2M + 5 * SIZE_4K), Intent::Internal) {
         Lookup::Mapped(m) => assert_eq!(
-            m.backing_at(g + 3 * SIZE_2M + 5 * SIZE_4K).offset,
+            m.backing_at(Gpa(g + 3 * SIZE_2M + 5 * SIZE_4K)).offset,
             3 * SIZE_2M + 5 * SIZE_4K
         ),
         other => panic!("{other:?}"),
     }
     stage
         .apply(Change::Merge {
-            gpa: g,
+            gpa: Gpa(g),
             to: LeafSize::Size1G,
         })
         .unwrap();
@@ -401,7 +410,7 @@ fn gigabyte_leaves_split_merge_and_widen() {
     // A different node inside blocks the merge.
     stage
         .apply(Change::Split {
-            gpa: g,
+            gpa: Gpa(g),
             to: LeafSize::Size4K,
         })
         .unwrap();
@@ -415,14 +424,14 @@ fn gigabyte_leaves_split_merge_and_widen() {
     };
     stage
         .apply(Change::Map {
-            range: GpaRange::new(g + SIZE_4K, g + 2 * SIZE_4K),
+            range: range(g + SIZE_4K, g + 2 * SIZE_4K),
             size: LeafSize::Size4K,
             spec: odd,
         })
         .unwrap();
     assert!(stage
         .apply(Change::Merge {
-            gpa: g,
+            gpa: Gpa(g),
             to: LeafSize::Size2M
         })
         .is_err());

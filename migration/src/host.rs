@@ -112,3 +112,43 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn update(&self, _phase: Phase, _bytes_sent: u64) {}
 }
+
+/// Guest memory as hugevisor's VMM holds it: every page a migration sends or installs
+/// goes straight to guest-mm, the one crate that writes, maps and CONTINUEs guest RAM.
+impl GuestPages for guest_mm::GuestMemory {
+    fn size(&self) -> u64 {
+        guest_mm::GuestMemory::size(self)
+    }
+
+    fn page_size(&self) -> u64 {
+        guest_mm::GuestMemory::page_size(self)
+    }
+
+    fn backing(&self) -> String {
+        guest_mm::GuestMemory::backing(self).to_string()
+    }
+
+    fn read_page(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), HostError> {
+        Ok(guest_mm::GuestMemory::read_page(self, gpa, buf)?)
+    }
+
+    fn write_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<(), HostError> {
+        Ok(guest_mm::GuestMemory::write_page(self, gpa, page)?)
+    }
+
+    fn begin_postcopy(&self, absent: &[GpaRange], pager: Arc<dyn Pager>) -> Result<u64, HostError> {
+        Ok(guest_mm::GuestMemory::begin_postcopy(self, absent, pager)?)
+    }
+
+    fn install_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<Installed, HostError> {
+        Ok(guest_mm::GuestMemory::install_page(self, gpa, page)?)
+    }
+
+    fn end_postcopy(&self) -> Result<(), HostError> {
+        Ok(guest_mm::GuestMemory::end_postcopy(self)?)
+    }
+
+    fn resumed_after_migration(&self) {
+        guest_mm::GuestMemory::resumed_after_migration(self)
+    }
+}

@@ -9,7 +9,7 @@ use tests::peers::{
     end_run, finish, incoming_settled, migrate, run_until, scratch, start_pair, wait_until, Pair,
     RUN_BOUND,
 };
-use tests::{have_kvm, run};
+use tests::{have_hugetlb, have_kvm, run};
 
 /// Migrates a `verify` guest of `memory` by `mode` to a destination started with
 /// `dst_extra`; returns the destination's run JSON. The destination is ended (vm.shutdown)
@@ -181,6 +181,45 @@ fn background_scan_collapses_a_running_guest() {
     ]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(r.json()["pmd_mapped_bytes"], 0);
+}
+
+/// hugetlb is huge by construction: `pmd_mapped_bytes` counts its mapped hugetlb pages
+/// (smaps' Shared_Hugetlb/Private_Hugetlb; the PMD fields are 0 for hugetlb). A `touch`
+/// guest writes every data page, so at least the data area is mapped huge.
+#[test]
+fn hugetlb_2m_guest_ram_counts_as_huge_mapped() {
+    if !have_kvm() {
+        return;
+    }
+    let _heavy = tests::heavy();
+    if !have_hugetlb(2048, 16) {
+        return;
+    }
+    let r = run(&[
+        "run",
+        "--json",
+        "--console",
+        "off",
+        "--memory",
+        "32M",
+        "--backing",
+        "hugetlb-2m",
+        "--workload",
+        "touch",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let j = r.json();
+    let huge = r.u64("pmd_mapped_bytes");
+    let memory = r.u64("memory_bytes");
+    assert!(huge > 0, "hugetlb is huge-mapped: {j}");
+    assert!(
+        huge >= memory - (4 << 20) && huge <= memory,
+        "every touched data page is in a mapped 2 MiB hugetlb page: {j}"
+    );
+    assert!(
+        j["collapse"].is_null(),
+        "nothing to collapse on hugetlb: {j}"
+    );
 }
 
 #[test]

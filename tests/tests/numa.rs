@@ -129,7 +129,7 @@ fn numa01_shared_buffer_does_not_ping_pong() {
 }
 
 #[test]
-fn verify_with_balancing_and_forced_migrations_loses_nothing() {
+fn verify_with_balancing_and_forced_moves_loses_nothing() {
     if !have_kvm() {
         return;
     }
@@ -141,7 +141,7 @@ fn verify_with_balancing_and_forced_migrations_loses_nothing() {
             "nodes=2",
             "--numa-scan",
             "window=64M,period=10ms",
-            "--numa-force-migrate",
+            "--numa-force-move",
             "2ms",
         ];
         a.extend(extra);

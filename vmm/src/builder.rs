@@ -8,15 +8,18 @@
 use std::sync::Arc;
 
 use guest_image::{abi, GuestParams};
-use guest_mm::collapse::CollapseMode;
+use guest_mm::numa::Topology;
+use guest_mm::{
+    CollapseConfig, FaultPathNeed, GuestMemory, GuestOrigin, MemoryConfig, NumaConfig, Recurring,
+    SIZE_2M, SIZE_4K,
+};
 
 use crate::api::{ApiCall, ApiServer};
 use crate::boot::{self, LoadedImage};
 use crate::config::{RunConfig, RunLimit};
 use crate::error::{ConfigError, Error, Result};
 use crate::mailbox::Mailbox;
-use crate::memory::Memory;
-use crate::numa::{Balancing, Topology};
+use crate::placement;
 use crate::vstate::vcpu::{install_kick_handler, Vcpu};
 use crate::vstate::vm::{open_kvm, Vm};
 
@@ -31,7 +34,7 @@ pub enum Start {
 
 /// A built VM, not running yet.
 pub struct Vmm {
-    pub memory: Memory,
+    pub memory: Arc<GuestMemory>,
     pub vm: Arc<Vm>,
     pub image: LoadedImage,
     pub mailbox: Mailbox,
@@ -41,17 +44,11 @@ pub struct Vmm {
     pub api: Option<(ApiServer, std::sync::mpsc::Receiver<ApiCall>)>,
 }
 
-/// Checks what can be checked without touching the host.
-fn check(cfg: &RunConfig) -> Result<Option<Topology>> {
+/// Checks what can be checked without touching the host, and says what guest memory is
+/// asked to be (guest-mm checks its own combinations: collapse, NUMA, stress zaps).
+fn check(cfg: &RunConfig) -> Result<(Option<Topology>, MemoryConfig)> {
+    // Sizes and alignment first: what the user typed is the likeliest mistake.
     cfg.ram.check_shape()?;
-    if cfg.collapse == CollapseMode::Background {
-        if cfg.ram.backing == guest_mm::BackingKind::Anon && cfg.ram.thp == guest_mm::ThpMode::Off {
-            return Err(ConfigError::CollapseNeedsThp.into());
-        }
-        if cfg.numa.is_some() {
-            return Err(ConfigError::CollapseWithNuma.into());
-        }
-    }
     let vcpus = cfg.vcpus as usize;
     if vcpus == 0 || vcpus > abi::MAX_VCPUS {
         return Err(ConfigError::VcpusOutOfRange {
@@ -60,10 +57,10 @@ fn check(cfg: &RunConfig) -> Result<Option<Topology>> {
         }
         .into());
     }
-    if !cfg.ram.size.is_multiple_of(guest_mm::SIZE_2M) {
+    if !cfg.ram.size.is_multiple_of(SIZE_2M) {
         return Err(ConfigError::MemoryNotMultipleOf2M { size: cfg.ram.size }.into());
     }
-    let data_pages = cfg.ram.size.saturating_sub(abi::DATA_START) / guest_mm::SIZE_4K;
+    let data_pages = cfg.ram.size.saturating_sub(abi::DATA_START) / SIZE_4K;
     if data_pages < vcpus as u64 {
         return Err(ConfigError::TooFewDataPages {
             size: cfg.ram.size,
@@ -73,24 +70,55 @@ fn check(cfg: &RunConfig) -> Result<Option<Topology>> {
         .into());
     }
     let topology = match &cfg.numa {
-        Some(spec) => Some(
-            spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())
-                .map_err(ConfigError::Numa)?,
-        ),
+        Some(spec) => Some(spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())?),
         None => None,
     };
-    if let Some(t) = &topology {
-        let mut ram = cfg.ram.clone();
+    let memory = memory_config(cfg, topology.as_ref());
+    memory.check()?;
+    Ok((topology, memory))
+}
+
+/// What guest memory is asked to be in this run: the RAM, and the fault path, collapse,
+/// NUMA and stress options, with the workload's working sets and placement plan.
+fn memory_config(cfg: &RunConfig, topology: Option<&Topology>) -> MemoryConfig {
+    let vcpus = cfg.vcpus as usize;
+    let mut ram = cfg.ram.clone();
+    let numa = topology.map(|t| {
         ram.numa = t.layout;
-        ram.check_shape()?;
-        if cfg.numa_balancing == Balancing::On && ram.backing == guest_mm::BackingKind::Anon {
-            return Err(ConfigError::NumaBalancingNeedsFileRam.into());
+        let sets = placement::working_sets(cfg.workload, ram.size, vcpus);
+        let placement =
+            placement::plan(cfg.workload, ram.size, &sets, &t.vcpu_nodes, t.layout.nodes);
+        NumaConfig {
+            balancing: cfg.numa_balancing,
+            scan: cfg.numa_scan,
+            vcpu_nodes: t.vcpu_nodes.clone(),
+            working_sets: sets,
+            placement,
+            forced_moves: cfg.numa_force_move.map(|period| Recurring {
+                period,
+                seed: cfg.seed,
+            }),
+            note: t.note.clone(),
         }
+    });
+    MemoryConfig {
+        ram,
+        vcpus,
+        origin: match cfg.incoming {
+            Some(_) => GuestOrigin::MigrationDestination,
+            None => GuestOrigin::Booted,
+        },
+        fault_path: FaultPathNeed::Derived,
+        collapse: CollapseConfig {
+            mode: cfg.collapse,
+            scan: cfg.collapse_scan,
+        },
+        numa,
+        stress_zap: cfg.stress_zap.map(|period| Recurring {
+            period,
+            seed: cfg.seed,
+        }),
     }
-    if cfg.stress_zap.is_some() && cfg.ram.backing == guest_mm::BackingKind::Anon {
-        return Err(ConfigError::StressZapNeedsFileRam.into());
-    }
-    Ok(topology)
 }
 
 /// The guest's command line for the built-in image.
@@ -109,35 +137,29 @@ fn guest_params(cfg: &RunConfig, topology: Option<&Topology>) -> GuestParams {
 
 /// Builds the VM `cfg` asks for.
 pub fn build(cfg: &RunConfig) -> Result<Vmm> {
-    let topology = check(cfg)?;
+    let (topology, memory_cfg) = check(cfg)?;
     // Host capabilities first, so a missing KVM leaves nothing behind.
     let kvm = open_kvm(&cfg.kvm_device)?;
     install_kick_handler()?;
 
-    let memory = Memory::create(cfg, topology.as_ref())?;
-    let staging = memory.ram.staging();
+    let memory = GuestMemory::create(&memory_cfg)?;
+    let staging = memory.staging();
     let image = match cfg.incoming {
         // The image (and everything else) arrives with the guest's memory.
         Some(_) => LoadedImage {
             info: guest_image::image_info(guest_image::IMAGE)?,
         },
         None => {
-            let image = boot::load_image(staging, guest_image::IMAGE, memory.ram.size())?;
+            let image = boot::load_image(staging, guest_image::IMAGE, memory.size())?;
             let cmdline = guest_params(cfg, topology.as_ref()).cmdline();
-            boot::write_boot_tables(
-                staging,
-                &image,
-                memory.ram.size(),
-                cfg.vcpus as usize,
-                &cmdline,
-            )?;
+            boot::write_boot_tables(staging, &image, memory.size(), cfg.vcpus as usize, &cmdline)?;
             image
         }
     };
     let mailbox = Mailbox::new(image.info.mailbox);
 
     let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log)?);
-    vm.register_ram(&memory.ram)?;
+    vm.register_ram(memory.memslot())?;
     let api = match &cfg.api_socket {
         Some(p) => Some(ApiServer::start(p)?),
         None => None,

@@ -117,43 +117,12 @@ const UFFD_NEEDED: &[&str] = &[
     "THREAD_ID",
 ];
 
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-const UFFD_API: u64 = 0xaa;
-/// _IOWR(0xaa, 0x3f, struct uffdio_api)
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-
-/// Asks the kernel which userfaultfd features it offers. Hand-written over libc until the
-/// `uffd` crate exists (issue: the fault path); it needs only UFFDIO_API.
+/// Asks the kernel which userfaultfd features it offers (the `uffd` crate's probe, on a
+/// throwaway fd).
 fn uffd_features() -> Result<u64, String> {
-    // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1. Flags: no
-    // UFFD_USER_MODE_ONLY, because KVM faults must be delivered.
-    let fd =
-        unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) } as i32;
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!(
-            "userfaultfd(2): {e} (as root, or set vm.unprivileged_userfaultfd=1, or grant access to /dev/userfaultfd)"
-        ));
-    }
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    // SAFETY: fd is a fresh userfaultfd; UFFDIO_API reads and writes exactly one uffdio_api.
-    let r = unsafe { libc::ioctl(fd, UFFDIO_API, &mut api as *mut UffdioApi) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: fd is ours and closed once.
-    unsafe { libc::close(fd) };
-    if r < 0 {
-        return Err(format!("UFFDIO_API: {err}"));
-    }
-    Ok(api.features)
+    uffd::Uffd::available_features()
+        .map(|f| f.bits())
+        .map_err(|e| e.to_string())
 }
 
 fn uffd_items() -> Vec<Item> {

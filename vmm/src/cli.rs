@@ -5,14 +5,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use guest_image::Workload;
-use guest_mm::collapse::{CollapseMode, ScanBudget};
+use guest_mm::collapse::{BudgetError, CollapseMode, ScanBudget};
+use guest_mm::numa::{BalancerConfig, Balancing, NumaSpec, SpecError};
 use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 
 use crate::console::ConsoleMode;
-use crate::numa::{Balancing, NumaSpec};
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
 use crate::vstate::vm::{DirtyLogMethod, DEFAULT_KVM_DEVICE};
-use guest_mm::numa::BalancerConfig;
 
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;
@@ -59,11 +58,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_collapse(s: &str) -> Result<CollapseMode, String> {
+fn parse_collapse(s: &str) -> Result<CollapseMode, BudgetError> {
     s.parse()
 }
 
-fn parse_collapse_scan(s: &str) -> Result<ScanBudget, String> {
+fn parse_collapse_scan(s: &str) -> Result<ScanBudget, BudgetError> {
+    s.parse()
+}
+
+fn parse_balancing(s: &str) -> Result<Balancing, SpecError> {
     s.parse()
 }
 
@@ -136,15 +139,15 @@ pub struct RunArgs {
     /// Guest NUMA topology: nodes=N[,cpus=0-1:2-3][,backend=host|emulated][,policy=bind|preferred|interleave].
     #[arg(long, value_parser = parse_numa)]
     numa: Option<NumaSpec>,
-    /// NUMA balancing (hint faults and region migration); on by default with --numa.
-    #[arg(long, value_enum, default_value = "on")]
+    /// NUMA balancing (hint faults and region moves): on or off; on by default with --numa.
+    #[arg(long, default_value = "on", value_parser = parse_balancing)]
     numa_balancing: Balancing,
     /// NUMA scanner: window=SIZE,period=D[,rate=N] (default 256M per 1s, 128 moves/s).
     #[arg(long, value_parser = parse_numa_scan)]
     numa_scan: Option<BalancerConfig>,
     /// Testing: move a random 2 MiB region to another node this often.
-    #[arg(long, value_parser = parse_duration)]
-    numa_force_migrate: Option<Duration>,
+    #[arg(long, alias = "numa-force-migrate", value_parser = parse_duration)]
+    numa_force_move: Option<Duration>,
     /// Collapse guest RAM into 2 MiB huge pages: off, on-fill (regions a migration
     /// completes), background (also a khugepaged-like scan). shmem and anon only.
     #[arg(long, default_value = "on-fill", value_parser = parse_collapse)]
@@ -216,12 +219,12 @@ fn parse_verify(s: &str) -> Result<migration::Verify, String> {
     s.parse().map_err(|e: migration::ParseError| e.to_string())
 }
 
-fn parse_numa(s: &str) -> Result<NumaSpec, String> {
+fn parse_numa(s: &str) -> Result<NumaSpec, SpecError> {
     s.parse()
 }
 
-fn parse_numa_scan(s: &str) -> Result<BalancerConfig, String> {
-    crate::numa::parse_scan(s)
+fn parse_numa_scan(s: &str) -> Result<BalancerConfig, SpecError> {
+    guest_mm::numa::parse_scan(s)
 }
 
 #[derive(Args, Debug)]
@@ -296,7 +299,7 @@ impl RunArgs {
             numa: self.numa.clone(),
             numa_balancing: self.numa_balancing,
             numa_scan: self.numa_scan.unwrap_or_default(),
-            numa_force_migrate: self.numa_force_migrate,
+            numa_force_move: self.numa_force_move,
             collapse: self.collapse,
             collapse_scan: self.collapse_scan.unwrap_or_default(),
             api_socket: self.api_socket.clone(),
@@ -431,5 +434,35 @@ pub fn main(process_start_ns: u64) -> i32 {
         Command::GuestImage(a) => cmd_guest_image(a),
         Command::Caps(a) => crate::caps::cmd_caps(a.json, &a.kvm_device),
         Command::Migrate(a) => cmd_migrate(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let argv = ["hugevisor", "run"].iter().chain(args).copied();
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(a) => Ok(*a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn numa_force_move_keeps_its_old_name_as_an_alias() {
+        for flag in ["--numa-force-move", "--numa-force-migrate"] {
+            let a = run_args(&[flag, "2ms"]).unwrap();
+            assert_eq!(a.numa_force_move, Some(Duration::from_millis(2)), "{flag}");
+        }
+    }
+
+    #[test]
+    fn numa_balancing_is_on_or_off() {
+        assert_eq!(run_args(&[]).unwrap().numa_balancing, Balancing::On);
+        let off = run_args(&["--numa-balancing", "off"]).unwrap();
+        assert_eq!(off.numa_balancing, Balancing::Off);
+        let e = run_args(&["--numa-balancing", "maybe"]).unwrap_err();
+        assert!(e.to_string().contains("choose on or off"), "{e}");
     }
 }

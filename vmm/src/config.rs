@@ -4,11 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use guest_image::Workload;
-use guest_mm::numa::BalancerConfig;
+use guest_mm::numa::{BalancerConfig, Balancing, NumaSpec};
 use guest_mm::RamConfig;
 
 use crate::console::ConsoleMode;
-use crate::numa::{Balancing, NumaSpec};
 use crate::vstate::vm::DirtyLogMethod;
 
 /// When the workload ends.
@@ -52,7 +51,7 @@ pub struct RunConfig {
     pub numa_balancing: Balancing,
     pub numa_scan: BalancerConfig,
     /// Testing: move a random region to another node this often.
-    pub numa_force_migrate: Option<Duration>,
+    pub numa_force_move: Option<Duration>,
     /// When guest RAM becomes huge pages (`--collapse`).
     pub collapse: guest_mm::collapse::CollapseMode,
     pub collapse_scan: guest_mm::collapse::ScanBudget,

@@ -29,11 +29,11 @@ use crate::config::{CorruptionTest, RunConfig, RunLimit};
 use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::mailbox::Mailbox;
-use crate::memory::Memory;
 use crate::migration_host::{Arrival, DestinationEvent, MigratedState, RunInfo, SourceRequest};
 use crate::vstate::vcpu::{Vcpu, VcpuEndResult, VcpuOutcome};
 use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
+use guest_mm::GuestMemory;
 use migration::{GuestAt, IncomingReport, MigrationReport, Paused, VmState};
 
 /// How often the controller looks at the guest's mailbox between events.
@@ -116,7 +116,7 @@ pub struct RunEnd {
     pub migration_failures: Vec<String>,
     pub incoming: Option<IncomingReport>,
     pub console: Arc<Console>,
-    pub memory: Arc<Memory>,
+    pub memory: Arc<GuestMemory>,
     pub mailbox: Mailbox,
 }
 
@@ -144,7 +144,7 @@ struct Limits {
 
 pub struct Controller<'a> {
     cfg: &'a RunConfig,
-    memory: Arc<Memory>,
+    memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     mailbox: Mailbox,
     console: Arc<Console>,
@@ -177,7 +177,7 @@ impl<'a> Controller<'a> {
     /// Starts the run: boots the vCPUs, or starts receiving the guest.
     pub fn start(cfg: &'a RunConfig, vmm: Vmm) -> Result<Controller<'a>> {
         let (events_tx, events_rx) = channel();
-        let memory = Arc::new(vmm.memory);
+        let memory = vmm.memory;
         let api = vmm.api.map(|(server, calls)| {
             forward(calls, events_tx.clone(), Event::Api);
             server
@@ -208,10 +208,7 @@ impl<'a> Controller<'a> {
             _api: api,
         };
         match vmm.start {
-            Start::Boot(vcpus) => {
-                c.memory.start_collapse(false, None)?;
-                c.start_guest(vcpus)?;
-            }
+            Start::Boot(vcpus) => c.start_guest(vcpus)?,
             Start::Incoming(listener) => {
                 let tx = c.events_tx.clone();
                 let timeouts = migration::Timeouts {
@@ -237,17 +234,18 @@ impl<'a> Controller<'a> {
     /// Starts the vCPU threads and what runs beside the guest; the run's clock starts.
     fn start_guest(&mut self, vcpus: Vec<Vcpu>) -> Result<()> {
         self.launch_ns = monotonic_ns();
-        let tids = self.memory.vcpu_threads.clone();
+        // Before the vCPUs run: the fault path must be in place for their first touch.
+        self.memory.start()?;
+        let memory = self.memory.clone();
         let tx = self.events_tx.clone();
         self.vcpus = Some(VcpuSet::start(
             vcpus,
             &self.console,
-            Arc::new(move |index| tids.register_current(index)),
+            Arc::new(move |index| memory.vcpu_threads().register_current(index)),
             Arc::new(move |index, end| {
                 let _ = tx.send(Event::VcpuEnded(index, end));
             }),
         )?);
-        self.memory.start()?;
         self.state = RunState::Running;
         self.limits.deadline = self.launch_ns + self.cfg.timeout.as_nanos() as u64;
         self.limits.stop_at = match self.cfg.limit {
@@ -358,7 +356,7 @@ impl<'a> Controller<'a> {
 
     /// `vm.info`: the run as it is now.
     fn info(&self) -> serde_json::Value {
-        let mem = self.memory.ram.staging();
+        let mem = self.memory.staging();
         let slots: Vec<_> = (0..self.cfg.vcpus as usize)
             .map(|i| self.mailbox.slot(mem, i))
             .collect();
@@ -373,19 +371,21 @@ impl<'a> Controller<'a> {
                 "phase": phase.name(),
             })
         });
+        let stats = self.memory.stats();
         serde_json::json!({
             "state": state.name(),
             "workload": self.workload,
             "vcpus": self.cfg.vcpus,
-            "memory_bytes": self.memory.ram.size(),
-            "backing": self.memory.ram.backing().to_string(),
+            "memory_bytes": self.memory.size(),
+            "backing": self.memory.backing().to_string(),
             "passes": slots.iter().map(|s| s.passes).sum::<u64>(),
             "per_vcpu_passes": slots.iter().map(|s| s.passes).collect::<Vec<_>>(),
             "integrity_errors": slots.iter().map(|s| s.integrity_errors).sum::<u64>(),
-            "numa": self.memory.numa_report(),
+            "numa": stats.numa,
             "incoming": incoming,
-            "collapse": self.memory.collapse_progress(),
-            "pmd_mapped_bytes": self.memory.ram.guest_view_pmd_mapped_bytes().ok(),
+            "collapse": stats.collapse,
+            "pmd_mapped_bytes": self.memory.pmd_mapped_bytes().ok(),
+            "memory": stats,
         })
     }
 
@@ -401,7 +401,7 @@ impl<'a> Controller<'a> {
         // Stopped in place: a failed migration resumes the same threads.
         vcpus.pause()?;
         let states = vcpus.save_states().inspect_err(|_| drop(vcpus.resume()))?;
-        let mem = self.memory.ram.staging();
+        let mem = self.memory.staging();
         let n = self.cfg.vcpus as usize;
         let slots: Vec<_> = (0..n).map(|i| self.mailbox.slot(mem, i)).collect();
         let run = RunInfo {
@@ -439,7 +439,7 @@ impl<'a> Controller<'a> {
         if self.state != RunState::Paused {
             return Ok(());
         }
-        let mem = self.memory.ram.staging();
+        let mem = self.memory.staging();
         let before = self
             .outgoing
             .as_ref()
@@ -553,7 +553,7 @@ impl<'a> Controller<'a> {
         }
         let now = monotonic_ns();
         let memory = self.memory.clone();
-        let mem = memory.ram.staging();
+        let mem = memory.staging();
         let corruption_checked = match self.cfg.corruption {
             CorruptionTest::None => true,
             CorruptionTest::AfterFirstPass => self
@@ -592,7 +592,7 @@ impl<'a> Controller<'a> {
     }
 
     fn request_stop(&mut self, now: u64) {
-        self.mailbox.request_stop(self.memory.ram.staging());
+        self.mailbox.request_stop(self.memory.staging());
         self.limits.stop_requested_at = Some(now);
         if self.state == RunState::Running {
             self.state = RunState::Stopping;
@@ -602,7 +602,7 @@ impl<'a> Controller<'a> {
     /// `--inject-corruption`: after vCPU 0's first pass, overwrite one word of a page in
     /// its partition through the staging view (the VMM's own access path).
     fn corrupt_one_page(&mut self) -> Result<()> {
-        let mem = self.memory.ram.staging();
+        let mem = self.memory.staging();
         let slot = self.mailbox.slot(mem, 0);
         if slot.passes < 1 {
             return Ok(());

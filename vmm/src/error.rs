@@ -27,19 +27,13 @@ pub enum Error {
     #[error(transparent)]
     Memory(#[from] guest_mm::Error),
     #[error(transparent)]
+    Numa(#[from] guest_mm::numa::SpecError),
+    #[error(transparent)]
     Image(#[from] guest_image::Error),
     #[error("writing guest memory at {gpa:#x}: {what}")]
     GuestWrite { gpa: u64, what: String },
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
-    #[error("{what}: {source}")]
-    Table {
-        what: &'static str,
-        #[source]
-        source: guest_mm::table::TableError,
-    },
-    #[error("NUMA: {0}")]
-    Numa(String),
     #[error("the fault path failed: {0}")]
     FaultPath(String),
     #[error("{failures} host-side mapping changes (zap or userfaultfd re-registration after a NUMA move) failed; guest memory may not be protected")]
@@ -113,24 +107,6 @@ pub enum ConfigError {
     ImageTooLarge { start: u64, end: u64 },
     #[error("guest command line longer than {max} bytes")]
     CmdlineTooLong { max: usize },
-    #[error("--collapse background on anon with --thp off: --thp off tells the kernel no huge pages (MADV_NOHUGEPAGE), so nothing could collapse; use --thp on or --backing shmem")]
-    CollapseNeedsThp,
-    #[error("--collapse background with --numa is not supported yet (NUMA moves remap regions under the scanner); use --collapse on-fill")]
-    CollapseWithNuma,
-    #[error("NUMA balancing takes hint faults through userfaultfd MINOR faults, which need file-backed RAM (shmem or hugetlb); use --numa-balancing off with anon")]
-    NumaBalancingNeedsFileRam,
-    #[error(
-        "--stress-zap needs file-backed RAM (shmem or hugetlb): zapping anon RAM would discard it"
-    )]
-    StressZapNeedsFileRam,
-    #[error("{0}")]
-    Numa(String),
-    #[error("post-copy needs file-backed RAM (shmem or hugetlb) on the destination")]
-    PostcopyNeedsFileRam,
-    #[error(
-        "post-copy into a destination that also runs --numa or --stress-zap is not supported yet"
-    )]
-    PostcopyWithZapping,
     #[error("--dirty-log ring={entries}: {why}")]
     DirtyRingEntries { entries: u32, why: &'static str },
     #[error("--dirty-log ring={entries}: KVM refused a ring of {bytes} bytes per vCPU; try a larger ring (e.g. ring=65536) or --dirty-log bitmap")]

@@ -1,15 +1,20 @@
-//! hugevisor's VMM: KVM VM and vCPU threads, the fast-path boot of the built-in guest,
-//! the run loop and its report. The binary's CLI is in `cli.rs`.
+//! hugevisor's VMM: it builds a KVM VM around guest memory from `guest-mm`, runs its vCPU
+//! threads, serves the control API, and wires a live migration (the `migration` crate)
+//! to the VM. It holds no memory or migration policy of its own. The binary's CLI is in
+//! [`cli`].
 //!
 //! Where things are:
-//! - vCPU loop and exit handling: [`vstate::vcpu`]
-//! - the fault path (userfaultfd events → second-stage table → CONTINUE): [`fault`]
-//! - VM, memslots: [`vstate::vm`]
+//! - building a VM (boot or migration destination): [`builder`]
+//! - the run's states and events (API calls, vCPU ends, migrations): [`controller`]
+//! - the vCPU loop and exit handling: [`vstate::vcpu`]; pausing and resuming vCPUs in
+//!   place: [`vstate::vcpu_set`]; the VM and memslots: [`vstate::vm`]; the KVM dirty ring:
+//!   [`vstate::dirty_ring`]
 //! - entering the guest image (tables, registers): [`boot`]
-//! - one workload run, start to report: [`run`]
-//! - live migration (pre-copy state machine over the `migration` protocol): [`migrate`]
+//! - what a migration asks of the VM (the `migration` crate's traits): [`migration_host`]
+//! - the run report: [`report`]; the workload-specific NUMA placement: [`placement`]
 //! - the control API: [`api`]
-//! - guest RAM (backings, views): the `guest-mm` crate
+//! - guest memory (backings, views, the second-stage table, the fault path, collapse and
+//!   NUMA engines): the `guest-mm` crate
 
 pub mod api;
 pub mod boot;
@@ -17,18 +22,13 @@ pub mod builder;
 pub mod caps;
 pub mod cli;
 pub mod clock;
-pub mod collapse;
 pub mod config;
 pub mod console;
 pub mod controller;
 pub mod error;
-pub mod fault;
 pub mod mailbox;
-pub mod memory;
 pub mod migration_host;
-pub mod numa;
-pub mod periodic;
-pub mod procfs;
+pub mod placement;
 pub mod progress;
 pub mod report;
 pub mod run;

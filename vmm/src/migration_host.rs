@@ -19,9 +19,9 @@ use migration::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::memory::Memory;
 use crate::vstate::vcpu::{Vcpu, VcpuState};
 use crate::vstate::vm::{DirtyLogging, Vm};
+use guest_mm::{FaultPathKind, GuestMemory};
 
 /// What the destination needs to continue the run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -74,7 +74,7 @@ pub struct Arrival {
 
 /// The source VM: KVM's dirty log, and pause/resume through the controller.
 struct SourceHost {
-    memory: Arc<Memory>,
+    memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     vcpus: u32,
     controller: Box<dyn Fn(SourceRequest) + Send + Sync>,
@@ -101,18 +101,18 @@ impl SourceVm for SourceHost {
     fn start_dirty_log(&self) -> std::result::Result<(), HostError> {
         Ok(self
             .vm
-            .set_dirty_logging(&self.memory.ram, DirtyLogging::On)?)
+            .set_dirty_logging(self.memory.memslot(), DirtyLogging::On)?)
     }
 
     fn take_dirty_log(&self) -> std::result::Result<Vec<u64>, HostError> {
-        Ok(self.vm.take_dirty_log(&self.memory.ram)?)
+        Ok(self.vm.take_dirty_log(self.memory.memslot())?)
     }
 
     fn stop_dirty_log(&self) {
         // Failing to stop logging only costs the guest some speed; the migration is over.
         let _ = self
             .vm
-            .set_dirty_logging(&self.memory.ram, DirtyLogging::Off);
+            .set_dirty_logging(self.memory.memslot(), DirtyLogging::Off);
     }
 
     fn pause(&self) -> std::result::Result<Paused, HostError> {
@@ -127,7 +127,7 @@ impl SourceVm for SourceHost {
 /// Sends the guest away on a thread of its own; `controller` receives the pause and
 /// resume requests and, last, the migration's end.
 pub fn start_sending(
-    memory: Arc<Memory>,
+    memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     vcpus: u32,
     req: MigrationRequest,
@@ -154,7 +154,7 @@ pub fn start_sending(
 
 /// The destination VM: vCPUs built from the arriving state, started by the controller.
 struct DestinationHost {
-    memory: Arc<Memory>,
+    memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     vcpus: u32,
     restored: Mutex<Option<(Vec<Vcpu>, RunInfo)>>,
@@ -196,10 +196,7 @@ impl DestinationVm for DestinationHost {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or(Error::NotRestored)?;
-        let postcopy = self.memory.in_postcopy();
-        // A pre-copy destination's on-fill collapse engine; post-copy started it with
-        // its registration.
-        self.memory.start_collapse(true, None)?;
+        let postcopy = self.memory.fault_path() == FaultPathKind::MissingAndMinor;
         let (started, answer) = channel();
         (self.controller)(DestinationEvent::Arrived(Box::new(Arrival {
             vcpus,
@@ -215,7 +212,7 @@ impl DestinationVm for DestinationHost {
 /// finds it) on a thread of its own; `controller` gets the arrival and, last, the end.
 pub fn start_receiving(
     listener: migration::Listener,
-    memory: Arc<Memory>,
+    memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     vcpus: u32,
     timeouts: migration::Timeouts,

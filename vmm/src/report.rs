@@ -3,7 +3,8 @@
 //! summary.
 
 use guest_image::abi::{self, VcpuSlot};
-use guest_mm::table::{Accounting, LeafSize, PageState, Run};
+use guest_mm::stage::{Accounting, LeafSize, PageState, Run};
+use guest_mm::{CollapseReport, FaultReport, MemoryReport, NumaReport};
 use migration::{IncomingReport, MigrationReport};
 use serde::Serialize;
 
@@ -12,10 +13,6 @@ use crate::config::{MemmapListing, RunConfig};
 use crate::console::Console;
 use crate::controller::RunEnd;
 use crate::error::{Error, Result};
-use crate::fault::FaultReport;
-use crate::memory::MemoryReport;
-use crate::numa::NumaReport;
-use crate::procfs;
 use crate::vstate::vcpu::{VcpuEnd, VcpuOutcome};
 use crate::vstate::vm::DirtyLogMethod;
 
@@ -142,7 +139,7 @@ pub struct RunReport {
     pub pmd_mapped_bytes: u64,
     /// The collapse engine's mode and counters; None when it did not run (off, hugetlb,
     /// or on-fill in a run that received no migration).
-    pub collapse: Option<crate::collapse::CollapseReport>,
+    pub collapse: Option<CollapseReport>,
     /// How KVM reports written pages: "bitmap" or "ring".
     pub dirty_log: &'static str,
     /// Dirty ring: entries per vCPU.
@@ -217,7 +214,7 @@ impl std::fmt::Display for RunReport {
         if let Some(n) = &self.numa {
             writeln!(
                 f,
-                "  NUMA: {} {} node(s), balancing {}: {} hint faults ({} local), {} pages migrated, {} failures, locality {:.1}%{}",
+                "  NUMA: {} {} node(s), balancing {}: {} hint faults ({} local), {} pages moved, {} failures, locality {:.1}%{}",
                 n.nodes,
                 n.backend,
                 if n.balancing { "on" } else { "off" },
@@ -306,7 +303,7 @@ fn write_memmap(f: &mut std::fmt::Formatter<'_>, m: &Memmap) -> std::fmt::Result
             "  {:#018x} {:#018x} {:>10} {:>4} {:>8} {:>4} {:>4}{}",
             r.start,
             r.end,
-            (r.end - r.start) >> 10,
+            r.end.offset_from(r.start) >> 10,
             match r.size {
                 LeafSize::Size4K => "4K",
                 LeafSize::Size2M => "2M",
@@ -335,23 +332,28 @@ pub fn assemble(
     mem: MemoryReport,
 ) -> Result<RunReport> {
     let memory = &end.memory;
-    let ram = &memory.ram;
     let clock = TscClock::calibrate(origin);
-    let pmd_mapped_bytes = ram.guest_view_pmd_mapped_bytes()?;
+    if let Some(e) = mem.faults.as_ref().and_then(|f| f.error.clone()) {
+        return Err(Error::FaultPath(e));
+    }
+    if mem.host_failures > 0 {
+        return Err(Error::HostMapping {
+            failures: mem.host_failures,
+        });
+    }
+    let pmd_mapped_bytes = memory.pmd_mapped_bytes()?;
     let memmap = match cfg.memmap {
         MemmapListing::AtExit => Some(Memmap {
-            accounting: memory.stage.accounting(),
-            runs: memory.stage.runs(),
+            accounting: memory.accounting(),
+            runs: memory.runs(),
         }),
         MemmapListing::Off => None,
     };
     // Resident memory while guest RAM is still mapped.
-    let (vmm_rss, ram_rss) = procfs::rss_split(&ram.host_ranges()).map_err(|source| Error::Io {
-        what: "reading /proc/self/smaps".into(),
-        source,
-    })?;
+    let rss = memory.rss_split()?;
+    let (vmm_rss, ram_rss) = (rss.vmm_rss_bytes, rss.guest_ram_rss_bytes);
     let slots: Vec<VcpuSlot> = (0..cfg.vcpus as usize)
-        .map(|i| end.mailbox.slot(ram.staging(), i))
+        .map(|i| end.mailbox.slot(memory.staging(), i))
         .collect();
     check_vcpus(&end)?;
     let exception = exception(&slots);
@@ -382,9 +384,9 @@ pub fn assemble(
     Ok(RunReport {
         workload: end.workload,
         vcpus: cfg.vcpus,
-        memory_bytes: ram.size(),
-        backing: ram.backing().to_string(),
-        page_size: ram.page_size(),
+        memory_bytes: memory.size(),
+        backing: memory.backing().to_string(),
+        page_size: memory.page_size(),
         prefault: cfg.ram.prefault == guest_mm::Prefault::Populate,
         entry: "ring-3 fast path",
         outcome: if exception.is_some() {
@@ -413,7 +415,7 @@ pub fn assemble(
         guest_ram_rss_bytes: ram_rss,
         vmm_overhead_rss_bytes: vmm_rss.saturating_sub(ram_rss),
         per_vcpu,
-        fault_path: memory.fault_path_name(),
+        fault_path: mem.fault_path.to_string(),
         uffd_faults: faults.as_ref().map(|f| f.uffd_faults).unwrap_or(0),
         fault_us_p50: faults.as_ref().map(|f| f.fault_us_p50).unwrap_or(0.0),
         fault_us_p99: faults.as_ref().map(|f| f.fault_us_p99).unwrap_or(0.0),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_image::{abi, GuestParams, Workload};
-use guest_mm::{BackingKind, GuestRam, RamConfig};
+use guest_mm::{BackingKind, GuestMemory, MemoryConfig, RamConfig};
 use vmm::boot;
 use vmm::console::{Console, ConsoleMode};
 use vmm::vstate::vcpu::{Vcpu, VcpuEnd, VcpuOutcome};
@@ -21,15 +21,19 @@ use vmm::vstate::vm::{open_kvm, DirtyLogMethod, DirtyLogging, Vm};
 /// logging on from before the first guest instruction.
 struct Touched {
     vm: Vm,
-    ram: GuestRam,
+    ram: Arc<GuestMemory>,
     outcomes: Vec<VcpuOutcome>,
 }
 
 fn touch_once(method: DirtyLogMethod, size: u64, vcpus: usize) -> Touched {
     let kvm = open_kvm(std::path::Path::new("/dev/kvm")).unwrap();
-    let ram = GuestRam::create(&RamConfig {
-        size,
-        backing: BackingKind::Shmem,
+    let ram = GuestMemory::create(&MemoryConfig {
+        ram: RamConfig {
+            size,
+            backing: BackingKind::Shmem,
+            ..Default::default()
+        },
+        vcpus,
         ..Default::default()
     })
     .unwrap();
@@ -43,10 +47,11 @@ fn touch_once(method: DirtyLogMethod, size: u64, vcpus: usize) -> Touched {
     };
     boot::write_boot_tables(ram.staging(), &image, size, vcpus, &params.cmdline()).unwrap();
     let vm = Vm::new(&kvm, method).unwrap();
-    vm.register_ram(&ram).unwrap();
-    vm.set_dirty_logging(&ram, DirtyLogging::On).unwrap();
+    vm.register_ram(ram.memslot()).unwrap();
+    vm.set_dirty_logging(ram.memslot(), DirtyLogging::On)
+        .unwrap();
     // Nothing has run yet: the log starts empty.
-    let empty = vm.take_dirty_log(&ram).unwrap();
+    let empty = vm.take_dirty_log(ram.memslot()).unwrap();
     assert!(
         empty.iter().all(|&w| w == 0),
         "{method}: dirty before any vCPU ran"
@@ -108,7 +113,7 @@ fn a_writing_guest_dirties_its_pages_through_the_ring_and_the_bitmap_alike() {
         DirtyLogMethod::Bitmap,
     ] {
         let t = touch_once(method, SIZE, 1);
-        let bitmap = t.vm.take_dirty_log(&t.ram).unwrap();
+        let bitmap = t.vm.take_dirty_log(t.ram.memslot()).unwrap();
         assert_eq!(bitmap.len(), (SIZE / 4096 / 64) as usize, "{method}");
         let (dirty, pages) = data_pages_dirty(&bitmap, SIZE);
         assert_eq!(dirty, pages, "{method}: every data page was written once");
@@ -120,7 +125,7 @@ fn a_writing_guest_dirties_its_pages_through_the_ring_and_the_bitmap_alike() {
             _ => assert_eq!(full, 0, "{method}"),
         }
         // Taken means cleared: the guest has stopped, so nothing is dirty now.
-        let again = t.vm.take_dirty_log(&t.ram).unwrap();
+        let again = t.vm.take_dirty_log(t.ram.memslot()).unwrap();
         assert!(again.iter().all(|&w| w == 0), "{method}: not cleared");
     }
 }
@@ -145,13 +150,13 @@ fn dirty_log_fetch_cost_on_1g() {
         let t = touch_once(method, SIZE, 8);
         let full: u64 = t.outcomes.iter().map(|o| o.dirty_ring_full_exits).sum();
         let start = Instant::now();
-        let bitmap = t.vm.take_dirty_log(&t.ram).unwrap();
+        let bitmap = t.vm.take_dirty_log(t.ram.memslot()).unwrap();
         let all = start.elapsed();
         let (dirty, _) = data_pages_dirty(&bitmap, SIZE);
         let mut idle = Duration::MAX;
         for _ in 0..20 {
             let start = Instant::now();
-            let _ = t.vm.take_dirty_log(&t.ram).unwrap();
+            let _ = t.vm.take_dirty_log(t.ram.memslot()).unwrap();
             idle = idle.min(start.elapsed());
         }
         println!(

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use guest_mm::GuestRam;
+use guest_mm::Memslot;
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -161,27 +161,27 @@ impl Vm {
         )
     }
 
-    /// Slot 0 maps guest-physical [0, size) to the guest view of `ram`.
-    pub fn register_ram(&self, ram: &GuestRam) -> Result<()> {
-        self.set_slot(ram, DirtyLogging::Off)
+    /// Slot 0 maps guest RAM (guest-mm's memslot: its guest view).
+    pub fn register_ram(&self, slot: Memslot) -> Result<()> {
+        self.set_slot(slot, DirtyLogging::Off)
     }
 
     /// Starts or stops KVM dirty logging on the RAM slot (for pre-copy).
-    pub fn set_dirty_logging(&self, ram: &GuestRam, logging: DirtyLogging) -> Result<()> {
-        self.set_slot(ram, logging)
+    pub fn set_dirty_logging(&self, slot: Memslot, logging: DirtyLogging) -> Result<()> {
+        self.set_slot(slot, logging)
     }
 
     /// The pages of slot 0 written since the last call (one bit per 4 KiB), and clears it.
     /// With the dirty ring this harvests every vCPU's ring (KVM_GET_DIRTY_LOG fails with
     /// ENXIO once the ring is on); pages in the result have been re-armed, so a write after
     /// the caller reads them is logged again.
-    pub fn take_dirty_log(&self, ram: &GuestRam) -> Result<Vec<u64>> {
+    pub fn take_dirty_log(&self, slot: Memslot) -> Result<Vec<u64>> {
         let t = crate::clock::monotonic_ns();
         let log = match &self.dirty_ring {
-            Some(ring) => ring.take(ram.size()),
+            Some(ring) => ring.take(slot.size),
             None => self
                 .fd
-                .get_dirty_log(0, ram.size() as usize)
+                .get_dirty_log(0, slot.size as usize)
                 .map_err(kvm("KVM_GET_DIRTY_LOG")),
         };
         self.cost.takes.fetch_add(1, Ordering::Relaxed);
@@ -192,19 +192,20 @@ impl Vm {
         log
     }
 
-    fn set_slot(&self, ram: &GuestRam, logging: DirtyLogging) -> Result<()> {
+    fn set_slot(&self, slot: Memslot, logging: DirtyLogging) -> Result<()> {
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: match logging {
                 DirtyLogging::On => kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
                 DirtyLogging::Off => 0,
             },
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.guest_view_addr() as u64,
+            guest_phys_addr: slot.guest_phys_addr.raw(),
+            memory_size: slot.size,
+            userspace_addr: slot.userspace_addr,
         };
-        // SAFETY: the guest view is a live mapping of exactly `ram.size()` bytes owned by
-        // `ram`, which the caller keeps alive for as long as the VM (and so the slot) exists.
+        // SAFETY: the memslot is guest-mm's guest view, a live mapping of exactly
+        // `slot.size` bytes owned by the GuestMemory it came from, which the caller keeps
+        // alive for as long as the VM (and so the slot) exists.
         unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))
     }
 

@@ -1,5 +1,5 @@
 //! The collapse engine: one thread that turns complete 2 MiB regions of guest RAM into
-//! huge pages (policy and host sequence in `guest_mm::collapse`).
+//! huge pages (policy and host sequence in [`super::policy`]).
 //!
 //! Who feeds it:
 //! - a post-copy destination's receivers, after each page they install (`filled`);
@@ -13,18 +13,22 @@
 //! EAGAIN, ENOMEM), retried up to `MAX_ATTEMPTS` times; it never changes guest content.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use guest_mm::collapse::{
+use serde::Serialize;
+
+use super::policy::{
     choose_orders, collapse_region, region_complete, CollapseMode, CollapseStats, ScanBudget,
 };
-use guest_mm::stage::SecondStage;
-use guest_mm::table::{Region2M, SIZE_2M};
-use guest_mm::{BackingKind, GuestRam};
+use crate::addr::{Gpa, GpaRange, SIZE_2M};
+use crate::error::Error;
+use crate::guest_view::GuestView;
+use crate::ram::GuestRam;
+use crate::stage::{Region2M, SecondStage};
 
 const MAX_ATTEMPTS: u32 = 5;
 /// The collapse thread's nice value (see `Worker::run`).
@@ -35,7 +39,7 @@ const MIN_MTHP_ORDER: u32 = 2;
 
 enum Msg {
     /// A page of the region at this GPA became final.
-    Filled(u64),
+    Filled(Gpa),
     /// Look at every region (a migration destination resumed).
     Sweep,
     Stop,
@@ -44,16 +48,19 @@ enum Msg {
 /// Messages taken in one go: regions with new fills, and whether to sweep.
 #[derive(Default)]
 struct Pending {
-    filled: std::collections::BTreeSet<u64>,
+    filled: std::collections::BTreeSet<Gpa>,
     sweep: bool,
+    /// Messages taken (for the engine's idle count).
+    taken: u64,
 }
 
 impl Pending {
     /// Adds `msg`; false for Stop.
     fn add(&mut self, msg: Msg) -> bool {
+        self.taken += 1;
         match msg {
             Msg::Filled(gpa) => {
-                self.filled.insert(gpa & !(SIZE_2M - 1));
+                self.filled.insert(gpa.align_down(SIZE_2M));
             }
             Msg::Sweep => self.sweep = true,
             Msg::Stop => return false,
@@ -62,144 +69,156 @@ impl Pending {
     }
 }
 
-/// Handle to the collapse thread.
-pub struct CollapseEngine {
+/// Handle to the collapse thread. Made with guest memory; its thread starts later
+/// (`start`), and messages sent before that wait in the queue.
+pub(crate) struct CollapseEngine {
     tx: mpsc::Sender<Msg>,
-    /// Fill and sweep messages sent but not yet handled, plus queued retries: zero when
-    /// the engine has nothing left to do (what tests and `vm.info` wait for).
-    outstanding: Arc<std::sync::atomic::AtomicU64>,
-    scan_sweeps: Arc<std::sync::atomic::AtomicU64>,
+    worker: Mutex<Option<Worker>>,
+    rx: Mutex<Option<mpsc::Receiver<Msg>>>,
     handle: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<Mutex<CollapseStats>>,
+    work: Arc<Work>,
     mode: CollapseMode,
 }
 
-/// The engine's state while it runs (`vm.info`).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct CollapseProgress {
-    pub mode: &'static str,
-    pub collapses: u64,
-    /// Nothing queued: no fill or sweep waiting, no retry pending.
-    pub idle: bool,
-    pub regions_scanned: u64,
-    /// Full passes of the background scan over guest RAM.
-    pub scan_sweeps: u64,
+/// Work not done yet: messages queued and regions waiting for a retry.
+#[derive(Default)]
+struct Work {
+    queued: AtomicU64,
+    retries: AtomicU64,
 }
 
 /// What the run report carries about collapse.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct CollapseReport {
     pub mode: &'static str,
     #[serde(flatten)]
     pub stats: CollapseStats,
 }
 
-/// Whether collapse applies to this backing at all: hugetlb is huge already.
-pub fn applies_to(backing: BackingKind) -> bool {
-    !matches!(backing, BackingKind::Hugetlb2M | BackingKind::Hugetlb1G)
+/// The collapse engine while it runs: its counters and whether anything is left to do.
+#[derive(Clone, Debug, Serialize)]
+pub struct CollapseStatus {
+    #[serde(flatten)]
+    pub report: CollapseReport,
+    /// No fills or sweeps queued and no retries pending.
+    pub idle: bool,
 }
 
 impl CollapseEngine {
-    /// Starts the engine; `uffd` is the post-copy registration of the guest view, if any
-    /// (its CONTINUE maps a collapsed region before the guest view's own collapse).
-    pub fn start(
+    pub(crate) fn new(
         mode: CollapseMode,
         budget: ScanBudget,
         ram: Arc<GuestRam>,
         stage: Arc<SecondStage>,
-        uffd: Option<Arc<uffd::Uffd>>,
-    ) -> std::io::Result<CollapseEngine> {
+        view: Arc<GuestView>,
+    ) -> CollapseEngine {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(CollapseStats::default()));
-        let outstanding = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let scan_sweeps = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let work = Arc::new(Work::default());
         let worker = Worker {
-            outstanding: outstanding.clone(),
-            scan_sweeps: scan_sweeps.clone(),
             mode,
             budget,
             ram,
             stage,
-            uffd,
+            view,
             stats: stats.clone(),
+            work: work.clone(),
             retries: VecDeque::new(),
             attempted: Default::default(),
-            cursor: 0,
+            cursor: Gpa::ZERO,
             started: Instant::now(),
             window_start: Instant::now(),
             collapses_in_window: 0,
         };
+        CollapseEngine {
+            tx,
+            worker: Mutex::new(Some(worker)),
+            rx: Mutex::new(Some(rx)),
+            handle: Mutex::new(None),
+            stats,
+            work,
+            mode,
+        }
+    }
+
+    /// Starts the thread (once; later calls do nothing).
+    pub(crate) fn start(&self) -> Result<(), Error> {
+        let worker = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (Some(mut worker), Some(rx)) = (worker, rx) else {
+            return Ok(());
+        };
+        worker.started = Instant::now();
         let handle = std::thread::Builder::new()
             .name("collapse".into())
-            .spawn(move || worker.run(rx))?;
-        Ok(CollapseEngine {
-            tx,
-            outstanding,
-            scan_sweeps,
-            handle: Mutex::new(Some(handle)),
-            stats,
-            mode,
-        })
+            .spawn(move || worker.run(rx))
+            .map_err(|source| Error::Thread {
+                name: "collapse",
+                source,
+            })?;
+        *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    fn send(&self, msg: Msg) {
+        self.work.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(msg).is_err() {
+            self.work.queued.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// A page at `gpa` now holds its final content.
-    pub fn filled(&self, gpa: u64) {
+    pub(crate) fn filled(&self, gpa: Gpa) {
         self.send(Msg::Filled(gpa));
     }
 
     /// Look at every region once (complete ones collapse).
-    pub fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         self.send(Msg::Sweep);
     }
 
-    fn send(&self, msg: Msg) {
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(msg).is_err() {
-            self.outstanding.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// What the engine has done so far, while it runs.
-    pub fn progress(&self) -> CollapseProgress {
-        let s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        CollapseProgress {
-            mode: self.mode.name(),
-            collapses: s.collapses,
-            idle: self.outstanding.load(Ordering::Acquire) == 0,
-            regions_scanned: s.regions_scanned,
-            scan_sweeps: self.scan_sweeps.load(Ordering::Acquire),
-        }
-    }
-
-    /// Stops the thread (pending work is dropped) and returns what it did.
-    pub fn stop(&self) -> CollapseReport {
-        let _ = self.tx.send(Msg::Stop);
-        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+    fn report(&self) -> CollapseReport {
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
         CollapseReport {
             mode: self.mode.name(),
             stats,
         }
     }
+
+    /// The counters so far, and whether the engine has nothing left to do.
+    pub(crate) fn status(&self) -> CollapseStatus {
+        CollapseStatus {
+            report: self.report(),
+            idle: self.work.queued.load(Ordering::Acquire) == 0
+                && self.work.retries.load(Ordering::Acquire) == 0,
+        }
+    }
+
+    /// Stops the thread (pending work is dropped) and returns what it did.
+    pub(crate) fn stop(&self) -> CollapseReport {
+        let _ = self.tx.send(Msg::Stop);
+        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        self.report()
+    }
 }
 
 struct Worker {
-    outstanding: Arc<std::sync::atomic::AtomicU64>,
-    scan_sweeps: Arc<std::sync::atomic::AtomicU64>,
     mode: CollapseMode,
     budget: ScanBudget,
     ram: Arc<GuestRam>,
     stage: Arc<SecondStage>,
-    uffd: Option<Arc<uffd::Uffd>>,
+    view: Arc<GuestView>,
     stats: Arc<Mutex<CollapseStats>>,
+    work: Arc<Work>,
     /// (region, attempts so far, not before)
-    retries: VecDeque<(u64, u32, Instant)>,
+    retries: VecDeque<(Gpa, u32, Instant)>,
     /// Regions on-fill has tried already.
-    attempted: std::collections::HashSet<u64>,
-    cursor: u64,
+    attempted: std::collections::HashSet<Gpa>,
+    cursor: Gpa,
     started: Instant,
     window_start: Instant,
     collapses_in_window: u32,
@@ -226,7 +245,6 @@ impl Worker {
             // Take everything queued: under load, hundreds of fills arrive together, and
             // each region's table entries are then read once, not once per page.
             let mut pending = Pending::default();
-            let mut taken = 0u64;
             match rx.recv_timeout(wait) {
                 Ok(msg) => {
                     let mut next = Some(msg);
@@ -234,13 +252,13 @@ impl Worker {
                         if !pending.add(msg) {
                             return;
                         }
-                        taken += 1;
                         next = rx.try_recv().ok();
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {}
             }
+            let taken = pending.taken;
             for region in pending.filled {
                 // The first look that finds a region complete tries it (retries are
                 // queued separately).
@@ -250,12 +268,11 @@ impl Worker {
                 }
             }
             if pending.sweep {
-                let mut r = 0;
-                while r + SIZE_2M <= self.ram.size() {
-                    if region_complete(&self.stage, r) {
-                        self.attempt(r, 1);
+                for r in 0..self.ram.size() / SIZE_2M {
+                    let region = Gpa(r * SIZE_2M);
+                    if region_complete(&self.stage, region) {
+                        self.attempt(region, 1);
                     }
-                    r += SIZE_2M;
                 }
             }
             if Instant::now() >= next_scan {
@@ -265,8 +282,10 @@ impl Worker {
                 }
                 next_scan = Instant::now() + tick;
             }
-            // Handled only now, after the regions they named were tried.
-            self.outstanding.fetch_sub(taken, Ordering::AcqRel);
+            self.work
+                .retries
+                .store(self.retries.len() as u64, Ordering::Release);
+            self.work.queued.fetch_sub(taken, Ordering::AcqRel);
         }
     }
 
@@ -275,19 +294,8 @@ impl Worker {
     }
 
     /// Collapses `region` now; on a transient failure queues it for later.
-    fn attempt(&mut self, region: u64, attempt: u32) -> bool {
-        let uffd = self.uffd.clone();
-        let map_guest_view = |start: u64| {
-            if let Some(u) = &uffd {
-                // Errors are harmless here: EEXIST where pages are mapped already, or
-                // the range was unregistered because post-copy ended. The guest view's
-                // collapse that follows maps the (complete) region either way.
-                let base = self.ram.guest_view_addr() as u64;
-                let _ = u.continue_range(base + start, SIZE_2M, uffd::Wake::Yes);
-            }
-            Ok(())
-        };
-        match collapse_region(&self.ram, &self.stage, region, map_guest_view) {
+    fn attempt(&mut self, region: Gpa, attempt: u32) -> bool {
+        match collapse_region(&self.ram, &self.stage, &self.view, region) {
             Ok(took) => {
                 let regions = (self.ram.size() / SIZE_2M).max(1);
                 let since_start = self.started.elapsed().as_secs_f64() * 1e3;
@@ -305,7 +313,6 @@ impl Worker {
             Err(why) => {
                 self.stats().failed(why);
                 if why.retry_later() && attempt < MAX_ATTEMPTS {
-                    self.outstanding.fetch_add(1, Ordering::AcqRel);
                     self.retries
                         .push_back((region, attempt + 1, Instant::now() + RETRY_AFTER));
                 }
@@ -323,37 +330,11 @@ impl Worker {
             .filter(|r| r.2 <= now)
             .collect();
         self.retries.retain(|r| r.2 > now);
-        let due_count = due.len() as u64;
         for (region, attempt, _) in due {
             if region_complete(&self.stage, region) {
                 self.attempt(region, attempt);
             }
         }
-        self.outstanding.fetch_sub(due_count, Ordering::AcqRel);
-    }
-
-    /// Which of the region's 512 pages the host holds (mincore of the guest view).
-    fn populated(&self, region: u64) -> Option<[u64; 8]> {
-        let mut vec = [0u8; 512];
-        // SAFETY: `region + 2 MiB <= ram.size()` (the caller checks), so the range lies in
-        // the guest view mapping; `vec` has one byte per 4 KiB page of it.
-        let r = unsafe {
-            libc::mincore(
-                self.ram.guest_view_addr().add(region as usize).cast(),
-                SIZE_2M as usize,
-                vec.as_mut_ptr(),
-            )
-        };
-        if r != 0 {
-            return None;
-        }
-        let mut bits = [0u64; 8];
-        for (i, b) in vec.iter().enumerate() {
-            if b & 1 != 0 {
-                bits[i / 64] |= 1 << (i % 64);
-            }
-        }
-        Some(bits)
     }
 
     /// One period of the background scan: up to `pages_per_period` pages' worth of
@@ -367,9 +348,9 @@ impl Worker {
         let total = self.ram.size() / SIZE_2M;
         for _ in 0..regions.min(total) {
             let region = self.cursor;
-            self.cursor = (self.cursor + SIZE_2M) % (total * SIZE_2M);
-            if self.cursor == 0 {
-                self.scan_sweeps.fetch_add(1, Ordering::AcqRel);
+            self.cursor = Gpa((self.cursor.0 + SIZE_2M) % (total * SIZE_2M));
+            if self.cursor == Gpa::ZERO {
+                self.stats().scan_sweeps += 1;
             }
             // Already one leaf: nothing to do.
             if !matches!(
@@ -378,7 +359,10 @@ impl Worker {
             ) {
                 continue;
             }
-            let Some(populated) = self.populated(region) else {
+            // Populated: which of the region's 512 pages the host holds (mincore of the
+            // guest view).
+            let span = GpaRange::new(region, region.add(SIZE_2M));
+            let Some(populated) = self.ram.resident_2m(span) else {
                 continue;
             };
             let choices = choose_orders(&populated, self.budget.max_ptes_none, MIN_MTHP_ORDER);

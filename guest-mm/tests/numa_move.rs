@@ -11,19 +11,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guest_mm::notifier::GpaRange;
-use guest_mm::numa::{NodeBackendKind, NumaLayout};
-use guest_mm::stage::{Change, SecondStage};
-use guest_mm::{BackingKind, GuestRam, RamConfig};
-use vmm::fault::{FaultPath, GuestViewZapper, VcpuThreads};
+use guest_mm::{
+    BackingKind, FaultPathNeed, Gpa, GuestMemory, MemoryConfig, NodeBackendKind, NumaLayout,
+    RamConfig,
+};
 
 const SIZE: u64 = 16 << 20;
 const R: u64 = 2 << 20;
 
 #[test]
 fn moves_under_a_writer_lose_nothing() {
-    let ram = Arc::new(
-        GuestRam::create(&RamConfig {
+    let memory = GuestMemory::create(&MemoryConfig {
+        ram: RamConfig {
             size: SIZE,
             backing: BackingKind::Shmem,
             numa: NumaLayout {
@@ -32,22 +31,20 @@ fn moves_under_a_writer_lose_nothing() {
                 ..Default::default()
             },
             ..Default::default()
-        })
-        .unwrap(),
-    );
-    let stage = Arc::new(SecondStage::all_present(ram.size(), ram.page_size()).unwrap());
-    let base = ram.guest_view_addr() as u64;
-    let threads = Arc::new(VcpuThreads::new(1));
-    let fp = FaultPath::start(stage.clone(), threads.clone(), base, SIZE, None).unwrap();
-    stage
-        .notifier()
-        .subscribe(Arc::new(GuestViewZapper::new(base, SIZE, Some(fp.uffd()))));
+        },
+        vcpus: 1,
+        fault_path: FaultPathNeed::Minor,
+        ..Default::default()
+    })
+    .unwrap();
+    memory.start().unwrap();
+    let base = memory.memslot().userspace_addr;
 
     let stop = Arc::new(AtomicBool::new(false));
     let passes_done = Arc::new(AtomicU64::new(0));
-    let (s, t, done) = (stop.clone(), threads.clone(), passes_done.clone());
+    let (s, m, done) = (stop.clone(), memory.clone(), passes_done.clone());
     let writer = std::thread::spawn(move || {
-        t.register_current(0);
+        m.vcpu_threads().register_current(0);
         let pages = SIZE / 4096;
         let mut gen = vec![0u64; pages as usize];
         let mut errors = Vec::new();
@@ -89,26 +86,24 @@ fn moves_under_a_writer_lose_nothing() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let gpa = (x % (SIZE / R)) * R;
-        let to = 1 - ram.node_of(gpa);
-        let r = stage.apply_with(
-            Change::Migrate {
-                range: GpaRange::new(gpa, gpa + R),
-                node: to,
-            },
-            |w| ram.move_region(w.start, w.len(), to),
-        );
-        assert!(r.is_ok(), "move failed");
+        let gpa = Gpa((x % (SIZE / R)) * R);
+        let to = 1 - memory.node_of(gpa);
+        let r = memory.move_region(gpa, to);
+        assert!(r.is_ok(), "move failed: {r:?}");
         moves += 1;
         std::thread::sleep(Duration::from_micros(500));
     }
     stop.store(true, Ordering::Relaxed);
     let (passes, errors) = writer.join().unwrap();
-    let stats = fp.stop();
+    let report = memory.stop();
     assert!(passes > 3 && moves > 100, "passes {passes}, moves {moves}");
     assert!(
         errors.is_empty(),
         "lost writes (gpa, expected, found): {errors:x?}; {} faults",
-        stats.report().uffd_faults
+        report.faults.map(|f| f.uffd_faults).unwrap_or(0)
+    );
+    assert_eq!(
+        report.host_failures, 0,
+        "every zap and re-registration worked"
     );
 }

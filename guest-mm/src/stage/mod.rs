@@ -1,11 +1,23 @@
-//! The second-stage table behind its one door: every change is widened, notified, applied.
+//! The second stage: hugevisor's own map of guest-physical memory (the radix [`table`])
+//! behind its one door. Every change the guest may observe is widened, announced to the
+//! mmu [`notifier`]'s subscribers, applied, and announced as ended; the fault path's
+//! commit ([`SecondStage::resolve`]) and post-copy's ([`SecondStage::fill`]) run under the
+//! same lock, so no invalidation slips between a decision and its host-side mapping.
+
+pub mod leaf;
+pub mod notifier;
+pub mod table;
 
 use std::sync::{Mutex, MutexGuard};
 
-use crate::notifier::{GpaRange, InvalidateReason, MmuNotifier, SeqToken};
-use crate::table::{
-    Accounting, Dirtied, Intent, LeafSize, LeafSpec, Lookup, PageState, Run, Table, TableError,
+use crate::addr::{Gpa, GpaRange, SIZE_2M};
+use crate::collapse::MthpChoice;
+pub use leaf::{
+    Accounting, BackingRef, Dirtied, FaultCause, HugePiecewise, Intent, Leaf, LeafSize, LeafSpec,
+    Lookup, Mapped, PageState, Region2M, Run, TableError,
 };
+pub use notifier::{InvalidateReason, MmuNotifier, MmuNotifierSubscriber, SeqToken};
+pub use table::Table;
 
 /// Why [`SecondStage::apply_with`] failed.
 #[derive(Debug)]
@@ -26,7 +38,7 @@ impl<E: std::fmt::Display> std::fmt::Display for ApplyError<E> {
 /// A change to the table that the guest may observe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// Map [start, end) with leaves of `size` (linear backing from `spec.backing`).
+    /// Map the range with leaves of `size` (linear backing from `spec.backing`).
     Map {
         range: GpaRange,
         size: LeafSize,
@@ -37,12 +49,12 @@ pub enum Change {
     },
     /// Split the leaf at `gpa` down to `to`.
     Split {
-        gpa: u64,
+        gpa: Gpa,
         to: LeafSize,
     },
     /// Merge the `to`-sized region at `gpa` into one leaf.
     Merge {
-        gpa: u64,
+        gpa: Gpa,
         to: LeafSize,
     },
     /// Present leaves in the range become hinted (whole leaves: the range is widened).
@@ -54,8 +66,10 @@ pub enum Change {
     Zap {
         range: GpaRange,
     },
-    /// The range's content moves to `node` (its zone); every mapping goes first.
-    Migrate {
+    /// The range's content moves to `node` (its zone); every mapping goes first. Only
+    /// meaningful with the host-side move as the `host` step of
+    /// [`SecondStage::apply_with`] (`GuestRam::move_region`).
+    Move {
         range: GpaRange,
         node: u16,
     },
@@ -72,10 +86,11 @@ impl Change {
             | Change::Unmap { range }
             | Change::Hint { range }
             | Change::Zap { range }
-            | Change::Migrate { range, .. }
+            | Change::Move { range, .. }
             | Change::MarkAbsent { range } => range,
-            Change::Split { gpa, to } => GpaRange::new(gpa, gpa + to.bytes()),
-            Change::Merge { gpa, to } => GpaRange::new(gpa, gpa + to.bytes()),
+            Change::Split { gpa, to } | Change::Merge { gpa, to } => {
+                GpaRange::new(gpa, gpa.add(to.bytes()))
+            }
         }
     }
 
@@ -86,7 +101,7 @@ impl Change {
             Change::Merge { .. } => InvalidateReason::Collapse,
             Change::Hint { .. } => InvalidateReason::NumaHint,
             Change::Zap { .. } => InvalidateReason::Zap,
-            Change::Migrate { .. } => InvalidateReason::Migrate,
+            Change::Move { .. } => InvalidateReason::Move,
             Change::MarkAbsent { .. } => InvalidateReason::StateChange,
         }
     }
@@ -100,7 +115,7 @@ pub struct SecondStage {
     backing_page: u64,
     /// The mTHP orders the collapse scan chose, per 2 MiB region (recorded even where
     /// the host can collapse only at PMD order).
-    orders: Mutex<std::collections::BTreeMap<u64, Vec<crate::collapse::MthpChoice>>>,
+    orders: Mutex<std::collections::BTreeMap<Gpa, Vec<MthpChoice>>>,
 }
 
 impl SecondStage {
@@ -116,19 +131,18 @@ impl SecondStage {
     /// A table with all of guest RAM [0, `ram_size`) present on node 0, zone 0, in leaves
     /// of the backing page size: how every VM starts.
     pub fn all_present(ram_size: u64, backing_page: u64) -> Result<SecondStage, TableError> {
-        let leaf =
-            crate::table::LeafSize::for_bytes(backing_page).ok_or(TableError::Unaligned {
-                gpa: 0,
-                size: crate::table::LeafSize::Size4K,
-            })?;
+        let leaf = LeafSize::for_bytes(backing_page).ok_or(TableError::Unaligned {
+            gpa: Gpa::ZERO,
+            size: LeafSize::Size4K,
+        })?;
         let stage = SecondStage::new(backing_page);
         let spec = LeafSpec {
             state: PageState::Present,
             node: 0,
-            backing: crate::table::BackingRef { zone: 0, offset: 0 },
+            backing: BackingRef { zone: 0, offset: 0 },
         };
         stage.apply(Change::Map {
-            range: GpaRange::new(0, ram_size),
+            range: GpaRange::new(Gpa::ZERO, Gpa(ram_size)),
             size: leaf,
             spec,
         })?;
@@ -137,6 +151,10 @@ impl SecondStage {
 
     pub fn notifier(&self) -> &MmuNotifier {
         &self.notifier
+    }
+
+    pub fn backing_page(&self) -> u64 {
+        self.backing_page
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -193,7 +211,7 @@ impl SecondStage {
         r.map(|_| range)
     }
 
-    pub fn lookup(&self, gpa: u64, intent: Intent) -> Lookup {
+    pub fn lookup(&self, gpa: Gpa, intent: Intent) -> Lookup {
         self.lock().lookup(gpa, intent)
     }
 
@@ -202,15 +220,16 @@ impl SecondStage {
     }
 
     /// The fault path's commit: if no invalidation ran since `token`, make the leaf at
-    /// `gpa` present and accessed, then run `install` (the host-side mapping, e.g.
-    /// UFFDIO_CONTINUE) while still holding the table, so no invalidation can slip
-    /// between the check and the install. Returns `Ok(false)` when the caller must retry.
+    /// `gpa` present and accessed, then run `install` (the host-side mapping of the span
+    /// it is given, e.g. UFFDIO_CONTINUE) while still holding the table, so no
+    /// invalidation can slip between the check and the install. Returns `Ok(false)` when
+    /// the caller must retry.
     pub fn resolve<E>(
         &self,
-        gpa: u64,
+        gpa: Gpa,
         token: SeqToken,
         dirtied: Dirtied,
-        install: impl FnOnce() -> Result<(), E>,
+        install: impl FnOnce(GpaRange) -> Result<(), E>,
     ) -> Result<bool, E> {
         let mut t = self.lock();
         if !self.notifier.unchanged_since(token) {
@@ -218,13 +237,12 @@ impl SecondStage {
         }
         let span = t.zap_span(gpa);
         t.set_state(
-            span.0,
-            span.1,
+            span,
             &[PageState::Hinted, PageState::Absent],
             PageState::Present,
         );
         t.mark_accessed(gpa, dirtied);
-        install()?;
+        install(span)?;
         Ok(true)
     }
 
@@ -232,15 +250,15 @@ impl SecondStage {
     /// absent, runs `install` (write through the staging view, CONTINUE) under the table
     /// lock and marks the leaf present. Returns `Ok(false)` for a leaf that is not absent
     /// (a duplicate, dropped: the guest may have written it since).
-    pub fn fill<E>(&self, gpa: u64, install: impl FnOnce() -> Result<(), E>) -> Result<bool, E> {
+    pub fn fill<E>(&self, gpa: Gpa, install: impl FnOnce() -> Result<(), E>) -> Result<bool, E> {
         let mut t = self.lock();
         match t.lookup(gpa, Intent::Internal) {
-            Lookup::Fault(_, crate::table::FaultCause::Absent) => {}
+            Lookup::Fault(_, FaultCause::Absent) => {}
             _ => return Ok(false),
         }
         install()?;
         let span = t.zap_span(gpa);
-        t.set_state(span.0, span.1, &[PageState::Absent], PageState::Present);
+        t.set_state(span, &[PageState::Absent], PageState::Present);
         Ok(true)
     }
 
@@ -252,14 +270,14 @@ impl SecondStage {
         self.lock().runs()
     }
 
-    pub fn occupancy_2m(&self, gpa: u64) -> u32 {
+    pub fn occupancy_2m(&self, gpa: Gpa) -> u32 {
         self.lock().occupancy_2m(gpa)
     }
 
     /// Records the mTHP orders chosen for the 2 MiB region at `gpa`.
-    pub fn record_orders(&self, gpa: u64, choices: &[crate::collapse::MthpChoice]) {
+    pub fn record_orders(&self, gpa: Gpa, choices: &[MthpChoice]) {
         let mut o = self.orders.lock().unwrap_or_else(|e| e.into_inner());
-        let key = gpa & !(crate::table::SIZE_2M - 1);
+        let key = gpa.align_down(SIZE_2M);
         if choices.is_empty() {
             o.remove(&key);
         } else {
@@ -268,11 +286,9 @@ impl SecondStage {
     }
 
     /// The mTHP orders recorded for the 2 MiB region at `gpa`.
-    pub fn recorded_orders(&self, gpa: u64) -> Vec<crate::collapse::MthpChoice> {
+    pub fn recorded_orders(&self, gpa: Gpa) -> Vec<MthpChoice> {
         let o = self.orders.lock().unwrap_or_else(|e| e.into_inner());
-        o.get(&(gpa & !(crate::table::SIZE_2M - 1)))
-            .cloned()
-            .unwrap_or_default()
+        o.get(&gpa.align_down(SIZE_2M)).cloned().unwrap_or_default()
     }
 
     /// Runs `f` on the table without notification: for read-only inspection.
@@ -286,18 +302,17 @@ fn widen(t: &Table, range: GpaRange, backing_page: u64) -> GpaRange {
         return range;
     }
     let first = t.zap_span(range.start);
-    let last = t.zap_span(range.end - 1);
-    let mut r = GpaRange::new(range.start.min(first.0), range.end.max(last.1));
-    r.start &= !(backing_page - 1);
-    r.end = r.end.div_ceil(backing_page) * backing_page;
-    r
+    let last = t.zap_span(Gpa(range.end.0 - 1));
+    let start = range.start.min(first.start).align_down(backing_page);
+    let end = Gpa(range.end.max(last.end).0.div_ceil(backing_page) * backing_page);
+    GpaRange::new(start, end)
 }
 
 fn apply_to(t: &mut Table, change: Change, widened: GpaRange) -> Result<(), TableError> {
     match change {
         Change::Map { range, size, spec } => {
             let step = size.bytes();
-            if !range.start.is_multiple_of(step) || !range.end.is_multiple_of(step) {
+            if !range.start.is_aligned(step) || !range.end.is_aligned(step) {
                 return Err(TableError::Unaligned {
                     gpa: range.start,
                     size,
@@ -305,46 +320,35 @@ fn apply_to(t: &mut Table, change: Change, widened: GpaRange) -> Result<(), Tabl
             }
             let mut gpa = range.start;
             while gpa < range.end {
-                let backing = crate::table::BackingRef {
+                let backing = BackingRef {
                     zone: spec.backing.zone,
-                    offset: spec.backing.offset + (gpa - range.start),
+                    offset: spec.backing.offset + gpa.offset_from(range.start),
                 };
                 t.map(gpa, size, LeafSpec { backing, ..spec })?;
-                gpa += step;
+                gpa = gpa.add(step);
             }
             Ok(())
         }
         Change::Unmap { range } => {
-            t.unmap(range.start, range.end);
+            t.unmap(range);
             Ok(())
         }
         Change::Split { gpa, to } => t.split(gpa, to),
         Change::Merge { gpa, to } => t.merge(gpa, to),
         // Whole leaves: the widened range, so no leaf is split to hint part of it.
         Change::Hint { .. } | Change::Zap { .. } => {
-            t.set_state(
-                widened.start,
-                widened.end,
-                &[PageState::Present],
-                PageState::Hinted,
-            );
+            t.set_state(widened, &[PageState::Present], PageState::Hinted);
             Ok(())
         }
-        Change::Migrate { node, .. } => {
+        Change::Move { node, .. } => {
             // The moved range is mapped nowhere yet: content here, mapping gone.
-            t.set_node(widened.start, widened.end, node, node);
-            t.set_state(
-                widened.start,
-                widened.end,
-                &[PageState::Present],
-                PageState::Hinted,
-            );
+            t.set_node(widened, node, node);
+            t.set_state(widened, &[PageState::Present], PageState::Hinted);
             Ok(())
         }
         Change::MarkAbsent { .. } => {
             t.set_state(
-                widened.start,
-                widened.end,
+                widened,
                 &[PageState::Present, PageState::Hinted],
                 PageState::Absent,
             );

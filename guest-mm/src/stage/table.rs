@@ -15,184 +15,16 @@
 //! This module is the data structure only. Every change a guest may observe goes through
 //! [`crate::stage::SecondStage`], which widens the range and runs the mmu notifier.
 
-use serde::Serialize;
+use crate::addr::{Gpa, GpaRange, SIZE_1G, SIZE_2M, SIZE_4K};
 
-pub const SIZE_4K: u64 = 1 << 12;
-pub const SIZE_2M: u64 = 1 << 21;
-pub const SIZE_1G: u64 = 1 << 30;
+use super::leaf::{
+    Accounting, BackingRef, Dirtied, FaultCause, HugePiecewise, Intent, Leaf, LeafSize, LeafSpec,
+    Lookup, Mapped, PageState, Region2M, Run, TableError,
+};
+
 /// The table covers guest-physical [0, 512 GiB).
 pub const GPA_LIMIT: u64 = 512 * SIZE_1G;
 const FANOUT: usize = 512;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum LeafSize {
-    #[serde(rename = "4K")]
-    Size4K,
-    #[serde(rename = "2M")]
-    Size2M,
-    #[serde(rename = "1G")]
-    Size1G,
-}
-
-impl LeafSize {
-    pub const ALL: [LeafSize; 3] = [LeafSize::Size4K, LeafSize::Size2M, LeafSize::Size1G];
-
-    pub fn bytes(self) -> u64 {
-        match self {
-            LeafSize::Size4K => SIZE_4K,
-            LeafSize::Size2M => SIZE_2M,
-            LeafSize::Size1G => SIZE_1G,
-        }
-    }
-
-    fn shift(self) -> u32 {
-        self.bytes().trailing_zeros()
-    }
-
-    fn from_shift(shift: u32) -> LeafSize {
-        match shift {
-            12 => LeafSize::Size4K,
-            21 => LeafSize::Size2M,
-            _ => LeafSize::Size1G,
-        }
-    }
-
-    /// The next smaller leaf size, if any.
-    pub fn smaller(self) -> Option<LeafSize> {
-        match self {
-            LeafSize::Size4K => None,
-            LeafSize::Size2M => Some(LeafSize::Size4K),
-            LeafSize::Size1G => Some(LeafSize::Size2M),
-        }
-    }
-
-    pub fn for_bytes(bytes: u64) -> Option<LeafSize> {
-        LeafSize::ALL.into_iter().find(|s| s.bytes() == bytes)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PageState {
-    /// Content is here and the guest view maps it.
-    Present,
-    /// Content is not here yet (e.g. during post-copy): any access must wait for it.
-    Absent,
-    /// Content is here but the guest-view mapping was zapped so that the next vCPU access
-    /// takes a NUMA-hint fault. Internal accesses and accounting treat it as present.
-    Hinted,
-}
-
-impl PageState {
-    /// Whether the content is final (present or hinted): what occupancy counts.
-    pub fn has_content(self) -> bool {
-        !matches!(self, PageState::Absent)
-    }
-}
-
-/// Where a leaf's content lives: a zone (one memfd / backing object) and a byte offset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct BackingRef {
-    pub zone: u16,
-    pub offset: u64,
-}
-
-impl BackingRef {
-    fn plus(self, bytes: u64) -> BackingRef {
-        BackingRef {
-            zone: self.zone,
-            offset: self.offset + bytes,
-        }
-    }
-}
-
-/// What a new leaf holds (the part of a leaf its creator chooses).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeafSpec {
-    pub state: PageState,
-    pub node: u16,
-    /// Backing of the first byte; later bytes follow linearly.
-    pub backing: BackingRef,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Leaf {
-    pub size: LeafSize,
-    pub state: PageState,
-    pub node: u16,
-    pub backing: BackingRef,
-    pub accessed: bool,
-    pub dirty: bool,
-}
-
-impl Leaf {
-    fn new(size: LeafSize, spec: LeafSpec) -> Leaf {
-        Leaf {
-            size,
-            state: spec.state,
-            node: spec.node,
-            backing: spec.backing,
-            accessed: false,
-            dirty: false,
-        }
-    }
-
-    /// Whether `self` followed by 511 more leaves like it could be one leaf of the next size.
-    fn continues(&self, first: &Leaf, index: u64) -> bool {
-        self.size == first.size
-            && self.state == first.state
-            && self.node == first.node
-            && self.backing == first.backing.plus(index * first.size.bytes())
-    }
-}
-
-/// Who is asking, and so whether a hinted entry faults (the FOLL_HONOR_NUMA_FAULT lesson,
-/// seed 003, named for what it means).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Intent {
-    /// A vCPU's access: a hinted entry takes the hint fault.
-    Vcpu,
-    /// The VMM's own access (device emulation, migration sender, introspection): a hinted
-    /// entry is present and does not fault.
-    Internal,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FaultCause {
-    /// The content is not here yet.
-    Absent,
-    /// A NUMA-hint fault (vCPU accesses only).
-    Hint,
-}
-
-/// The leaf that maps an address, with its start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mapped {
-    pub start: u64,
-    pub leaf: Leaf,
-}
-
-impl Mapped {
-    /// Backing of the byte at `gpa` (inside this leaf).
-    pub fn backing_at(&self, gpa: u64) -> BackingRef {
-        self.leaf.backing.plus(gpa - self.start)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lookup {
-    Mapped(Mapped),
-    Fault(Mapped, FaultCause),
-    Unmapped,
-}
-
-/// A huge backing page mapped piecewise by a table of smaller leaves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct HugePiecewise {
-    pub page: LeafSize,
-    pub backing: BackingRef,
-    pub node: u16,
-}
 
 #[derive(Clone, Debug, Default)]
 enum Entry {
@@ -209,69 +41,6 @@ pub struct Table {
     entries: Vec<Entry>,
     /// Set when this table maps pieces of one huge backing page.
     piecewise: Option<HugePiecewise>,
-}
-
-/// Errors of table operations: misuse by the caller, reported rather than panicking.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TableError {
-    #[error("guest-physical {gpa:#x} is not aligned to {size:?}")]
-    Unaligned { gpa: u64, size: LeafSize },
-    #[error("guest-physical {gpa:#x} is beyond the table's 512 GiB")]
-    OutOfRange { gpa: u64 },
-    #[error("nothing is mapped at guest-physical {gpa:#x}")]
-    NotMapped { gpa: u64 },
-    #[error("the {size:?} region at {gpa:#x} cannot merge: {why}")]
-    NotMergeable {
-        gpa: u64,
-        size: LeafSize,
-        why: &'static str,
-    },
-    #[error("the leaf at {gpa:#x} is already {size:?}; cannot split to that size")]
-    NotSplittable { gpa: u64, size: LeafSize },
-}
-
-/// Counts for the VMM's smaps-like accounting. Hinted pages count as present.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Accounting {
-    pub present_bytes: u64,
-    pub absent_bytes: u64,
-    /// Included in `present_bytes`.
-    pub hinted_bytes: u64,
-    pub leaves_4k: u64,
-    pub leaves_2m: u64,
-    pub leaves_1g: u64,
-    /// Huge backing pages mapped piecewise (each also one logical mapping).
-    pub piecewise_huge_pages: u64,
-    /// Mappings as a huge backing page's owner sees them: a leaf is one, a piecewise huge
-    /// page is one however many pieces it has.
-    pub logical_mappings: u64,
-}
-
-/// What maps one 2 MiB region of guest-physical memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Region2M {
-    Unmapped,
-    /// One leaf of 2 MiB or more covers the region.
-    Huge(Leaf),
-    /// 4 KiB leaves: which of the 512 have content (present or hinted), and whether all
-    /// 512 are present with one node and linear backing, so that they can become one
-    /// 2 MiB leaf (what a collapse needs).
-    Pieces {
-        occupied: [u64; 8],
-        mergeable: bool,
-    },
-}
-
-/// A run of equal leaves, for the memory map listing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Run {
-    pub start: u64,
-    pub end: u64,
-    pub size: LeafSize,
-    pub state: PageState,
-    pub node: u16,
-    pub zone: u16,
-    pub piecewise: bool,
 }
 
 impl Default for Table {
@@ -304,17 +73,21 @@ impl Table {
 
     fn check(gpa: u64, size: LeafSize) -> Result<(), TableError> {
         if gpa >= GPA_LIMIT {
-            return Err(TableError::OutOfRange { gpa });
+            return Err(TableError::OutOfRange { gpa: Gpa(gpa) });
         }
         if !gpa.is_multiple_of(size.bytes()) {
-            return Err(TableError::Unaligned { gpa, size });
+            return Err(TableError::Unaligned {
+                gpa: Gpa(gpa),
+                size,
+            });
         }
         Ok(())
     }
 
     /// Installs a leaf of `size` at `gpa`, replacing whatever mapped that range (a larger
     /// leaf around it is split first).
-    pub fn map(&mut self, gpa: u64, size: LeafSize, spec: LeafSpec) -> Result<(), TableError> {
+    pub fn map(&mut self, gpa: Gpa, size: LeafSize, spec: LeafSpec) -> Result<(), TableError> {
+        let gpa = gpa.0;
         Self::check(gpa, size)?;
         self.map_at(gpa, size, spec);
         Ok(())
@@ -371,14 +144,18 @@ impl Table {
     /// other pieces stay as they were (absent ones are not mapped).
     pub fn map_piece(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         piece: LeafSize,
         huge: LeafSize,
         spec: LeafSpec,
     ) -> Result<(), TableError> {
+        let gpa = gpa.0;
         Self::check(gpa, piece)?;
         if piece >= huge {
-            return Err(TableError::NotSplittable { gpa, size: piece });
+            return Err(TableError::NotSplittable {
+                gpa: Gpa(gpa),
+                size: piece,
+            });
         }
         let huge_start = gpa & !(huge.bytes() - 1);
         let huge_backing = BackingRef {
@@ -425,9 +202,10 @@ impl Table {
         child.map_piece_at(gpa, piece, huge, pw, spec);
     }
 
-    /// Removes every mapping in [start, end); partly covered leaves are split first.
-    pub fn unmap(&mut self, start: u64, end: u64) {
-        self.for_range_mut(start, end.min(GPA_LIMIT), &mut |e| *e = Entry::Empty);
+    /// Removes every mapping in `range`; partly covered leaves are split first.
+    pub fn unmap(&mut self, range: GpaRange) {
+        let (start, end) = (range.start.0, range.end.0.min(GPA_LIMIT));
+        self.for_range_mut(start, end, &mut |e| *e = Entry::Empty);
     }
 
     /// Applies `f` to every entry fully inside [start, end), splitting leaves that are
@@ -459,32 +237,31 @@ impl Table {
         }
     }
 
-    /// Sets the state of every mapped leaf in [start, end) whose state is in `from`.
+    /// Sets the state of every mapped leaf in `range` whose state is in `from`.
     /// Leaves partly in the range are split (callers that must not split widen first).
-    pub fn set_state(&mut self, start: u64, end: u64, from: &[PageState], to: PageState) {
-        self.for_range_mut(start, end.min(GPA_LIMIT), &mut |e| {
-            set_state_entry(e, from, to)
-        });
+    pub fn set_state(&mut self, range: GpaRange, from: &[PageState], to: PageState) {
+        let (start, end) = (range.start.0, range.end.0.min(GPA_LIMIT));
+        self.for_range_mut(start, end, &mut |e| set_state_entry(e, from, to));
     }
 
-    /// Sets the node and backing zone of every leaf in [start, end) (a NUMA move: the
-    /// offset stays, the zone is the node's).
-    pub fn set_node(&mut self, start: u64, end: u64, node: u16, zone: u16) {
-        self.for_range_mut(start, end.min(GPA_LIMIT), &mut |e| {
-            set_node_entry(e, node, zone)
-        });
+    /// Sets the node and backing zone of every leaf in `range` (a NUMA move: the offset
+    /// stays, the zone is the node's).
+    pub fn set_node(&mut self, range: GpaRange, node: u16, zone: u16) {
+        let (start, end) = (range.start.0, range.end.0.min(GPA_LIMIT));
+        self.for_range_mut(start, end, &mut |e| set_node_entry(e, node, zone));
     }
 
     /// Splits the leaf that maps `gpa` down to leaves of `to`.
-    pub fn split(&mut self, gpa: u64, to: LeafSize) -> Result<(), TableError> {
+    pub fn split(&mut self, gpa: Gpa, to: LeafSize) -> Result<(), TableError> {
+        let gpa = gpa.0;
         Self::check(gpa, to)?;
-        let m = match self.lookup(gpa, Intent::Internal) {
+        let m = match self.lookup(Gpa(gpa), Intent::Internal) {
             Lookup::Mapped(m) | Lookup::Fault(m, _) => m,
-            Lookup::Unmapped => return Err(TableError::NotMapped { gpa }),
+            Lookup::Unmapped => return Err(TableError::NotMapped { gpa: Gpa(gpa) }),
         };
         if m.leaf.size <= to {
             return Err(TableError::NotSplittable {
-                gpa,
+                gpa: Gpa(gpa),
                 size: m.leaf.size,
             });
         }
@@ -511,11 +288,12 @@ impl Table {
     /// Replaces the 512 leaves under the `to`-sized region at `gpa` with one leaf of
     /// `to`: they must all be leaves of the next smaller size, with equal state and node
     /// and linear backing (a 1 GiB merge first merges each 2 MiB).
-    pub fn merge(&mut self, gpa: u64, to: LeafSize) -> Result<(), TableError> {
+    pub fn merge(&mut self, gpa: Gpa, to: LeafSize) -> Result<(), TableError> {
+        let gpa = gpa.0;
         Self::check(gpa, to)?;
         let Some(smaller) = to.smaller() else {
             return Err(TableError::NotMergeable {
-                gpa,
+                gpa: Gpa(gpa),
                 size: to,
                 why: "4 KiB is the smallest leaf",
             });
@@ -529,22 +307,22 @@ impl Table {
             return match &mut self.entries[i] {
                 Entry::Table(t) => t.merge_at(gpa, to, smaller),
                 Entry::Leaf(l) if l.size > to => Err(TableError::NotMergeable {
-                    gpa,
+                    gpa: Gpa(gpa),
                     size: to,
                     why: "already inside a larger leaf",
                 }),
-                _ => Err(TableError::NotMapped { gpa }),
+                _ => Err(TableError::NotMapped { gpa: Gpa(gpa) }),
             };
         }
         let merged = match &mut self.entries[i] {
             Entry::Leaf(_) => {
                 return Err(TableError::NotMergeable {
-                    gpa,
+                    gpa: Gpa(gpa),
                     size: to,
                     why: "already one leaf",
                 })
             }
-            Entry::Empty => return Err(TableError::NotMapped { gpa }),
+            Entry::Empty => return Err(TableError::NotMapped { gpa: Gpa(gpa) }),
             Entry::Table(t) => {
                 if let Some(next) = smaller.smaller() {
                     for k in 0..FANOUT {
@@ -558,7 +336,7 @@ impl Table {
                     Entry::Leaf(l) => l,
                     _ => {
                         return Err(TableError::NotMergeable {
-                            gpa,
+                            gpa: Gpa(gpa),
                             size: to,
                             why: "not fully mapped",
                         })
@@ -569,14 +347,14 @@ impl Table {
                         Entry::Leaf(l) if l.continues(&first, k as u64) => {}
                         Entry::Leaf(_) => {
                             return Err(TableError::NotMergeable {
-                                gpa,
+                                gpa: Gpa(gpa),
                                 size: to,
                                 why: "leaves differ in state, node or backing",
                             })
                         }
                         _ => {
                             return Err(TableError::NotMergeable {
-                                gpa,
+                                gpa: Gpa(gpa),
                                 size: to,
                                 why: "not fully mapped",
                             })
@@ -604,7 +382,8 @@ impl Table {
     }
 
     /// The leaf mapping `gpa` and, for `intent`, whether the access faults.
-    pub fn lookup(&self, gpa: u64, intent: Intent) -> Lookup {
+    pub fn lookup(&self, gpa: Gpa, intent: Intent) -> Lookup {
+        let gpa = gpa.0;
         if gpa >= GPA_LIMIT {
             return Lookup::Unmapped;
         }
@@ -616,7 +395,10 @@ impl Table {
                 Entry::Table(child) => t = child,
                 Entry::Leaf(leaf) => {
                     let start = gpa & !(t.entry_size() - 1);
-                    let m = Mapped { start, leaf: *leaf };
+                    let m = Mapped {
+                        start: Gpa(start),
+                        leaf: *leaf,
+                    };
                     return match (leaf.state, intent) {
                         (PageState::Absent, _) => Lookup::Fault(m, FaultCause::Absent),
                         (PageState::Hinted, Intent::Vcpu) => Lookup::Fault(m, FaultCause::Hint),
@@ -628,7 +410,8 @@ impl Table {
     }
 
     /// Marks the leaf mapping `gpa` accessed (and dirty for a write).
-    pub fn mark_accessed(&mut self, gpa: u64, dirty: Dirtied) {
+    pub fn mark_accessed(&mut self, gpa: Gpa, dirty: Dirtied) {
+        let gpa = gpa.0;
         if gpa >= GPA_LIMIT {
             return;
         }
@@ -651,7 +434,12 @@ impl Table {
 
     /// The span that a change touching `gpa` may zap: the leaf that maps it, or the whole
     /// huge backing page when it is mapped piecewise (or 4 KiB when nothing is mapped).
-    pub fn zap_span(&self, gpa: u64) -> (u64, u64) {
+    pub fn zap_span(&self, gpa: Gpa) -> GpaRange {
+        let (start, end) = self.zap_span_raw(gpa.0);
+        GpaRange::new(Gpa(start), Gpa(end))
+    }
+
+    fn zap_span_raw(&self, gpa: u64) -> (u64, u64) {
         if gpa >= GPA_LIMIT {
             return (gpa, gpa + SIZE_4K);
         }
@@ -679,7 +467,7 @@ impl Table {
     }
 
     /// Pages with content (present or hinted) in the 2 MiB region at `gpa`: 0..=512.
-    pub fn occupancy_2m(&self, gpa: u64) -> u32 {
+    pub fn occupancy_2m(&self, gpa: Gpa) -> u32 {
         match self.region_2m(gpa) {
             Region2M::Unmapped => 0,
             Region2M::Huge(leaf) => {
@@ -695,8 +483,8 @@ impl Table {
 
     /// What maps the 2 MiB region at `gpa`, looking at that region only (cost: 512
     /// entries at most, whatever the size of guest RAM).
-    pub fn region_2m(&self, gpa: u64) -> Region2M {
-        let start = gpa & !(SIZE_2M - 1);
+    pub fn region_2m(&self, gpa: Gpa) -> Region2M {
+        let start = gpa.align_down(SIZE_2M).0;
         if start >= GPA_LIMIT {
             return Region2M::Unmapped;
         }
@@ -741,7 +529,7 @@ impl Table {
 
     /// Visits every leaf in address order with its start and whether it is a piece of a
     /// piecewise huge page.
-    pub fn walk(&self, f: &mut dyn FnMut(u64, &Leaf, Option<HugePiecewise>)) {
+    pub fn walk(&self, f: &mut dyn FnMut(Gpa, &Leaf, Option<HugePiecewise>)) {
         self.walk_at(0, None, f);
     }
 
@@ -749,14 +537,14 @@ impl Table {
         &self,
         base: u64,
         pw: Option<HugePiecewise>,
-        f: &mut dyn FnMut(u64, &Leaf, Option<HugePiecewise>),
+        f: &mut dyn FnMut(Gpa, &Leaf, Option<HugePiecewise>),
     ) {
         let pw = self.piecewise.or(pw);
         for (i, e) in self.entries.iter().enumerate() {
             let s = base + i as u64 * self.entry_size();
             match e {
                 Entry::Empty => {}
-                Entry::Leaf(l) => f(s, l, pw),
+                Entry::Leaf(l) => f(Gpa(s), l, pw),
                 Entry::Table(t) => t.walk_at(s, pw, f),
             }
         }
@@ -819,7 +607,7 @@ impl Table {
     pub fn runs(&self) -> Vec<Run> {
         let mut out: Vec<Run> = Vec::new();
         self.walk(&mut |s, l, pw| {
-            let e = s + l.size.bytes();
+            let e = s.add(l.size.bytes());
             if let Some(last) = out.last_mut() {
                 if last.end == s
                     && last.size == l.size
@@ -844,13 +632,6 @@ impl Table {
         });
         out
     }
-}
-
-/// Whether an access dirtied the page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dirtied {
-    Yes,
-    No,
 }
 
 fn set_node_entry(e: &mut Entry, node: u16, zone: u16) {

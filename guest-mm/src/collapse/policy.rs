@@ -1,8 +1,7 @@
-//! Collapse: making a 2 MiB region of guest RAM one huge page once it is full.
-//!
-//! The *policy* lives here (when a region may collapse, which mTHP order a scan would
-//! choose, how failures are counted); the *sequence* that touches the host is
-//! [`collapse_region`]. Vocabulary (docs/architecture.md): a region is *complete* when all
+//! The collapse policy: when a 2 MiB region of guest RAM may become one huge page,
+//! which mTHP order a scan would choose, how failures are counted, and the sequence that
+//! touches the host ([`collapse_region`]); the thread that applies it is
+//! [`super::engine`]. Vocabulary (docs/architecture.md): a region is *complete* when all
 //! 512 of its 4 KiB pages are present in the second-stage table (their content is final);
 //! a region is *populated* where the host holds a page for it (first touch).
 //!
@@ -16,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::notifier::GpaRange;
-use crate::stage::{ApplyError, Change, SecondStage};
-use crate::table::{LeafSize, Region2M, SIZE_2M};
-use crate::GuestRam;
+use crate::addr::{Gpa, GpaRange, SIZE_2M};
+use crate::guest_view::GuestView;
+use crate::ram::{GuestRam, View};
+use crate::stage::{ApplyError, Change, LeafSize, Region2M, SecondStage};
 
 /// `--collapse`: when guest RAM becomes huge pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -45,17 +44,32 @@ impl CollapseMode {
 }
 
 impl std::str::FromStr for CollapseMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BudgetError;
+    fn from_str(s: &str) -> Result<Self, BudgetError> {
         match s {
             "off" => Ok(CollapseMode::Off),
             "on-fill" => Ok(CollapseMode::OnFill),
             "background" => Ok(CollapseMode::Background),
-            _ => Err(format!(
-                "unknown collapse mode {s:?}; choose one of: off, on-fill, background"
-            )),
+            _ => Err(BudgetError::UnknownMode(s.to_string())),
         }
     }
+}
+
+/// What is wrong with a `--collapse` or `--collapse-scan` argument.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BudgetError {
+    #[error("unknown collapse mode {0:?}; choose one of: off, on-fill, background")]
+    UnknownMode(String),
+    #[error("collapse scan setting {0:?} is not key=value")]
+    NotKeyValue(String),
+    #[error("collapse scan setting {key}={value:?} is not a number")]
+    NotANumber { key: String, value: String },
+    #[error("collapse scan setting {0} must be above 0")]
+    Zero(String),
+    #[error("collapse scan setting max-ptes-none must be 0..=511")]
+    MaxPtesNone,
+    #[error("unknown collapse scan setting {0:?}; use pages, period, rate, max-ptes-none")]
+    UnknownKey(String),
 }
 
 /// The background scanner's budget, khugepaged-style.
@@ -83,34 +97,29 @@ impl Default for ScanBudget {
 }
 
 impl std::str::FromStr for ScanBudget {
-    type Err = String;
+    type Err = BudgetError;
     /// `pages=N,period=MS,rate=N,max-ptes-none=N`, any subset.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, BudgetError> {
         let mut b = ScanBudget::default();
         for kv in s.split(',').filter(|kv| !kv.is_empty()) {
             let (k, v) = kv
                 .split_once('=')
-                .ok_or_else(|| format!("collapse scan setting {kv:?} is not key=value"))?;
+                .ok_or_else(|| BudgetError::NotKeyValue(kv.to_string()))?;
             let n: u64 = v
                 .trim_end_matches("ms")
                 .parse()
-                .map_err(|_| format!("collapse scan setting {k}={v:?} is not a number"))?;
+                .map_err(|_| BudgetError::NotANumber {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })?;
             match k {
                 "pages" if n > 0 => b.pages_per_period = n,
                 "period" if n > 0 => b.period = Duration::from_millis(n),
                 "rate" if n > 0 => b.max_collapses_per_sec = n.min(u32::MAX as u64) as u32,
                 "max-ptes-none" if n <= 511 => b.max_ptes_none = n as u32,
-                "pages" | "period" | "rate" => {
-                    return Err(format!("collapse scan setting {k} must be above 0"))
-                }
-                "max-ptes-none" => {
-                    return Err("collapse scan setting max-ptes-none must be 0..=511".into())
-                }
-                _ => {
-                    return Err(format!(
-                    "unknown collapse scan setting {k:?}; use pages, period, rate, max-ptes-none"
-                ))
-                }
+                "pages" | "period" | "rate" => return Err(BudgetError::Zero(k.to_string())),
+                "max-ptes-none" => return Err(BudgetError::MaxPtesNone),
+                _ => return Err(BudgetError::UnknownKey(k.to_string())),
             }
         }
         Ok(b)
@@ -136,7 +145,7 @@ pub enum CollapseFailure {
 }
 
 impl CollapseFailure {
-    fn from_errno(e: i32) -> CollapseFailure {
+    pub(crate) fn from_errno(e: i32) -> CollapseFailure {
         match e {
             libc::EBUSY => CollapseFailure::Busy,
             libc::EAGAIN => CollapseFailure::Again,
@@ -174,6 +183,8 @@ pub struct CollapseStats {
     pub collapse_ms_total: f64,
     /// Regions the background scanner looked at.
     pub regions_scanned: u64,
+    /// Full passes of the background scan over guest RAM (what a test waits for).
+    pub scan_sweeps: u64,
     /// mTHP orders the scanner chose, by order (recorded in the second stage even where
     /// the host can collapse only at PMD order, 9).
     pub orders_chosen: BTreeMap<u32, u64>,
@@ -252,7 +263,7 @@ pub fn choose_orders(populated: &[u64; 8], max_ptes_none: u32, min_order: u32) -
 
 /// Whether the region at `gpa` is complete in the table: 512 present 4 KiB leaves with
 /// linear backing, not yet one leaf. Only such a region may collapse on fill.
-pub fn region_complete(stage: &SecondStage, gpa: u64) -> bool {
+pub fn region_complete(stage: &SecondStage, gpa: Gpa) -> bool {
     matches!(
         stage.inspect(|t| t.region_2m(gpa)),
         Region2M::Pieces {
@@ -262,42 +273,28 @@ pub fn region_complete(stage: &SecondStage, gpa: u64) -> bool {
     )
 }
 
-/// `madvise(MADV_COLLAPSE)` over [addr, addr + len). libc has the constant; there is no
-/// crate wrapper worth a dependency for one call.
-pub fn madvise_collapse(addr: *mut u8, len: u64) -> Result<(), CollapseFailure> {
-    // SAFETY: MADV_COLLAPSE changes how an existing range is mapped, never its content,
-    // and the callers pass ranges inside a live view of guest RAM.
-    let r = unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_COLLAPSE) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(CollapseFailure::from_errno(
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-        ))
-    }
-}
-
 /// Collapses the complete 2 MiB region at `gpa` through the mmu notifier (full 2 MiB
 /// range, reason Collapse) and merges its leaves in the table:
 ///
 /// 1. MADV_COLLAPSE the staging view (shmem): the page cache becomes one huge page, with
 ///    no guest-visible mapping involved;
-/// 2. `map_guest_view` — on a post-copy destination, UFFDIO_CONTINUE of the whole 2 MiB
-///    (mapping is made only by the creating path, seed 004);
+/// 2. on a post-copy destination, UFFDIO_CONTINUE of the whole 2 MiB through the guest
+///    view (mapping is made only by the creating path, seed 004);
 /// 3. MADV_COLLAPSE the guest view: the PMD is installed in place, while the range may
 ///    still be registered with userfaultfd (seed 000).
 ///
 /// The table is checked first, and again under its lock before steps 2-3 (which alone
 /// decide what the guest view maps), so a region that is not complete is never mapped
 /// huge. Returns the time the host steps took.
-pub fn collapse_region(
+pub(crate) fn collapse_region(
     ram: &GuestRam,
     stage: &SecondStage,
-    gpa: u64,
-    map_guest_view: impl FnOnce(u64) -> Result<(), CollapseFailure>,
+    view: &GuestView,
+    gpa: Gpa,
 ) -> Result<Duration, CollapseFailure> {
-    let start = gpa & !(SIZE_2M - 1);
-    if start + SIZE_2M > ram.size() || !region_complete(stage, start) {
+    let start = gpa.align_down(SIZE_2M);
+    let region = GpaRange::new(start, start.add(SIZE_2M));
+    if region.end.0 > ram.size() || !region_complete(stage, start) {
         return Err(CollapseFailure::NotComplete);
     }
     let t0 = Instant::now();
@@ -306,11 +303,8 @@ pub fn collapse_region(
     // stall every fault and every arriving page. It is safe unlocked: the staging view is
     // never registered and never mapped into the guest, and what the guest view maps is
     // decided in steps 2-3, under the lock, after the completeness check is repeated.
-    let staging = ram.staging_view_addr();
-    if !staging.is_null() && staging != ram.guest_view_addr() {
-        // SAFETY: `start + 2 MiB <= ram.size()`, so the pointer stays inside the staging
-        // view mapping of `ram.size()` bytes.
-        madvise_collapse(unsafe { staging.add(start as usize) }, SIZE_2M)?;
+    if ram.view_layout() == crate::config::ViewLayout::GuestAndStaging {
+        ram.collapse(View::Staging, region)?;
     }
     let r = stage.apply_checked(
         Change::Merge {
@@ -326,13 +320,12 @@ pub fn collapse_region(
             _ => Err(CollapseFailure::NotComplete),
         },
         |range: GpaRange| {
-            debug_assert!(range.start <= start && range.end >= start + SIZE_2M);
-            map_guest_view(start)?;
-            // SAFETY: `start + 2 MiB <= ram.size()`: inside the guest view mapping.
-            madvise_collapse(
-                unsafe { ram.guest_view_addr().add(start as usize) },
-                SIZE_2M,
-            )
+            debug_assert!(range.contains(&region));
+            // Any outcome is fine here: EEXIST where 4 KiB pages are mapped already, or
+            // not registered (no post-copy, or it ended). The guest view's collapse that
+            // follows maps the (complete) region either way.
+            let _ = view.continue_range(region);
+            ram.collapse(View::Guest, region)
         },
     );
     match r {
@@ -415,11 +408,11 @@ mod tests {
     fn chosen_orders_are_recorded_per_region() {
         let stage = SecondStage::all_present(4 * SIZE_2M, 4096).unwrap();
         let choices = choose_orders(&bits(&[(0, 448)]), 63, 2);
-        stage.record_orders(SIZE_2M + 4096, &choices);
-        assert_eq!(stage.recorded_orders(SIZE_2M), choices);
-        assert!(stage.recorded_orders(0).is_empty());
-        stage.record_orders(SIZE_2M, &[]);
-        assert!(stage.recorded_orders(SIZE_2M).is_empty());
+        stage.record_orders(Gpa(SIZE_2M + 4096), &choices);
+        assert_eq!(stage.recorded_orders(Gpa(SIZE_2M)), choices);
+        assert!(stage.recorded_orders(Gpa(0)).is_empty());
+        stage.record_orders(Gpa(SIZE_2M), &[]);
+        assert!(stage.recorded_orders(Gpa(SIZE_2M)).is_empty());
     }
 
     #[test]

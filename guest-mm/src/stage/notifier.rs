@@ -11,37 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-/// A guest-physical range [start, end).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct GpaRange {
-    pub start: u64,
-    pub end: u64,
-}
-
-impl GpaRange {
-    pub fn new(start: u64, end: u64) -> GpaRange {
-        GpaRange { start, end }
-    }
-
-    pub fn len(&self) -> u64 {
-        self.end.saturating_sub(self.start)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.end <= self.start
-    }
-
-    pub fn contains(&self, other: &GpaRange) -> bool {
-        self.start <= other.start && other.end <= self.end
-    }
-
-    pub fn union(&self, other: &GpaRange) -> GpaRange {
-        GpaRange {
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
-    }
-}
+use crate::addr::GpaRange;
 
 /// Why a range is invalidated; subscribers react by reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -57,8 +27,8 @@ pub enum InvalidateReason {
     Split,
     /// Leaves merged into a huge one (collapse).
     Collapse,
-    /// Content moves (NUMA page move); every mapping must go before the copy.
-    Migrate,
+    /// Content moves (a NUMA region move); every mapping must go before the copy.
+    Move,
     /// State change of leaves that the guest may be using (e.g. absent after a failure).
     StateChange,
 }

@@ -1,0 +1,286 @@
+//! The fault thread: userfaultfd events of the guest view, resolved against the
+//! second-stage table.
+//!
+//! ```text
+//! vCPU touches GPA ─▶ KVM shadow/EPT miss ─▶ host fault on the guest view ─▶ uffd event
+//!   ─▶ fault thread: VA→GPA, thread id→vCPU (the registry vCPU threads fill)
+//!   ─▶ table lookup (Intent::Vcpu)
+//!        hinted  ─▶ count the hint, tell the NUMA engine (it may move the region)
+//!        absent  ─▶ ask the `Pager` (post-copy); the page's arrival resolves the fault
+//!        present ─▶ a zap raced us: resolve the same way
+//!   ─▶ resolve: under the table lock, if no invalidation ran since the decision's
+//!      sequence token, table → present, then the one CONTINUE; otherwise retry
+//! ```
+//!
+//! Only file-backed RAM has this path: MINOR faults need shmem or hugetlbfs page cache.
+//! A MINOR-only registration leaves holes to the kernel, which zero-fills them without
+//! an event; post-copy registers MISSING too.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::guest_view::GuestView;
+use crate::numa::NumaEngine;
+use crate::page::Pager;
+use crate::stage::{Dirtied, FaultCause, Intent, Lookup, SecondStage};
+use crate::stats::LatencyHistogram;
+
+/// What the fault path counted.
+#[derive(Default)]
+pub struct FaultStats {
+    pub faults: AtomicU64,
+    /// Faults on a hole of the page cache (MISSING: post-copy's not-yet-arrived pages).
+    pub missing: AtomicU64,
+    /// Faults on a page the page cache holds but the guest view does not map (MINOR).
+    pub minor: AtomicU64,
+    pub hint_faults: AtomicU64,
+    /// Faults on a page the table already had present (a zap raced the fault).
+    pub raced: AtomicU64,
+    /// Decisions retried because an invalidation ran in between.
+    pub retries: AtomicU64,
+    /// Events whose thread id is no vCPU's (VMM threads touching the guest view).
+    pub unknown_thread: AtomicU64,
+    pub errors: AtomicU64,
+    pub per_vcpu: Vec<AtomicU64>,
+    pub latency: Mutex<LatencyHistogram>,
+    pub first_error: Mutex<Option<String>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultReport {
+    pub uffd_faults: u64,
+    pub missing_faults: u64,
+    pub minor_faults: u64,
+    pub fault_us_p50: f64,
+    pub fault_us_p99: f64,
+    pub fault_us_max: f64,
+    pub hint_faults: u64,
+    pub raced_faults: u64,
+    pub retries: u64,
+    pub per_vcpu: Vec<u64>,
+    pub error: Option<String>,
+}
+
+impl FaultStats {
+    pub fn new(vcpus: usize) -> Self {
+        FaultStats {
+            per_vcpu: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = self.first_error.lock() {
+            e.get_or_insert(what);
+        }
+    }
+
+    pub fn report(&self) -> FaultReport {
+        let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        FaultReport {
+            uffd_faults: self.faults.load(Ordering::Relaxed),
+            missing_faults: self.missing.load(Ordering::Relaxed),
+            minor_faults: self.minor.load(Ordering::Relaxed),
+            fault_us_p50: h.percentile_us(50.0),
+            fault_us_p99: h.percentile_us(99.0),
+            fault_us_max: h.max_us(),
+            hint_faults: self.hint_faults.load(Ordering::Relaxed),
+            raced_faults: self.raced.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            per_vcpu: self
+                .per_vcpu
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            error: self.first_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
+
+/// vCPU thread ids, so a fault event's thread id names its vCPU. The VMM's vCPU threads
+/// fill it; faults of threads not (yet) in it are counted as unknown, never refused.
+pub struct VcpuThreads {
+    tids: Vec<AtomicU32>,
+}
+
+impl VcpuThreads {
+    pub fn new(vcpus: usize) -> Self {
+        VcpuThreads {
+            tids: (0..vcpus).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    /// Called on the vCPU's own thread before it first enters the guest.
+    pub fn register_current(&self, index: usize) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        if let Some(t) = self.tids.get(index) {
+            t.store(tid, Ordering::Release);
+        }
+    }
+
+    pub fn vcpu_of(&self, tid: u32) -> Option<usize> {
+        self.tids
+            .iter()
+            .position(|t| t.load(Ordering::Acquire) == tid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tids.is_empty()
+    }
+}
+
+/// What the fault thread resolves with.
+pub(crate) struct FaultContext {
+    pub(crate) view: Arc<GuestView>,
+    pub(crate) stage: Arc<SecondStage>,
+    pub(crate) vcpus: Arc<VcpuThreads>,
+    pub(crate) numa: Option<Arc<NumaEngine>>,
+    /// Set when post-copy begins (absent pages are asked of it).
+    pub(crate) pager: Arc<OnceLock<Arc<dyn Pager>>>,
+    pub(crate) stats: Arc<FaultStats>,
+}
+
+/// The fault-handling thread.
+pub(crate) struct FaultThread {
+    stop: Arc<uffd::StopFd>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<FaultStats>,
+}
+
+impl FaultThread {
+    /// Starts the thread over the guest view's (registered) userfaultfd.
+    pub(crate) fn start(ctx: FaultContext) -> Result<FaultThread, Error> {
+        let uffd = ctx.view.uffd()?.clone();
+        let stop = Arc::new(uffd::StopFd::new().map_err(|source| Error::Uffd {
+            what: "the fault thread's stop eventfd",
+            source,
+        })?);
+        let stats = ctx.stats.clone();
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("uffd-fault".into())
+            .spawn(move || {
+                let r = uffd::run_until_stopped(&uffd, &stop2, |ev| handle_event(&ctx, ev));
+                if let Err(e) = r {
+                    ctx.stats.error(format!("fault thread: {e}"));
+                }
+            })
+            .map_err(|source| Error::Thread {
+                name: "fault",
+                source,
+            })?;
+        Ok(FaultThread {
+            stop,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// Stops the thread and returns its figures.
+    pub(crate) fn stop(mut self) -> FaultReport {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.stats.report()
+    }
+}
+
+fn handle_event(ctx: &FaultContext, ev: uffd::Event) {
+    let uffd::Event::Pagefault {
+        address,
+        kind,
+        access,
+        thread_id,
+    } = ev
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    ctx.stats.faults.fetch_add(1, Ordering::Relaxed);
+    match kind {
+        uffd::FaultKind::Missing => ctx.stats.missing.fetch_add(1, Ordering::Relaxed),
+        uffd::FaultKind::Minor => ctx.stats.minor.fetch_add(1, Ordering::Relaxed),
+        uffd::FaultKind::WriteProtect => 0,
+    };
+    let Some(gpa) = ctx.view.gpa_of(address) else {
+        ctx.stats.error(format!(
+            "fault at host address {address:#x}, outside the guest view"
+        ));
+        return;
+    };
+    let vcpu = thread_id.and_then(|t| ctx.vcpus.vcpu_of(t));
+    match vcpu.and_then(|v| ctx.stats.per_vcpu.get(v)) {
+        Some(c) => c.fetch_add(1, Ordering::Relaxed),
+        None => ctx.stats.unknown_thread.fetch_add(1, Ordering::Relaxed),
+    };
+    let dirtied = match access {
+        uffd::Access::Write => Dirtied::Yes,
+        uffd::Access::Read => Dirtied::No,
+    };
+    let mut first_decision = true;
+    loop {
+        let token = ctx.stage.seq();
+        if token.in_progress() {
+            std::thread::yield_now();
+            continue;
+        }
+        let counter = match ctx.stage.lookup(gpa, Intent::Vcpu) {
+            Lookup::Fault(_, FaultCause::Hint) => &ctx.stats.hint_faults,
+            Lookup::Mapped(_) => &ctx.stats.raced,
+            Lookup::Fault(_, FaultCause::Absent) if ctx.pager.get().is_some() => {
+                // Post-copy demand fault: the vCPU waits until the page arrives.
+                if let Some(p) = ctx.pager.get() {
+                    p.request(gpa.align_down(ctx.stage.backing_page()));
+                }
+                return;
+            }
+            Lookup::Fault(_, FaultCause::Absent) | Lookup::Unmapped => {
+                ctx.stats.error(format!(
+                    "vCPU fault at GPA {gpa}, which has no content in the second-stage table"
+                ));
+                return;
+            }
+        };
+        if first_decision {
+            counter.fetch_add(1, Ordering::Relaxed);
+            first_decision = false;
+            // A NUMA-hint fault: record it against the vCPU's node; the policy may move
+            // the region (through the notifier), so decide again afterwards.
+            if let (Some(numa), Some(v), Lookup::Fault(_, FaultCause::Hint)) =
+                (&ctx.numa, vcpu, ctx.stage.lookup(gpa, Intent::Vcpu))
+            {
+                numa.on_hint_fault(gpa, v);
+                continue;
+            }
+        }
+        let resolved = ctx.stage.resolve(gpa, token, dirtied, |span| {
+            ctx.view.continue_range(span).map(|_| ())
+        });
+        match resolved {
+            Ok(true) => break,
+            Ok(false) => {
+                ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                ctx.stats.error(format!("resolving GPA {gpa}: {e}"));
+                return;
+            }
+        }
+    }
+    let ns = t0.elapsed().as_nanos() as u64;
+    if let Ok(mut h) = ctx.stats.latency.lock() {
+        h.record(ns);
+    }
+}

@@ -24,8 +24,25 @@ pub enum ApiCall {
     Shutdown(Sender<()>),
     Migrate(
         migration::MigrationRequest,
-        Sender<std::result::Result<serde_json::Value, String>>,
+        Sender<std::result::Result<migration::MigrationReport, MigrateRefusal>>,
     ),
+}
+
+/// Why `vm.migrate` did not hand the guest over (answered 409 with this message).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateRefusal {
+    #[error("a migration is already running")]
+    AlreadyMigrating,
+    #[error("the VM is {0}; only a running guest migrates")]
+    NotRunning(&'static str),
+    #[error("the guest finished before the migration could complete")]
+    GuestFinished,
+    #[error("starting the migration: {0}")]
+    Start(#[source] Error),
+    #[error(transparent)]
+    Failed(#[from] migration::Error),
+    #[error("the migration failed after pausing the guest and could not resume it: the guest runs nowhere, and the source's run ends with the error")]
+    Unresumed,
 }
 
 pub struct ApiServer {
@@ -202,8 +219,11 @@ fn serve(conn: UnixStream, tx: &Sender<ApiCall>) -> std::io::Result<()> {
                 return respond(&conn, 500, &err("the VM is shutting down".into()));
             }
             match rrx.recv() {
-                Ok(Ok(v)) => respond(&conn, 200, &v),
-                Ok(Err(m)) => respond(&conn, 409, &err(m)),
+                Ok(Ok(report)) => match serde_json::to_value(&report) {
+                    Ok(v) => respond(&conn, 200, &v),
+                    Err(e) => respond(&conn, 500, &err(format!("encoding the report: {e}"))),
+                },
+                Ok(Err(m)) => respond(&conn, 409, &err(m.to_string())),
                 Err(_) => respond(&conn, 500, &err("the VM ended during the migration".into())),
             }
         }

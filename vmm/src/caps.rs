@@ -119,10 +119,8 @@ const UFFD_NEEDED: &[&str] = &[
 
 /// Asks the kernel which userfaultfd features it offers (the `uffd` crate's probe, on a
 /// throwaway fd).
-fn uffd_features() -> Result<u64, String> {
-    uffd::Uffd::available_features()
-        .map(|f| f.bits())
-        .map_err(|e| e.to_string())
+fn uffd_features() -> Result<u64, uffd::Error> {
+    uffd::Uffd::available_features().map(|f| f.bits())
 }
 
 fn uffd_items() -> Vec<Item> {
@@ -148,7 +146,12 @@ fn uffd_items() -> Vec<Item> {
                 )),
             )]
         }
-        Err(e) => vec![item("userfaultfd", false, "unavailable".into(), Some(e))],
+        Err(e) => vec![item(
+            "userfaultfd",
+            false,
+            "unavailable".into(),
+            Some(e.to_string()),
+        )],
     }
 }
 

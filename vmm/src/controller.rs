@@ -22,7 +22,7 @@ use std::time::Duration;
 use guest_image::abi;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::api::ApiCall;
+use crate::api::{ApiCall, MigrateRefusal};
 use crate::builder::{Start, Vmm};
 use crate::clock::monotonic_ns;
 use crate::config::{CorruptionTest, RunConfig, RunLimit};
@@ -122,7 +122,7 @@ pub struct RunEnd {
 
 /// The source side of a migration in progress.
 struct Outgoing {
-    reply: Sender<std::result::Result<serde_json::Value, String>>,
+    reply: Sender<std::result::Result<MigrationReport, MigrateRefusal>>,
     /// Each vCPU's worst pass when it paused, restored if the migration fails.
     max_pass_at_pause: Vec<u64>,
 }
@@ -320,10 +320,8 @@ impl<'a> Controller<'a> {
             ApiCall::Migrate(req, reply) => {
                 if self.state != RunState::Running {
                     let why = match self.state {
-                        RunState::Migrating | RunState::Paused => {
-                            "a migration is already running".to_string()
-                        }
-                        s => format!("the VM is {}; only a running guest migrates", s.name()),
+                        RunState::Migrating | RunState::Paused => MigrateRefusal::AlreadyMigrating,
+                        s => MigrateRefusal::NotRunning(s.name()),
                     };
                     let _ = reply.send(Err(why));
                     return;
@@ -347,7 +345,7 @@ impl<'a> Controller<'a> {
                         });
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(format!("starting the migration thread: {e}")));
+                        let _ = reply.send(Err(MigrateRefusal::Start(e)));
                     }
                 }
             }
@@ -470,14 +468,24 @@ impl<'a> Controller<'a> {
             Ok(mut report) => {
                 report.dirty_log = self.vm.dirty_log_method().name().to_string();
                 (report.dirty_log_takes, report.dirty_log_ms) = self.vm.dirty_log_cost();
-                reply(Ok(serde_json::to_value(&report).unwrap_or_default()));
+                reply(Ok(report.clone()));
                 self.migrated = Some(report);
                 self.state = RunState::Migrated;
             }
             Err(e) => {
-                reply(Err(e.to_string()));
                 self.migration_failures.push(e.to_string());
-                match e.guest_at() {
+                let guest_at = e.guest_at();
+                let e = match guest_at {
+                    GuestAt::PausedOnSource => {
+                        // The run fails with the error itself; the client hears that.
+                        reply(Err(MigrateRefusal::Unresumed));
+                        self.fatal = Some(Error::Migration(e));
+                        return;
+                    }
+                    _ => e,
+                };
+                reply(Err(MigrateRefusal::Failed(e)));
+                match guest_at {
                     // It never left, or it was resumed here.
                     GuestAt::Source => {
                         if matches!(self.state, RunState::Paused | RunState::Migrating) {
@@ -489,8 +497,7 @@ impl<'a> Controller<'a> {
                         self.handed_over = true;
                         self.state = RunState::Migrated;
                     }
-                    // Paused here and could not resume: nothing runs it.
-                    GuestAt::PausedOnSource => self.fatal = Some(Error::Migration(e)),
+                    GuestAt::PausedOnSource => {}
                 }
             }
         }
@@ -627,9 +634,9 @@ impl<'a> Controller<'a> {
         let end_ns = monotonic_ns();
         // A migration still in flight ends here: the guest finished (or failed) first.
         if let Some(o) = self.outgoing.take() {
-            let why = "the guest finished before the migration could complete".to_string();
-            let _ = o.reply.send(Err(why.clone()));
-            self.migration_failures.push(why);
+            let why = MigrateRefusal::GuestFinished;
+            self.migration_failures.push(why.to_string());
+            let _ = o.reply.send(Err(why));
         }
         // A destination's migration reports its end once its threads are done (they end
         // when the source does, or when their connections fail).
@@ -687,7 +694,7 @@ impl<'a> Controller<'a> {
                 let _ = reply.send(());
             }
             Event::Api(ApiCall::Migrate(_, reply)) => {
-                let _ = reply.send(Err("the guest has finished".into()));
+                let _ = reply.send(Err(MigrateRefusal::GuestFinished));
             }
             _ => {}
         }

@@ -333,25 +333,7 @@ pub fn assemble(
 ) -> Result<RunReport> {
     let memory = &end.memory;
     let clock = TscClock::calibrate(origin);
-    if let Some(e) = mem.faults.as_ref().and_then(|f| f.error.clone()) {
-        return Err(Error::FaultPath(e));
-    }
-    if mem.host_failures > 0 {
-        return Err(Error::HostMapping {
-            failures: mem.host_failures,
-        });
-    }
-    let pmd_mapped_bytes = memory.pmd_mapped_bytes()?;
-    let memmap = match cfg.memmap {
-        MemmapListing::AtExit => Some(Memmap {
-            accounting: memory.accounting(),
-            runs: memory.runs(),
-        }),
-        MemmapListing::Off => None,
-    };
-    // Resident memory while guest RAM is still mapped.
-    let rss = memory.rss_split()?;
-    let (vmm_rss, ram_rss) = (rss.vmm_rss_bytes, rss.guest_ram_rss_bytes);
+    let figures = memory_figures(cfg, memory, &mem)?;
     let slots: Vec<VcpuSlot> = (0..cfg.vcpus as usize)
         .map(|i| end.mailbox.slot(memory.staging(), i))
         .collect();
@@ -411,9 +393,9 @@ pub fn assemble(
         corrupted_gpa: end.corrupted_gpa,
         startup,
         tsc_khz: clock.khz(),
-        vmm_rss_bytes: vmm_rss,
-        guest_ram_rss_bytes: ram_rss,
-        vmm_overhead_rss_bytes: vmm_rss.saturating_sub(ram_rss),
+        vmm_rss_bytes: figures.rss.vmm_rss_bytes,
+        guest_ram_rss_bytes: figures.rss.guest_ram_rss_bytes,
+        vmm_overhead_rss_bytes: figures.rss.overhead_bytes(),
         per_vcpu,
         fault_path: mem.fault_path.to_string(),
         uffd_faults: faults.as_ref().map(|f| f.uffd_faults).unwrap_or(0),
@@ -421,7 +403,7 @@ pub fn assemble(
         fault_us_p99: faults.as_ref().map(|f| f.fault_us_p99).unwrap_or(0.0),
         faults,
         zaps: mem.zaps,
-        memmap,
+        memmap: figures.memmap,
         numa_hint_faults: numa.as_ref().map(|n| n.numa_hint_faults).unwrap_or(0),
         numa_hint_faults_local: numa.as_ref().map(|n| n.numa_hint_faults_local).unwrap_or(0),
         numa_pages_migrated: numa.as_ref().map(|n| n.numa_pages_migrated).unwrap_or(0),
@@ -443,7 +425,7 @@ pub fn assemble(
             .as_ref()
             .map(|c| c.stats.collapse_ms_total)
             .unwrap_or(0.0),
-        pmd_mapped_bytes,
+        pmd_mapped_bytes: figures.pmd_mapped_bytes,
         collapse,
         dirty_log: cfg.dirty_log.name(),
         dirty_ring_entries: match cfg.dirty_log {
@@ -451,6 +433,41 @@ pub fn assemble(
             DirtyLogMethod::Bitmap => None,
         },
         dirty_ring_full_exits: end.outcomes.iter().map(|o| o.dirty_ring_full_exits).sum(),
+    })
+}
+
+/// What guest memory looks like at the end, read while it is still mapped.
+struct MemoryFigures {
+    pmd_mapped_bytes: u64,
+    memmap: Option<Memmap>,
+    rss: guest_mm::RssSplit,
+}
+
+/// Guest memory's end figures; a fault path that failed, or host-side mapping changes
+/// that did, fail the run (guest memory may not have been protected).
+fn memory_figures(
+    cfg: &RunConfig,
+    memory: &guest_mm::GuestMemory,
+    mem: &MemoryReport,
+) -> Result<MemoryFigures> {
+    if let Some(e) = mem.faults.as_ref().and_then(|f| f.error.clone()) {
+        return Err(Error::FaultPath(e));
+    }
+    if mem.host_failures > 0 {
+        return Err(Error::HostMapping {
+            failures: mem.host_failures,
+        });
+    }
+    Ok(MemoryFigures {
+        pmd_mapped_bytes: memory.pmd_mapped_bytes()?,
+        memmap: match cfg.memmap {
+            MemmapListing::AtExit => Some(Memmap {
+                accounting: memory.accounting(),
+                runs: memory.runs(),
+            }),
+            MemmapListing::Off => None,
+        },
+        rss: memory.rss_split()?,
     })
 }
 

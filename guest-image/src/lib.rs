@@ -8,6 +8,7 @@
 //! ([`abi::ImageInfo::user_entry`]) after writing the tables the PVH path would build.
 
 pub mod abi;
+pub mod clock;
 
 use std::fmt;
 use std::str::FromStr;

@@ -105,3 +105,21 @@ pub(crate) fn expect<R: Read, T>(
         )
     })
 }
+
+/// After a failure on either end: tells the peer why (best effort: it may be gone) and
+/// closes both connections, so every thread blocked on them returns.
+pub(crate) fn abort_and_close(
+    writer: &mut crate::wire::frame::FrameWriter<Box<dyn crate::wire::transport::Channel>>,
+    main: &dyn crate::wire::transport::Channel,
+    urgent: Option<&dyn crate::wire::transport::Channel>,
+    error: &Error,
+) {
+    let abort = crate::wire::message::Message::Abort {
+        reason: error.to_string(),
+    };
+    let _ = abort.send(writer).and_then(|()| writer.flush());
+    main.shutdown();
+    if let Some(u) = urgent {
+        u.shutdown();
+    }
+}

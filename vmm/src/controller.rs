@@ -24,7 +24,6 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::api::{ApiCall, MigrateRefusal};
 use crate::builder::{Start, Vmm};
-use crate::clock::monotonic_ns;
 use crate::config::{CorruptionTest, RunConfig, RunLimit};
 use crate::console::Console;
 use crate::error::{Error, Result};
@@ -33,6 +32,7 @@ use crate::migration_host::{Arrival, DestinationEvent, MigratedState, RunInfo, S
 use crate::vstate::vcpu::{Vcpu, VcpuEndResult, VcpuOutcome};
 use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
+use guest_image::clock::monotonic_ns;
 use guest_mm::GuestMemory;
 use migration::{GuestAt, IncomingReport, MigrationReport, Paused, VmState};
 

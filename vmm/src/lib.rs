@@ -21,7 +21,6 @@ pub mod boot;
 pub mod builder;
 pub mod caps;
 pub mod cli;
-pub mod clock;
 pub mod config;
 pub mod console;
 pub mod controller;

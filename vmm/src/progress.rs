@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use migration::{Phase, Progress};
 
-use crate::clock::monotonic_ns;
+use guest_image::clock::monotonic_ns;
 
 pub struct Terminal {
     start_ns: u64,

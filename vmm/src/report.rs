@@ -8,13 +8,13 @@ use guest_mm::{CollapseReport, FaultReport, MemoryReport, NumaReport};
 use migration::{IncomingReport, MigrationReport};
 use serde::Serialize;
 
-use crate::clock::{TscClock, TscPoint};
 use crate::config::{MemmapListing, RunConfig};
 use crate::console::Console;
 use crate::controller::RunEnd;
 use crate::error::{Error, Result};
 use crate::vstate::vcpu::{VcpuEnd, VcpuOutcome};
 use crate::vstate::vm::DirtyLogMethod;
+use guest_image::clock::{TscClock, TscPoint};
 
 /// The second-stage table as listed by `--memmap`.
 #[derive(Clone, Debug, Serialize)]

@@ -3,11 +3,11 @@
 //! memory's threads, and report ([`crate::report`]).
 
 use crate::builder;
-use crate::clock::TscPoint;
 pub use crate::config::{CorruptionTest, MemmapListing, RunConfig, RunLimit};
 use crate::controller::Controller;
 use crate::error::Result;
 pub use crate::report::{Outcome, RunReport};
+use guest_image::clock::TscPoint;
 
 /// Builds the VM, runs the workload and reports. Errors are returned only for problems
 /// of the VMM or the host; guest-detected failures are in [`RunReport::outcome`].

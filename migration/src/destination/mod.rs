@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::clock::monotonic_ns;
 use crate::error::{Error, HostCall, PeerError, Step, WireError};
 use crate::host::DestinationVm;
-use crate::pages::{layout_of, memory_hash};
+use crate::pages::{abort_and_close, layout_of, memory_hash};
 use crate::report::IncomingReport;
 use crate::wire::frame::FrameWriter;
 use crate::wire::message::{Hello, Layout, Message, MessageReader, SwitchOver, PROTOCOL_VERSION};
@@ -260,16 +260,12 @@ impl Receiver<'_> {
 
     /// After a failure: tells the source (best effort) and closes both connections.
     fn fail(&mut self, error: Error) -> Error {
-        let abort = Message::Abort {
-            reason: error.to_string(),
-        };
-        let _ = abort
-            .send(&mut self.writer)
-            .and_then(|()| self.writer.flush());
-        self.main.shutdown();
-        if let Some(u) = &self.urgent {
-            u.shutdown();
-        }
+        abort_and_close(
+            &mut self.writer,
+            self.main.as_ref(),
+            self.urgent.as_deref(),
+            &error,
+        );
         if self.started {
             Error::AfterSwitchOver {
                 source: Box::new(error),

@@ -26,7 +26,7 @@ use crate::bitmap::PageBitmap;
 use crate::clock::monotonic_ns;
 use crate::error::{Error, HostCall, Step};
 use crate::host::{Paused, Phase, Progress, SourceVm};
-use crate::pages::{expect, layout_of, memory_hash, PageSender};
+use crate::pages::{abort_and_close, expect, layout_of, memory_hash, PageSender};
 use crate::report::MigrationReport;
 use crate::wire::frame::FrameWriter;
 use crate::wire::message::{Hello, Layout, Message, MessageReader, SwitchOver, PROTOCOL_VERSION};
@@ -369,16 +369,12 @@ impl Session<'_> {
     /// After a failure: tells the peer (best effort), closes, and puts the guest where it
     /// belongs — resumed here if it was paused and the destination never ran it.
     fn fail(&mut self, error: Error) -> Error {
-        let abort = Message::Abort {
-            reason: error.to_string(),
-        };
-        let _ = abort
-            .send(&mut self.writer)
-            .and_then(|()| self.writer.flush());
-        self.main.shutdown();
-        if let Some(u) = &self.urgent {
-            u.shutdown();
-        }
+        abort_and_close(
+            &mut self.writer,
+            self.main.as_ref(),
+            self.urgent.as_deref(),
+            &error,
+        );
         if self.resumed {
             return Error::AfterSwitchOver {
                 source: Box::new(error),

@@ -4,8 +4,8 @@
 
 use std::io::{Read, Write};
 
-use super::clock::monotonic_ns;
 use super::error::BenchError;
+use guest_image::clock::monotonic_ns;
 
 /// Median time of a raw userfaultfd MINOR round trip on shmem, in µs: the floor under
 /// every hint fault the VMM takes (guest-mm's probe: only guest-mm maps and zaps).

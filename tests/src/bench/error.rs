@@ -42,14 +42,10 @@ pub enum BenchError {
     },
     #[error("rendering the locality plot: {0}")]
     Plot(#[source] png::EncodingError),
-    #[error("creating shmem RAM for the raw userfaultfd baseline: {0}")]
-    BaselineRam(#[source] guest_mm::Error),
-    #[error("populating the raw userfaultfd baseline's page cache: {0}")]
-    BaselineWrite(#[source] vm_memory::GuestMemoryError),
     #[error(
-        "userfaultfd for the raw baseline: {0} (run `hugevisor caps` to see what this host offers)"
+        "the raw userfaultfd baseline: {0} (run `hugevisor caps` to see what this host offers)"
     )]
-    BaselineUffd(#[source] uffd::Error),
+    BaselineRam(#[source] guest_mm::Error),
     #[error("loopback TCP baseline: {what}: {source}")]
     Loopback {
         what: &'static str,

@@ -11,7 +11,6 @@
 //!   QEMU baselines ([`migration`], [`qemu`]).
 
 mod baselines;
-mod clock;
 mod error;
 mod memory;
 mod migration;
@@ -27,7 +26,7 @@ use clap::{Parser, Subcommand};
 pub use error::BenchError;
 pub use qemu::QemuError;
 
-use clock::monotonic_ns;
+use guest_image::clock::monotonic_ns;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::clock::{rdtsc, TscClock, TscPoint};
+use guest_image::clock::{rdtsc, TscClock, TscPoint};
 
 /// What went wrong in one QEMU migration (the row then carries this as its `error`).
 #[derive(Debug, thiserror::Error)]

@@ -176,7 +176,7 @@ impl Vm {
     /// ENXIO once the ring is on); pages in the result have been re-armed, so a write after
     /// the caller reads them is logged again.
     pub fn take_dirty_log(&self, slot: Memslot) -> Result<Vec<u64>> {
-        let t = crate::clock::monotonic_ns();
+        let t = guest_image::clock::monotonic_ns();
         let log = match &self.dirty_ring {
             Some(ring) => ring.take(slot.size),
             None => self
@@ -186,7 +186,7 @@ impl Vm {
         };
         self.cost.takes.fetch_add(1, Ordering::Relaxed);
         self.cost.ns.fetch_add(
-            crate::clock::monotonic_ns().saturating_sub(t),
+            guest_image::clock::monotonic_ns().saturating_sub(t),
             Ordering::Relaxed,
         );
         log

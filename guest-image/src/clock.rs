@@ -1,14 +1,12 @@
-//! The bench's clocks: CLOCK_MONOTONIC, which `hugevisor run` reports its start-up
-//! timestamps in (so the bench can measure from its own fork), and the TSC, which the
-//! guest stamps its passes with (kvm_pvm passes the host TSC through) and which the QEMU
-//! baseline's slow-pass lines carry.
-//!
-//! The VMM has its own copy in `vmm/src/clock.rs`; this harness drives the binary from
-//! outside and does not link the VMM, so it keeps the few lines it needs.
+//! The clocks the guest's timestamps are read with: the guest stamps its passes and its
+//! first instruction with the TSC (kvm_pvm passes the host's through), and the VMM and the
+//! benchmark harness convert those stamps against CLOCK_MONOTONIC, which is comparable
+//! across processes on one host. One copy for both readers of the guest's ABI.
 
 use std::time::Duration;
 
-/// CLOCK_MONOTONIC in nanoseconds: comparable across processes.
+/// CLOCK_MONOTONIC in nanoseconds: comparable across processes (the bench uses it to
+/// measure from its own fork to a child's first guest instruction).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -40,9 +38,10 @@ impl TscPoint {
     }
 }
 
-/// TSC cycles to time, from two reference points.
+/// TSC ↔ time conversion from two reference points.
 #[derive(Clone, Copy, Debug)]
 pub struct TscClock {
+    origin: TscPoint,
     hz: f64,
 }
 
@@ -56,10 +55,20 @@ impl TscClock {
         }
         let end = TscPoint::now();
         let hz = (end.tsc - origin.tsc) as f64 * 1e9 / (end.ns - origin.ns).max(1) as f64;
-        TscClock { hz }
+        TscClock { origin, hz }
+    }
+
+    pub fn khz(&self) -> u64 {
+        (self.hz / 1000.0) as u64
     }
 
     pub fn cycles_to_ms(&self, cycles: u64) -> f64 {
         cycles as f64 * 1000.0 / self.hz
+    }
+
+    /// Monotonic nanoseconds at which the TSC read `tsc`.
+    pub fn tsc_to_monotonic_ns(&self, tsc: u64) -> u64 {
+        let d = (tsc as f64 - self.origin.tsc as f64) * 1e9 / self.hz;
+        (self.origin.ns as f64 + d).max(0.0) as u64
     }
 }

@@ -21,7 +21,8 @@ use crate::progress::Reading;
 /// The run as the controller sees it at one moment.
 pub struct Snapshot<'a> {
     pub state: RunState,
-    pub workload: &'a str,
+    /// None until a guest runs here.
+    pub workload: Option<&'a str>,
     pub cfg: &'a RunConfig,
     pub memory: &'a GuestMemory,
     pub slots: Vec<VcpuSlot>,

@@ -57,6 +57,8 @@ pub enum ApiCall {
 pub enum StateRefusal {
     #[error("the VM is {0}; only a running guest pauses")]
     NotRunning(&'static str),
+    #[error("the VM is paused already (vm.resume runs it again)")]
+    AlreadyPaused,
     #[error("the VM is {0}, not paused: vm.resume resumes what vm.pause paused")]
     NotPaused(&'static str),
     #[error("a migration is running; it pauses the guest itself for its switch-over")]

@@ -59,6 +59,7 @@ impl Controller<'_> {
                 return Err(StateRefusal::Migrating)
             }
             RunState::Waiting => return Err(StateRefusal::NoGuest),
+            RunState::Paused(PauseCause::Api) => return Err(StateRefusal::AlreadyPaused),
             s => return Err(StateRefusal::NotRunning(s.name())),
         }
         if let Some(v) = &self.vcpus {
@@ -193,7 +194,9 @@ impl Controller<'_> {
         };
         Snapshot {
             state,
-            workload: &self.workload,
+            // Until a guest runs here, there is no workload to name.
+            workload: (!matches!(self.state, RunState::Waiting | RunState::Receiving))
+                .then_some(self.workload.as_str()),
             cfg: self.cfg,
             memory: &self.memory,
             slots: (0..self.cfg.vcpus as usize)

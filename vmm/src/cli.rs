@@ -42,7 +42,8 @@ enum Command {
     GuestImage(GuestImageArgs),
     /// Report what this host offers (KVM, userfaultfd, huge pages, THP, NUMA) and how to fix what is missing.
     Caps(CapsArgs),
-    /// Live-migrate a running VM (through its control API) to a `run --incoming` peer.
+    /// Live-migrate a running VM (through its control API) to a `run --incoming` peer, or to
+    /// a VMM told `vm.receive-migration`.
     Migrate(MigrateArgs),
 }
 

@@ -283,3 +283,27 @@ pub fn start_receiving(
             source,
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timed_out_migration_is_cancelled_only_before_the_pause() {
+        let cancel = Cancel {
+            timeout: Duration::from_secs(1),
+            deadline: Instant::now(),
+            paused: AtomicBool::new(false),
+        };
+        let e = cancel.check().unwrap_err();
+        assert!(e.to_string().contains("timeout_s = 1"), "{e}");
+        cancel.paused.store(true, Ordering::Release);
+        assert!(cancel.check().is_ok());
+        let later = Cancel {
+            deadline: Instant::now() + Duration::from_secs(60),
+            paused: AtomicBool::new(false),
+            ..cancel
+        };
+        assert!(later.check().is_ok());
+    }
+}

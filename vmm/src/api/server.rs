@@ -127,9 +127,20 @@ fn accept_loop(
             continue;
         }
         // Everything queued, then back to waiting.
-        while let Ok((conn, _)) = listener.accept() {
-            if conn.set_nonblocking(false).is_ok() {
-                serve_on_thread(conn, connections, calls);
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    if conn.set_nonblocking(false).is_ok() {
+                        serve_on_thread(conn, connections, calls);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Out of descriptors or memory: the queued client waits; do not spin.
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS as u64));
+                    break;
+                }
             }
         }
     }

@@ -374,6 +374,27 @@ fn oversized_slow_and_concurrent_clients_are_bounded() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     eprintln!("fast client answered in {fast:?}; the slow one cut off after {slow_answered:?}");
 
+    // A client that drips its request a byte at a time is cut off when the whole
+    // request is late, not kept alive by each byte.
+    let dripper = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let mut c = UnixStream::connect(&sock).unwrap();
+            let request = b"GET /api/v1/vm.info HTTP/1.1\r\nHost: a-slow-client.example\r\n\r\n";
+            for b in request {
+                if c.write_all(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            let mut a = String::new();
+            let _ = c.read_to_string(&mut a);
+            a
+        })
+    };
+    let answer = dripper.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
     // 200 connections open at once, then each sends vm.info: every one is answered.
     let conns: Vec<UnixStream> = (0..200)
         .map(|_| UnixStream::connect(&sock).unwrap())

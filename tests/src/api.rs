@@ -1,6 +1,7 @@
-//! A client for hugevisor's control API (HTTP/1.1 + JSON on a unix socket, see
-//! docs/architecture.md), as the tests and the benchmark harness talk to a running
-//! `hugevisor run --api-socket PATH`: one request per connection, as the server serves them.
+//! A client for hugevisor's control API (HTTP/1.1 + JSON on a unix socket in Cloud
+//! Hypervisor's shape, see docs/api.yaml), as the tests and the benchmark harness talk to
+//! a running `hugevisor run --api-socket PATH`: one request per connection, as the server
+//! serves them.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -108,6 +109,21 @@ pub fn info(path: &Path) -> Result<Value, ApiError> {
 /// its pass, the report is printed).
 pub fn shutdown(path: &Path) -> Result<(), ApiError> {
     expect(path, Method::Put, "/api/v1/vm.shutdown", None, 204).map(|_| ())
+}
+
+/// `GET /api/v1/vm.counters`: groups of integer counters.
+pub fn counters(path: &Path) -> Result<Value, ApiError> {
+    expect(path, Method::Get, "/api/v1/vm.counters", None, 200)
+}
+
+/// `PUT /api/v1/vm.pause`: the vCPUs stop in place.
+pub fn pause(path: &Path) -> Result<(), ApiError> {
+    expect(path, Method::Put, "/api/v1/vm.pause", None, 204).map(|_| ())
+}
+
+/// `PUT /api/v1/vm.resume`: the vCPUs `vm.pause` stopped run again.
+pub fn resume(path: &Path) -> Result<(), ApiError> {
+    expect(path, Method::Put, "/api/v1/vm.resume", None, 204).map(|_| ())
 }
 
 /// `PUT /api/v1/vm.migrate` with `request`; answers when the migration has ended.

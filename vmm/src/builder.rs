@@ -16,7 +16,7 @@ use guest_mm::{
 
 use crate::api::{ApiCall, ApiServer};
 use crate::boot::{self, LoadedImage};
-use crate::config::{RunConfig, RunLimit};
+use crate::config::{GuestSource, RunConfig, RunLimit};
 use crate::error::{ConfigError, Error, Result};
 use crate::mailbox::Mailbox;
 use crate::placement;
@@ -30,6 +30,8 @@ pub enum Start {
     /// Received from a migration source on this listener (bound while the VM is built,
     /// so a source can connect as soon as the run starts); the vCPUs come with its state.
     Incoming(migration::Listener),
+    /// Received once a `vm.receive-migration` call says where to listen.
+    AwaitReceive,
 }
 
 /// A built VM, not running yet.
@@ -104,9 +106,9 @@ fn memory_config(cfg: &RunConfig, topology: Option<&Topology>) -> MemoryConfig {
     MemoryConfig {
         ram,
         vcpus,
-        origin: match cfg.incoming {
-            Some(_) => GuestOrigin::MigrationDestination,
-            None => GuestOrigin::Booted,
+        origin: match cfg.guest {
+            GuestSource::Incoming(_) | GuestSource::ApiReceive => GuestOrigin::MigrationDestination,
+            GuestSource::Boot => GuestOrigin::Booted,
         },
         fault_path: FaultPathNeed::Derived,
         collapse: CollapseConfig {
@@ -127,7 +129,7 @@ fn guest_params(cfg: &RunConfig, topology: Option<&Topology>) -> GuestParams {
         workload: cfg.workload,
         passes: match cfg.limit {
             RunLimit::Passes(p) => Some(p),
-            RunLimit::Duration(_) => None,
+            RunLimit::Duration(_) | RunLimit::FromSource => None,
         },
         vcpus: cfg.vcpus,
         seed: cfg.seed,
@@ -144,12 +146,12 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
 
     let memory = GuestMemory::create(&memory_cfg)?;
     let staging = memory.staging();
-    let image = match cfg.incoming {
+    let image = match cfg.guest {
         // The image (and everything else) arrives with the guest's memory.
-        Some(_) => LoadedImage {
+        GuestSource::Incoming(_) | GuestSource::ApiReceive => LoadedImage {
             info: guest_image::image_info(guest_image::IMAGE)?,
         },
-        None => {
+        GuestSource::Boot => {
             let image = boot::load_image(staging, guest_image::IMAGE, memory.size())?;
             let cmdline = guest_params(cfg, topology.as_ref()).cmdline();
             boot::write_boot_tables(staging, &image, memory.size(), cfg.vcpus as usize, &cmdline)?;
@@ -164,9 +166,12 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
         Some(p) => Some(ApiServer::start(p)?),
         None => None,
     };
-    let start = match &cfg.incoming {
-        Some(uri) => Start::Incoming(migration::Listener::bind(uri).map_err(Error::Listen)?),
-        None => Start::Boot(
+    let start = match &cfg.guest {
+        GuestSource::Incoming(uri) => {
+            Start::Incoming(migration::Listener::bind(uri).map_err(Error::Listen)?)
+        }
+        GuestSource::ApiReceive => Start::AwaitReceive,
+        GuestSource::Boot => Start::Boot(
             (0..cfg.vcpus as usize)
                 .map(|i| Vcpu::new(&vm, i, &image))
                 .collect::<Result<_>>()?,

@@ -9,6 +9,7 @@ use guest_mm::collapse::{BudgetError, CollapseMode, ScanBudget};
 use guest_mm::numa::{BalancerConfig, Balancing, NumaSpec, SpecError};
 use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 
+use crate::config::GuestSource;
 use crate::console::ConsoleMode;
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
 use crate::vstate::vm::{DirtyLogMethod, DEFAULT_KVM_DEVICE};
@@ -41,7 +42,8 @@ enum Command {
     GuestImage(GuestImageArgs),
     /// Report what this host offers (KVM, userfaultfd, huge pages, THP, NUMA) and how to fix what is missing.
     Caps(CapsArgs),
-    /// Live-migrate a running VM (through its control API) to a `run --incoming` peer.
+    /// Live-migrate a running VM (through its control API) to a `run --incoming` peer, or to
+    /// a VMM told `vm.receive-migration`.
     Migrate(MigrateArgs),
 }
 
@@ -101,9 +103,11 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Workload: touch, verify, stream, random, fault, numa01, numa02, numa01_thread_alloc.
-    #[arg(long, default_value = "verify", value_parser = parse_workload)]
-    workload: Workload,
+    /// Workload: touch, verify (the default), stream, random, fault, numa01, numa02,
+    /// numa01_thread_alloc. With --api-socket and no --workload (and no --incoming) the
+    /// VMM boots nothing: it waits for `vm.receive-migration`.
+    #[arg(long, value_parser = parse_workload)]
+    workload: Option<Workload>,
     /// Run the workload for this long (e.g. 5s); the default is 5s (one pass for touch).
     #[arg(long, value_parser = parse_duration, conflicts_with = "passes")]
     duration: Option<Duration>,
@@ -156,7 +160,8 @@ pub struct RunArgs {
     /// (default pages=16384,period=100,rate=200,max-ptes-none=64).
     #[arg(long, value_parser = parse_collapse_scan)]
     collapse_scan: Option<ScanBudget>,
-    /// Serve the control API (HTTP/1.1 + JSON) on this unix socket (mode 0600).
+    /// Serve the control API (HTTP/1.1 + JSON, Cloud Hypervisor's paths; docs/api.yaml)
+    /// on this unix socket (mode 0600).
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Receive the guest from a migration source (tcp:HOST:PORT or unix:PATH) instead of
@@ -192,8 +197,12 @@ struct MigrateArgs {
     #[arg(long, default_value = "precopy", value_parser = parse_mode)]
     mode: migration::Mode,
     /// Pre-copy stops when what is left would take this long to send.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     downtime_ms: u64,
+    /// Cancel the migration (the guest keeps running here) if it has not switched over
+    /// after this many seconds (Cloud Hypervisor's `timeout_s`).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_s: u64,
     /// Post-copy background push: sequential (from the last demand request on) or
     /// fewest-missing-first (complete the 2 MiB regions the guest touched first).
     #[arg(long, default_value = "sequential", value_parser = parse_push_order)]
@@ -251,17 +260,32 @@ pub struct CapsArgs {
 }
 
 impl RunArgs {
+    /// Where the guest comes from: `--incoming`, or nothing to boot (`--api-socket` and no
+    /// `--workload`: wait for `vm.receive-migration`), or the built-in image.
+    fn guest_source(&self) -> Result<GuestSource, String> {
+        Ok(match (&self.incoming, &self.api_socket, self.workload) {
+            (Some(uri), _, _) => GuestSource::Incoming(uri.clone()),
+            (None, Some(_), None) => {
+                if self.passes.is_some() || self.inject_corruption {
+                    return Err("--api-socket with no --workload waits for vm.receive-migration, and a received guest brings its own passes and data; add --workload to boot a guest here".into());
+                }
+                GuestSource::ApiReceive
+            }
+            (None, _, _) => GuestSource::Boot,
+        })
+    }
+
     pub fn to_config(&self, process_start_ns: u64) -> Result<RunConfig, String> {
+        let guest = self.guest_source()?;
+        let workload = self.workload.unwrap_or(Workload::Verify);
         let limit = match (self.duration, self.passes) {
             (Some(d), _) => RunLimit::Duration(d),
             (None, Some(p)) => RunLimit::Passes(p),
-            (None, None) if self.workload == Workload::Touch => RunLimit::Passes(1),
+            // The guest's own limit comes with it.
+            (None, None) if guest.is_migration() => RunLimit::FromSource,
+            (None, None) if workload == Workload::Touch => RunLimit::Passes(1),
             (None, None) => RunLimit::Duration(Duration::from_secs(5)),
         };
-        let timeout = self.timeout.unwrap_or(match limit {
-            RunLimit::Duration(d) => d + Duration::from_secs(60),
-            RunLimit::Passes(_) => Duration::from_secs(600),
-        });
         Ok(RunConfig {
             ram: RamConfig {
                 size: self.memory,
@@ -278,12 +302,12 @@ impl RunArgs {
                 ..RamConfig::default()
             },
             vcpus: self.vcpus,
-            workload: self.workload,
+            workload,
             limit,
             seed: self.seed,
             console: self.console,
             kvm_device: self.kvm_device.clone(),
-            timeout,
+            timeout: self.timeout,
             corruption: if self.inject_corruption {
                 CorruptionTest::AfterFirstPass
             } else {
@@ -303,7 +327,7 @@ impl RunArgs {
             collapse: self.collapse,
             collapse_scan: self.collapse_scan.unwrap_or_default(),
             api_socket: self.api_socket.clone(),
-            incoming: self.incoming.clone(),
+            guest,
             dirty_log: self.dirty_log,
         })
     }
@@ -325,7 +349,7 @@ fn cmd_run(args: &RunArgs, start_ns: u64) -> i32 {
                 print!("{report}");
             }
             match report.outcome {
-                Outcome::Ok | Outcome::Migrated => EXIT_OK,
+                Outcome::Ok | Outcome::Migrated | Outcome::NoGuest => EXIT_OK,
                 Outcome::IntegrityErrors => {
                     if let Some(e) = &report.first_error {
                         eprintln!(
@@ -368,16 +392,18 @@ fn cmd_guest_image(args: &GuestImageArgs) -> i32 {
 }
 
 fn cmd_migrate(args: &MigrateArgs) -> i32 {
-    let req = migration::MigrationRequest {
-        verify: args.verify,
-        push_order: args.push_order,
-        downtime: Duration::from_millis(args.downtime_ms),
-        ..migration::MigrationRequest::new(args.to.clone(), args.mode)
-    };
-    let body = match serde_json::to_value(&req) {
-        Ok(b) => b,
-        Err(e) => return fail(&format!("encoding the migration request: {e}")),
-    };
+    // vm.send-migration's body (Cloud Hypervisor's names, hugevisor's extras), to the
+    // endpoint that answers with the report.
+    let mut body = serde_json::json!({
+        "destination_url": args.to.to_string(),
+        "mode": args.mode.name(),
+        "downtime_ms": args.downtime_ms,
+        "timeout_s": args.timeout_s,
+        "push_order": args.push_order.name(),
+    });
+    if let Some(migration::Verify::MemoryHash) = args.verify {
+        body["verify"] = "memory-hash".into();
+    }
     match crate::api::call(&args.api_socket, "PUT", "/api/v1/vm.migrate", Some(&body)) {
         Ok((200, report)) => {
             if args.json {

@@ -17,6 +17,28 @@ pub enum RunLimit {
     Duration(Duration),
     /// Each vCPU runs this many passes.
     Passes(u64),
+    /// A migration destination given neither: the guest's own limit arrives with it (the
+    /// source's `--duration`, or the passes in the guest's command line).
+    FromSource,
+}
+
+/// Where the run's guest comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestSource {
+    /// Booted here from the built-in image.
+    Boot,
+    /// Received from a migration source on `--incoming`'s URI.
+    Incoming(migration::Uri),
+    /// Received where a `vm.receive-migration` call says: a VMM started with
+    /// `--api-socket` and no guest (no `--workload`, no `--incoming`) waits for one.
+    ApiReceive,
+}
+
+impl GuestSource {
+    /// Whether the guest arrives by migration rather than booting here.
+    pub fn is_migration(&self) -> bool {
+        !matches!(self, GuestSource::Boot)
+    }
 }
 
 /// A deliberate fault injected by the VMM, to prove the guest's checks work.
@@ -39,7 +61,8 @@ pub struct RunConfig {
     pub seed: u64,
     pub console: ConsoleMode,
     pub kvm_device: PathBuf,
-    pub timeout: Duration,
+    /// `--timeout`; without it, see [`RunConfig::timeout_for`].
+    pub timeout: Option<Duration>,
     pub corruption: CorruptionTest,
     /// Monotonic time at process start (for start-up latency).
     pub process_start_ns: u64,
@@ -57,8 +80,8 @@ pub struct RunConfig {
     pub collapse_scan: guest_mm::collapse::ScanBudget,
     /// Serve the control API on this unix socket.
     pub api_socket: Option<PathBuf>,
-    /// Receive the guest from a migration source instead of booting it.
-    pub incoming: Option<migration::Uri>,
+    /// Boot the guest, or receive it from a migration source.
+    pub guest: GuestSource,
     /// How KVM reports written pages when a migration asks (`--dirty-log`).
     pub dirty_log: DirtyLogMethod,
 }
@@ -68,4 +91,25 @@ pub struct RunConfig {
 pub enum MemmapListing {
     Off,
     AtExit,
+}
+
+impl RunConfig {
+    /// How long a run may take from its guest's start here, when it is to run for
+    /// `run_for` (None: until its passes are done): `--timeout`, or a minute more than
+    /// `run_for`, or 10 minutes.
+    pub fn timeout_for(&self, run_for: Option<Duration>) -> Duration {
+        self.timeout.unwrap_or(match run_for {
+            Some(d) => d + Duration::from_secs(60),
+            None => Duration::from_secs(600),
+        })
+    }
+
+    /// How long a destination waits for its source to connect: as long as a run of its
+    /// own `--duration` may take.
+    pub fn accept_timeout(&self) -> Duration {
+        self.timeout_for(match self.limit {
+            RunLimit::Duration(d) => Some(d),
+            RunLimit::Passes(_) | RunLimit::FromSource => None,
+        })
+    }
 }

@@ -5,15 +5,15 @@
 //! corruption test) and its deadline.
 //!
 //! ```text
-//!  Receiving ──arrived──▶ Running ◀──────────── migration failed ───────┐
-//!   (destination)          │  │ vm.migrate                              │
-//!                          │  └──────────▶ Migrating ──pause──▶ Paused ─┤
-//!                          │                                            │ migration done
-//!     limit / shutdown /   ▼                                            ▼
-//!     a vCPU failed      Stopping ──every vCPU ended──▶ (end)        Migrated ─▶ (end)
+//!  Waiting ─vm.receive-migration─▶ Receiving ──arrived──▶ Running ◀─ migration failed ─┐
+//!  (no guest yet)                (destination)   vm.resume │ │ │ vm.send-migration      │
+//!                                     Paused(api) ◀────────┘ │ └─▶ Migrating ──pause──▶ │
+//!                                          vm.pause          │     Paused(switch-over) ─┤
+//!     limit / shutdown / a vCPU failed                       ▼                          ▼
+//!                              Stopping ──every vCPU ended──▶ (end)   migration done: Migrated ─▶ (end)
 //! ```
-//! Pausing happens inside the `Migrating → Paused` step: the vCPUs stop in place
-//! ([`VcpuSet::pause`]) before the controller answers.
+//! Both pauses stop the vCPUs in place ([`VcpuSet::pause`]) before the controller
+//! answers; `vm.resume` and a failed migration run the same threads again.
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -22,16 +22,19 @@ use std::time::Duration;
 use guest_image::abi;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::api::{ApiCall, MigrateRefusal};
+use crate::api::{ApiCall, MigrateRefusal, ReceiveRefusal, StateRefusal};
 use crate::builder::{Start, Vmm};
 use crate::config::{CorruptionTest, RunConfig, RunLimit};
 use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::mailbox::Mailbox;
 use crate::migration_host::{Arrival, DestinationEvent, MigratedState, RunInfo, SourceRequest};
+use crate::progress::Tracker;
 use crate::vstate::vcpu::{Vcpu, VcpuEndResult, VcpuOutcome};
 use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
+
+mod calls;
 use guest_image::clock::monotonic_ns;
 use guest_mm::GuestMemory;
 use migration::{GuestAt, IncomingReport, MigrationReport, Paused, VmState};
@@ -44,27 +47,39 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 /// Where the run is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunState {
+    /// A VMM started without a guest, waiting for `vm.receive-migration`.
+    Waiting,
     /// A migration destination waiting for, or receiving, its guest.
     Receiving,
     /// The guest runs here.
     Running,
     /// The guest runs here while a migration sends it away.
     Migrating,
-    /// The vCPUs are stopped in place for a migration's switch-over.
-    Paused,
+    /// The vCPUs are stopped in place.
+    Paused(PauseCause),
     /// The run's end was asked for; the vCPUs finish their pass.
     Stopping,
     /// The guest was handed over to a migration destination.
     Migrated,
 }
 
+/// Who stopped the vCPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseCause {
+    /// `vm.pause`; `vm.resume` runs them again.
+    Api,
+    /// A migration, for its switch-over.
+    SwitchOver,
+}
+
 impl RunState {
     pub fn name(self) -> &'static str {
         match self {
+            RunState::Waiting => "waiting",
             RunState::Receiving => "receiving",
             RunState::Running => "running",
             RunState::Migrating => "migrating",
-            RunState::Paused => "paused",
+            RunState::Paused(_) => "paused",
             RunState::Stopping => "stopping",
             RunState::Migrated => "migrated",
         }
@@ -118,6 +133,10 @@ pub struct RunEnd {
     pub console: Arc<Console>,
     pub memory: Arc<GuestMemory>,
     pub mailbox: Mailbox,
+    /// How long the run was allowed (its timeout, from the guest's start here).
+    pub timeout: Duration,
+    /// No guest ever ran here: a VMM that waited for a migration and was ended first.
+    pub no_guest: bool,
 }
 
 /// The source side of a migration in progress.
@@ -125,17 +144,25 @@ struct Outgoing {
     reply: Sender<std::result::Result<MigrationReport, MigrateRefusal>>,
     /// Each vCPU's worst pass when it paused, restored if the migration fails.
     max_pass_at_pause: Vec<u64>,
+    mode: migration::Mode,
+    destination: migration::Uri,
+    progress: Arc<Tracker>,
 }
 
 /// The run's limits, checked on every poll.
 #[derive(Default)]
 struct Limits {
+    /// The run's whole duration (`--duration`, or the source's): None runs the guest's
+    /// passes to their end.
+    duration: Option<Duration>,
     /// When the guest is told to stop (`--duration`, from its first start anywhere).
     stop_at: Option<u64>,
     /// When the stop flag was set.
     stop_requested_at: Option<u64>,
     shutdown_requested: bool,
     deadline: u64,
+    /// The timeout `deadline` was set from.
+    timeout: Duration,
     timed_out: bool,
     corrupted_gpa: Option<u64>,
     /// vCPU 0's pass count when the corruption was written.
@@ -170,6 +197,8 @@ pub struct Controller<'a> {
     /// What ends the run with an error once the vCPUs are finished (a post-copy that
     /// failed after the guest started here, a source that could not resume its guest).
     fatal: Option<Error>,
+    /// A `vm.receive-migration` call, answered when the migration ends here.
+    receive_reply: Option<Sender<std::result::Result<(), ReceiveRefusal>>>,
     _api: Option<crate::api::ApiServer>,
 }
 
@@ -205,30 +234,41 @@ impl<'a> Controller<'a> {
             incoming_phase: None,
             arrived: None,
             fatal: None,
+            receive_reply: None,
             _api: api,
+        };
+        c.limits.duration = match cfg.limit {
+            RunLimit::Duration(d) => Some(d),
+            RunLimit::Passes(_) | RunLimit::FromSource => None,
         };
         match vmm.start {
             Start::Boot(vcpus) => c.start_guest(vcpus)?,
-            Start::Incoming(listener) => {
-                let tx = c.events_tx.clone();
-                let timeouts = migration::Timeouts {
-                    accept: cfg.timeout,
-                    ..Default::default()
-                };
-                crate::migration_host::start_receiving(
-                    listener,
-                    c.memory.clone(),
-                    c.vm.clone(),
-                    cfg.vcpus,
-                    timeouts,
-                    move |e| {
-                        let _ = tx.send(Event::Incoming(e));
-                    },
-                )?;
-                c.incoming_phase = Some(IncomingPhase::Receiving);
-            }
+            Start::Incoming(listener) => c.receive_on(listener)?,
+            Start::AwaitReceive => c.state = RunState::Waiting,
         }
         Ok(c)
+    }
+
+    /// Receives the guest on `listener`, on a thread of its own.
+    fn receive_on(&mut self, listener: migration::Listener) -> Result<()> {
+        let tx = self.events_tx.clone();
+        let timeouts = migration::Timeouts {
+            accept: self.cfg.accept_timeout(),
+            ..Default::default()
+        };
+        crate::migration_host::start_receiving(
+            listener,
+            self.memory.clone(),
+            self.vm.clone(),
+            self.cfg.vcpus,
+            timeouts,
+            move |e| {
+                let _ = tx.send(Event::Incoming(e));
+            },
+        )?;
+        self.state = RunState::Receiving;
+        self.incoming_phase = Some(IncomingPhase::Receiving);
+        Ok(())
     }
 
     /// Starts the vCPU threads and what runs beside the guest; the run's clock starts.
@@ -247,14 +287,14 @@ impl<'a> Controller<'a> {
             }),
         )?);
         self.state = RunState::Running;
-        self.limits.deadline = self.launch_ns + self.cfg.timeout.as_nanos() as u64;
-        self.limits.stop_at = match self.cfg.limit {
-            // The duration counts from the guest's first start, on whichever host.
-            RunLimit::Duration(d) => {
-                Some(self.launch_ns + (d.as_nanos() as u64).saturating_sub(self.source_elapsed_ns))
-            }
-            RunLimit::Passes(_) => None,
-        };
+        // The duration counts from the guest's first start, on whichever host.
+        let left = self
+            .limits
+            .duration
+            .map(|d| d.saturating_sub(Duration::from_nanos(self.source_elapsed_ns)));
+        self.limits.timeout = self.cfg.timeout_for(left);
+        self.limits.deadline = self.launch_ns + self.limits.timeout.as_nanos() as u64;
+        self.limits.stop_at = left.map(|l| self.launch_ns + l.as_nanos() as u64);
         Ok(())
     }
 
@@ -267,7 +307,7 @@ impl<'a> Controller<'a> {
                 // The controller holds a sender itself: never happens.
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if self.state != RunState::Receiving {
+            if !matches!(self.state, RunState::Waiting | RunState::Receiving) {
                 self.poll_guest()?;
             }
         }
@@ -280,8 +320,13 @@ impl<'a> Controller<'a> {
         }
         match self.state {
             RunState::Migrated => true,
-            RunState::Receiving | RunState::Paused => false,
-            RunState::Running | RunState::Migrating | RunState::Stopping => {
+            // Ended by vmm.shutdown before any guest came.
+            RunState::Waiting => self.limits.shutdown_requested,
+            RunState::Receiving | RunState::Paused(PauseCause::SwitchOver) => false,
+            RunState::Running
+            | RunState::Migrating
+            | RunState::Stopping
+            | RunState::Paused(PauseCause::Api) => {
                 self.limits.timed_out || self.ended.iter().all(Option::is_some)
             }
         }
@@ -308,85 +353,6 @@ impl<'a> Controller<'a> {
         Ok(())
     }
 
-    fn on_api(&mut self, call: ApiCall) {
-        match call {
-            ApiCall::Info(reply) => {
-                let _ = reply.send(self.info());
-            }
-            ApiCall::Shutdown(reply) => {
-                self.limits.shutdown_requested = true;
-                let _ = reply.send(());
-            }
-            ApiCall::Migrate(req, reply) => {
-                if self.state != RunState::Running {
-                    let why = match self.state {
-                        RunState::Migrating | RunState::Paused => MigrateRefusal::AlreadyMigrating,
-                        s => MigrateRefusal::NotRunning(s.name()),
-                    };
-                    let _ = reply.send(Err(why));
-                    return;
-                }
-                let tx = self.events_tx.clone();
-                let spawned = crate::migration_host::start_sending(
-                    self.memory.clone(),
-                    self.vm.clone(),
-                    self.cfg.vcpus,
-                    req,
-                    move |r| {
-                        let _ = tx.send(Event::Source(r));
-                    },
-                );
-                match spawned {
-                    Ok(_) => {
-                        self.state = RunState::Migrating;
-                        self.outgoing = Some(Outgoing {
-                            reply,
-                            max_pass_at_pause: Vec::new(),
-                        });
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(MigrateRefusal::Start(e)));
-                    }
-                }
-            }
-        }
-    }
-
-    /// `vm.info`: the run as it is now.
-    fn info(&self) -> serde_json::Value {
-        let mem = self.memory.staging();
-        let slots: Vec<_> = (0..self.cfg.vcpus as usize)
-            .map(|i| self.mailbox.slot(mem, i))
-            .collect();
-        let state = if self.limits.stop_requested_at.is_some() || self.limits.shutdown_requested {
-            RunState::Stopping
-        } else {
-            self.state
-        };
-        let incoming = self.incoming_phase.map(|phase| {
-            serde_json::json!({
-                "mode": self.incoming.as_ref().map(|i| i.mode.clone()),
-                "phase": phase.name(),
-            })
-        });
-        let stats = self.memory.stats();
-        serde_json::json!({
-            "state": state.name(),
-            "workload": self.workload,
-            "vcpus": self.cfg.vcpus,
-            "memory_bytes": self.memory.size(),
-            "backing": self.memory.backing().to_string(),
-            "passes": slots.iter().map(|s| s.passes).sum::<u64>(),
-            "per_vcpu_passes": slots.iter().map(|s| s.passes).collect::<Vec<_>>(),
-            "integrity_errors": slots.iter().map(|s| s.integrity_errors).sum::<u64>(),
-            "numa": stats.numa,
-            "incoming": incoming,
-            "collapse": stats.collapse,
-            "pmd_mapped_bytes": self.memory.pmd_mapped_bytes().ok(),
-            "memory": stats,
-        })
-    }
-
     /// A migration source's switch-over: the vCPUs stop in place, their state and the
     /// run's info go to the destination.
     fn pause_for_migration(&mut self) -> Result<Paused> {
@@ -405,10 +371,7 @@ impl<'a> Controller<'a> {
         let run = RunInfo {
             workload: self.workload.clone(),
             elapsed_ns: self.source_elapsed_ns + (monotonic_ns() - self.launch_ns),
-            duration_ns: match self.cfg.limit {
-                RunLimit::Duration(d) => Some(d.as_nanos() as u64),
-                RunLimit::Passes(_) => None,
-            },
+            duration_ns: self.limits.duration.map(|d| d.as_nanos() as u64),
             max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
             passes: slots.iter().map(|s| s.passes).sum(),
         };
@@ -420,7 +383,7 @@ impl<'a> Controller<'a> {
         }
         let state =
             serde_json::to_value(MigratedState { vcpus: states, run }).map_err(Error::VmState)?;
-        self.state = RunState::Paused;
+        self.state = RunState::Paused(PauseCause::SwitchOver);
         let mailbox = self.mailbox.gpa_range(n);
         Ok(Paused {
             state: VmState(state),
@@ -434,7 +397,7 @@ impl<'a> Controller<'a> {
     /// The migration failed after the pause: the guest runs here again, on the same
     /// threads, with the worst passes it had.
     fn resume_after_failed_migration(&mut self) -> Result<()> {
-        if self.state != RunState::Paused {
+        if self.state != RunState::Paused(PauseCause::SwitchOver) {
             return Ok(());
         }
         let mem = self.memory.staging();
@@ -488,7 +451,10 @@ impl<'a> Controller<'a> {
                 match guest_at {
                     // It never left, or it was resumed here.
                     GuestAt::Source => {
-                        if matches!(self.state, RunState::Paused | RunState::Migrating) {
+                        if matches!(
+                            self.state,
+                            RunState::Paused(PauseCause::SwitchOver) | RunState::Migrating
+                        ) {
                             self.state = RunState::Running;
                         }
                     }
@@ -507,6 +473,9 @@ impl<'a> Controller<'a> {
     fn on_arrival(&mut self, arrival: Arrival) {
         self.source_elapsed_ns = arrival.run.elapsed_ns;
         self.workload = arrival.run.workload.clone();
+        if self.cfg.limit == RunLimit::FromSource {
+            self.limits.duration = arrival.run.duration_ns.map(Duration::from_nanos);
+        }
         let answer = self
             .start_guest(arrival.vcpus)
             .map_err(|e| Error::GuestStart(e.to_string()));
@@ -526,6 +495,21 @@ impl<'a> Controller<'a> {
         result: std::result::Result<IncomingReport, migration::Error>,
     ) -> Result<()> {
         let phase = self.incoming_phase.replace(IncomingPhase::Complete);
+        // vm.receive-migration hears how it ended: received, or the error the run ends with.
+        let receive_reply = self.receive_reply.take();
+        let answer = |a| {
+            if let Some(r) = &receive_reply {
+                let _ = r.send(a);
+            }
+        };
+        match &result {
+            Ok(_) => answer(Ok(())),
+            Err(e) if self.vcpus.is_none() || phase != Some(IncomingPhase::Completing) => {
+                answer(Err(ReceiveRefusal::Failed(e.to_string())))
+            }
+            // Pre-copy: every page is here; only the source's last word is missing.
+            Err(_) => answer(Ok(())),
+        }
         let mut report = match result {
             Ok(report) => report,
             // Before the guest started here: nothing runs; the run fails now.
@@ -555,7 +539,10 @@ impl<'a> Controller<'a> {
 
     /// Between events: the corruption test, the run's limits, failures, the deadline.
     fn poll_guest(&mut self) -> Result<()> {
-        if matches!(self.state, RunState::Paused | RunState::Migrated) {
+        if matches!(
+            self.state,
+            RunState::Paused(PauseCause::SwitchOver) | RunState::Migrated
+        ) {
             return Ok(());
         }
         let now = monotonic_ns();
@@ -601,6 +588,13 @@ impl<'a> Controller<'a> {
     fn request_stop(&mut self, now: u64) {
         self.mailbox.request_stop(self.memory.staging());
         self.limits.stop_requested_at = Some(now);
+        // A guest paused by vm.pause runs again to finish its pass.
+        if self.state == RunState::Paused(PauseCause::Api) {
+            if let Some(Err(e)) = self.vcpus.as_ref().map(VcpuSet::resume) {
+                self.fatal.get_or_insert(e);
+            }
+            self.state = RunState::Running;
+        }
         if self.state == RunState::Running {
             self.state = RunState::Stopping;
         }
@@ -661,6 +655,8 @@ impl<'a> Controller<'a> {
         if let Some(e) = self.fatal.take() {
             return Err(e);
         }
+        // Every guest that ran here had vCPU threads.
+        let no_guest = outcomes.is_empty();
         Ok(RunEnd {
             outcomes,
             timed_out: self.limits.timed_out,
@@ -675,6 +671,8 @@ impl<'a> Controller<'a> {
             console: self.console,
             memory: self.memory.clone(),
             mailbox: self.mailbox,
+            timeout: self.limits.timeout,
+            no_guest,
         })
     }
 
@@ -688,13 +686,23 @@ impl<'a> Controller<'a> {
                 let _ = reply.send(Err(Error::GuestFinished));
             }
             Event::Api(ApiCall::Info(reply)) => {
-                let _ = reply.send(self.info());
+                let _ = reply.send(crate::status::info(&self.snapshot()));
             }
-            Event::Api(ApiCall::Shutdown(reply)) => {
-                let _ = reply.send(());
+            Event::Api(ApiCall::Counters(reply)) => {
+                let _ = reply.send(crate::status::counters(&self.snapshot()));
+            }
+            // The run is ending already.
+            Event::Api(ApiCall::Shutdown(reply) | ApiCall::VmmShutdown(reply)) => {
+                let _ = reply.send(Ok(()));
+            }
+            Event::Api(ApiCall::Pause(reply) | ApiCall::Resume(reply)) => {
+                let _ = reply.send(Err(StateRefusal::NotRunning(RunState::Stopping.name())));
             }
             Event::Api(ApiCall::Migrate(_, reply)) => {
                 let _ = reply.send(Err(MigrateRefusal::GuestFinished));
+            }
+            Event::Api(ApiCall::Receive(_, reply)) => {
+                let _ = reply.send(Err(ReceiveRefusal::NotWaiting(RunState::Stopping.name())));
             }
             _ => {}
         }

@@ -50,6 +50,8 @@ pub enum Error {
     ControllerGone,
     #[error("the guest has finished")]
     GuestFinished,
+    #[error("the migration had not switched over after timeout_s = {}; cancelled (Cloud Hypervisor's Cancel strategy), the guest keeps running here", .0.as_secs())]
+    MigrationTimeout(std::time::Duration),
     #[error("--incoming: {0}")]
     Listen(#[source] migration::WireError),
     #[error("the arrived guest could not start: {0}")]

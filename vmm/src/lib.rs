@@ -12,7 +12,7 @@
 //! - entering the guest image (tables, registers): [`boot`]
 //! - what a migration asks of the VM (the `migration` crate's traits): [`migration_host`]
 //! - the run report: [`report`]; the workload-specific NUMA placement: [`placement`]
-//! - the control API: [`api`]
+//! - the control API: [`api`]; what `vm.info` and `vm.counters` say: [`status`]
 //! - guest memory (backings, views, the second-stage table, the fault path, collapse and
 //!   NUMA engines): the `guest-mm` crate
 
@@ -31,6 +31,7 @@ pub mod placement;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod status;
 pub mod vstate;
 
 pub use error::{Error, Result};

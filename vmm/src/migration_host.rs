@@ -10,8 +10,10 @@
 //! The VM state a migration carries ([`MigratedState`]) is serialised here and opaque to
 //! the migration crate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use migration::{
     DestinationVm, GuestPages, HostError, MigrationRequest, Paused, SourceVm, VmState,
@@ -19,6 +21,7 @@ use migration::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::progress::Tracker;
 use crate::vstate::vcpu::{Vcpu, VcpuState};
 use crate::vstate::vm::{DirtyLogging, Vm};
 use guest_mm::{FaultPathKind, GuestMemory};
@@ -78,6 +81,25 @@ struct SourceHost {
     vm: Arc<Vm>,
     vcpus: u32,
     controller: Box<dyn Fn(SourceRequest) + Send + Sync>,
+    cancel: Cancel,
+}
+
+/// A migration's `timeout_s` with Cloud Hypervisor's `Cancel` strategy: a migration that
+/// has not paused the guest by the deadline fails at the next round's end (or at the
+/// pause), and the guest keeps running here. Once paused, the switch-over goes on.
+struct Cancel {
+    timeout: Duration,
+    deadline: Instant,
+    paused: AtomicBool,
+}
+
+impl Cancel {
+    fn check(&self) -> std::result::Result<(), HostError> {
+        if !self.paused.load(Ordering::Acquire) && Instant::now() >= self.deadline {
+            return Err(Error::MigrationTimeout(self.timeout).into());
+        }
+        Ok(())
+    }
 }
 
 fn ask<T>(
@@ -105,6 +127,8 @@ impl SourceVm for SourceHost {
     }
 
     fn take_dirty_log(&self) -> std::result::Result<Vec<u64>, HostError> {
+        // Every pre-copy round ends here: where a timed-out migration is cancelled.
+        self.cancel.check()?;
         Ok(self.vm.take_dirty_log(self.memory.memslot())?)
     }
 
@@ -116,12 +140,23 @@ impl SourceVm for SourceHost {
     }
 
     fn pause(&self) -> std::result::Result<Paused, HostError> {
-        ask(&*self.controller, SourceRequest::Pause)
+        self.cancel.check()?;
+        let paused = ask(&*self.controller, SourceRequest::Pause)?;
+        self.cancel.paused.store(true, Ordering::Release);
+        Ok(paused)
     }
 
     fn resume(&self) -> std::result::Result<(), HostError> {
         ask(&*self.controller, SourceRequest::Resume)
     }
+}
+
+/// How a migration is sent: what to ask of it, when to give up, where to say how far it is.
+pub struct Sending {
+    pub request: MigrationRequest,
+    /// Cancelled (the guest stays here) if not paused for the switch-over by then.
+    pub timeout: Duration,
+    pub progress: Arc<Tracker>,
 }
 
 /// Sends the guest away on a thread of its own; `controller` receives the pause and
@@ -130,7 +165,7 @@ pub fn start_sending(
     memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     vcpus: u32,
-    req: MigrationRequest,
+    sending: Sending,
     controller: impl Fn(SourceRequest) + Send + Sync + 'static,
 ) -> Result<()> {
     let host = SourceHost {
@@ -138,11 +173,19 @@ pub fn start_sending(
         vm,
         vcpus,
         controller: Box::new(controller),
+        cancel: Cancel {
+            timeout: sending.timeout,
+            deadline: Instant::now() + sending.timeout,
+            paused: AtomicBool::new(false),
+        },
     };
+    let Sending {
+        request, progress, ..
+    } = sending;
     std::thread::Builder::new()
         .name("migrate".into())
         .spawn(move || {
-            let r = migration::source::migrate(&host, &req, &crate::progress::Terminal::new());
+            let r = migration::source::migrate(&host, &request, &*progress);
             (host.controller)(SourceRequest::Done(r));
         })
         .map(drop)
@@ -239,4 +282,28 @@ pub fn start_receiving(
             what: "starting the incoming migration thread".into(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timed_out_migration_is_cancelled_only_before_the_pause() {
+        let cancel = Cancel {
+            timeout: Duration::from_secs(1),
+            deadline: Instant::now(),
+            paused: AtomicBool::new(false),
+        };
+        let e = cancel.check().unwrap_err();
+        assert!(e.to_string().contains("timeout_s = 1"), "{e}");
+        cancel.paused.store(true, Ordering::Release);
+        assert!(cancel.check().is_ok());
+        let later = Cancel {
+            deadline: Instant::now() + Duration::from_secs(60),
+            paused: AtomicBool::new(false),
+            ..cancel
+        };
+        assert!(later.check().is_ok());
+    }
 }

@@ -31,6 +31,8 @@ pub enum Outcome {
     GuestException,
     /// The guest was handed over to a migration destination.
     Migrated,
+    /// No guest ran: a VMM that waited for `vm.receive-migration` was ended first.
+    NoGuest,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -170,6 +172,7 @@ impl std::fmt::Display for RunReport {
                 Outcome::IntegrityErrors => "INTEGRITY ERRORS",
                 Outcome::GuestException => "GUEST EXCEPTION",
                 Outcome::Migrated => "migrated",
+                Outcome::NoGuest => "no guest (ended while waiting for vm.receive-migration)",
             }
         )?;
         writeln!(
@@ -340,7 +343,7 @@ pub fn assemble(
     check_vcpus(&end)?;
     let exception = exception(&slots);
     if end.timed_out && exception.is_none() && end.migrated.is_none() && !end.handed_over {
-        return Err(Error::Timeout(cfg.timeout));
+        return Err(Error::Timeout(end.timeout));
     }
     let per_vcpu = vcpu_reports(&slots, &end.outcomes, &clock);
     let first_error = slots
@@ -371,7 +374,9 @@ pub fn assemble(
         page_size: memory.page_size(),
         prefault: cfg.ram.prefault == guest_mm::Prefault::Populate,
         entry: "ring-3 fast path",
-        outcome: if exception.is_some() {
+        outcome: if end.no_guest {
+            Outcome::NoGuest
+        } else if exception.is_some() {
             Outcome::GuestException
         } else if end.migrated.is_some() || end.handed_over {
             Outcome::Migrated

@@ -10,7 +10,7 @@ pub mod table;
 
 use std::sync::{Mutex, MutexGuard};
 
-use crate::addr::{Gpa, GpaRange, SIZE_2M};
+use crate::addr::{Gpa, GpaRange, SIZE_2M, SIZE_4K};
 use crate::collapse::MthpChoice;
 pub use leaf::{
     Accounting, BackingRef, Dirtied, FaultCause, HugePiecewise, Intent, Leaf, LeafSize, LeafSpec,
@@ -243,6 +243,53 @@ impl SecondStage {
         );
         t.mark_accessed(gpa, dirtied);
         install(span)?;
+        Ok(true)
+    }
+
+    /// The fault path's commit for a hint fault, at the granularity that decides NUMA
+    /// placement: as [`resolve`](Self::resolve), and every other hinted leaf of the 2 MiB
+    /// region around `gpa` becomes present with it, so that a region takes one hint
+    /// fault per scan however many of its pages the vCPU touches next. `install` gets the
+    /// faulting leaf's span and the runs of leaves that were hinted (the span among
+    /// them); absent leaves are never in a run. On huge backing pages the span is the
+    /// region already (or more): nothing else is resolved.
+    pub fn resolve_region<E>(
+        &self,
+        gpa: Gpa,
+        token: SeqToken,
+        dirtied: Dirtied,
+        install: impl FnOnce(GpaRange, &[GpaRange]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let mut t = self.lock();
+        if !self.notifier.unchanged_since(token) {
+            return Ok(false);
+        }
+        let span = t.zap_span(gpa);
+        let region = if self.backing_page == SIZE_4K {
+            let start = gpa.align_down(SIZE_2M);
+            GpaRange::new(start, start.add(SIZE_2M)).union(&span)
+        } else {
+            span
+        };
+        let mut runs: Vec<GpaRange> = Vec::new();
+        t.visit(region, &mut |s, l| {
+            if l.state != PageState::Hinted {
+                return;
+            }
+            let r = GpaRange::new(s, s.add(l.size.bytes()));
+            match runs.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => runs.push(r),
+            }
+        });
+        t.set_state(
+            span,
+            &[PageState::Hinted, PageState::Absent],
+            PageState::Present,
+        );
+        t.set_state(region, &[PageState::Hinted], PageState::Present);
+        t.mark_accessed(gpa, dirtied);
+        install(span, &runs)?;
         Ok(true)
     }
 

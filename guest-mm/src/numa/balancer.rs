@@ -10,8 +10,11 @@
 //!   shared. It stays where it is until `shared_streak` consecutive faults from one node
 //!   say the sharing ended.
 //! - **no ping-pong**: every move a region has made doubles the streak it needs before
-//!   the next (capped at 2^4), so a region that keeps changing hands moves at most
-//!   logarithmically often in the run's length.
+//!   the next, so a region that keeps changing hands moves at most logarithmically often
+//!   in the run's length. One hint fault per region per scan sees only the region's first
+//!   toucher after the zap; for a buffer two nodes walk one after the other that is
+//!   whichever arrives first, for long stretches the same one, so a fixed streak alone
+//!   would let such a region move back and forth for ever.
 //! - **rate limit**: at most `max_moves_per_sec` moves a second over all regions; a
 //!   region refused by the limit keeps its evidence and moves on a later fault.
 
@@ -85,8 +88,8 @@ struct RegionState {
 }
 
 const NO_NODE: u8 = u8::MAX;
-/// Most doublings of the streak a region that keeps moving needs.
-const MAX_ESCALATION: u32 = 4;
+/// Doublings beyond which the needed streak is simply "never" (u32 arithmetic).
+const MAX_ESCALATION: u32 = 24;
 
 /// The placement policy (module header). One per guest.
 #[derive(Debug)]

@@ -33,7 +33,9 @@ pub struct BalancerConfig {
     pub scan_period_min_ms: u64,
     /// Longest time for one full scan, reached while the working set stays local.
     pub scan_period_max_ms: u64,
-    /// At most this many region moves per second.
+    /// At most this many region moves per second (default 256: 512 MiB/s, enough for a
+    /// 512 MiB guest placed all wrong to move in one full scan; Linux has no such limit
+    /// for NUMA balancing, ours bounds what a misbehaving policy can cost).
     pub max_moves_per_sec: u64,
     /// Consecutive hint faults from one node that a shared region needs before it counts
     /// as private again (and may move).
@@ -46,7 +48,7 @@ impl Default for BalancerConfig {
             scan_window: 256 << 20,
             scan_period_min_ms: 1000,
             scan_period_max_ms: 60_000,
-            max_moves_per_sec: 128,
+            max_moves_per_sec: 256,
             shared_streak: 4,
         }
     }

@@ -15,12 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::Value;
 
 use super::baselines::raw_minor_round_trip_us;
 use super::error::BenchError;
 use super::plot::{percent_chart, Series};
-use super::{write_file, Completion, Hugevisor};
+use super::{median, write_file, Completion, Hugevisor};
 use crate::api;
 
 #[derive(clap::Args, Debug)]
@@ -37,6 +38,9 @@ pub struct NumaBenchArgs {
     /// (Linux's: 256 MB windows, a full scan every 1 s to 60 s) when not given.
     #[arg(long)]
     scan: Option<String>,
+    /// On/off pairs per configuration (alternating; the tables give medians).
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
     /// Where to write numa-locality.png and numa.json.
     #[arg(long, default_value = "bench-out")]
     out_dir: PathBuf,
@@ -196,60 +200,118 @@ impl Watched {
     }
 }
 
-/// The figures of one on/off pair.
+/// One on/off pair of runs.
 struct Pair {
     on: Watched,
     off: Watched,
 }
 
+/// The numbers of one pair (MiB/s, ms, counts).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct Figures {
+    whole_on: f64,
+    whole_off: f64,
+    whole_ratio: f64,
+    steady_on: f64,
+    steady_off: f64,
+    steady_ratio: f64,
+    last_pass_on: f64,
+    last_pass_off: f64,
+    time_to_95_ms: Option<f64>,
+    scans_to_95: Option<f64>,
+    steady_hint_faults_per_s: f64,
+    regions_moved: f64,
+    hint_faults: f64,
+    full_scans: f64,
+    scan_period_end_ms: f64,
+    locality_on_pct: f64,
+    locality_off_pct: f64,
+    pmd_mapped_on_mib: f64,
+    pmd_mapped_off_mib: f64,
+    hint_fault_us_p50: f64,
+    hint_fault_us_p99: f64,
+}
+
 impl Pair {
-    fn figures(&self) -> Value {
+    fn figures(&self) -> Figures {
         let (on, off) = (&self.on, &self.off);
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-        serde_json::json!({
-            "throughput_whole_on_mib_s": mib_whole(&on.json),
-            "throughput_whole_off_mib_s": mib_whole(&off.json),
-            "whole_ratio": ratio(mib_whole(&on.json), mib_whole(&off.json)),
-            "throughput_steady_on_mib_s": on.mib_steady(),
-            "throughput_steady_off_mib_s": off.mib_steady(),
-            "steady_ratio": ratio(on.mib_steady(), off.mib_steady()),
-            "throughput_last_pass_on_mib_s": mib_last_pass(&on.json),
-            "throughput_last_pass_off_mib_s": mib_last_pass(&off.json),
-            "time_to_95_ms": on.json["numa"]["time_to_95_ms"],
-            "scans_to_95": on.json["numa"]["scans_to_95"],
-            "steady_hint_faults_per_s": on.steady_hint_faults_per_sec(),
-            "locality_final_on_pct": on.json["locality_pct"],
-            "locality_final_off_pct": off.json["locality_pct"],
-            "regions_moved": on.json["numa"]["regions_moved"],
-            "hint_faults": on.json["numa_hint_faults"],
-            "scan_period_end_ms": on.json["numa"]["scan_period_ms"],
-            "full_scans": on.json["numa"]["full_scans"],
-            "pmd_mapped_on_mib": on.json["pmd_mapped_bytes"].as_f64().unwrap_or(0.0) / MIB,
-            "pmd_mapped_off_mib": off.json["pmd_mapped_bytes"].as_f64().unwrap_or(0.0) / MIB,
-            "hint_fault_us_p50": on.json["fault_us_p50"],
-            "hint_fault_us_p99": on.json["fault_us_p99"],
-            "scan_log": on.json["numa"]["scan_log"],
-        })
+        let num = |j: &Value, k: &str| j[k].as_f64().unwrap_or(0.0);
+        let n = &on.json["numa"];
+        Figures {
+            whole_on: mib_whole(&on.json),
+            whole_off: mib_whole(&off.json),
+            whole_ratio: ratio(mib_whole(&on.json), mib_whole(&off.json)),
+            steady_on: on.mib_steady(),
+            steady_off: off.mib_steady(),
+            steady_ratio: ratio(on.mib_steady(), off.mib_steady()),
+            last_pass_on: mib_last_pass(&on.json),
+            last_pass_off: mib_last_pass(&off.json),
+            time_to_95_ms: n["time_to_95_ms"].as_f64(),
+            scans_to_95: n["scans_to_95"].as_f64(),
+            steady_hint_faults_per_s: on.steady_hint_faults_per_sec(),
+            regions_moved: num(n, "regions_moved"),
+            hint_faults: num(n, "numa_hint_faults"),
+            full_scans: num(n, "full_scans"),
+            scan_period_end_ms: num(n, "scan_period_ms"),
+            locality_on_pct: num(&on.json, "locality_pct"),
+            locality_off_pct: num(&off.json, "locality_pct"),
+            pmd_mapped_on_mib: num(&on.json, "pmd_mapped_bytes") / MIB,
+            pmd_mapped_off_mib: num(&off.json, "pmd_mapped_bytes") / MIB,
+            hint_fault_us_p50: num(&on.json, "fault_us_p50"),
+            hint_fault_us_p99: num(&on.json, "fault_us_p99"),
+        }
     }
 }
 
-fn run_pair(
+/// Median, smallest and largest of one figure over the repeats.
+fn spread(all: &[Figures], f: impl Fn(&Figures) -> f64) -> (f64, f64, f64) {
+    let v: Vec<f64> = all.iter().map(f).collect();
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(v), lo, hi)
+}
+
+/// `--repeat` pairs of one configuration, alternating on and off so that a host whose
+/// load changes weighs on both alike; the first pair is kept for the plot.
+fn run_pairs(
     hv: &Hugevisor,
     args: &NumaBenchArgs,
-    collapse_on: &str,
-    collapse_off: &str,
+    (collapse_on, collapse_off): (&str, &str),
     dir: &Path,
-) -> Result<Pair, BenchError> {
+) -> Result<(Pair, Vec<Figures>), BenchError> {
     let mut on_args = vec!["--numa-balancing", "on", "--collapse", collapse_on];
     if let Some(s) = &args.scan {
         on_args.extend(["--numa-scan", s]);
     }
-    eprintln!("bench: numa02, balancing on, --collapse {collapse_on} ...");
-    let on = numa_child(hv, args, &on_args, dir)?;
-    eprintln!("bench: numa02, balancing off, --collapse {collapse_off} ...");
     let off_args = ["--numa-balancing", "off", "--collapse", collapse_off];
-    let off = numa_child(hv, args, &off_args, dir)?;
-    Ok(Pair { on, off })
+    let mut first = None;
+    let mut all = Vec::new();
+    for i in 1..=args.repeat.max(1) {
+        eprintln!(
+            "bench: numa02 {i}/{}, balancing on, --collapse {collapse_on} ...",
+            args.repeat
+        );
+        let on = numa_child(hv, args, &on_args, dir)?;
+        eprintln!(
+            "bench: numa02 {i}/{}, balancing off, --collapse {collapse_off} ...",
+            args.repeat
+        );
+        let off = numa_child(hv, args, &off_args, dir)?;
+        let pair = Pair { on, off };
+        all.push(pair.figures());
+        first.get_or_insert(pair);
+    }
+    let first = first.ok_or(BenchError::ThreadPanicked("numa pair"))?;
+    Ok((first, all))
+}
+
+/// The load average when a bench starts and ends (the host is shared).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 pub fn bench_numa(hv: &Hugevisor, args: &NumaBenchArgs) -> Result<Completion, BenchError> {
@@ -262,28 +324,31 @@ pub fn bench_numa(hv: &Hugevisor, args: &NumaBenchArgs) -> Result<Completion, Be
         path: dir.clone(),
         source,
     })?;
+    let load_before = loadavg();
     eprintln!("bench: raw userfaultfd MINOR round trip ...");
     let raw = raw_minor_round_trip_us(2000)?;
-    let huge = run_pair(hv, args, "on-fill", "background", &dir)?;
-    let pages = run_pair(hv, args, "off", "off", &dir)?;
+    let (huge, huge_all) = run_pairs(hv, args, ("on-fill", "background"), &dir)?;
+    let (_, pages_all) = run_pairs(hv, args, ("off", "off"), &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
     let png_path = args.out_dir.join("numa-locality.png");
     write_file(&png_path, plot(&huge)?)?;
+    let load = format!("{load_before} .. {}", loadavg());
     let result = serde_json::json!({
         "memory": args.memory, "vcpus": args.vcpus, "duration": args.duration,
-        "scan": args.scan.as_deref().unwrap_or("default"),
+        "scan": args.scan.as_deref().unwrap_or("default"), "repeat": args.repeat,
+        "load_average": load,
         "backend": huge.on.json["numa"]["backend"],
         "raw_minor_round_trip_us": raw,
-        "huge": huge.figures(),
-        "pages": pages.figures(),
+        "huge": huge_all, "pages": pages_all,
+        "scan_log": huge.on.json["numa"]["scan_log"],
         "locality_over_time": locality_series(&huge.on.json),
     });
     write_file(&args.out_dir.join("numa.json"), result.to_string())?;
-    print_tables(args, raw, &huge, &pages);
+    print_tables(args, raw, &load, &huge_all, &pages_all);
     println!();
     println!(
-        "plot: {} (blue: locality, balancing on; grey: off; green: balancing-on throughput \
-         over each second as % of balancing off's steady state; red dashes: 95%)",
+        "plot: {} (first pair; blue: locality, balancing on; grey: off; green: balancing-on \
+         throughput over each second as % of balancing off's steady state; red dashes: 95%)",
         png_path.display()
     );
     Ok(Completion::AllMeasured)
@@ -331,80 +396,134 @@ fn plot(pair: &Pair) -> Result<Vec<u8>, BenchError> {
     .map_err(BenchError::Plot)
 }
 
-fn print_tables(args: &NumaBenchArgs, raw: f64, huge: &Pair, pages: &Pair) {
-    let on = &huge.on.json;
-    let n = &on["numa"];
+fn print_tables(args: &NumaBenchArgs, raw: f64, load: &str, huge: &[Figures], pages: &[Figures]) {
     println!(
-        "numa02 on 2 {} nodes, {} vCPUs, {} guest RAM, {} per run, scan {}",
-        n["backend"].as_str().unwrap_or("?"),
+        "numa02 on 2 emulated nodes, {} vCPUs, {} guest RAM, {} per run, scan {}, {} pair(s) \
+         per configuration (median [min, max]), load average {load}",
         args.vcpus,
         args.memory,
         args.duration,
         args.scan
             .as_deref()
-            .unwrap_or("default (256M windows, 1 s .. 60 s per full scan)")
+            .unwrap_or("default (256M windows, 1 s .. 60 s per full scan)"),
+        args.repeat,
     );
     println!();
     println!("| measure | value |");
     println!("|---|---:|");
     println!("| raw userfaultfd MINOR round trip (median) | {raw:.1} µs |");
-    println!(
-        "| hint fault handled by the VMM p50 / p99 | {} / {} µs |",
-        on["fault_us_p50"], on["fault_us_p99"]
-    );
-    match (n["time_to_95_ms"].as_f64(), n["scans_to_95"].as_f64()) {
-        (Some(t), Some(s)) => println!(
-            "| time to 95% locality | {t:.0} ms = {s:.1} full scans ({} windows each) |",
-            n["scan_windows"]
-        ),
-        _ => println!("| time to 95% locality | not reached |"),
-    }
-    println!(
-        "| final locality, balancing on / off | {:.1}% / {:.1}% |",
-        on["locality_pct"].as_f64().unwrap_or(0.0),
-        huge.off.json["locality_pct"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "| regions moved / hint faults / full scans | {} / {} / {} |",
-        n["regions_moved"], n["numa_hint_faults"], n["full_scans"]
-    );
-    println!("| scan period at the end | {} ms |", n["scan_period_ms"]);
-    println!(
-        "| hint faults per second, steady state | {:.1} |",
-        huge.on.steady_hint_faults_per_sec()
-    );
-    for (label, pair) in [
-        ("huge (on-fill) vs off + background collapse", huge),
-        ("4 KiB (--collapse off), on vs off", pages),
-    ] {
-        print_pair(label, pair);
-    }
-}
-
-fn print_pair(label: &str, pair: &Pair) {
-    let (on, off) = (&pair.on, &pair.off);
-    let row = |what: &str, a: f64, b: f64| {
-        let r = if b > 0.0 { a / b } else { 0.0 };
-        println!("| {label}: {what}, on / off | {a:.0} / {b:.0} MiB/s = {r:.2}× |");
+    let row = |what: &str, all: &[Figures], f: &dyn Fn(&Figures) -> f64, unit: &str| {
+        let (m, lo, hi) = spread(all, f);
+        println!("| {what} | {m:.2}{unit} [{lo:.2}, {hi:.2}] |");
     };
-    row(
-        "throughput, whole run",
-        mib_whole(&on.json),
-        mib_whole(&off.json),
-    );
-    row(
-        "throughput, steady state (2nd half)",
-        on.mib_steady(),
-        off.mib_steady(),
-    );
-    row(
-        "throughput, last pass",
-        mib_last_pass(&on.json),
-        mib_last_pass(&off.json),
-    );
-    println!(
-        "| {label}: PMD-mapped at the end, on / off | {:.0} / {:.0} MiB |",
-        on.json["pmd_mapped_bytes"].as_f64().unwrap_or(0.0) / MIB,
-        off.json["pmd_mapped_bytes"].as_f64().unwrap_or(0.0) / MIB
-    );
+    for (label, all) in [
+        ("on-fill, off with --collapse background", huge),
+        ("--collapse off (4 KiB mappings), on / off", pages),
+    ] {
+        let reached = all.iter().filter(|f| f.scans_to_95.is_some()).count();
+        if reached == all.len() {
+            row(
+                &format!("{label}: time to 95% locality, full scans"),
+                all,
+                &|f| f.scans_to_95.unwrap_or(0.0),
+                "",
+            );
+            row(
+                &format!("{label}: time to 95% locality, s"),
+                all,
+                &|f| f.time_to_95_ms.unwrap_or(0.0) / 1000.0,
+                " s",
+            );
+        } else {
+            println!(
+                "| {label}: time to 95% locality | reached in {reached} of {} runs |",
+                all.len()
+            );
+        }
+        row(
+            &format!("{label}: throughput whole run, on ÷ off"),
+            all,
+            &|f| f.whole_ratio,
+            "×",
+        );
+        row(
+            &format!("{label}: throughput steady state (2nd half), on ÷ off"),
+            all,
+            &|f| f.steady_ratio,
+            "×",
+        );
+        row(
+            &format!("{label}: throughput whole run, on (MiB/s)"),
+            all,
+            &|f| f.whole_on,
+            "",
+        );
+        row(
+            &format!("{label}: throughput whole run, off (MiB/s)"),
+            all,
+            &|f| f.whole_off,
+            "",
+        );
+        row(
+            &format!("{label}: throughput steady, on (MiB/s)"),
+            all,
+            &|f| f.steady_on,
+            "",
+        );
+        row(
+            &format!("{label}: throughput steady, off (MiB/s)"),
+            all,
+            &|f| f.steady_off,
+            "",
+        );
+        row(
+            &format!("{label}: hint faults per second, steady state"),
+            all,
+            &|f| f.steady_hint_faults_per_s,
+            "",
+        );
+        row(
+            &format!("{label}: regions moved"),
+            all,
+            &|f| f.regions_moved,
+            "",
+        );
+        row(
+            &format!("{label}: hint faults"),
+            all,
+            &|f| f.hint_faults,
+            "",
+        );
+        row(&format!("{label}: full scans"), all, &|f| f.full_scans, "");
+        row(
+            &format!("{label}: scan period at the end (ms)"),
+            all,
+            &|f| f.scan_period_end_ms,
+            "",
+        );
+        row(
+            &format!("{label}: hint fault p50 (µs)"),
+            all,
+            &|f| f.hint_fault_us_p50,
+            "",
+        );
+        row(
+            &format!("{label}: PMD-mapped at the end, on (MiB)"),
+            all,
+            &|f| f.pmd_mapped_on_mib,
+            "",
+        );
+        row(
+            &format!("{label}: PMD-mapped at the end, off (MiB)"),
+            all,
+            &|f| f.pmd_mapped_off_mib,
+            "",
+        );
+        row(
+            &format!("{label}: final locality on (%)"),
+            all,
+            &|f| f.locality_on_pct,
+            "",
+        );
+    }
 }

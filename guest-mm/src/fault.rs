@@ -25,14 +25,14 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::addr::{Gpa, GpaRange, SIZE_2M};
+use crate::addr::{Gpa, GpaRange, SIZE_2M, SIZE_4K};
 use crate::collapse::CollapseEngine;
 use crate::error::Error;
 use crate::guest_view::GuestView;
 use crate::numa::NumaEngine;
 use crate::page::Pager;
 use crate::ram::{GuestRam, View};
-use crate::stage::{Dirtied, FaultCause, Intent, Lookup, SecondStage};
+use crate::stage::{Dirtied, FaultCause, Intent, Lookup, RegionRuns, SecondStage};
 use crate::stats::LatencyHistogram;
 
 /// What the fault path counted.
@@ -136,6 +136,19 @@ impl VcpuThreads {
             .position(|t| t.load(Ordering::Acquire) == tid)
     }
 
+    /// CPU time the busiest registered vCPU thread has run, or None before any has
+    /// registered. The NUMA scanner paces itself by it, as Linux's `task_tick_numa`
+    /// counts the task's own run time: a vCPU starved of CPU scans no faster than it
+    /// runs.
+    pub fn busiest_runtime(&self) -> Option<std::time::Duration> {
+        self.tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .filter(|&tid| tid != 0)
+            .filter_map(thread_cpu_time)
+            .max()
+    }
+
     pub fn len(&self) -> usize {
         self.tids.len()
     }
@@ -143,6 +156,26 @@ impl VcpuThreads {
     pub fn is_empty(&self) -> bool {
         self.tids.is_empty()
     }
+}
+
+/// The CPU time thread `tid` of this process has run (its per-thread CPU clock, the
+/// kernel's `MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`, as glibc builds it); None when
+/// the thread is gone.
+fn thread_cpu_time(tid: u32) -> Option<std::time::Duration> {
+    let clock = ((!(tid as libc::clockid_t)) << 3) | 6;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own; an id that names no thread of
+    // this process only makes it fail.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(std::time::Duration::new(
+        ts.tv_sec as u64,
+        ts.tv_nsec as u32,
+    ))
 }
 
 /// What the fault thread resolves with.
@@ -248,19 +281,26 @@ fn handle_event(ctx: &FaultContext, ev: uffd::Event) {
     }
     // After the latency: the vCPU runs again already (the CONTINUE woke it).
     if outcome == Outcome::ResolvedRegion {
-        collapse_resolved_region(ctx, gpa);
+        collapse_resolved_region(ctx, gpa, vcpu);
     }
 }
 
 /// A hint fault resolved the whole region at `gpa`: it is complete again; the collapse
 /// engine makes it one huge page (on its own thread: the first collapse of a region
 /// copies it), so that the next scan's hint costs KVM one refault, not 512. Only a
-/// region whose every page the host holds: collapsing fills holes, and a sparse guest
-/// would grow by whatever its hinted regions lacked.
-fn collapse_resolved_region(ctx: &FaultContext, gpa: Gpa) {
+/// region whose every page the host holds (collapsing fills holes, and a sparse guest
+/// would grow by whatever its hinted regions lacked), and only one on the faulting
+/// vCPU's node: a remote region is what the balancer moves, and a move copies it into
+/// 4 KiB pages again, so collapsing it first would be a copy thrown away.
+fn collapse_resolved_region(ctx: &FaultContext, gpa: Gpa, vcpu: Option<usize>) {
     let Some(engine) = &ctx.collapse else {
         return;
     };
+    if let (Some(numa), Some(v)) = (&ctx.numa, vcpu) {
+        if !numa.is_local(gpa, v) {
+            return;
+        }
+    }
     let start = gpa.align_down(SIZE_2M);
     let region = GpaRange::new(start, start.add(SIZE_2M));
     if ctx.ram.resident_2m(region) == Some([u64::MAX; 8]) {
@@ -322,18 +362,25 @@ fn resolve_fault(ctx: &FaultContext, gpa: Gpa, vcpu: Option<usize>, dirtied: Dir
             }
         }
         // A hinted page resolves its whole region (one hint fault per region per scan);
-        // a raced one only itself.
-        let resolved = if hinted {
-            ctx.stage.resolve_region(gpa, token, dirtied, |span, runs| {
-                ctx.view.continue_region(span, runs)?;
-                if ctx.collapse.is_some() && span.len() == SIZE_2M {
-                    // A region collapsed before (one 2 MiB leaf on 4 KiB backing): its
-                    // page cache is one huge page still, so mapping it huge again is
-                    // cheap (no copy). A failure leaves it mapped in 4 KiB pages.
-                    let _ = ctx.ram.collapse(View::Guest, span);
-                }
-                Ok::<(), Error>(())
-            })
+        // so does a raced one on 4 KiB backing: what unmapped it (a zap racing us, the
+        // kernel retracting the guest view when the staging view collapsed) most likely
+        // unmapped its neighbours too.
+        let runs_of = match hinted {
+            true => RegionRuns::Hinted,
+            false => RegionRuns::WithContent,
+        };
+        let resolved = if hinted || ctx.stage.backing_page() == SIZE_4K {
+            ctx.stage
+                .resolve_region(gpa, token, dirtied, runs_of, |span, runs| {
+                    ctx.view.continue_region(span, runs)?;
+                    if ctx.collapse.is_some() && span.len() == SIZE_2M {
+                        // A region collapsed before (one 2 MiB leaf on 4 KiB backing): its
+                        // page cache is one huge page still, so mapping it huge again is
+                        // cheap (no copy). A failure leaves it mapped in 4 KiB pages.
+                        let _ = ctx.ram.collapse(View::Guest, span);
+                    }
+                    Ok::<(), Error>(())
+                })
         } else {
             ctx.stage.resolve(gpa, token, dirtied, |span| {
                 ctx.view.continue_range(span).map(|_| ())

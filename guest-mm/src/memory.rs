@@ -23,7 +23,7 @@ use crate::guest_view::{GuestView, Registration};
 use crate::numa::{NumaEngine, NumaReport};
 use crate::page::{Installed, PageContent, Pager};
 use crate::periodic::Periodic;
-use crate::ram::{smaps::RssSplit, GuestRam, View};
+use crate::ram::{smaps::RssSplit, GuestRam, MovedCache, View};
 use crate::stage::{Accounting, Change, Run, SecondStage};
 use crate::stress::StressZapper;
 
@@ -131,9 +131,20 @@ impl GuestMemory {
         if file_backed {
             stage.notifier().subscribe(view.clone());
         }
+        let vcpus = Arc::new(VcpuThreads::new(cfg.vcpus));
         let numa = match &cfg.numa {
             Some(n) => {
-                let engine = Arc::new(NumaEngine::new(ram.clone(), stage.clone(), n.clone()));
+                let moved_cache = match cfg.collapse_has_work() {
+                    true => MovedCache::Huge,
+                    false => MovedCache::Pages,
+                };
+                let engine = Arc::new(NumaEngine::new(
+                    ram.clone(),
+                    stage.clone(),
+                    n.clone(),
+                    vcpus.clone(),
+                    moved_cache,
+                ));
                 engine.place_initial()?;
                 Some(engine)
             }
@@ -155,7 +166,7 @@ impl GuestMemory {
         });
         Ok(Arc::new(GuestMemory {
             cfg: cfg.clone(),
-            vcpus: Arc::new(VcpuThreads::new(cfg.vcpus)),
+            vcpus,
             fault_stats: Arc::new(FaultStats::new(cfg.vcpus)),
             ram,
             stage,
@@ -283,7 +294,7 @@ impl GuestMemory {
     /// On emulated nodes a region that still waits for post-copy pages is refused
     /// (`Error::MoveWithAbsentPages`).
     pub fn move_region(&self, gpa: Gpa, node: u16) -> Result<(), Error> {
-        crate::numa::engine::move_region(&self.stage, &self.ram, gpa, node)
+        crate::numa::engine::move_region(&self.stage, &self.ram, gpa, node, MovedCache::Pages)
             .map_err(|e| e.into_error(gpa))
     }
 

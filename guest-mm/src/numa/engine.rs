@@ -9,7 +9,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::balancer::{Balancer, Decision, Stay};
@@ -20,6 +20,7 @@ use super::spec::Balancing;
 use crate::addr::{Gpa, GpaRange, SIZE_2M, SIZE_4K};
 use crate::config::{NodeBackendKind, NumaConfig, Recurring};
 use crate::error::Error;
+use crate::fault::VcpuThreads;
 use crate::periodic::Periodic;
 use crate::ram::{GuestRam, MovedCache};
 use crate::stage::{ApplyError, Change, LeafSize, Region2M, SecondStage};
@@ -52,18 +53,18 @@ fn region_of(gpa: Gpa) -> GpaRange {
 /// Moves the 2 MiB region at `gpa` to `node` through the one door: every mapping of the
 /// range is invalidated (the guest view zapped) before the content moves, the table
 /// changes after. On emulated nodes a region with absent pages is refused under the
-/// table lock, before anything is touched.
+/// table lock, before anything is touched. `cache` is what the region's page cache
+/// becomes where it goes (always huge for a region the table holds as one 2 MiB leaf).
 pub(crate) fn move_region(
     stage: &SecondStage,
     ram: &GuestRam,
     gpa: Gpa,
     node: u16,
+    cache: MovedCache,
 ) -> Result<(), MoveRefused> {
     let range = region_of(gpa);
     let remaps = ram.numa().backend == NodeBackendKind::Emulated;
-    // A region the table holds as one 2 MiB leaf on 4 KiB backing was collapsed: keep
-    // its page cache huge where it goes.
-    let cache = Cell::new(MovedCache::Pages);
+    let cache = Cell::new(cache);
     stage
         .apply_checked(
             Change::Move { range, node },
@@ -106,6 +107,29 @@ struct Counters {
     full_scans: AtomicU64,
 }
 
+/// When the scanner's next window is due: a window's wait of wall-clock time (Linux's
+/// `mm->numa_next_scan`) *and* of the busiest vCPU's run time (Linux's `task_tick_numa`
+/// compares the task's `sum_exec_runtime`), so that a guest starved of CPU by its host
+/// is not scanned faster than it runs.
+struct Due {
+    wall: Instant,
+    /// The busiest vCPU's run time to reach; None while no vCPU thread is registered.
+    run: Option<Duration>,
+}
+
+impl Due {
+    /// How long still to wait, or None when the window is due.
+    fn wait(&self, vcpus: &VcpuThreads) -> Option<Duration> {
+        let wall = self.wall.saturating_duration_since(Instant::now());
+        if !wall.is_zero() {
+            return Some(wall);
+        }
+        let (target, now) = (self.run?, vcpus.busiest_runtime()?);
+        // The vCPU cannot run faster than the clock: sleep at least what it lacks.
+        (now < target).then(|| (target - now).max(Duration::from_millis(1)))
+    }
+}
+
 /// The hint faults and moves since the last full scan ended.
 #[derive(Default)]
 struct Tally {
@@ -141,10 +165,19 @@ pub struct NumaEngine {
     period_ms: AtomicU64,
     last_local_share: Mutex<Option<f64>>,
     windows_per_scan: u64,
-    start: Instant,
+    /// When the engine's threads started (the guest runs from about then); times in the
+    /// report count from here.
+    started: OnceLock<Instant>,
+    created: Instant,
     samples: Mutex<Samples>,
     scan_log: Mutex<Vec<FullScan>>,
     postcopy: PostcopyPlacement,
+    /// The vCPU threads: the scanner paces itself by their run time.
+    vcpus: Arc<VcpuThreads>,
+    /// What a move leaves in the page cache: huge where hint-resolved regions are made
+    /// huge (a move is the cheapest moment: the guest view is zapped for it anyway,
+    /// while collapsing later also unmaps the region from the guest view).
+    moved_cache: MovedCache,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,7 +185,13 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl NumaEngine {
-    pub(crate) fn new(ram: Arc<GuestRam>, stage: Arc<SecondStage>, cfg: NumaConfig) -> Self {
+    pub(crate) fn new(
+        ram: Arc<GuestRam>,
+        stage: Arc<SecondStage>,
+        cfg: NumaConfig,
+        vcpus: Arc<VcpuThreads>,
+        moved_cache: MovedCache,
+    ) -> Self {
         let ram_size = ram.size();
         let pace = ScanPace::new(cfg.scan, ram_size);
         NumaEngine {
@@ -161,12 +200,15 @@ impl NumaEngine {
             windows_per_scan: pace.windows(),
             last_local_share: Mutex::new(None),
             postcopy: PostcopyPlacement::new(ram_size),
+            moved_cache,
+            vcpus,
             ram,
             stage,
             cfg,
             counters: Counters::default(),
             tally: Tally::default(),
-            start: Instant::now(),
+            started: OnceLock::new(),
+            created: Instant::now(),
             samples: Mutex::new(Samples::default()),
             scan_log: Mutex::new(Vec::new()),
         }
@@ -176,8 +218,17 @@ impl NumaEngine {
         self.cfg.vcpu_nodes.get(vcpu).copied().unwrap_or(0)
     }
 
+    /// Whether the region holding `gpa` is on `vcpu`'s node.
+    pub fn is_local(&self, gpa: Gpa, vcpu: usize) -> bool {
+        self.ram.node_of(gpa) == self.node_of_vcpu(vcpu)
+    }
+
+    fn t0(&self) -> Instant {
+        self.started.get().copied().unwrap_or(self.created)
+    }
+
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        self.t0().elapsed().as_millis() as u64
     }
 
     fn balances(&self) -> bool {
@@ -186,7 +237,7 @@ impl NumaEngine {
 
     /// A move the balancer (or the forced-move tester) asked for, counted.
     fn balance_move(&self, gpa: Gpa, node: u16) {
-        match move_region(&self.stage, &self.ram, gpa, node) {
+        match move_region(&self.stage, &self.ram, gpa, node, self.moved_cache) {
             Ok(()) => {
                 self.counters.regions_moved.fetch_add(1, Ordering::Relaxed);
                 self.tally.moves.fetch_add(1, Ordering::Relaxed);
@@ -282,7 +333,7 @@ impl NumaEngine {
         if self.ram.node_of(gpa) == node {
             return;
         }
-        match move_region(&self.stage, &self.ram, gpa, node) {
+        match move_region(&self.stage, &self.ram, gpa, node, self.moved_cache) {
             Ok(()) => {
                 self.postcopy
                     .placed_before_fill
@@ -327,7 +378,7 @@ impl NumaEngine {
             self.postcopy.already_placed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match move_region(&self.stage, &self.ram, gpa, node) {
+        match move_region(&self.stage, &self.ram, gpa, node, self.moved_cache) {
             Ok(()) => {
                 self.postcopy
                     .moved_on_completion
@@ -353,10 +404,14 @@ impl NumaEngine {
                 if self.ram.node_of(gpa) == node {
                     continue;
                 }
-                move_region(&self.stage, &self.ram, gpa, node).map_err(|e| Error::Placement {
-                    range: region_of(gpa),
-                    node,
-                    source: Box::new(e.into_error(gpa)),
+                // In 4 KiB pages: a region placed before the guest runs is collapsed, if
+                // at all, once hint faults show it is where its vCPU is.
+                move_region(&self.stage, &self.ram, gpa, node, MovedCache::Pages).map_err(|e| {
+                    Error::Placement {
+                        range: region_of(gpa),
+                        node,
+                        source: Box::new(e.into_error(gpa)),
+                    }
                 })?;
             }
         }
@@ -381,7 +436,7 @@ impl NumaEngine {
     }
 
     fn sample(&self) {
-        let t = self.start.elapsed().as_secs_f64() * 1000.0;
+        let t = self.t0().elapsed().as_secs_f64() * 1000.0;
         let pct = self.locality_pct();
         let faults = self.counters.hint_faults.load(Ordering::Relaxed);
         locked(&self.samples).record(t, pct, faults, self.full_scans_so_far());
@@ -395,6 +450,7 @@ impl NumaEngine {
             source,
         };
         let mut threads = Vec::new();
+        let _ = self.started.set(Instant::now());
         let e = self.clone();
         e.sample();
         threads.push(
@@ -419,7 +475,11 @@ impl NumaEngine {
         // Whole regions per window: a region is hinted, and resolved, as a whole.
         let window = (self.cfg.scan.scan_window / SIZE_2M).max(1) * SIZE_2M;
         let mut cursor = 0u64;
+        let mut due: Option<Due> = None;
         Periodic::spawn("numa-scanner", move || {
+            if let Some(wait) = due.as_ref().and_then(|d| d.wait(&e.vcpus)) {
+                return wait;
+            }
             let size = e.ram.size();
             if cursor == 0 && e.counters.windows.load(Ordering::Relaxed) > 0 {
                 e.full_scan_done(&mut pace);
@@ -430,7 +490,12 @@ impl NumaEngine {
             });
             cursor = if end >= size { 0 } else { end };
             e.counters.windows.fetch_add(1, Ordering::Relaxed);
-            pace.window_wait()
+            let wait = pace.window_wait();
+            due = Some(Due {
+                wall: Instant::now() + wait,
+                run: e.vcpus.busiest_runtime().map(|r| r + wait),
+            });
+            wait
         })
     }
 
@@ -448,7 +513,7 @@ impl NumaEngine {
         let mut log = locked(&self.scan_log);
         if log.len() < SCAN_LOG_MAX {
             log.push(FullScan {
-                end_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+                end_ms: self.t0().elapsed().as_secs_f64() * 1000.0,
                 period_ms,
                 next_period_ms,
                 tally,

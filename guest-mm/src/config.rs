@@ -420,12 +420,17 @@ impl MemoryConfig {
         }
     }
 
-    /// Whether the collapse engine can have work: on-fill only where regions fill (a
-    /// migration destination), background in any run; never on hugetlb.
+    /// Whether the collapse engine can have work: on-fill where regions fill (a
+    /// migration destination, and every run whose hint faults resolve whole regions
+    /// again: NUMA, zaps), background in any run; never on hugetlb.
     pub fn collapse_has_work(&self) -> bool {
         let mode_has_work = match self.collapse.mode {
             CollapseMode::Off => false,
-            CollapseMode::OnFill => self.origin == GuestOrigin::MigrationDestination,
+            CollapseMode::OnFill => {
+                let file_backed = self.ram.backing.view_layout() == ViewLayout::GuestAndStaging;
+                self.origin == GuestOrigin::MigrationDestination
+                    || (file_backed && self.needs_minor_faults())
+            }
             CollapseMode::Background => true,
         };
         mode_has_work && self.ram.backing.collapses()
@@ -440,7 +445,15 @@ impl MemoryConfig {
             if self.ram.backing == BackingKind::Anon && self.ram.thp == ThpMode::Off {
                 return Err(Error::CollapseNeedsThp);
             }
-            if self.numa.is_some() {
+            // Only moves made while the guest runs remap regions under the scanner; with
+            // balancing off, no forced moves and no migration filling memory, the
+            // initial placement is the last move.
+            let moves_while_running = self.numa.as_ref().is_some_and(|n| {
+                n.balancing == Balancing::On
+                    || n.forced_moves.is_some()
+                    || self.origin == GuestOrigin::MigrationDestination
+            });
+            if moves_while_running {
                 return Err(Error::CollapseWithNuma);
             }
         }

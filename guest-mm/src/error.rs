@@ -57,7 +57,7 @@ pub enum Error {
     },
     #[error("--collapse background on anon with --thp off: --thp off tells the kernel no huge pages (MADV_NOHUGEPAGE), so nothing could collapse; use --thp on or --backing shmem")]
     CollapseNeedsThp,
-    #[error("--collapse background with --numa is not supported yet (NUMA moves remap regions under the scanner); use --collapse on-fill")]
+    #[error("--collapse background with --numa is supported only with --numa-balancing off, no --numa-force-move and no --incoming (NUMA moves remap regions under the scanner); use --collapse on-fill")]
     CollapseWithNuma,
     #[error("NUMA balancing takes hint faults through userfaultfd MINOR faults, which need file-backed RAM (shmem or hugetlb); use --numa-balancing off with anon")]
     BalancingNeedsFileRam,
@@ -73,9 +73,7 @@ pub enum Error {
     },
     #[error("post-copy needs file-backed RAM (shmem or hugetlb) on the destination")]
     PostcopyNeedsFileRam,
-    #[error(
-        "post-copy into a destination that also runs --numa or --stress-zap is not supported yet"
-    )]
+    #[error("post-copy into a destination that also runs --stress-zap is not supported (that combination is untested); drop --stress-zap on the destination")]
     PostcopyWithFaultPath,
     #[error("post-copy has begun already; begin it once per run")]
     PostcopyTwice,
@@ -128,6 +126,8 @@ pub enum Error {
     MoveNotRegions { range: GpaRange },
     #[error("NUMA: node {node} does not exist (the guest has {nodes})")]
     NoSuchNode { node: u16, nodes: u16 },
+    #[error("NUMA: the region {region} still waits for post-copy pages; an emulated node's region moves once all of them are in")]
+    MoveWithAbsentPages { region: GpaRange },
     #[error("NUMA: remap of {range} is outside the view")]
     RemapOutside { range: GpaRange },
     #[error("NUMA: emulated nodes need file-backed RAM with a staging view")]

@@ -5,8 +5,10 @@
 //! vCPU touches GPA ─▶ KVM shadow/EPT miss ─▶ host fault on the guest view ─▶ uffd event
 //!   ─▶ fault thread: VA→GPA, thread id→vCPU (the registry vCPU threads fill)
 //!   ─▶ table lookup (Intent::Vcpu)
-//!        hinted  ─▶ count the hint, tell the NUMA engine (it may move the region)
-//!        absent  ─▶ ask the `Pager` (post-copy); the page's arrival resolves the fault
+//!        hinted  ─▶ count the hint, tell the NUMA engine (it may move the region), then
+//!                   resolve every hinted page of the 2 MiB region with one CONTINUE
+//!        absent  ─▶ tell the NUMA engine who touched the region, ask the `Pager`
+//!                   (post-copy); the page's arrival resolves the fault
 //!        present ─▶ a zap raced us: resolve the same way
 //!   ─▶ resolve: under the table lock, if no invalidation ran since the decision's
 //!      sequence token, table → present, then the one CONTINUE; otherwise retry
@@ -23,11 +25,14 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::addr::{Gpa, GpaRange, SIZE_2M, SIZE_4K};
+use crate::collapse::CollapseEngine;
 use crate::error::Error;
 use crate::guest_view::GuestView;
 use crate::numa::NumaEngine;
 use crate::page::Pager;
-use crate::stage::{Dirtied, FaultCause, Intent, Lookup, SecondStage};
+use crate::ram::{GuestRam, View};
+use crate::stage::{Dirtied, FaultCause, Intent, Lookup, RegionRuns, SecondStage};
 use crate::stats::LatencyHistogram;
 
 /// What the fault path counted.
@@ -131,6 +136,19 @@ impl VcpuThreads {
             .position(|t| t.load(Ordering::Acquire) == tid)
     }
 
+    /// CPU time the busiest registered vCPU thread has run, or None before any has
+    /// registered. The NUMA scanner paces itself by it, as Linux's `task_tick_numa`
+    /// counts the task's own run time: a vCPU starved of CPU scans no faster than it
+    /// runs.
+    pub fn busiest_runtime(&self) -> Option<std::time::Duration> {
+        self.tids
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .filter(|&tid| tid != 0)
+            .filter_map(thread_cpu_time)
+            .max()
+    }
+
     pub fn len(&self) -> usize {
         self.tids.len()
     }
@@ -140,8 +158,32 @@ impl VcpuThreads {
     }
 }
 
+/// The CPU time thread `tid` of this process has run (its per-thread CPU clock, the
+/// kernel's `MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`, as glibc builds it); None when
+/// the thread is gone.
+fn thread_cpu_time(tid: u32) -> Option<std::time::Duration> {
+    let clock = ((!(tid as libc::clockid_t)) << 3) | 6;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own; an id that names no thread of
+    // this process only makes it fail.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(std::time::Duration::new(
+        ts.tv_sec as u64,
+        ts.tv_nsec as u32,
+    ))
+}
+
 /// What the fault thread resolves with.
 pub(crate) struct FaultContext {
+    pub(crate) ram: Arc<GuestRam>,
+    /// Makes hint-resolved regions huge again; None with `--collapse off` or on
+    /// backings that do not collapse (each 4 KiB page is then refaulted by KVM).
+    pub(crate) collapse: Option<Arc<CollapseEngine>>,
     pub(crate) view: Arc<GuestView>,
     pub(crate) stage: Arc<SecondStage>,
     pub(crate) vcpus: Arc<VcpuThreads>,
@@ -229,6 +271,57 @@ fn handle_event(ctx: &FaultContext, ev: uffd::Event) {
         uffd::Access::Write => Dirtied::Yes,
         uffd::Access::Read => Dirtied::No,
     };
+    let outcome = resolve_fault(ctx, gpa, vcpu, dirtied);
+    if outcome == Outcome::Unresolved {
+        return;
+    }
+    let ns = t0.elapsed().as_nanos() as u64;
+    if let Ok(mut h) = ctx.stats.latency.lock() {
+        h.record(ns);
+    }
+    // After the latency: the vCPU runs again already (the CONTINUE woke it).
+    if outcome == Outcome::ResolvedRegion {
+        collapse_resolved_region(ctx, gpa, vcpu);
+    }
+}
+
+/// A hint fault resolved the whole region at `gpa`: it is complete again; the collapse
+/// engine makes it one huge page (on its own thread: the first collapse of a region
+/// copies it), so that the next scan's hint costs KVM one refault, not 512. Only a
+/// region whose every page the host holds (collapsing fills holes, and a sparse guest
+/// would grow by whatever its hinted regions lacked), and only one on the faulting
+/// vCPU's node: a remote region is what the balancer moves, and a move copies it into
+/// 4 KiB pages again, so collapsing it first would be a copy thrown away.
+fn collapse_resolved_region(ctx: &FaultContext, gpa: Gpa, vcpu: Option<usize>) {
+    let Some(engine) = &ctx.collapse else {
+        return;
+    };
+    if let (Some(numa), Some(v)) = (&ctx.numa, vcpu) {
+        if !numa.is_local(gpa, v) {
+            return;
+        }
+    }
+    let start = gpa.align_down(SIZE_2M);
+    let region = GpaRange::new(start, start.add(SIZE_2M));
+    if ctx.ram.resident_2m(region) == Some([u64::MAX; 8]) {
+        engine.filled(start);
+    }
+}
+
+/// Whether a fault was resolved here or waits for something else to resolve it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Resolved,
+    /// A hint fault: its whole region was resolved.
+    ResolvedRegion,
+    /// Not here: post-copy's page arrival wakes the vCPU, or the fault was refused
+    /// (counted as an error).
+    Unresolved,
+}
+
+/// Decides what the fault at `gpa` is and resolves it, retrying when an invalidation
+/// ran in between.
+fn resolve_fault(ctx: &FaultContext, gpa: Gpa, vcpu: Option<usize>, dirtied: Dirtied) -> Outcome {
     let mut first_decision = true;
     loop {
         let token = ctx.stage.seq();
@@ -236,21 +329,26 @@ fn handle_event(ctx: &FaultContext, ev: uffd::Event) {
             std::thread::yield_now();
             continue;
         }
-        let counter = match ctx.stage.lookup(gpa, Intent::Vcpu) {
-            Lookup::Fault(_, FaultCause::Hint) => &ctx.stats.hint_faults,
-            Lookup::Mapped(_) => &ctx.stats.raced,
+        let (counter, hinted) = match ctx.stage.lookup(gpa, Intent::Vcpu) {
+            Lookup::Fault(_, FaultCause::Hint) => (&ctx.stats.hint_faults, true),
+            Lookup::Mapped(_) => (&ctx.stats.raced, false),
             Lookup::Fault(_, FaultCause::Absent) if ctx.pager.get().is_some() => {
-                // Post-copy demand fault: the vCPU waits until the page arrives.
+                // Post-copy demand fault: the NUMA engine learns who touches the region
+                // (where its pages should land), and the vCPU waits until the page
+                // arrives.
+                if let (Some(numa), Some(v)) = (&ctx.numa, vcpu) {
+                    numa.on_demand_fault(gpa, v);
+                }
                 if let Some(p) = ctx.pager.get() {
                     p.request(gpa.align_down(ctx.stage.backing_page()));
                 }
-                return;
+                return Outcome::Unresolved;
             }
             Lookup::Fault(_, FaultCause::Absent) | Lookup::Unmapped => {
                 ctx.stats.error(format!(
                     "vCPU fault at GPA {gpa}, which has no content in the second-stage table"
                 ));
-                return;
+                return Outcome::Unresolved;
             }
         };
         if first_decision {
@@ -258,29 +356,46 @@ fn handle_event(ctx: &FaultContext, ev: uffd::Event) {
             first_decision = false;
             // A NUMA-hint fault: record it against the vCPU's node; the policy may move
             // the region (through the notifier), so decide again afterwards.
-            if let (Some(numa), Some(v), Lookup::Fault(_, FaultCause::Hint)) =
-                (&ctx.numa, vcpu, ctx.stage.lookup(gpa, Intent::Vcpu))
-            {
+            if let (Some(numa), Some(v), true) = (&ctx.numa, vcpu, hinted) {
                 numa.on_hint_fault(gpa, v);
                 continue;
             }
         }
-        let resolved = ctx.stage.resolve(gpa, token, dirtied, |span| {
-            ctx.view.continue_range(span).map(|_| ())
-        });
+        // A hinted page resolves its whole region (one hint fault per region per scan);
+        // so does a raced one on 4 KiB backing: what unmapped it (a zap racing us, the
+        // kernel retracting the guest view when the staging view collapsed) most likely
+        // unmapped its neighbours too.
+        let runs_of = match hinted {
+            true => RegionRuns::Hinted,
+            false => RegionRuns::WithContent,
+        };
+        let resolved = if hinted || ctx.stage.backing_page() == SIZE_4K {
+            ctx.stage
+                .resolve_region(gpa, token, dirtied, runs_of, |span, runs| {
+                    ctx.view.continue_region(span, runs)?;
+                    if ctx.collapse.is_some() && span.len() == SIZE_2M {
+                        // A region collapsed before (one 2 MiB leaf on 4 KiB backing): its
+                        // page cache is one huge page still, so mapping it huge again is
+                        // cheap (no copy). A failure leaves it mapped in 4 KiB pages.
+                        let _ = ctx.ram.collapse(View::Guest, span);
+                    }
+                    Ok::<(), Error>(())
+                })
+        } else {
+            ctx.stage.resolve(gpa, token, dirtied, |span| {
+                ctx.view.continue_range(span).map(|_| ())
+            })
+        };
         match resolved {
-            Ok(true) => break,
+            Ok(true) if hinted => return Outcome::ResolvedRegion,
+            Ok(true) => return Outcome::Resolved,
             Ok(false) => {
                 ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 ctx.stats.error(format!("resolving GPA {gpa}: {e}"));
-                return;
+                return Outcome::Unresolved;
             }
         }
-    }
-    let ns = t0.elapsed().as_nanos() as u64;
-    if let Ok(mut h) = ctx.stats.latency.lock() {
-        h.record(ns);
     }
 }

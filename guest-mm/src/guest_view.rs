@@ -192,6 +192,62 @@ impl GuestView {
         }
     }
 
+    /// A hint fault's resolution of a whole region: one CONTINUE per run of formerly
+    /// hinted pages (one for a region hinted as a whole), then the one CONTINUE of the
+    /// faulting `span` with the policy above, so that its vCPU is woken whatever the runs
+    /// met. A run that stops early (a page mapped already, a hole of the page cache that
+    /// the kernel zero-fills on first touch under MINOR-only registration) is finished
+    /// page by page, skipping those pages: the guest touched none of them, and each
+    /// raises its own fault later if it needs one.
+    pub(crate) fn continue_region(&self, span: GpaRange, runs: &[GpaRange]) -> Result<(), Error> {
+        if let Some(u) = self.uffd.get() {
+            for &run in runs {
+                let (start, len) = self.host(run);
+                if len == 0 || u.continue_range(start, len, uffd::Wake::Yes).is_ok() {
+                    continue;
+                }
+                if self.registration() == Registration::None {
+                    break;
+                }
+                self.continue_pages(u, run)?;
+            }
+        }
+        self.continue_range(span).map(|_| ())
+    }
+
+    /// Finishes a run that stopped early, one backing page at a time (see
+    /// [`continue_region`](Self::continue_region)).
+    fn continue_pages(&self, u: &uffd::Uffd, run: GpaRange) -> Result<(), Error> {
+        let page = self.ram.page_size();
+        for p in run.pages(page) {
+            let (start, len) = self.host(GpaRange::new(Gpa(p * page), Gpa((p + 1) * page)));
+            let mut tries = 0;
+            loop {
+                match u.continue_range(start, len, uffd::Wake::Yes) {
+                    Ok(()) | Err(uffd::Error::AlreadyMapped { .. }) => break,
+                    Err(uffd::Error::Retry { .. }) if tries < CONTINUE_RETRIES => {
+                        tries += 1;
+                        std::thread::yield_now();
+                    }
+                    // A hole: nothing to map; the kernel fills it on first touch.
+                    Err(uffd::Error::Ioctl { ref source, .. })
+                        if source.raw_os_error() == Some(libc::EFAULT) =>
+                    {
+                        break
+                    }
+                    Err(_) if self.registration() == Registration::None => return Ok(()),
+                    Err(source) => {
+                        return Err(Error::Uffd {
+                            what: "UFFDIO_CONTINUE of a hinted region",
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }

@@ -53,4 +53,4 @@ pub use host::HostPaths;
 pub use memory::{FaultPathKind, GuestMemory, MemoryReport, MemoryStats, Memslot};
 pub use numa::{Balancing, NumaReport};
 pub use page::{Installed, PageContent, Pager};
-pub use ram::{smaps::RssSplit, GuestRam, View};
+pub use ram::{smaps::RssSplit, GuestRam, MovedCache, View};

@@ -16,14 +16,14 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::addr::{Gpa, GpaRange};
 use crate::collapse::{CollapseEngine, CollapseFailure, CollapseReport, CollapseStatus};
-use crate::config::{BackingKind, MemoryConfig, NumaLayout, ViewLayout};
+use crate::config::{BackingKind, FaultPathNeed, MemoryConfig, NumaLayout, ViewLayout};
 use crate::error::Error;
 use crate::fault::{FaultContext, FaultReport, FaultStats, FaultThread, VcpuThreads};
 use crate::guest_view::{GuestView, Registration};
 use crate::numa::{NumaEngine, NumaReport};
 use crate::page::{Installed, PageContent, Pager};
 use crate::periodic::Periodic;
-use crate::ram::{smaps::RssSplit, GuestRam, View};
+use crate::ram::{smaps::RssSplit, GuestRam, MovedCache, View};
 use crate::stage::{Accounting, Change, Run, SecondStage};
 use crate::stress::StressZapper;
 
@@ -104,7 +104,7 @@ pub struct GuestMemory {
     view: Arc<GuestView>,
     vcpus: Arc<VcpuThreads>,
     numa: Option<Arc<NumaEngine>>,
-    collapse: Option<CollapseEngine>,
+    collapse: Option<Arc<CollapseEngine>>,
     pager: Arc<OnceLock<Arc<dyn Pager>>>,
     fault_stats: Arc<FaultStats>,
     running: Mutex<Running>,
@@ -131,9 +131,20 @@ impl GuestMemory {
         if file_backed {
             stage.notifier().subscribe(view.clone());
         }
+        let vcpus = Arc::new(VcpuThreads::new(cfg.vcpus));
         let numa = match &cfg.numa {
             Some(n) => {
-                let engine = Arc::new(NumaEngine::new(ram.clone(), stage.clone(), n.clone()));
+                let moved_cache = match cfg.collapse_has_work() {
+                    true => MovedCache::Huge,
+                    false => MovedCache::Pages,
+                };
+                let engine = Arc::new(NumaEngine::new(
+                    ram.clone(),
+                    stage.clone(),
+                    n.clone(),
+                    vcpus.clone(),
+                    moved_cache,
+                ));
                 engine.place_initial()?;
                 Some(engine)
             }
@@ -145,17 +156,17 @@ impl GuestMemory {
             (false, _) => FaultPathKind::SingleView,
         };
         let collapse = cfg.collapse_has_work().then(|| {
-            CollapseEngine::new(
+            Arc::new(CollapseEngine::new(
                 cfg.collapse.mode,
                 cfg.collapse.scan,
                 ram.clone(),
                 stage.clone(),
                 view.clone(),
-            )
+            ))
         });
         Ok(Arc::new(GuestMemory {
             cfg: cfg.clone(),
-            vcpus: Arc::new(VcpuThreads::new(cfg.vcpus)),
+            vcpus,
             fault_stats: Arc::new(FaultStats::new(cfg.vcpus)),
             ram,
             stage,
@@ -214,6 +225,8 @@ impl GuestMemory {
             return Ok(());
         }
         r.fault = Some(FaultThread::start(FaultContext {
+            ram: self.ram.clone(),
+            collapse: self.collapse.clone(),
             view: self.view.clone(),
             stage: self.stage.clone(),
             vcpus: self.vcpus.clone(),
@@ -278,21 +291,11 @@ impl GuestMemory {
 
     /// Moves the 2 MiB region at `gpa` to `node`: invalidated through the notifier (the
     /// guest view is zapped), content moved, table changed, guest view re-registered.
+    /// On emulated nodes a region that still waits for post-copy pages is refused
+    /// (`Error::MoveWithAbsentPages`).
     pub fn move_region(&self, gpa: Gpa, node: u16) -> Result<(), Error> {
-        let start = gpa.align_down(crate::addr::SIZE_2M);
-        let range = GpaRange::new(start, start.add(crate::addr::SIZE_2M));
-        self.stage
-            .apply_with(Change::Move { range, node }, |w| {
-                self.ram.move_region(w, node)
-            })
-            .map(|_| ())
-            .map_err(|e| match e {
-                crate::stage::ApplyError::Host(e) => e,
-                crate::stage::ApplyError::Table(source) => Error::Table {
-                    what: "a NUMA move",
-                    source,
-                },
-            })
+        crate::numa::engine::move_region(&self.stage, &self.ram, gpa, node, MovedCache::Pages)
+            .map_err(|e| e.into_error(gpa))
     }
 
     /// `gpa` and `len` as one backing page inside guest RAM, or why not.
@@ -365,7 +368,13 @@ impl GuestMemory {
     /// backing pages.
     pub fn begin_postcopy(&self, absent: &[GpaRange], pager: Arc<dyn Pager>) -> Result<u64, Error> {
         let file_backed = self.ram.view_layout() == ViewLayout::GuestAndStaging;
-        if file_backed && self.cfg.needs_minor_faults() {
+        // NUMA's hint faults and moves are safe beside post-copy (the fault path tells
+        // hinted from absent pages under the table lock, and emulated moves wait for
+        // complete regions); the random zapper and callers zapping by themselves are not
+        // part of that argument.
+        let zaps_otherwise =
+            self.cfg.stress_zap.is_some() || self.cfg.fault_path == FaultPathNeed::Minor;
+        if file_backed && zaps_otherwise {
             return Err(Error::PostcopyWithFaultPath);
         }
         if !file_backed {
@@ -383,6 +392,9 @@ impl GuestMemory {
                 })?;
         }
         self.view.register(Registration::MissingAndMinor)?;
+        if let Some(n) = &self.numa {
+            n.begin_postcopy(absent, self.page_size());
+        }
         let mut r = self.running();
         r.fault_path = FaultPathKind::MissingAndMinor;
         self.start_fault_thread(&mut r)?;
@@ -401,12 +413,20 @@ impl GuestMemory {
         };
         self.check_page(gpa, len)?;
         let range = GpaRange::new(gpa, gpa.add(len));
+        // NUMA placement on the way in: host nodes place a region before its first page,
+        // emulated ones move it once its last page is in (numa::postcopy).
+        if let Some(n) = &self.numa {
+            n.before_install(gpa);
+        }
         let new = self.stage.fill(gpa, || {
             self.write_staging(gpa, page)?;
             self.view.continue_range(range).map(|_| ())
         })?;
         if !new {
             return Ok(Installed::Duplicate);
+        }
+        if let Some(n) = &self.numa {
+            n.after_install(gpa);
         }
         if let Some(c) = &self.collapse {
             c.filled(gpa);
@@ -415,9 +435,20 @@ impl GuestMemory {
     }
 
     /// Every post-copy page is in: unregister the guest view (which wakes anything still
-    /// waiting), and sweep once more for regions whose collapse failed on fill.
+    /// waiting) — and register it MINOR only again when NUMA keeps hinting it —, and sweep
+    /// once more for regions whose collapse failed on fill.
     pub fn end_postcopy(&self) -> Result<(), Error> {
-        let unregistered = self.view.register(Registration::None);
+        if let Some(n) = &self.numa {
+            n.end_postcopy();
+        }
+        let mut unregistered = self.view.register(Registration::None);
+        if unregistered.is_ok() && self.cfg.needs_minor_faults() {
+            // Re-registering with fewer modes is a no-op for the kernel (it keeps the
+            // wider set), hence unregister first. A hinted page touched in between is
+            // mapped by the kernel from the page cache: its content is right, only its
+            // hint fault is lost.
+            unregistered = self.view.register(Registration::MinorOnly);
+        }
         if let Some(c) = &self.collapse {
             c.sweep();
         }

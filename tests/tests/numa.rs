@@ -1,12 +1,21 @@
 //! Guest NUMA on emulated nodes (these hosts have one node): hint faults through the
-//! fault path, placement by the balancer, and page moves that lose no write.
+//! fault path (one per 2 MiB region per scan), placement by the balancer, a scanner that
+//! backs off once the working set is local, page moves that lose no write, and post-copy
+//! into a NUMA destination that places each region on its toucher's node.
 
 // Test code: a panic is the failure report (helpers here are not #[test] fns, which
 // clippy's allow-unwrap-in-tests would cover on its own).
 #![allow(clippy::unwrap_used)]
 
-use tests::peers::{run_until, RUN_BOUND};
+use serde_json::Value;
+use tests::peers::{
+    end_run, finish, incoming_settled, migrate, run_until, scratch, start_pair, wait_for_passes,
+    wait_until, Pair, RUN_BOUND,
+};
 use tests::{have_kvm, run};
+
+/// 2 MiB regions of the 64 MiB guests here.
+const REGIONS: u64 = 32;
 
 const COMMON: [&str; 8] = [
     "run",
@@ -222,4 +231,262 @@ fn numa_options_are_checked() {
             r.stderr()
         );
     }
+}
+
+#[test]
+fn numa02_converges_within_three_scans_at_the_default_scan_and_then_backs_off() {
+    if !have_kvm() {
+        return;
+    }
+    // Default scan settings: 256 MB windows, a full scan every 1 s at the fastest.
+    let r = numa_run_until(
+        &["--workload", "numa02", "--numa", "nodes=2"],
+        "95 % locality, then a scan period backed off to 4 s",
+        |info| {
+            let n = &info["numa"];
+            n["time_to_95_ms"].is_number() && n["scan_period_ms"].as_u64() >= Some(4000)
+        },
+    );
+    let j = r.json();
+    let n = &j["numa"];
+    let scans_to_95 = n["scans_to_95"].as_f64().unwrap();
+    assert!(
+        scans_to_95 <= 3.0,
+        "95 % locality within 3 full scans, took {scans_to_95}: {n}"
+    );
+    assert_eq!(n["scan_windows"], 1, "64 MiB is one 256 MB window");
+    // One hint fault per region per scan: the scans made, and the scan running now.
+    let scans = n["scans"].as_u64().unwrap();
+    let faults = r.u64("numa_hint_faults");
+    assert!(
+        faults <= REGIONS * (scans + 1),
+        "{faults} hint faults in {scans} scans of {REGIONS} regions: {n}"
+    );
+    // Each of vCPU 0's and vCPU 1's regions moved once: no region moved twice.
+    let moved = n["regions_moved"].as_u64().unwrap();
+    assert!((28..=REGIONS).contains(&moved), "{moved} region moves: {n}");
+    // After convergence every scan was local, and each doubled the period.
+    let log = n["scan_log"].as_array().unwrap();
+    let last = log.last().unwrap();
+    assert_eq!(last["remote"], 0, "{n}");
+    assert!(
+        last["next_period_ms"].as_u64() > last["period_ms"].as_u64(),
+        "{n}"
+    );
+    for v in n["locality_per_vcpu"].as_array().unwrap() {
+        assert!(v.as_f64().unwrap() >= 95.0, "{n}");
+    }
+    assert!(n["local_share_pct"].as_f64() == Some(100.0), "{n}");
+    // Hint-resolved regions were made huge again (the collapse engine, on fill).
+    assert!(r.u64("pmd_mapped_bytes") > 0, "{j}");
+}
+
+#[test]
+fn numa01_region_moves_stay_bounded_over_hundreds_of_scans() {
+    if !have_kvm() {
+        return;
+    }
+    // A fast scan that never backs off: every 20 ms, 200 times and more.
+    let r = numa_run_until(
+        &[
+            "--workload",
+            "numa01",
+            "--numa",
+            "nodes=2",
+            "--numa-scan",
+            "window=64M,period=20ms,max=20ms",
+        ],
+        "200 full scans of a shared buffer",
+        |info| info["numa"]["full_scans"].as_u64() > Some(200),
+    );
+    let j = r.json();
+    let n = &j["numa"];
+    // Ping-pong would be a region moving on every confirmed pair of faults: with the
+    // first toucher of a shared region changing every few scans, hundreds of moves per
+    // hundred scans. Each move doubles the evidence the region's next needs, so moves per
+    // region grow with the logarithm of the scans: a few in all, at most about one per
+    // region in the second hundred scans.
+    let moved = n["regions_moved"].as_u64().unwrap();
+    assert!(
+        moved <= 3 * REGIONS,
+        "at most about three moves per region over 200 scans, got {moved}: {n}"
+    );
+    let log = n["scan_log"].as_array().unwrap();
+    let late: u64 = log[log.len() / 2..]
+        .iter()
+        .map(|s| s["moves"].as_u64().unwrap())
+        .sum();
+    assert!(late <= REGIONS, "{late} moves in the last 100 scans: {n}");
+    assert!(r.u64("numa_hint_faults") > 0, "{j}");
+}
+
+#[test]
+fn verify_under_region_hinting_forced_moves_and_collapse_loses_nothing() {
+    if !have_kvm() {
+        return;
+    }
+    // Hinted regions resolved huge (collapse on fill) and in 4 KiB pages (off), under a
+    // fast scan and a move every 2 ms.
+    for collapse in ["on-fill", "off"] {
+        let r = numa_run_until(
+            &[
+                "--workload",
+                "verify",
+                "--numa",
+                "nodes=2",
+                "--numa-scan",
+                "window=32M,period=10ms,max=10ms",
+                "--numa-force-move",
+                "2ms",
+                "--collapse",
+                collapse,
+            ],
+            "over 100 region moves, 20 full scans and 2 passes each",
+            |info| {
+                let n = &info["numa"];
+                n["regions_moved"].as_u64() > Some(100)
+                    && n["full_scans"].as_u64() > Some(20)
+                    && info["per_vcpu_passes"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().all(|v| v.as_u64() >= Some(2)))
+            },
+        );
+        let j = r.json();
+        assert_eq!(r.u64("integrity_errors"), 0, "{collapse}: {j}");
+        assert_eq!(r.u64("numa_migrate_failures"), 0, "{collapse}: {j}");
+        assert_eq!(j["faults"]["error"], Value::Null, "{collapse}: {j}");
+        let n = &j["numa"];
+        assert_eq!(n["scan_windows"], 2, "{collapse}: two 32 MiB windows");
+        // One hint fault per region per scan, and one after each move.
+        let bound = (REGIONS / 2) * (n["scans"].as_u64().unwrap() + 1)
+            + 2 * n["regions_moved"].as_u64().unwrap();
+        assert!(
+            r.u64("numa_hint_faults") <= bound,
+            "{collapse}: region-granular hint faults: {n}"
+        );
+        let collapses = j["collapse"]["collapses"].as_u64().unwrap_or(0);
+        match collapse {
+            "off" => assert_eq!(collapses, 0, "{j}"),
+            _ => assert!(collapses > 0, "hint-resolved regions collapsed: {j}"),
+        }
+    }
+}
+
+/// A post-copy migration of a 2-vCPU `workload` guest from a source without NUMA into
+/// a destination run with `dst_extra` (its `--numa`). Returns the destination's report,
+/// taken once every page has arrived and the guest ran `passes_after` more passes.
+fn postcopy_into_numa(workload: &str, dst_extra: &[&str], passes_after: u64) -> Value {
+    let dir = scratch(&format!("numa-postcopy-{workload}"));
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let api = dir.join("api.sock");
+    let common = [
+        "run",
+        "--memory",
+        "64M",
+        "--vcpus",
+        "2",
+        "--workload",
+        workload,
+        "--duration",
+        RUN_BOUND,
+        "--console",
+        "off",
+        "--json",
+    ];
+    let Pair {
+        mut dst,
+        src,
+        dst_api,
+    } = start_pair(&common, &uri, &api, dst_extra, &[]);
+    wait_for_passes(&api, 4);
+    let (code, report, err) = migrate(&api, &uri, &["--mode", "postcopy"]);
+    assert_eq!(code, 0, "{workload}: migrate failed: {err}");
+    assert_eq!(report["mode"], "postcopy", "{report}");
+    let (scode, sj, serr) = finish(src);
+    assert_eq!(scode, 0, "{workload}: source: {serr}");
+    assert_eq!(sj["outcome"], "migrated", "{sj}");
+    let mut arrived_at = None;
+    wait_until(
+        &mut dst,
+        &dst_api,
+        "post-copy complete, then more passes",
+        |info| {
+            if !incoming_settled(info) {
+                return false;
+            }
+            let passes = info["passes"].as_u64().unwrap_or(0);
+            passes >= *arrived_at.get_or_insert(passes) + passes_after
+        },
+    );
+    end_run(&dst_api);
+    let (dcode, dj, derr) = finish(dst);
+    assert_eq!(dcode, 0, "{workload}: destination: {derr}");
+    let _ = std::fs::remove_dir_all(dir);
+    dj
+}
+
+#[test]
+fn postcopy_into_two_nodes_lands_each_partition_on_its_vcpus_node() {
+    if !have_kvm() {
+        return;
+    }
+    // Heavy: a guest pair.
+    let _heavy = tests::heavy();
+    // numa02 on the destination starts all misplaced (its placement plan), and with
+    // balancing off nothing but post-copy placement moves a region.
+    let dj = postcopy_into_numa(
+        "numa02",
+        &["--numa", "nodes=2", "--numa-balancing", "off"],
+        2,
+    );
+    assert_eq!(dj["outcome"], "ok", "{dj}");
+    assert_eq!(dj["integrity_errors"], 0, "{dj}");
+    let n = &dj["numa"];
+    for (v, pct) in n["locality_per_vcpu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            pct.as_f64().unwrap() >= 95.0,
+            "vCPU {v}'s partition is {pct} % on its node: {n}"
+        );
+    }
+    let p = &n["postcopy"];
+    assert!(p["moved_on_completion"].as_u64() > Some(20), "{n}");
+    assert_eq!(n["regions_moved"], 0, "balancing off: {n}");
+    assert_eq!(n["numa_migrate_failures"], 0, "{n}");
+    assert!(dj["incoming"]["pages_demand"].as_u64() > Some(0), "{dj}");
+}
+
+#[test]
+fn postcopy_into_a_balancing_destination_with_forced_moves_loses_nothing() {
+    if !have_kvm() {
+        return;
+    }
+    // Heavy: a guest pair.
+    let _heavy = tests::heavy();
+    // verify checks every page each pass; the destination hints, balances and forces a
+    // move every 2 ms while post-copy is still filling regions.
+    let dj = postcopy_into_numa(
+        "verify",
+        &[
+            "--numa",
+            "nodes=2",
+            "--numa-scan",
+            "window=64M,period=20ms",
+            "--numa-force-move",
+            "2ms",
+        ],
+        4,
+    );
+    assert_eq!(dj["outcome"], "ok", "{dj}");
+    assert_eq!(dj["integrity_errors"], 0, "{dj}");
+    let n = &dj["numa"];
+    assert_eq!(n["numa_migrate_failures"], 0, "{n}");
+    assert!(n["regions_moved"].as_u64() > Some(0), "{n}");
+    assert!(n["numa_hint_faults"].as_u64() > Some(0), "{n}");
+    assert_eq!(dj["faults"]["error"], Value::Null, "{dj}");
+    assert!(n["postcopy"]["regions"].as_u64() >= Some(REGIONS), "{n}");
 }

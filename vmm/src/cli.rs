@@ -146,7 +146,7 @@ pub struct RunArgs {
     /// NUMA balancing (hint faults and region moves): on or off; on by default with --numa.
     #[arg(long, default_value = "on", value_parser = parse_balancing)]
     numa_balancing: Balancing,
-    /// NUMA scanner: window=SIZE,period=D[,rate=N] (default 256M per 1s, 128 moves/s).
+    /// NUMA scanner: window=SIZE,period=D[,max=D][,rate=N] (default: 256M windows, a full scan every 1s backing off to 60s, 256 moves/s).
     #[arg(long, value_parser = parse_numa_scan)]
     numa_scan: Option<BalancerConfig>,
     /// Testing: move a random 2 MiB region to another node this often.

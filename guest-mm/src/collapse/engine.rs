@@ -31,8 +31,8 @@ use crate::ram::GuestRam;
 use crate::stage::{Region2M, SecondStage};
 
 const MAX_ATTEMPTS: u32 = 5;
-/// The collapse thread's nice value (see `Worker::run`).
-const COLLAPSE_NICE: libc::c_int = 10;
+/// How much nicer than the VMM the collapse thread runs (see `Worker::run`).
+const COLLAPSE_NICER_BY: libc::c_int = 10;
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// Smallest mTHP order the scan considers (16 KiB), as the kernel's smallest mTHP size.
 const MIN_MTHP_ORDER: u32 = 2;
@@ -227,13 +227,20 @@ struct Worker {
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
         // Collapsing is background work: on a small host it competes for CPU with the
-        // vCPUs and the post-copy receivers, which the guest waits on. Run it at nice 10
-        // (Linux applies PRIO_PROCESS to a single thread when given its tid; no crate
-        // wraps per-thread priority, so libc). Failure only means normal priority.
+        // vCPUs and the post-copy receivers, which the guest waits on. Run it 10 nicer
+        // than the VMM (nice 10 for a VMM at 0): relative, because a fixed nice 10 would
+        // *raise* the thread above vCPUs of a VMM started at nice 19 (measured: it
+        // starved them on a shared host). Linux applies PRIO_PROCESS to a single thread
+        // when given its tid; no crate wraps per-thread priority, so libc. Failure only
+        // means the VMM's priority.
         // SAFETY: plain syscalls on this thread's own id; no memory is passed.
         unsafe {
             let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, COLLAPSE_NICE);
+            *libc::__errno_location() = 0;
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if *libc::__errno_location() == 0 {
+                libc::setpriority(libc::PRIO_PROCESS, tid, (now + COLLAPSE_NICER_BY).min(19));
+            }
         }
         let tick = match self.mode {
             CollapseMode::Background => self.budget.period,

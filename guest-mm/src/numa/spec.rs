@@ -41,9 +41,19 @@ pub enum SpecError {
         #[source]
         source: humantime::DurationError,
     },
-    #[error("--numa-scan rate={0:?}")]
+    #[error("--numa-scan window={0}: a window is at least one 2 MiB region (hinting places whole regions)")]
+    ScanWindowTooSmall(String),
+    #[error("--numa-scan max={value:?}: {source}")]
+    ScanMax {
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+    #[error("--numa-scan max={max}: shorter than period={min}; give max >= period")]
+    ScanMaxBelowMin { max: String, min: String },
+    #[error("--numa-scan rate={0:?}: give the most region moves per second, a number")]
     ScanRate(String),
-    #[error("--numa-scan: unknown key {0:?} (window, period, rate)")]
+    #[error("--numa-scan: unknown key {0:?} (window, period, max, rate)")]
     ScanUnknownKey(String),
     #[error("--numa-balancing {0:?}: choose on or off")]
     Balancing(String),
@@ -201,16 +211,23 @@ impl FromStr for Balancing {
     }
 }
 
-/// `--numa-scan window=SIZE,period=D[,rate=N]`
+/// `--numa-scan window=SIZE,period=D[,max=D][,rate=N]`: hint `window` bytes at a time,
+/// a full scan of guest RAM every `period` at the fastest and every `max` at the slowest
+/// (default 16 × period, at least Linux's 60 s), at most `rate` region moves a second.
 pub fn parse_scan(s: &str) -> Result<BalancerConfig, SpecError> {
     let mut cfg = BalancerConfig::default();
+    let mut max: Option<(u64, String)> = None;
+    let mut period_text = format!("{}ms", cfg.scan_period_min_ms);
     for part in s.split(',') {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| SpecError::ScanNotKeyValue(s.into()))?;
         match k {
             "window" => {
-                cfg.scan_window = crate::size::parse_size(v).map_err(SpecError::ScanWindow)?
+                cfg.scan_window = crate::size::parse_size(v).map_err(SpecError::ScanWindow)?;
+                if cfg.scan_window < crate::addr::SIZE_2M {
+                    return Err(SpecError::ScanWindowTooSmall(v.into()));
+                }
             }
             "period" => {
                 let d = humantime::parse_duration(v).map_err(|source| SpecError::ScanPeriod {
@@ -219,12 +236,29 @@ pub fn parse_scan(s: &str) -> Result<BalancerConfig, SpecError> {
                 })?;
                 cfg.scan_period_min_ms = (d.as_millis() as u64).max(1);
                 cfg.scan_period_max_ms = cfg.scan_period_max_ms.max(cfg.scan_period_min_ms * 16);
+                period_text = v.into();
+            }
+            "max" => {
+                let d = humantime::parse_duration(v).map_err(|source| SpecError::ScanMax {
+                    value: v.into(),
+                    source,
+                })?;
+                max = Some(((d.as_millis() as u64).max(1), v.into()));
             }
             "rate" => {
                 cfg.max_moves_per_sec = v.parse().map_err(|_| SpecError::ScanRate(v.into()))?
             }
             _ => return Err(SpecError::ScanUnknownKey(k.into())),
         }
+    }
+    if let Some((ms, text)) = max {
+        if ms < cfg.scan_period_min_ms {
+            return Err(SpecError::ScanMaxBelowMin {
+                max: text,
+                min: period_text,
+            });
+        }
+        cfg.scan_period_max_ms = ms;
     }
     Ok(cfg)
 }
@@ -262,6 +296,24 @@ mod tests {
         assert!("cpus=0".parse::<NumaSpec>().is_err());
         let c = parse_scan("window=64M,period=20ms").unwrap();
         assert_eq!((c.scan_window, c.scan_period_min_ms), (64 << 20, 20));
+        assert_eq!(c.scan_period_max_ms, 60_000, "Linux's maximum stays");
+        let c = parse_scan("period=2s,max=10s,rate=7").unwrap();
+        assert_eq!(
+            (
+                c.scan_period_min_ms,
+                c.scan_period_max_ms,
+                c.max_moves_per_sec
+            ),
+            (2000, 10_000, 7)
+        );
+        assert!(parse_scan("period=2s,max=1s")
+            .unwrap_err()
+            .to_string()
+            .contains("max >= period"));
+        assert!(parse_scan("window=1M")
+            .unwrap_err()
+            .to_string()
+            .contains("2 MiB"));
         assert!(parse_scan("speed=9").is_err());
         assert_eq!("off".parse::<Balancing>().unwrap(), Balancing::Off);
         assert!("maybe".parse::<Balancing>().is_err());

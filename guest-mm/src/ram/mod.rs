@@ -30,6 +30,18 @@ use mapping::{Mapping, Source};
 use smaps::RssSplit;
 use zones::{create_memfd, mbind, ExistingPages, MemfdKind, Zones};
 
+/// What a NUMA move leaves in the page cache of the node it moved to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MovedCache {
+    /// The pages as written (4 KiB on shmem).
+    Pages,
+    /// One huge page per region, as the region was before the move: an emulated move
+    /// writes 4 KiB pages into the new memfd, so its staging view is collapsed again,
+    /// under the move's invalidation, and mapping the region huge after its next fault
+    /// costs no copy.
+    Huge,
+}
+
 /// Which view of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum View {
@@ -132,8 +144,9 @@ impl GuestRam {
     /// both views are remapped there in place, and the old copy is punched out. A
     /// remapped guest view loses its userfaultfd registration: the guest view registers
     /// it again when the move's invalidation ends.
-    /// Host nodes: mbind(MPOL_MF_MOVE) of the staging view.
-    pub fn move_region(&self, range: GpaRange, node: u16) -> Result<(), Error> {
+    /// Host nodes: mbind(MPOL_MF_MOVE) of the staging view (the kernel moves a huge page
+    /// as one, so `cache` needs nothing there).
+    pub fn move_region(&self, range: GpaRange, node: u16, cache: MovedCache) -> Result<(), Error> {
         if !range.start.is_aligned(SIZE_2M)
             || !range.end.is_aligned(SIZE_2M)
             || range.end.0 > self.size
@@ -165,14 +178,20 @@ impl GuestRam {
                         ExistingPages::Move,
                     )?
                 }
-                NodeBackendKind::Emulated => self.move_emulated(region, from, node)?,
+                NodeBackendKind::Emulated => self.move_emulated(region, from, node, cache)?,
             }
             nodes[r as usize] = node;
         }
         Ok(())
     }
 
-    fn move_emulated(&self, region: GpaRange, from: u16, to: u16) -> Result<(), Error> {
+    fn move_emulated(
+        &self,
+        region: GpaRange,
+        from: u16,
+        to: u16,
+        cache: MovedCache,
+    ) -> Result<(), Error> {
         let (Some(dst), Some(staging)) = (self.zones.fd(to), self.staging_view.as_ref()) else {
             return Err(Error::EmulatedNeedsStaging);
         };
@@ -184,6 +203,10 @@ impl GuestRam {
         staging.write_to(region, dst)?;
         self.guest_view.remap(region, dst)?;
         staging.remap(region, dst)?;
+        if cache == MovedCache::Huge {
+            // A failure only costs the copy later, when the guest view collapses.
+            let _ = staging.collapse(region);
+        }
         self.zones.punch(from, region)
     }
 

@@ -111,7 +111,7 @@ fn emulated_numa_move_keeps_content_and_frees_the_old_copy() {
         .write_obj(0xbeef_u64, GuestAddress(gpa + 4096))
         .unwrap();
     assert_eq!(ram.node_of(Gpa(gpa)), 0);
-    ram.move_region(region(gpa), 1).unwrap();
+    ram.move_region(region(gpa), 1, MovedCache::Pages).unwrap();
     assert_eq!(ram.node_of(Gpa(gpa)), 1);
     assert_eq!(ram.node_of(Gpa(gpa + (2 << 20))), 0);
     assert_eq!(
@@ -148,7 +148,7 @@ fn emulated_numa_move_keeps_content_and_frees_the_old_copy() {
     ram.staging()
         .write_obj(0xcafe_u64, GuestAddress(gpa))
         .unwrap();
-    ram.move_region(region(gpa), 0).unwrap();
+    ram.move_region(region(gpa), 0, MovedCache::Pages).unwrap();
     assert_eq!(
         ram.staging().read_obj::<u64>(GuestAddress(gpa)).unwrap(),
         0xcafe
@@ -160,11 +160,13 @@ fn emulated_numa_move_keeps_content_and_frees_the_old_copy() {
         0xbeef
     );
     assert!(ram
-        .move_region(region(gpa), 2)
+        .move_region(region(gpa), 2, MovedCache::Pages)
         .unwrap_err()
         .to_string()
         .contains("node 2"));
-    assert!(ram.move_region(region(gpa + 4096), 1).is_err());
+    assert!(ram
+        .move_region(region(gpa + 4096), 1, MovedCache::Pages)
+        .is_err());
     // Emulated nodes need shmem; host nodes must exist.
     let bad = RamConfig {
         backing: BackingKind::Anon,

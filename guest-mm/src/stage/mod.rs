@@ -10,7 +10,7 @@ pub mod table;
 
 use std::sync::{Mutex, MutexGuard};
 
-use crate::addr::{Gpa, GpaRange, SIZE_2M};
+use crate::addr::{Gpa, GpaRange, SIZE_2M, SIZE_4K};
 use crate::collapse::MthpChoice;
 pub use leaf::{
     Accounting, BackingRef, Dirtied, FaultCause, HugePiecewise, Intent, Leaf, LeafSize, LeafSpec,
@@ -18,6 +18,17 @@ pub use leaf::{
 };
 pub use notifier::{InvalidateReason, MmuNotifier, MmuNotifierSubscriber, SeqToken};
 pub use table::Table;
+
+/// Which leaves of a region [`SecondStage::resolve_region`] maps with the faulting one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionRuns {
+    /// The hinted ones (a hint fault: the scanner zapped the region).
+    Hinted,
+    /// Every one with content, present or hinted (a fault on a present page: something
+    /// outside the table unmapped the region, e.g. the kernel retracting the guest
+    /// view's page table when the staging view of the same file collapsed).
+    WithContent,
+}
 
 /// Why [`SecondStage::apply_with`] failed.
 #[derive(Debug)]
@@ -243,6 +254,58 @@ impl SecondStage {
         );
         t.mark_accessed(gpa, dirtied);
         install(span)?;
+        Ok(true)
+    }
+
+    /// The fault path's commit at the granularity that decides NUMA placement: as
+    /// [`resolve`](Self::resolve), and every other leaf of the 2 MiB region around `gpa`
+    /// that `runs` names becomes present with it, so that a region takes one fault
+    /// however many of its pages the vCPU touches next. `install` gets the faulting
+    /// leaf's span and the runs of those leaves (the span among them); absent leaves are
+    /// never in a run. On huge backing pages the span is the region already (or more):
+    /// nothing else is resolved.
+    pub fn resolve_region<E>(
+        &self,
+        gpa: Gpa,
+        token: SeqToken,
+        dirtied: Dirtied,
+        runs_of: RegionRuns,
+        install: impl FnOnce(GpaRange, &[GpaRange]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let mut t = self.lock();
+        if !self.notifier.unchanged_since(token) {
+            return Ok(false);
+        }
+        let span = t.zap_span(gpa);
+        let region = if self.backing_page == SIZE_4K {
+            let start = gpa.align_down(SIZE_2M);
+            GpaRange::new(start, start.add(SIZE_2M)).union(&span)
+        } else {
+            span
+        };
+        let mut runs: Vec<GpaRange> = Vec::new();
+        t.visit(region, &mut |s, l| {
+            let wanted = match runs_of {
+                RegionRuns::Hinted => l.state == PageState::Hinted,
+                RegionRuns::WithContent => l.state.has_content(),
+            };
+            if !wanted {
+                return;
+            }
+            let r = GpaRange::new(s, s.add(l.size.bytes()));
+            match runs.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => runs.push(r),
+            }
+        });
+        t.set_state(
+            span,
+            &[PageState::Hinted, PageState::Absent],
+            PageState::Present,
+        );
+        t.set_state(region, &[PageState::Hinted], PageState::Present);
+        t.mark_accessed(gpa, dirtied);
+        install(span, &runs)?;
         Ok(true)
     }
 

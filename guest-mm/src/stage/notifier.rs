@@ -29,19 +29,20 @@ pub enum InvalidateReason {
     Collapse,
     /// Content moves (a NUMA region move); every mapping must go before the copy.
     Move,
-    /// State change of leaves that the guest may be using (e.g. absent after a failure).
+    /// State change of leaves that the guest may be using (e.g. absent after a failure,
+    /// or post-copy's pages that must come again).
     StateChange,
 }
 
 impl InvalidateReason {
     /// Whether the host mapping of the range must be zapped for this change. A collapse
     /// replaces the mapping in place (the kernel's own mmu notifier tells KVM), so
-    /// zapping it first would only make the vCPUs fault it back in.
+    /// zapping it first would only make the vCPUs fault it back in. Every other change
+    /// zaps: a leaf that became absent must not stay mapped (a guest view populated up
+    /// front, as emulated NUMA nodes are, would otherwise let the guest read the stale
+    /// page without a fault).
     pub fn zaps_host_mapping(self) -> bool {
-        !matches!(
-            self,
-            InvalidateReason::StateChange | InvalidateReason::Collapse
-        )
+        !matches!(self, InvalidateReason::Collapse)
     }
 }
 

@@ -527,6 +527,29 @@ impl Table {
         }
     }
 
+    /// Visits every leaf that overlaps `range`, in address order, with its start (read
+    /// only: nothing is split; cost follows the leaves in the range, not guest RAM).
+    pub fn visit(&self, range: GpaRange, f: &mut dyn FnMut(Gpa, &Leaf)) {
+        let (start, end) = (range.start.0, range.end.0.min(GPA_LIMIT));
+        if start < end {
+            self.visit_at(0, start, end, f);
+        }
+    }
+
+    fn visit_at(&self, base: u64, start: u64, end: u64, f: &mut dyn FnMut(Gpa, &Leaf)) {
+        let size = self.entry_size();
+        let first = (start.max(base) - base) / size;
+        let last = ((end - base).div_ceil(size)).min(FANOUT as u64);
+        for i in first..last {
+            let es = base + i * size;
+            match &self.entries[i as usize] {
+                Entry::Empty => {}
+                Entry::Leaf(l) => f(Gpa(es), l),
+                Entry::Table(t) => t.visit_at(es, start, end, f),
+            }
+        }
+    }
+
     /// Visits every leaf in address order with its start and whether it is a piece of a
     /// piecewise huge page.
     pub fn walk(&self, f: &mut dyn FnMut(Gpa, &Leaf, Option<HugePiecewise>)) {

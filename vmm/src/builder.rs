@@ -20,6 +20,7 @@ use crate::config::{RunConfig, RunLimit};
 use crate::error::{ConfigError, Error, Result};
 use crate::mailbox::Mailbox;
 use crate::placement;
+use crate::vstate::cpuid::CpuTopology;
 use crate::vstate::vcpu::{install_kick_handler, Vcpu};
 use crate::vstate::vm::{open_kvm, Vm};
 
@@ -158,7 +159,14 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
     };
     let mailbox = Mailbox::new(image.info.mailbox);
 
-    let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log)?);
+    let cpus = CpuTopology {
+        vcpus: cfg.vcpus,
+        vcpu_nodes: topology
+            .as_ref()
+            .map(|t| t.vcpu_nodes.clone())
+            .unwrap_or_default(),
+    };
+    let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log, cpus)?);
     vm.register_ram(memory.memslot())?;
     let api = match &cfg.api_socket {
         Some(p) => Some(ApiServer::start(p)?),

@@ -29,7 +29,7 @@ use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::mailbox::Mailbox;
 use crate::migration_host::{Arrival, DestinationEvent, MigratedState, RunInfo, SourceRequest};
-use crate::vstate::vcpu::{Vcpu, VcpuEndResult, VcpuOutcome};
+use crate::vstate::vcpu::{Vcpu, VcpuEnd, VcpuEndResult, VcpuOutcome};
 use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
 use guest_image::clock::monotonic_ns;
@@ -140,6 +140,8 @@ struct Limits {
     corrupted_gpa: Option<u64>,
     /// vCPU 0's pass count when the corruption was written.
     corrupted_at_pass: Option<u64>,
+    /// A vCPU reset or powered off the machine: every vCPU stops.
+    machine_ended: bool,
 }
 
 pub struct Controller<'a> {
@@ -282,7 +284,9 @@ impl<'a> Controller<'a> {
             RunState::Migrated => true,
             RunState::Receiving | RunState::Paused => false,
             RunState::Running | RunState::Migrating | RunState::Stopping => {
-                self.limits.timed_out || self.ended.iter().all(Option::is_some)
+                self.limits.timed_out
+                    || self.limits.machine_ended
+                    || self.ended.iter().all(Option::is_some)
             }
         }
     }
@@ -291,6 +295,9 @@ impl<'a> Controller<'a> {
         match event {
             Event::Api(call) => self.on_api(call),
             Event::VcpuEnded(index, end) => {
+                if matches!(end, Ok(VcpuEnd::Reset | VcpuEnd::PowerOff)) {
+                    self.limits.machine_ended = true;
+                }
                 if let Some(slot) = self.ended.get_mut(index) {
                     *slot = Some(end);
                 }

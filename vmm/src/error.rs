@@ -40,6 +40,8 @@ pub enum Error {
     HostMapping { failures: u64 },
     #[error("live migration: {0}")]
     Migration(#[from] migration::Error),
+    #[error("restoring device state: {0}")]
+    DeviceState(String),
     #[error("the migration's VM state is malformed: {0}")]
     VmState(#[source] serde_json::Error),
     #[error("the migration carries {arrived} vCPU states but this VM has {here} vCPUs (give the destination the same --vcpus)")]

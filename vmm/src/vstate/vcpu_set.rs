@@ -191,6 +191,8 @@ impl VcpuSet {
                     }),
                     exits: 0,
                     dirty_ring_full_exits: 0,
+                    exit_kinds: Default::default(),
+                    cpu_ns: 0,
                 })
             })
             .collect()

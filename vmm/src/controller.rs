@@ -104,6 +104,8 @@ impl IncomingPhase {
 
 /// Everything the run leaves for its report.
 pub struct RunEnd {
+    /// How the guest was entered.
+    pub entry: &'static str,
     pub outcomes: Vec<VcpuOutcome>,
     pub timed_out: bool,
     pub launch_ns: u64,
@@ -146,6 +148,7 @@ struct Limits {
 
 pub struct Controller<'a> {
     cfg: &'a RunConfig,
+    entry: &'static str,
     memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     mailbox: Mailbox,
@@ -186,6 +189,7 @@ impl<'a> Controller<'a> {
         });
         let mut c = Controller {
             cfg,
+            entry: vmm.entry,
             memory,
             vm: vmm.vm,
             mailbox: vmm.mailbox,
@@ -286,6 +290,8 @@ impl<'a> Controller<'a> {
             RunState::Running | RunState::Migrating | RunState::Stopping => {
                 self.limits.timed_out
                     || self.limits.machine_ended
+                    // A guest without a mailbox cannot be asked to finish its pass.
+                    || (self.limits.stop_requested_at.is_some() && !self.mailbox.is_present())
                     || self.ended.iter().all(Option::is_some)
             }
         }
@@ -669,6 +675,7 @@ impl<'a> Controller<'a> {
             return Err(e);
         }
         Ok(RunEnd {
+            entry: self.entry,
             outcomes,
             timed_out: self.limits.timed_out,
             launch_ns: self.launch_ns,

@@ -40,6 +40,10 @@ pub enum Error {
     HostMapping { failures: u64 },
     #[error("live migration: {0}")]
     Migration(#[from] migration::Error),
+    #[error(transparent)]
+    Kernel(#[from] crate::boot::kernel::KernelError),
+    #[error("the ACPI tables end at {end:#x}, beyond the area reserved for them (1 MiB); use fewer vCPUs or NUMA nodes")]
+    AcpiTooLarge { end: u64 },
     #[error("restoring device state: {0}")]
     DeviceState(String),
     #[error("the migration's VM state is malformed: {0}")]

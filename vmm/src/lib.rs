@@ -17,6 +17,7 @@
 //! - guest memory (backings, views, the second-stage table, the fault path, collapse and
 //!   NUMA engines): the `guest-mm` crate
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod builder;

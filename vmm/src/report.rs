@@ -370,7 +370,7 @@ pub fn assemble(
         backing: memory.backing().to_string(),
         page_size: memory.page_size(),
         prefault: cfg.ram.prefault == guest_mm::Prefault::Populate,
-        entry: "ring-3 fast path",
+        entry: end.entry,
         outcome: if exception.is_some() {
             Outcome::GuestException
         } else if end.migrated.is_some() || end.handed_over {

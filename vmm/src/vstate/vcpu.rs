@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::boot::kernel::KernelEntry;
 use crate::boot::{self, LoadedImage};
 use crate::console::{Console, LineBuffer};
 use crate::devices::{Devices, PortEffect};
@@ -215,6 +216,26 @@ impl Vcpu {
 
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// Creates vCPU `index` of a `--kernel` guest: the boot vCPU (`entry` given) at the
+    /// kernel's entry; an AP as KVM makes it, waiting for the guest's INIT/SIPI.
+    pub fn boot(vm: &Vm, index: usize, entry: Option<KernelEntry>) -> Result<Vcpu> {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&vm.vcpu_cpuid(index))
+            .map_err(kvm("KVM_SET_CPUID2"))?;
+        set_local_interrupts(&fd)?;
+        if let Some(entry) = entry {
+            let base = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+            fd.set_sregs(&boot::entry::sregs(&base, entry))
+                .map_err(kvm("KVM_SET_SREGS"))?;
+            fd.set_regs(&boot::entry::regs(entry))
+                .map_err(kvm("KVM_SET_REGS"))?;
+        }
+        Vcpu::with_ring(vm, index, fd)
     }
 
     /// Creates vCPU `index` with migrated state.

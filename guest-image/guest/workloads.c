@@ -373,7 +373,11 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     WRITE_ONCE(slot->entry_tsc, entry);
     WRITE_ONCE(slot->state, HV_STATE_RUNNING);
 
-    struct params p = {.workload = W_NONE, .passes = 0, .vcpus = 1, .seed = 1, .node = 0, .slow = 0};
+    /* Without vcpus= on the command line: the CPUs the PVH path started (0 on the
+     * fast path, where the VMM always passes vcpus=). */
+    u64 started = READ_ONCE(hv_boot_cpus);
+    struct params p = {.workload = W_NONE, .passes = 0, .vcpus = started ? started : 1,
+                       .seed = 1, .node = 0, .slow = 0};
     const char *cmdline = hv_default_cmdline;
     if (si && si->magic == HVM_START_MAGIC && si->cmdline_paddr && *(const char *)si->cmdline_paddr)
         cmdline = (const char *)si->cmdline_paddr;

@@ -233,7 +233,7 @@ fn load_pvh_elf(
     let entry = pvh_note(elf).ok_or_else(|| KernelError::NoPvhNote(path.to_path_buf()))?;
     let mut end = 0;
     for s in segments.iter().filter(|s| s.mem_size > 0) {
-        let seg_end = s.paddr.checked_add(s.mem_size).unwrap_or(u64::MAX);
+        let seg_end = s.paddr.saturating_add(s.mem_size);
         check_range(s.paddr, seg_end, ram)?;
         end = end.max(seg_end);
     }

@@ -113,8 +113,10 @@ pub fn write_zero_page(
     rsdp: u64,
 ) -> Result<()> {
     write_cmdline(mem, cmdline)?;
-    let mut bp = boot_params::default();
-    bp.hdr = setup;
+    let mut bp = boot_params {
+        hdr: setup,
+        ..Default::default()
+    };
     bp.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     bp.hdr.loadflags |= CAN_USE_HEAP;
     bp.hdr.heap_end_ptr = 0xfe00;

@@ -42,9 +42,10 @@ pub fn unpack(payload: &[u8]) -> Result<Vec<u8>, KernelError> {
 fn unpack_lz4_legacy(mut rest: &[u8]) -> Result<Vec<u8>, KernelError> {
     let mut out = Vec::new();
     let mut block = vec![0u8; LZ4_LEGACY_BLOCK];
-    // The stream ends at the payload's end, or at a block size that is another magic
-    // (concatenated frames) or zero padding.
-    while rest.len() >= 4 {
+    // The stream ends at the payload's end — where the kernel's build appends the
+    // unpacked size (4 bytes) — or at a block size that is another magic (concatenated
+    // frames) or zero padding.
+    while rest.len() > 4 {
         let size = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         if size == 0 || rest[..4] == LZ4_LEGACY_MAGIC {
             break;

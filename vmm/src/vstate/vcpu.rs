@@ -156,6 +156,8 @@ pub enum VcpuFault {
     DirtyRingMissing,
     #[error("KVM entry failed (reason {reason:#x} on host cpu {cpu})")]
     EntryFailed { reason: u64, cpu: u32 },
+    #[error("KVM could not run the guest's next instruction (KVM_EXIT_INTERNAL_ERROR; under kvm_pvm ring 0 is emulated and the emulator lacks some instructions)")]
+    EmulationFailed,
     #[error("unexpected KVM exit {0}")]
     UnexpectedExit(String),
     #[error(
@@ -334,6 +336,7 @@ impl Vcpu {
                     None => Step::Fail(VcpuFault::DirtyRingMissing),
                 }
             }
+            Ok(VcpuExit::InternalError) => Step::Fail(VcpuFault::EmulationFailed),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 Step::Fail(VcpuFault::EntryFailed { reason, cpu })
             }

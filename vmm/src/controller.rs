@@ -104,8 +104,8 @@ impl IncomingPhase {
 
 /// Everything the run leaves for its report.
 pub struct RunEnd {
-    /// How the guest was entered.
-    pub entry: &'static str,
+    /// How the guest was entered (on a destination: on the source).
+    pub entry: String,
     pub outcomes: Vec<VcpuOutcome>,
     pub timed_out: bool,
     pub launch_ns: u64,
@@ -148,7 +148,7 @@ struct Limits {
 
 pub struct Controller<'a> {
     cfg: &'a RunConfig,
-    entry: &'static str,
+    entry: String,
     memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     mailbox: Mailbox,
@@ -189,7 +189,7 @@ impl<'a> Controller<'a> {
         });
         let mut c = Controller {
             cfg,
-            entry: vmm.entry,
+            entry: vmm.entry.to_string(),
             memory,
             vm: vmm.vm,
             mailbox: vmm.mailbox,
@@ -424,6 +424,8 @@ impl<'a> Controller<'a> {
             },
             max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
             passes: slots.iter().map(|s| s.passes).sum(),
+            mailbox: self.mailbox.base(),
+            entry: self.entry.clone(),
         };
         // The pass that spans the switch-over is measured from here: clear each worst
         // pass (restored if the migration fails).
@@ -431,8 +433,9 @@ impl<'a> Controller<'a> {
         for i in 0..n {
             self.mailbox.reset_max_pass(mem, i);
         }
-        let state =
-            serde_json::to_value(MigratedState { vcpus: states, run }).map_err(Error::VmState)?;
+        let state = MigratedState::capture(&self.vm, states, run)
+            .and_then(|s| serde_json::to_value(s).map_err(Error::VmState))
+            .inspect_err(|_| drop(vcpus.resume()))?;
         self.state = RunState::Paused;
         let mailbox = self.mailbox.gpa_range(n);
         Ok(Paused {
@@ -520,6 +523,9 @@ impl<'a> Controller<'a> {
     fn on_arrival(&mut self, arrival: Arrival) {
         self.source_elapsed_ns = arrival.run.elapsed_ns;
         self.workload = arrival.run.workload.clone();
+        // The guest says where its mailbox is (a guest hugevisor did not build has none).
+        self.mailbox = arrival.run.mailbox.map_or_else(Mailbox::none, Mailbox::new);
+        self.entry = format!("{} (arrived by migration)", arrival.run.entry);
         let answer = self
             .start_guest(arrival.vcpus)
             .map_err(|e| Error::GuestStart(e.to_string()));

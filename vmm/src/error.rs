@@ -44,6 +44,12 @@ pub enum Error {
     Kernel(#[from] crate::boot::kernel::KernelError),
     #[error("the ACPI tables end at {end:#x}, beyond the area reserved for them (1 MiB); use fewer vCPUs or NUMA nodes")]
     AcpiTooLarge { end: u64 },
+    #[error("the guest's TSC runs at {source_khz} kHz on the source; this host's KVM runs it at {here_khz} kHz and cannot scale it (migrate between hosts of the same TSC frequency)")]
+    TscFrequency { source_khz: u32, here_khz: u32 },
+    #[error("this host's KVM lacks CPUID features the guest was given: {0} (migrate to a host with the same CPU features)")]
+    CpuidMismatch(String),
+    #[error("KVM refused to restore MSR {index:#x}")]
+    MsrRefused { index: u32 },
     #[error("restoring device state: {0}")]
     DeviceState(String),
     #[error("the migration's VM state is malformed: {0}")]

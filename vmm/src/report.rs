@@ -87,7 +87,7 @@ pub struct RunReport {
     pub backing: String,
     pub page_size: u64,
     pub prefault: bool,
-    pub entry: &'static str,
+    pub entry: String,
     pub outcome: Outcome,
     pub elapsed_ms: f64,
     pub passes: u64,

@@ -21,6 +21,7 @@ use crate::console::{Console, LineBuffer};
 use crate::devices::{Devices, PortEffect};
 use crate::error::{kvm, Error, Result};
 use crate::vstate::dirty_ring::{DirtyRing, KVM_EXIT_DIRTY_RING_FULL};
+pub use crate::vstate::state::VcpuState;
 use crate::vstate::vcpu_set::OnGuestEnd;
 use crate::vstate::vm::Vm;
 
@@ -89,53 +90,6 @@ pub struct VcpuOutcome {
     pub cpu_ns: u64,
 }
 
-/// Architectural state of a vCPU, as migrated. The built-in guest uses no interrupt
-/// controller, so there is no irqchip state to carry.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct VcpuState {
-    pub regs: kvm_bindings::kvm_regs,
-    pub sregs: kvm_bindings::kvm_sregs,
-    #[serde(with = "fpu_bytes")]
-    pub fpu: kvm_bindings::kvm_fpu,
-    pub mp_state: kvm_bindings::kvm_mp_state,
-}
-
-/// kvm-bindings has no serde for `kvm_fpu`; it is plain old data, so carry its bytes.
-mod fpu_bytes {
-    use kvm_bindings::kvm_fpu;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    const LEN: usize = std::mem::size_of::<kvm_fpu>();
-
-    pub fn serialize<S: Serializer>(fpu: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
-        // SAFETY: kvm_fpu is a repr(C) struct of integers and byte arrays; reading its
-        // LEN bytes is reading initialised plain data.
-        let bytes =
-            unsafe { std::slice::from_raw_parts((fpu as *const kvm_fpu).cast::<u8>(), LEN) };
-        bytes.serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<kvm_fpu, D::Error> {
-        let bytes = Vec::<u8>::deserialize(d)?;
-        if bytes.len() != LEN {
-            return Err(serde::de::Error::custom(format!(
-                "FPU state of {} bytes, expected {LEN}",
-                bytes.len()
-            )));
-        }
-        let mut fpu = kvm_fpu::default();
-        // SAFETY: exactly LEN bytes into a kvm_fpu, which is valid for any bit pattern.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                (&mut fpu as *mut kvm_fpu).cast::<u8>(),
-                LEN,
-            )
-        };
-        Ok(fpu)
-    }
-}
-
 /// What one `KVM_RUN` led to.
 enum Step {
     Continue,
@@ -182,6 +136,8 @@ pub struct Vcpu {
     index: usize,
     fd: VcpuFd,
     devices: Arc<Devices>,
+    /// The MSRs a save reads (KVM's saveable list).
+    msr_indices: Vec<u32>,
     /// The VM's dirty ring, when in use: this vCPU's ring is harvested on a ring-full exit.
     dirty_ring: Option<Arc<DirtyRing>>,
 }
@@ -248,11 +204,17 @@ impl Vcpu {
             .map_err(kvm("KVM_CREATE_VCPU"))?;
         fd.set_cpuid2(&vm.vcpu_cpuid(index))
             .map_err(kvm("KVM_SET_CPUID2"))?;
-        fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
-        fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
-        fd.set_mp_state(state.mp_state)
-            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        // The guest's TSC runs at the source's frequency: match it, scale to it, or
+        // refuse (before the guest runs here).
+        if let (Some(theirs), Ok(ours)) = (state.tsc_khz, fd.get_tsc_khz()) {
+            if theirs != ours && fd.set_tsc_khz(theirs).is_err() {
+                return Err(Error::TscFrequency {
+                    source_khz: theirs,
+                    here_khz: ours,
+                });
+            }
+        }
+        state.restore(&fd)?;
         Vcpu::with_ring(vm, index, fd)
     }
 
@@ -266,18 +228,14 @@ impl Vcpu {
             index,
             fd,
             devices: vm.devices().clone(),
+            msr_indices: vm.msr_indices().to_vec(),
             dirty_ring,
         })
     }
 
     /// Reads the vCPU's state (it must not be running).
     pub fn save(&self) -> Result<VcpuState> {
-        Ok(VcpuState {
-            regs: self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
-            sregs: self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
-            fpu: self.fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
-            mp_state: self.fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
-        })
+        VcpuState::save(&self.fd, &self.msr_indices)
     }
 
     fn describe_state(&self) -> String {

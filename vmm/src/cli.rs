@@ -155,8 +155,8 @@ pub struct RunArgs {
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
-    /// Where guest console output goes.
-    #[arg(long, value_enum, default_value = "stderr")]
+    /// Where guest console lines (COM1) go: stderr, stdout, off or file:PATH.
+    #[arg(long, default_value = "stderr", value_parser = parse_console)]
     console: ConsoleMode,
     /// Give up (and stop the guest) after this long.
     #[arg(long, value_parser = parse_duration)]
@@ -246,6 +246,10 @@ impl KernelArgs {
                 entry: self.boot_entry,
             })
     }
+}
+
+fn parse_console(s: &str) -> Result<ConsoleMode, String> {
+    s.parse()
 }
 
 fn parse_dirty_log(s: &str) -> Result<DirtyLogMethod, String> {
@@ -359,7 +363,7 @@ impl RunArgs {
             workload: self.workload,
             limit,
             seed: self.seed,
-            console: self.console,
+            console: self.console.clone(),
             kvm_device: self.kvm_device.clone(),
             timeout,
             corruption: if self.inject_corruption {

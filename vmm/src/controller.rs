@@ -193,7 +193,7 @@ impl<'a> Controller<'a> {
             memory,
             vm: vmm.vm,
             mailbox: vmm.mailbox,
-            console: Arc::new(Console::new(cfg.console)),
+            console: Arc::new(Console::new(cfg.console.clone())),
             vcpus: None,
             ended: vec![None; cfg.vcpus as usize],
             state: RunState::Receiving,

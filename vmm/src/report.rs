@@ -12,7 +12,7 @@ use crate::config::{MemmapListing, RunConfig};
 use crate::console::Console;
 use crate::controller::RunEnd;
 use crate::error::{Error, Result};
-use crate::vstate::vcpu::{VcpuEnd, VcpuOutcome};
+use crate::vstate::vcpu::{ExitKinds, VcpuEnd, VcpuOutcome};
 use crate::vstate::vm::DirtyLogMethod;
 use guest_image::clock::{TscClock, TscPoint};
 
@@ -76,6 +76,9 @@ pub struct VcpuReport {
     /// Throughput of the last pass alone: warm memory, no first-touch faults.
     pub steady_bytes_per_sec: f64,
     pub guest_exits: u64,
+    pub exits_by_kind: ExitKinds,
+    /// CPU time of this vCPU's thread (guest and KVM).
+    pub vcpu_time_ms: f64,
     pub partition: [u64; 2],
 }
 
@@ -88,12 +91,23 @@ pub struct RunReport {
     pub page_size: u64,
     pub prefault: bool,
     pub entry: String,
+    /// Whether the guest publishes the built-in mailbox (its figures below are the
+    /// guest's own); a guest hugevisor did not build reports only what the VMM saw.
+    pub guest_mailbox: bool,
+    /// How the guest ended: "exit" (every vCPU's exit port), "power-off" (ACPI S5),
+    /// "reset" (i8042), "stopped" (the VMM: --duration, vm.shutdown, a timeout).
+    pub ended_by: &'static str,
     pub outcome: Outcome,
     pub elapsed_ms: f64,
     pub passes: u64,
     pub pages_touched: u64,
     pub integrity_errors: u64,
     pub guest_exits: u64,
+    pub exits_by_kind: ExitKinds,
+    /// Bytes the guest wrote to its console (COM1).
+    pub console_bytes: u64,
+    /// CPU time of all vCPU threads.
+    pub vcpu_time_ms: f64,
     pub bytes_per_sec: f64,
     /// Sum over vCPUs of their last pass's throughput (warm memory).
     pub steady_bytes_per_sec: f64,
@@ -154,8 +168,71 @@ pub const VECTOR_NAMES: [&str; 32] = [
     "reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
 ];
 
+/// How the run's guest ended, from its vCPUs' ends.
+fn ended_by(outcomes: &[VcpuOutcome]) -> &'static str {
+    let ends: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.end.as_ref().ok())
+        .collect();
+    if ends.contains(&&VcpuEnd::PowerOff) {
+        "power-off"
+    } else if ends.contains(&&VcpuEnd::Reset) {
+        "reset"
+    } else if !ends.is_empty() && ends.iter().all(|e| matches!(e, VcpuEnd::Exited { .. })) {
+        "exit"
+    } else {
+        "stopped"
+    }
+}
+
+impl RunReport {
+    /// What the VMM saw of any guest: exits by kind, console bytes, vCPU time.
+    fn write_vmm_view(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k = &self.exits_by_kind;
+        writeln!(
+            f,
+            "  entry: {}; ended by {}; {} guest exits (port out {}, port in {}, kicks {}, halts {}, outside RAM {}, dirty ring full {}); console {} bytes; vCPU time {:.1} ms",
+            self.entry,
+            self.ended_by,
+            self.guest_exits,
+            k.io_out,
+            k.io_in,
+            k.kick,
+            k.hlt,
+            k.mmio,
+            k.dirty_ring_full,
+            self.console_bytes,
+            self.vcpu_time_ms
+        )
+    }
+}
+
 impl std::fmt::Display for RunReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.guest_mailbox {
+            writeln!(
+                f,
+                "kernel guest on {} vCPU(s), {} MiB {} ({} KiB pages): {:.1} ms",
+                self.vcpus,
+                self.memory_bytes >> 20,
+                self.backing,
+                self.page_size >> 10,
+                self.elapsed_ms
+            )?;
+            self.write_vmm_view(f)?;
+            if let Some(m) = &self.migration {
+                writeln!(
+                    f,
+                    "  migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} MiB sent",
+                    m.mode,
+                    m.to,
+                    m.total_ms,
+                    m.downtime_ms,
+                    m.bytes_sent >> 20
+                )?;
+            }
+            return Ok(());
+        }
         writeln!(
             f,
             "{} on {} vCPU(s), {} MiB {} ({} KiB pages){}: {}",
@@ -190,6 +267,7 @@ impl std::fmt::Display for RunReport {
             self.startup.to_workload_end_ms,
             self.vmm_overhead_rss_bytes >> 10
         )?;
+        self.write_vmm_view(f)?;
         if let Some(e) = &self.first_error {
             writeln!(
                 f,
@@ -363,8 +441,21 @@ pub fn assemble(
     let faults = mem.faults;
     let numa = mem.numa;
     let collapse = mem.collapse;
+    let mut exits_by_kind = ExitKinds::default();
+    for o in &end.outcomes {
+        exits_by_kind.add(&o.exit_kinds);
+    }
     Ok(RunReport {
-        workload: end.workload,
+        workload: if end.mailbox.is_present() {
+            end.workload
+        } else {
+            "kernel".to_string()
+        },
+        guest_mailbox: end.mailbox.is_present(),
+        ended_by: ended_by(&end.outcomes),
+        exits_by_kind,
+        console_bytes: end.console.bytes(),
+        vcpu_time_ms: end.outcomes.iter().map(|o| o.cpu_ns as f64 / 1e6).sum(),
         vcpus: cfg.vcpus,
         memory_bytes: memory.size(),
         backing: memory.backing().to_string(),
@@ -537,6 +628,8 @@ fn vcpu_reports(slots: &[VcpuSlot], outcomes: &[VcpuOutcome], clock: &TscClock) 
                     0.0
                 },
                 guest_exits: outcomes.get(i).map(|o| o.exits).unwrap_or(0),
+                exits_by_kind: outcomes.get(i).map(|o| o.exit_kinds).unwrap_or_default(),
+                vcpu_time_ms: outcomes.get(i).map_or(0.0, |o| o.cpu_ns as f64 / 1e6),
                 partition: [s.part_start, s.part_end],
             }
         })

@@ -397,6 +397,9 @@ impl<'a> Controller<'a> {
             "collapse": stats.collapse,
             "pmd_mapped_bytes": self.memory.pmd_mapped_bytes().ok(),
             "memory": stats,
+            // What any guest shows without a mailbox: its console.
+            "console_bytes": self.console.bytes(),
+            "console_last": self.console.recent().last(),
         })
     }
 

@@ -24,6 +24,9 @@ struct params {
     u64 slow;              /* slow=K: print every pass slower than K x the fastest; 0 off */
 };
 
+/* Held while a vCPU prints its last line (see user_main). */
+static u64 console_lock;
+
 /* ---- tiny libc ---- */
 void *memset(void *d, int c, unsigned long n)
 {
@@ -461,6 +464,9 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
         pass_verify(&pt, 1);
 
     u64 errors = READ_ONCE(slot->integrity_errors);
+    /* One UART for every vCPU under other VMMs: whole lines, one vCPU at a time. */
+    while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
     serial_puts("hvguest: vcpu ");
     serial_put_dec(cpu);
     serial_puts(" done");
@@ -469,6 +475,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     serial_kv("integrity_errors", errors);
     serial_kv("max_pass_cycles", maxc);
     serial_puts("\n");
+    __atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE);
     u64 state = errors ? HV_STATE_FAILED : HV_STATE_DONE;
     WRITE_ONCE(slot->state, state);
     finish(errors ? HV_EXIT_INTEGRITY : HV_EXIT_OK);

@@ -51,11 +51,11 @@ fn entry(out: &mut Vec<u8>, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -98,7 +98,7 @@ mod tests {
     fn newc_entries_are_aligned_and_end_with_the_trailer() {
         let a = super::archive(b"12345");
         assert!(a.starts_with(b"070701"));
-        assert_eq!(a.len() % 4, 0);
+        assert!(a.len().is_multiple_of(4));
         assert!(a.windows(10).any(|w| w == b"TRAILER!!!"));
     }
 }

@@ -43,6 +43,8 @@ pub struct Console {
     file: Option<Mutex<std::fs::File>>,
     recent: Mutex<Vec<String>>,
     bytes: AtomicU64,
+    /// CLOCK_MONOTONIC of the guest's first console byte (0: none yet).
+    first_byte_ns: AtomicU64,
 }
 
 impl Console {
@@ -66,7 +68,13 @@ impl Console {
             file,
             recent: Mutex::new(Vec::new()),
             bytes: AtomicU64::new(0),
+            first_byte_ns: AtomicU64::new(0),
         }
+    }
+
+    /// When the guest wrote its first console byte (CLOCK_MONOTONIC ns), if it has.
+    pub fn first_byte_ns(&self) -> Option<u64> {
+        Some(self.first_byte_ns.load(Ordering::Relaxed)).filter(|&t| t != 0)
     }
 
     /// Bytes the guest has written to the console.
@@ -113,7 +121,14 @@ pub struct LineBuffer {
 
 impl LineBuffer {
     pub fn push(&mut self, console: &Console, byte: u8) {
-        console.bytes.fetch_add(1, Ordering::Relaxed);
+        if console.bytes.fetch_add(1, Ordering::Relaxed) == 0 {
+            let _ = console.first_byte_ns.compare_exchange(
+                0,
+                guest_image::clock::monotonic_ns(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         if byte == b'\n' || self.buf.len() >= MAX_LINE {
             console.emit(&self.buf);
             self.buf.clear();

@@ -88,6 +88,9 @@ pub struct VcpuOutcome {
     pub exit_kinds: ExitKinds,
     /// CPU time the vCPU thread used (in and around KVM_RUN), in nanoseconds.
     pub cpu_ns: u64,
+    /// CLOCK_MONOTONIC when the thread first entered KVM_RUN: the guest's first
+    /// instruction on this vCPU (0 if it never ran).
+    pub first_run_ns: u64,
 }
 
 /// What one `KVM_RUN` led to.
@@ -251,6 +254,9 @@ impl Vcpu {
     /// Runs the guest until its next exit that needs the VMM: one `KVM_RUN` and the
     /// handling of what it returned.
     fn run_once(&mut self, line: &mut LineBuffer, console: &Console, counts: &mut Counts) -> Step {
+        if counts.exits == 0 {
+            counts.first_run_ns = guest_image::clock::monotonic_ns();
+        }
         counts.exits += 1;
         // Decide inside the match (which borrows the kvm_run page), describe the vCPU's
         // registers after it.
@@ -375,6 +381,7 @@ impl Vcpu {
             dirty_ring_full_exits: counts.dirty_ring_full_exits,
             exit_kinds: counts.kinds,
             cpu_ns: thread_cpu_ns(),
+            first_run_ns: counts.first_run_ns,
         }
     }
 
@@ -409,6 +416,7 @@ struct Counts {
     exits: u64,
     dirty_ring_full_exits: u64,
     kinds: ExitKinds,
+    first_run_ns: u64,
 }
 
 /// A vCPU's `KVM_RUN` returns by kind: what the VMM knows of any guest without a

@@ -193,6 +193,7 @@ impl VcpuSet {
                     dirty_ring_full_exits: 0,
                     exit_kinds: Default::default(),
                     cpu_ns: 0,
+                    first_run_ns: 0,
                 })
             })
             .collect()

@@ -192,6 +192,40 @@ fn ended_by(outcomes: &[VcpuOutcome]) -> &'static str {
 }
 
 impl RunReport {
+    /// The summary of a guest without a mailbox: what the VMM saw.
+    fn write_kernel_guest(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "kernel guest on {} vCPU(s), {} MiB {} ({} KiB pages): {:.1} ms",
+            self.vcpus,
+            self.memory_bytes >> 20,
+            self.backing,
+            self.page_size >> 10,
+            self.elapsed_ms
+        )?;
+        self.write_vmm_view(f)?;
+        writeln!(
+            f,
+            "  start-up: vCPU start at {:.1} ms, first console byte at {}",
+            self.startup.to_vcpu_start_ms,
+            self.startup
+                .to_first_console_byte_ms
+                .map_or("never".to_string(), |t| format!("{t:.1} ms"))
+        )?;
+        if let Some(m) = &self.migration {
+            writeln!(
+                f,
+                "  migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} MiB sent",
+                m.mode,
+                m.to,
+                m.total_ms,
+                m.downtime_ms,
+                m.bytes_sent >> 20
+            )?;
+        }
+        Ok(())
+    }
+
     /// What the VMM saw of any guest: exits by kind, console bytes, vCPU time.
     fn write_vmm_view(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let k = &self.exits_by_kind;
@@ -216,36 +250,7 @@ impl RunReport {
 impl std::fmt::Display for RunReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if !self.guest_mailbox {
-            writeln!(
-                f,
-                "kernel guest on {} vCPU(s), {} MiB {} ({} KiB pages): {:.1} ms",
-                self.vcpus,
-                self.memory_bytes >> 20,
-                self.backing,
-                self.page_size >> 10,
-                self.elapsed_ms
-            )?;
-            self.write_vmm_view(f)?;
-            writeln!(
-                f,
-                "  start-up: vCPU start at {:.1} ms, first console byte at {}",
-                self.startup.to_vcpu_start_ms,
-                self.startup
-                    .to_first_console_byte_ms
-                    .map_or("never".to_string(), |t| format!("{t:.1} ms"))
-            )?;
-            if let Some(m) = &self.migration {
-                writeln!(
-                    f,
-                    "  migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} MiB sent",
-                    m.mode,
-                    m.to,
-                    m.total_ms,
-                    m.downtime_ms,
-                    m.bytes_sent >> 20
-                )?;
-            }
-            return Ok(());
+            return self.write_kernel_guest(f);
         }
         writeln!(
             f,

@@ -264,10 +264,10 @@ static void start_aps(const struct hvm_start_info *si)
         wrmsr(MSR_X2APIC_ICR, dest | ICR_INIT);
         wrmsr(MSR_X2APIC_ICR, dest | ICR_STARTUP | (HV_AP_TRAMPOLINE >> 12));
         wrmsr(MSR_X2APIC_ICR, dest | ICR_STARTUP | (HV_AP_TRAMPOLINE >> 12));
-        /* ~2 s of TSC at a few GHz: an AP boots in microseconds, or in a few ms when
-         * ring 0 is emulated. */
+        /* ~20 s of TSC at a few GHz: an AP boots in microseconds, in a few ms when ring 0
+         * is emulated, and in seconds when that emulation shares a loaded host. */
         u64 t0 = rdtsc();
-        while (!READ_ONCE(ap_ack) && rdtsc() - t0 < 6000000000ULL)
+        while (!READ_ONCE(ap_ack) && rdtsc() - t0 < 50000000000ULL)
             cpu_relax();
         if (!READ_ONCE(ap_ack)) {
             serial_puts("hvguest: AP with APIC ID ");

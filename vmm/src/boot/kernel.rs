@@ -416,3 +416,44 @@ pub fn check_cmdline(cmdline: &str, max: usize) -> Result<(), KernelError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pvh_note_of_the_built_in_image_is_its_pvh_entry() {
+        let info = guest_image::image_info(guest_image::IMAGE).unwrap();
+        assert_eq!(pvh_note(guest_image::IMAGE), Some(info.pvh_entry));
+        assert_eq!(pvh_note(b"\x7fELF\x02 too short"), None);
+    }
+
+    #[test]
+    fn segments_must_lie_in_high_ram() {
+        assert!(check_range(HIGH_RAM_START, HIGH_RAM_START + 4096, 64 << 20).is_ok());
+        assert!(matches!(
+            check_range(0x8000, 0x9000, 64 << 20),
+            Err(KernelError::SegmentOverVmmArea { .. })
+        ));
+        assert!(matches!(
+            check_range(HIGH_RAM_START, 65 << 20, 64 << 20),
+            Err(KernelError::SegmentOutsideRam { .. })
+        ));
+    }
+
+    #[test]
+    fn command_lines_are_checked_against_the_kernel_s_limit() {
+        assert!(check_cmdline("console=ttyS0", 2047).is_ok());
+        assert!(matches!(
+            check_cmdline(&"x".repeat(2048), 2047),
+            Err(KernelError::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            })
+        ));
+        assert!(matches!(
+            check_cmdline("a\0b", 2047),
+            Err(KernelError::CmdlineNul)
+        ));
+    }
+}

@@ -385,7 +385,8 @@ impl<'a> Controller<'a> {
         let stats = self.memory.stats();
         serde_json::json!({
             "state": state.name(),
-            "workload": self.workload,
+            "workload": if self.mailbox.is_present() { self.workload.as_str() } else { "kernel" },
+            "entry": self.entry,
             "vcpus": self.cfg.vcpus,
             "memory_bytes": self.memory.size(),
             "backing": self.memory.backing().to_string(),

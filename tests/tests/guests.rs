@@ -83,12 +83,19 @@ fn a_guest_ends_the_vm_by_acpi_power_off_and_by_i8042_reset() {
 }
 
 #[test]
-fn irq_count_keeps_rising_across_a_migration() {
+fn irq_count_keeps_rising_across_precopy_and_postcopy() {
     if !have_kvm() {
         return;
     }
     let _heavy = tests::heavy();
-    let dir = scratch("irq-migrate");
+    irq_count_keeps_rising_across(&["--mode", "precopy"]);
+    irq_count_keeps_rising_across(&["--mode", "postcopy"]);
+}
+
+/// The irq guest migrates mid-run; its interrupt counts (LAPIC timer, PIT, UART: the
+/// LAPIC, IOAPIC, PIT and UART state all travel) go on rising on the destination.
+fn irq_count_keeps_rising_across(mode: &[&str]) {
+    let dir = scratch(&format!("irq-migrate-{}", mode[1]));
     let kernel = irq_guest(&dir);
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let (api, dst_api) = (dir.join("api.sock"), dir.join("dst-api.sock"));
@@ -123,7 +130,7 @@ fn irq_count_keeps_rising_across_a_migration() {
         irq_counts(i).is_some_and(|c| c.timer >= 100 && c.uart > 0)
     });
     let before = irq_counts(&before).unwrap();
-    let (code, report, err) = migrate(&api, &uri, &["--mode", "precopy"]);
+    let (code, report, err) = migrate(&api, &uri, mode);
     assert_eq!(code, 0, "{err}");
     assert!(report["downtime_ms"].as_f64().is_some(), "{report}");
     let after = wait_until(
@@ -556,6 +563,21 @@ fn bad_kernel_input_is_refused_in_one_line() {
     refused(
         &["--kernel", &s(&irq), "--memory", "4G"],
         "IOAPIC/LAPIC window",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_initramfs_init_builds_and_archives() {
+    // What the hardware-KVM test boots, built here too so a broken init shows up on
+    // any host.
+    let dir = scratch("initramfs-build");
+    let archive = tests::initramfs::build(&dir);
+    let bytes = std::fs::read(&archive).unwrap();
+    assert!(
+        bytes.starts_with(b"070701") && bytes.len() > 100_000,
+        "{} bytes",
+        bytes.len()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -564,6 +564,10 @@ fn bad_kernel_input_is_refused_in_one_line() {
         &["--kernel", &s(&irq), "--memory", "4G"],
         "IOAPIC/LAPIC window",
     );
+    refused(
+        &["--kernel", &s(&irq), "--inject-corruption"],
+        "needs the built-in image",
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

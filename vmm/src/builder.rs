@@ -171,6 +171,10 @@ fn load_guest(
         }));
     };
     let loaded = kernel::load(staging, size, k)?;
+    // The corruption test is checked by the built-in image's verify workload.
+    if loaded.builtin.is_none() && cfg.corruption != crate::config::CorruptionTest::None {
+        return Err(ConfigError::CorruptionNeedsMailbox.into());
+    }
     // The built-in image booted through PVH gets the run's parameters, as on the fast path.
     let cmdline = match (&k.cmdline, loaded.builtin) {
         (Some(c), _) => c.clone(),

@@ -123,6 +123,8 @@ pub enum ConfigError {
     DirtyRingEntries { entries: u32, why: &'static str },
     #[error("--dirty-log ring={entries}: KVM refused a ring of {bytes} bytes per vCPU; try a larger ring (e.g. ring=65536) or --dirty-log bitmap")]
     DirtyRingRefused { entries: u32, bytes: u64 },
+    #[error("--inject-corruption needs the built-in image (its verify workload checks the page); this --kernel has no hugevisor mailbox")]
+    CorruptionNeedsMailbox,
     #[error("KVM device path {path} contains NUL", path = .0.display())]
     NulInPath(PathBuf),
 }

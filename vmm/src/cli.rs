@@ -233,6 +233,7 @@ pub struct KernelArgs {
 
 fn parse_boot_entry(s: &str) -> Result<crate::boot::kernel::BootEntry, String> {
     s.parse()
+        .map_err(|e: crate::boot::kernel::BootEntryParseError| e.to_string())
 }
 
 impl KernelArgs {
@@ -250,6 +251,7 @@ impl KernelArgs {
 
 fn parse_console(s: &str) -> Result<ConsoleMode, String> {
     s.parse()
+        .map_err(|e: crate::console::ConsoleParseError| e.to_string())
 }
 
 fn parse_dirty_log(s: &str) -> Result<DirtyLogMethod, String> {

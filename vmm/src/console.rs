@@ -20,16 +20,21 @@ pub enum ConsoleMode {
     Off,
 }
 
+/// A `--console` value that names no sink.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: choose stderr, stdout, off or file:PATH")]
+pub struct ConsoleParseError(String);
+
 impl std::str::FromStr for ConsoleMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConsoleParseError;
+    fn from_str(s: &str) -> Result<Self, ConsoleParseError> {
         match s {
             "stderr" => Ok(ConsoleMode::Stderr),
             "stdout" => Ok(ConsoleMode::Stdout),
             "off" => Ok(ConsoleMode::Off),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(ConsoleMode::File(PathBuf::from(p))),
-                _ => Err(format!("{s:?}: choose stderr, stdout, off or file:PATH")),
+                _ => Err(ConsoleParseError(s.to_string())),
             },
         }
     }

@@ -36,14 +36,19 @@ pub enum BootEntry {
     Linux64,
 }
 
+/// A `--boot-entry` value that is none of the entries.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: choose auto, pvh or linux64")]
+pub struct BootEntryParseError(String);
+
 impl std::str::FromStr for BootEntry {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BootEntryParseError;
+    fn from_str(s: &str) -> Result<Self, BootEntryParseError> {
         match s {
             "auto" => Ok(BootEntry::Auto),
             "pvh" => Ok(BootEntry::Pvh),
             "linux64" => Ok(BootEntry::Linux64),
-            _ => Err(format!("{s:?}: choose auto, pvh or linux64")),
+            _ => Err(BootEntryParseError(s.to_string())),
         }
     }
 }
@@ -90,7 +95,7 @@ pub enum KernelError {
     #[error("--kernel {path}: neither an ELF nor a bzImage (no ELF magic, no \"HdrS\" setup header)", path = .0.display())]
     NotAKernel(PathBuf),
     #[error("--kernel {path}: {what}", path = .path.display())]
-    BadElf { path: PathBuf, what: &'static str },
+    Malformed { path: PathBuf, what: &'static str },
     #[error("--kernel {path}: the ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build the kernel with CONFIG_PVH=y", path = .0.display())]
     NoPvhNote(PathBuf),
     #[error("--kernel {path}: the bzImage has no 64-bit entry (boot protocol {version:#x}, xloadflags {xloadflags:#x}); use --boot-entry pvh or a newer kernel", path = .path.display())]
@@ -222,7 +227,7 @@ fn load_pvh_elf(
     elf: &[u8],
     used: EntryUsed,
 ) -> Result<LoadedKernel, KernelError> {
-    let bad = |what| KernelError::BadElf {
+    let bad = |what| KernelError::Malformed {
         path: path.to_path_buf(),
         what,
     };
@@ -293,10 +298,12 @@ pub fn pvh_note(elf: &[u8]) -> Option<u64> {
 
 fn read_setup_header(file: &[u8], path: &Path) -> Result<setup_header, KernelError> {
     let size = std::mem::size_of::<setup_header>();
-    let bytes = file.get(0x1f1..0x1f1 + size).ok_or(KernelError::BadElf {
-        path: path.to_path_buf(),
-        what: "truncated bzImage setup header",
-    })?;
+    let bytes = file
+        .get(0x1f1..0x1f1 + size)
+        .ok_or(KernelError::Malformed {
+            path: path.to_path_buf(),
+            what: "truncated bzImage setup header",
+        })?;
     let mut h = setup_header::default();
     h.as_mut_slice().copy_from_slice(bytes);
     Ok(h)

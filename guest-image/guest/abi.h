@@ -20,6 +20,9 @@
 #define HV_KSTACK_SIZE      0x2000     /* ring-0 (exception) stack per vCPU */
 #define HV_USTACK_SIZE      0x4000     /* ring-3 stack per vCPU */
 #define HV_CMDLINE_MAX      256
+/* PVH path: the real-mode AP trampoline is copied here (SIPI vector 0x70). Below
+ * 1 MiB, clear of hugevisor's start_info/tables (0x6000-0xffff) and of QEMU's. */
+#define HV_AP_TRAMPOLINE    0x70000
 
 /* GDT selectors. The user selectors match what KVM needs for a CPL3 start. */
 #define HV_SEL_KCODE        0x08

@@ -5,8 +5,11 @@
  *   - PVH (any VMM: QEMU microvm, Cloud Hypervisor, Firecracker): 32-bit protected
  *     mode at pvh_entry, ebx = struct hvm_start_info. We build identity page tables,
  *     enter long mode, set up GDT/IDT/TSS in C (kernel.c) and iretq to ring 3.
+ *     The boot CPU then starts the APs the MADT lists (kernel.c: INIT/SIPI through
+ *     the x2APIC); each enters at ap_tramp_start in real mode (copied below 1 MiB),
+ *     goes straight to long mode on the boot CPU's page tables and irets to ring 3.
  *   - hugevisor fast path: the VMM writes the same tables itself and starts each vCPU
- *     at user_entry in 64-bit ring 3 (see vmm/src/boot.rs). No ring-0 code runs
+ *     at user_entry in 64-bit ring 3 (see vmm/src/boot/fast.rs). No ring-0 code runs
  *     unless an exception is taken.
  */
 #include "abi.h"
@@ -125,6 +128,70 @@ long_entry:
 idt_ptr:
     .word 256 * 16 - 1
     .quad idt
+
+/* ---- 64-bit ring-0 entry of an AP (from the trampoline) ---- */
+ap_long_entry:
+    mov $HV_SEL_KDATA, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    xor %eax, %eax
+    mov %ax, %fs
+    mov %ax, %gs
+    mov ap_boot_cpu(%rip), %rbx          /* this AP's index, set by the boot CPU */
+    lea 1(%rbx), %rax
+    imul $HV_KSTACK_SIZE, %rax
+    lea kernel_stacks - 16(%rax), %rsp   /* below the index stored at the top */
+    mov %rbx, %rdi
+    call kernel_ap_pvh                   /* acknowledges; returns the ring-3 rsp */
+    mov %rbx, %rcx
+    shl $4, %rcx
+    add $HV_SEL_TSS0, %rcx
+    ltr %cx
+    lidt idt_ptr
+    pushq $HV_SEL_UDATA
+    pushq %rax
+    pushq $0x3002                        /* IF=0, IOPL=3 */
+    pushq $HV_SEL_UCODE
+    pushq $user_entry
+    mov %rbx, %rdi
+    mov boot_start_info(%rip), %rsi
+    mov $HV_SEL_UDATA, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    iretq
+
+/* ---- the AP trampoline: real mode at HV_AP_TRAMPOLINE, copied there by kernel.c ----
+ * Everything but the GDT pointer is absolute (linked addresses below 4 GiB). Paging
+ * and protection go on in one step: with EFER.LME that enters long mode, and the far
+ * jump lands in the 64-bit code segment. */
+    .section .rodata
+    .code16
+    .globl ap_tramp_start, ap_tramp_end
+ap_tramp_start:
+    cli
+    cld
+    mov %cs, %ax
+    mov %ax, %ds
+    lgdtl ap_tramp_gdt - ap_tramp_start
+    mov $0x620, %eax                     /* PAE | OSFXSR | OSXMMEXCPT */
+    mov %eax, %cr4
+    mov $page_tables, %eax
+    mov %eax, %cr3
+    mov $0xc0000080, %ecx                /* EFER */
+    rdmsr
+    or $0x100, %eax                      /* LME */
+    wrmsr
+    mov $0x80010023, %eax                /* PG | WP | NE | MP | PE */
+    mov %eax, %cr0
+    ljmpl $HV_SEL_KCODE, $ap_long_entry
+    .p2align 2
+ap_tramp_gdt:
+    .word HV_GDT_ENTRIES * 8 - 1
+    .long gdt
+ap_tramp_end:
+    .code64
+    .text
 
 /* ---- ring-3 entry (both paths) ---- */
     .globl user_entry

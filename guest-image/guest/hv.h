@@ -29,6 +29,7 @@ struct hvm_memmap_entry {
 extern struct hv_image_info hv_image_info;
 extern char hv_default_cmdline[];
 extern struct hv_mailbox mailbox;
+extern volatile u64 hv_boot_cpus;
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline u64 rdtsc(void)

@@ -141,7 +141,147 @@ static void set_tss(u64 cpu)
     d[1] = base >> 32;
 }
 
-/* PVH path, boot CPU only: finish the identity map, fill IDT and TSS. */
+/* ---- PVH path: the APs ---- */
+
+/* Shared with boot.S: the AP being started, its acknowledgement, the start_info. */
+volatile u64 ap_boot_cpu;
+volatile u64 ap_ack;
+/* Set once every AP has been started and hv_boot_cpus is final: the APs wait for it,
+ * so that every CPU agrees on the number of partitions. */
+static volatile u64 aps_go;
+const struct hvm_start_info *boot_start_info;
+/* CPUs running the image (PVH path): the boot CPU and the APs that answered. */
+volatile u64 hv_boot_cpus;
+
+extern const u8 ap_tramp_start[], ap_tramp_end[];
+
+#define MSR_APIC_BASE       0x1b
+#define APIC_BASE_X2APIC    (1ULL << 10)
+#define APIC_BASE_ENABLE    (1ULL << 11)
+#define MSR_X2APIC_ID       0x802
+#define MSR_X2APIC_ICR      0x830
+#define ICR_INIT            0x4500ULL  /* INIT, level assert */
+#define ICR_STARTUP         0x4600ULL  /* start-up IPI; low byte: vector (page number) */
+
+static inline u64 rdmsr(u32 msr)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((u64)hi << 32) | lo;
+}
+
+static inline void wrmsr(u32 msr, u64 v)
+{
+    __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+}
+
+static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+
+static int sig_is(const u8 *p, const char *s)
+{
+    for (int i = 0; s[i]; i++)
+        if (p[i] != (u8)s[i])
+            return 0;
+    return 1;
+}
+
+/* The RSDP: from start_info, else by scanning the BIOS area as a PC guest would. */
+static const u8 *find_rsdp(const struct hvm_start_info *si)
+{
+    if (si->rsdp_paddr)
+        return (const u8 *)si->rsdp_paddr;
+    for (u64 a = 0xe0000; a < 0x100000; a += 16)
+        if (sig_is((const u8 *)a, "RSD PTR "))
+            return (const u8 *)a;
+    return NULL;
+}
+
+/* The MADT's enabled LAPICs (types 0 and 9): their APIC IDs, in table order. */
+static u64 madt_apic_ids(const struct hvm_start_info *si, u32 *ids, u64 max)
+{
+    const u8 *rsdp = find_rsdp(si);
+    if (!rsdp)
+        return 0;
+    int xsdt = rsdp[15] >= 2;
+    const u8 *sdt = (const u8 *)(xsdt ? *(const u64 *)(rsdp + 24) : *(const u32 *)(rsdp + 16));
+    u32 len = *(const u32 *)(sdt + 4);
+    u32 step = xsdt ? 8 : 4;
+    for (u32 off = 36; off + step <= len; off += step) {
+        const u8 *t = (const u8 *)(xsdt ? *(const u64 *)(sdt + off) : *(const u32 *)(sdt + off));
+        if (!sig_is(t, "APIC"))
+            continue;
+        u32 tlen = *(const u32 *)(t + 4);
+        u64 n = 0;
+        for (u32 e = 44; e + 2 <= tlen && n < max; e += t[e + 1] ? t[e + 1] : 1) {
+            if (t[e] == 0 && (*(const u32 *)(t + e + 4) & 1))
+                ids[n++] = t[e + 3];
+            else if (t[e] == 9 && (*(const u32 *)(t + e + 8) & 1))
+                ids[n++] = *(const u32 *)(t + e + 4);
+        }
+        return n;
+    }
+    return 0;
+}
+
+/* An AP in long mode, ring 0: tell the boot CPU, wait until all are up, get the
+ * ring-3 stack. */
+u64 kernel_ap_pvh(u64 cpu)
+{
+    WRITE_ONCE(ap_ack, 1);
+    while (!READ_ONCE(aps_go))
+        cpu_relax();
+    return (u64)user_stacks + (cpu + 1) * HV_USTACK_SIZE;
+}
+
+/* Starts every AP the MADT lists, one at a time, through the x2APIC. */
+static void start_aps(const struct hvm_start_info *si)
+{
+    u32 ids[HV_MAX_VCPUS];
+    u64 n = madt_apic_ids(si, ids, HV_MAX_VCPUS);
+    u32 a, b, c, d;
+    cpuid(1, &a, &b, &c, &d);
+    hv_boot_cpus = 1;
+    if (n <= 1)
+        return;
+    if (!(c & (1u << 21))) {
+        serial_puts("hvguest: no x2APIC; the APs stay stopped\n");
+        return;
+    }
+    wrmsr(MSR_APIC_BASE, rdmsr(MSR_APIC_BASE) | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
+    u32 self = (u32)rdmsr(MSR_X2APIC_ID);
+    memcpy((void *)HV_AP_TRAMPOLINE, ap_tramp_start, (u64)(ap_tramp_end - ap_tramp_start));
+    u64 cpu = 1;
+    for (u64 i = 0; i < n && cpu < HV_MAX_VCPUS; i++) {
+        if (ids[i] == self)
+            continue;
+        set_tss(cpu);
+        ap_boot_cpu = cpu;
+        ap_ack = 0;
+        u64 dest = (u64)ids[i] << 32;
+        wrmsr(MSR_X2APIC_ICR, dest | ICR_INIT);
+        wrmsr(MSR_X2APIC_ICR, dest | ICR_STARTUP | (HV_AP_TRAMPOLINE >> 12));
+        wrmsr(MSR_X2APIC_ICR, dest | ICR_STARTUP | (HV_AP_TRAMPOLINE >> 12));
+        /* ~20 s of TSC at a few GHz: an AP boots in microseconds, in a few ms when ring 0
+         * is emulated, and in seconds when that emulation shares a loaded host. */
+        u64 t0 = rdtsc();
+        while (!READ_ONCE(ap_ack) && rdtsc() - t0 < 50000000000ULL)
+            cpu_relax();
+        if (!READ_ONCE(ap_ack)) {
+            serial_puts("hvguest: AP with APIC ID ");
+            serial_put_dec(ids[i]);
+            serial_puts(" did not start\n");
+            continue;
+        }
+        cpu++;
+    }
+    hv_boot_cpus = cpu;
+    WRITE_ONCE(aps_go, 1);
+}
+
+/* PVH path, boot CPU only: finish the identity map, fill IDT and TSS, start the APs. */
 u64 kernel_boot_pvh(const struct hvm_start_info *si)
 {
     u64 ram_end = pvh_ram_end(si);
@@ -159,5 +299,7 @@ u64 kernel_boot_pvh(const struct hvm_start_info *si)
     for (int v = 0; v < 32; v++)
         set_idt_gate(v, trap_handlers[v]);
     set_tss(0);
+    boot_start_info = si;
+    start_aps(si);
     return (u64)user_stacks + HV_USTACK_SIZE;
 }

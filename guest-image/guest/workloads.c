@@ -24,6 +24,16 @@ struct params {
     u64 slow;              /* slow=K: print every pass slower than K x the fastest; 0 off */
 };
 
+/* Held while a vCPU prints a line other vCPUs may print at the same time: under other
+ * VMMs every vCPU shares one UART (hugevisor assembles lines per vCPU). */
+static u64 console_lock;
+static void console_take(void)
+{
+    while (__atomic_exchange_n(&console_lock, 1, __ATOMIC_ACQUIRE))
+        cpu_relax();
+}
+static void console_give(void) { __atomic_store_n(&console_lock, 0, __ATOMIC_RELEASE); }
+
 /* ---- tiny libc ---- */
 void *memset(void *d, int c, unsigned long n)
 {
@@ -287,11 +297,14 @@ static void report_slow_pass(const struct part *pt, u64 pass, u64 cycles, u64 en
         return;
     if (pass == 1) {
         /* The first pass (first touches) is behind: tell whoever waits for a warm guest. */
+        console_take();
         serial_puts("hvguest: vcpu ");
         serial_put_dec(pt->cpu);
         serial_puts(" warm\n");
+        console_give();
     }
     if (*best && cycles > k * *best) {
+        console_take();
         serial_puts("hvguest: vcpu ");
         serial_put_dec(pt->cpu);
         serial_puts(" slow");
@@ -299,6 +312,7 @@ static void report_slow_pass(const struct part *pt, u64 pass, u64 cycles, u64 en
         serial_kv("cycles", cycles);
         serial_kv("end_tsc", end);
         serial_puts("\n");
+        console_give();
     }
     if (!*best || cycles < *best)
         *best = cycles;
@@ -373,7 +387,11 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     WRITE_ONCE(slot->entry_tsc, entry);
     WRITE_ONCE(slot->state, HV_STATE_RUNNING);
 
-    struct params p = {.workload = W_NONE, .passes = 0, .vcpus = 1, .seed = 1, .node = 0, .slow = 0};
+    /* Without vcpus= on the command line: the CPUs the PVH path started (0 on the
+     * fast path, where the VMM always passes vcpus=). */
+    u64 started = READ_ONCE(hv_boot_cpus);
+    struct params p = {.workload = W_NONE, .passes = 0, .vcpus = started ? started : 1,
+                       .seed = 1, .node = 0, .slow = 0};
     const char *cmdline = hv_default_cmdline;
     if (si && si->magic == HVM_START_MAGIC && si->cmdline_paddr && *(const char *)si->cmdline_paddr)
         cmdline = (const char *)si->cmdline_paddr;
@@ -457,6 +475,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
         pass_verify(&pt, 1);
 
     u64 errors = READ_ONCE(slot->integrity_errors);
+    console_take();
     serial_puts("hvguest: vcpu ");
     serial_put_dec(cpu);
     serial_puts(" done");
@@ -465,6 +484,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     serial_kv("integrity_errors", errors);
     serial_kv("max_pass_cycles", maxc);
     serial_puts("\n");
+    console_give();
     u64 state = errors ? HV_STATE_FAILED : HV_STATE_DONE;
     WRITE_ONCE(slot->state, state);
     finish(errors ? HV_EXIT_INTEGRITY : HV_EXIT_OK);

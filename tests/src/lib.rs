@@ -9,6 +9,8 @@
 
 pub mod api;
 pub mod bench;
+pub mod guests;
+pub mod initramfs;
 pub mod peers;
 
 use std::os::fd::AsRawFd;

@@ -1,4 +1,5 @@
-//! The same guest image under another VMM: QEMU's microvm boots it through PVH.
+//! The same guest image under another VMM: QEMU's microvm boots it through PVH, on one
+//! vCPU and on two (the image starts its APs from the MADT of microvm's ACPI tables).
 
 // Test code: a panic is the failure report (helpers here are not #[test] fns, which
 // clippy's allow-unwrap-in-tests would cover on its own).
@@ -24,6 +25,16 @@ fn have_qemu() -> bool {
 
 /// Boots `image` under QEMU and returns the guest's console lines up to its "done" line.
 fn boot_under_qemu(image: &std::path::Path, memory: &str, append: Option<&str>) -> Vec<String> {
+    boot_under_qemu_smp(image, memory, append, 1)
+}
+
+/// As [`boot_under_qemu`] on `smp` vCPUs: up to every vCPU's "done" line.
+fn boot_under_qemu_smp(
+    image: &std::path::Path,
+    memory: &str,
+    append: Option<&str>,
+    smp: usize,
+) -> Vec<String> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-accel",
@@ -33,6 +44,7 @@ fn boot_under_qemu(image: &std::path::Path, memory: &str, append: Option<&str>) 
         "-cpu",
         "max,-arch-capabilities",
     ])
+    .args(["-smp", &smp.to_string()])
     .args(["-m", memory, "-nographic", "-no-reboot", "-kernel"])
     .arg(image);
     if let Some(a) = append {
@@ -58,9 +70,10 @@ fn boot_under_qemu(image: &std::path::Path, memory: &str, append: Option<&str>) 
     while Instant::now() < deadline {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                let done = line.contains("hvguest: vcpu 0 done") || line.contains("exception");
+                let failed = line.contains("exception") || line.contains("bad parameters");
                 lines.push(line);
-                if done {
+                let done = lines.iter().filter(|l| l.contains(" done passes=")).count();
+                if failed || done >= smp {
                     break;
                 }
             }
@@ -148,5 +161,51 @@ fn guest_image_boots_under_qemu_microvm() {
         "fault workload under QEMU:\n{}",
         lines.join("\n")
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn guest_image_runs_on_two_vcpus_under_qemu_microvm() {
+    if !have_kvm() || !have_qemu() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("hugevisor-qemu-smp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("verify.elf");
+    let out = hugevisor()
+        .args([
+            "guest-image",
+            "--workload",
+            "verify",
+            "--passes",
+            "3",
+            "--out",
+        ])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No vcpus= on the command line: the image runs on every CPU it started.
+    let lines = boot_under_qemu_smp(&image, "64M", None, 2);
+    for cpu in 0..2 {
+        let done = lines
+            .iter()
+            .find(|l| l.contains(&format!("hvguest: vcpu {cpu} done")))
+            .unwrap_or_else(|| {
+                panic!(
+                    "vCPU {cpu} never finished under QEMU -smp 2:\n{}",
+                    lines.join("\n")
+                )
+            });
+        assert!(
+            done.contains("passes=3") && done.contains("integrity_errors=0"),
+            "{done}"
+        );
+    }
+    assert!(lines.iter().any(|l| l.contains("vcpus=2")), "{lines:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

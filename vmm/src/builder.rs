@@ -14,18 +14,22 @@ use guest_mm::{
     SIZE_2M, SIZE_4K,
 };
 
+use crate::acpi;
 use crate::api::{ApiCall, ApiServer};
-use crate::boot::{self, LoadedImage};
+use crate::boot::kernel::{self, KernelEntry, LoadedKernel};
+use crate::boot::{self, params};
 use crate::config::{GuestSource, RunConfig, RunLimit};
 use crate::error::{ConfigError, Error, Result};
 use crate::mailbox::Mailbox;
 use crate::placement;
+use crate::vstate::cpuid::CpuTopology;
 use crate::vstate::vcpu::{install_kick_handler, Vcpu};
 use crate::vstate::vm::{open_kvm, Vm};
 
 /// How the guest comes to run on this VM.
 pub enum Start {
-    /// Booted here: the vCPUs are built at the image's ring-3 entry.
+    /// Booted here: the vCPUs are built at the image's ring-3 entry, or the boot vCPU
+    /// at a kernel's entry with the APs waiting for INIT/SIPI.
     Boot(Vec<Vcpu>),
     /// Received from a migration source on this listener (bound while the VM is built,
     /// so a source can connect as soon as the run starts); the vCPUs come with its state.
@@ -38,7 +42,8 @@ pub enum Start {
 pub struct Vmm {
     pub memory: Arc<GuestMemory>,
     pub vm: Arc<Vm>,
-    pub image: LoadedImage,
+    /// How the guest is entered (the report's `entry`).
+    pub entry: &'static str,
     pub mailbox: Mailbox,
     pub topology: Option<Topology>,
     pub start: Start,
@@ -137,6 +142,66 @@ fn guest_params(cfg: &RunConfig, topology: Option<&Topology>) -> GuestParams {
     }
 }
 
+/// What the guest is.
+enum Guest {
+    /// The built-in image by the fast path (or, on a destination, arriving).
+    Builtin(boot::LoadedImage),
+    /// A `--kernel` file.
+    Kernel(LoadedKernel),
+}
+
+/// Puts the guest into RAM (through the staging view) with everything the VMM writes
+/// for it; a destination gets nothing (it all arrives with the guest's memory).
+fn load_guest(
+    cfg: &RunConfig,
+    staging: &vm_memory::GuestMemoryMmap,
+    size: u64,
+    cpus: &CpuTopology,
+    topology: Option<&Topology>,
+) -> Result<Guest> {
+    let Some(k) = cfg.kernel.as_ref().filter(|_| !cfg.guest.is_migration()) else {
+        return Ok(Guest::Builtin(match cfg.guest {
+            // The image (and everything else) arrives with the guest's memory.
+            GuestSource::Incoming(_) | GuestSource::ApiReceive => boot::LoadedImage {
+                info: guest_image::image_info(guest_image::IMAGE)?,
+            },
+            GuestSource::Boot => {
+                let image = boot::load_image(staging, guest_image::IMAGE, size)?;
+                let cmdline = guest_params(cfg, topology).cmdline();
+                boot::write_boot_tables(staging, &image, size, cfg.vcpus as usize, &cmdline)?;
+                image
+            }
+        }));
+    };
+    let loaded = kernel::load(staging, size, k)?;
+    // The corruption test is checked by the built-in image's verify workload.
+    if loaded.builtin.is_none() && cfg.corruption != crate::config::CorruptionTest::None {
+        return Err(ConfigError::CorruptionNeedsMailbox.into());
+    }
+    // The built-in image booted through PVH gets the run's parameters, as on the fast path.
+    let cmdline = match (&k.cmdline, loaded.builtin) {
+        (Some(c), _) => c.clone(),
+        (None, Some(_)) => guest_params(cfg, topology).cmdline(),
+        (None, None) => String::new(),
+    };
+    kernel::check_cmdline(&cmdline, loaded.cmdline_max)?;
+    let tables = acpi::build(cpus, size, cfg.numa.is_some());
+    tables.write(staging)?;
+    params::write_gdt(staging)?;
+    match (loaded.entry, loaded.setup) {
+        (KernelEntry::Linux64 { .. }, Some(setup)) => params::write_zero_page(
+            staging,
+            size,
+            setup,
+            &cmdline,
+            loaded.initramfs,
+            tables.rsdp(),
+        )?,
+        _ => params::write_start_info(staging, size, &cmdline, loaded.initramfs, tables.rsdp())?,
+    }
+    Ok(Guest::Kernel(loaded))
+}
+
 /// Builds the VM `cfg` asks for.
 pub fn build(cfg: &RunConfig) -> Result<Vmm> {
     let (topology, memory_cfg) = check(cfg)?;
@@ -146,41 +211,51 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
 
     let memory = GuestMemory::create(&memory_cfg)?;
     let staging = memory.staging();
-    let image = match cfg.guest {
-        // The image (and everything else) arrives with the guest's memory.
-        GuestSource::Incoming(_) | GuestSource::ApiReceive => LoadedImage {
-            info: guest_image::image_info(guest_image::IMAGE)?,
-        },
-        GuestSource::Boot => {
-            let image = boot::load_image(staging, guest_image::IMAGE, memory.size())?;
-            let cmdline = guest_params(cfg, topology.as_ref()).cmdline();
-            boot::write_boot_tables(staging, &image, memory.size(), cfg.vcpus as usize, &cmdline)?;
-            image
-        }
+    let cpus = CpuTopology {
+        vcpus: cfg.vcpus,
+        vcpu_nodes: topology
+            .as_ref()
+            .map(|t| t.vcpu_nodes.clone())
+            .unwrap_or_default(),
     };
-    let mailbox = Mailbox::new(image.info.mailbox);
-
-    let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log)?);
+    let guest = load_guest(cfg, staging, memory.size(), &cpus, topology.as_ref())?;
+    let vm = Arc::new(Vm::new(&kvm, cfg.dirty_log, cpus)?);
     vm.register_ram(memory.memslot())?;
     let api = match &cfg.api_socket {
         Some(p) => Some(ApiServer::start(p)?),
         None => None,
     };
-    let start = match &cfg.guest {
-        GuestSource::Incoming(uri) => {
+    let start = match (&cfg.guest, &guest) {
+        (GuestSource::Incoming(uri), _) => {
             Start::Incoming(migration::Listener::bind(uri).map_err(Error::Listen)?)
         }
-        GuestSource::ApiReceive => Start::AwaitReceive,
-        GuestSource::Boot => Start::Boot(
+        (GuestSource::ApiReceive, _) => Start::AwaitReceive,
+        (GuestSource::Boot, Guest::Builtin(image)) => Start::Boot(
             (0..cfg.vcpus as usize)
-                .map(|i| Vcpu::new(&vm, i, &image))
+                .map(|i| Vcpu::new(&vm, i, image))
                 .collect::<Result<_>>()?,
+        ),
+        (GuestSource::Boot, Guest::Kernel(k)) => Start::Boot(
+            (0..cfg.vcpus as usize)
+                .map(|i| Vcpu::boot(&vm, i, (i == 0).then_some(k.entry)))
+                .collect::<Result<_>>()?,
+        ),
+    };
+    let (entry, mailbox) = match &guest {
+        Guest::Builtin(image) if cfg.guest.is_migration() => {
+            ("incoming migration", Mailbox::new(image.info.mailbox))
+        }
+        Guest::Builtin(image) => ("ring-3 fast path", Mailbox::new(image.info.mailbox)),
+        Guest::Kernel(k) => (
+            k.used.name(),
+            k.builtin
+                .map_or_else(Mailbox::none, |i| Mailbox::new(i.mailbox)),
         ),
     };
     Ok(Vmm {
         memory,
         vm,
-        image,
+        entry,
         mailbox,
         topology,
         start,

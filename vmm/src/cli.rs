@@ -45,6 +45,45 @@ enum Command {
     /// Live-migrate a running VM (through its control API) to a `run --incoming` peer, or to
     /// a VMM told `vm.receive-migration`.
     Migrate(MigrateArgs),
+    /// Write the ACPI tables a `run --kernel` with the same options gives its guest.
+    AcpiTables(AcpiTablesArgs),
+}
+
+#[derive(Args, Debug)]
+struct AcpiTablesArgs {
+    /// Directory to write the tables into (created if missing), one file per table.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    run: Box<RunArgs>,
+}
+
+fn cmd_acpi_tables(args: &AcpiTablesArgs) -> i32 {
+    let cfg = match args.run.to_config(0) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let topology = match &cfg.numa {
+        Some(spec) => match spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len()) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(&e.to_string()),
+        },
+        None => None,
+    };
+    let cpus = crate::vstate::cpuid::CpuTopology {
+        vcpus: cfg.vcpus,
+        vcpu_nodes: topology.map(|t| t.vcpu_nodes).unwrap_or_default(),
+    };
+    let tables = crate::acpi::build(&cpus, cfg.ram.size, cfg.numa.is_some());
+    match tables.write_dir(&args.out) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            EXIT_OK
+        }
+        Err(e) => fail(&e.to_string()),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -120,8 +159,8 @@ pub struct RunArgs {
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
-    /// Where guest console output goes.
-    #[arg(long, value_enum, default_value = "stderr")]
+    /// Where guest console lines (COM1) go: stderr, stdout, off or file:PATH.
+    #[arg(long, default_value = "stderr", value_parser = parse_console)]
     console: ConsoleMode,
     /// Give up (and stop the guest) after this long.
     #[arg(long, value_parser = parse_duration)]
@@ -173,6 +212,51 @@ pub struct RunArgs {
     /// (a power of two, 256..=65536; 16 bytes each).
     #[arg(long, default_value = "bitmap", value_parser = parse_dirty_log)]
     dirty_log: DirtyLogMethod,
+    #[command(flatten)]
+    kernel: KernelArgs,
+}
+
+/// A guest hugevisor did not build (`run --kernel`, `acpi-tables`).
+#[derive(Args, Debug, Clone)]
+pub struct KernelArgs {
+    /// Boot this kernel instead of the built-in image: a PVH ELF (a vmlinux, or the
+    /// image `guest-image` writes) or a bzImage.
+    #[arg(long, conflicts_with = "incoming")]
+    kernel: Option<PathBuf>,
+    /// An initramfs for --kernel (PVH module 0, or the bzImage's initrd).
+    #[arg(long, requires = "kernel")]
+    initramfs: Option<PathBuf>,
+    /// The kernel's command line (default: none; the built-in image gets the run's
+    /// parameters).
+    #[arg(long, requires = "kernel", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Which entry of --kernel: auto (PVH for an ELF, the 64-bit boot protocol for a
+    /// bzImage), pvh (a bzImage's inner vmlinux through PVH), linux64.
+    #[arg(long, default_value = "auto", requires = "kernel", value_parser = parse_boot_entry)]
+    boot_entry: crate::boot::kernel::BootEntry,
+}
+
+fn parse_boot_entry(s: &str) -> Result<crate::boot::kernel::BootEntry, String> {
+    s.parse()
+        .map_err(|e: crate::boot::kernel::BootEntryParseError| e.to_string())
+}
+
+impl KernelArgs {
+    fn to_config(&self) -> Option<crate::boot::kernel::KernelConfig> {
+        self.kernel
+            .as_ref()
+            .map(|path| crate::boot::kernel::KernelConfig {
+                path: path.clone(),
+                initramfs: self.initramfs.clone(),
+                cmdline: self.cmdline.clone(),
+                entry: self.boot_entry,
+            })
+    }
+}
+
+fn parse_console(s: &str) -> Result<ConsoleMode, String> {
+    s.parse()
+        .map_err(|e: crate::console::ConsoleParseError| e.to_string())
 }
 
 fn parse_dirty_log(s: &str) -> Result<DirtyLogMethod, String> {
@@ -261,11 +345,11 @@ pub struct CapsArgs {
 
 impl RunArgs {
     /// Where the guest comes from: `--incoming`, or nothing to boot (`--api-socket` and no
-    /// `--workload`: wait for `vm.receive-migration`), or the built-in image.
+    /// `--workload` or `--kernel`: wait for `vm.receive-migration`), or a guest booted here.
     fn guest_source(&self) -> Result<GuestSource, String> {
         Ok(match (&self.incoming, &self.api_socket, self.workload) {
             (Some(uri), _, _) => GuestSource::Incoming(uri.clone()),
-            (None, Some(_), None) => {
+            (None, Some(_), None) if self.kernel.kernel.is_none() => {
                 if self.passes.is_some() || self.inject_corruption {
                     return Err("--api-socket with no --workload waits for vm.receive-migration, and a received guest brings its own passes and data; add --workload to boot a guest here".into());
                 }
@@ -305,7 +389,7 @@ impl RunArgs {
             workload,
             limit,
             seed: self.seed,
-            console: self.console,
+            console: self.console.clone(),
             kvm_device: self.kvm_device.clone(),
             timeout: self.timeout,
             corruption: if self.inject_corruption {
@@ -329,6 +413,7 @@ impl RunArgs {
             api_socket: self.api_socket.clone(),
             guest,
             dirty_log: self.dirty_log,
+            kernel: self.kernel.to_config(),
         })
     }
 }
@@ -460,6 +545,7 @@ pub fn main(process_start_ns: u64) -> i32 {
         Command::GuestImage(a) => cmd_guest_image(a),
         Command::Caps(a) => crate::caps::cmd_caps(a.json, &a.kvm_device),
         Command::Migrate(a) => cmd_migrate(a),
+        Command::AcpiTables(a) => cmd_acpi_tables(a),
     }
 }
 

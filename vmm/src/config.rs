@@ -84,6 +84,8 @@ pub struct RunConfig {
     pub guest: GuestSource,
     /// How KVM reports written pages when a migration asks (`--dirty-log`).
     pub dirty_log: DirtyLogMethod,
+    /// Boot this kernel instead of the built-in image's fast path (`--kernel`).
+    pub kernel: Option<crate::boot::kernel::KernelConfig>,
 }
 
 /// Whether the run report includes the second-stage table's memory map.

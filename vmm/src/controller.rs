@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::mailbox::Mailbox;
 use crate::migration_host::{Arrival, DestinationEvent, MigratedState, RunInfo, SourceRequest};
 use crate::progress::Tracker;
-use crate::vstate::vcpu::{Vcpu, VcpuEndResult, VcpuOutcome};
+use crate::vstate::vcpu::{Vcpu, VcpuEnd, VcpuEndResult, VcpuOutcome};
 use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
 
@@ -119,6 +119,8 @@ impl IncomingPhase {
 
 /// Everything the run leaves for its report.
 pub struct RunEnd {
+    /// How the guest was entered (on a destination: on the source).
+    pub entry: String,
     pub outcomes: Vec<VcpuOutcome>,
     pub timed_out: bool,
     pub launch_ns: u64,
@@ -167,10 +169,13 @@ struct Limits {
     corrupted_gpa: Option<u64>,
     /// vCPU 0's pass count when the corruption was written.
     corrupted_at_pass: Option<u64>,
+    /// A vCPU reset or powered off the machine: every vCPU stops.
+    machine_ended: bool,
 }
 
 pub struct Controller<'a> {
     cfg: &'a RunConfig,
+    entry: String,
     memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     mailbox: Mailbox,
@@ -213,10 +218,11 @@ impl<'a> Controller<'a> {
         });
         let mut c = Controller {
             cfg,
+            entry: vmm.entry.to_string(),
             memory,
             vm: vmm.vm,
             mailbox: vmm.mailbox,
-            console: Arc::new(Console::new(cfg.console)),
+            console: Arc::new(Console::new(cfg.console.clone())),
             vcpus: None,
             ended: vec![None; cfg.vcpus as usize],
             state: RunState::Receiving,
@@ -327,7 +333,11 @@ impl<'a> Controller<'a> {
             | RunState::Migrating
             | RunState::Stopping
             | RunState::Paused(PauseCause::Api) => {
-                self.limits.timed_out || self.ended.iter().all(Option::is_some)
+                self.limits.timed_out
+                    || self.limits.machine_ended
+                    // A guest without a mailbox cannot be asked to finish its pass.
+                    || (self.limits.stop_requested_at.is_some() && !self.mailbox.is_present())
+                    || self.ended.iter().all(Option::is_some)
             }
         }
     }
@@ -336,6 +346,9 @@ impl<'a> Controller<'a> {
         match event {
             Event::Api(call) => self.on_api(call),
             Event::VcpuEnded(index, end) => {
+                if matches!(end, Ok(VcpuEnd::Reset | VcpuEnd::PowerOff)) {
+                    self.limits.machine_ended = true;
+                }
                 if let Some(slot) = self.ended.get_mut(index) {
                     *slot = Some(end);
                 }
@@ -374,6 +387,8 @@ impl<'a> Controller<'a> {
             duration_ns: self.limits.duration.map(|d| d.as_nanos() as u64),
             max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
             passes: slots.iter().map(|s| s.passes).sum(),
+            mailbox: self.mailbox.base(),
+            entry: self.entry.clone(),
         };
         // The pass that spans the switch-over is measured from here: clear each worst
         // pass (restored if the migration fails).
@@ -381,8 +396,9 @@ impl<'a> Controller<'a> {
         for i in 0..n {
             self.mailbox.reset_max_pass(mem, i);
         }
-        let state =
-            serde_json::to_value(MigratedState { vcpus: states, run }).map_err(Error::VmState)?;
+        let state = MigratedState::capture(&self.vm, states, run)
+            .and_then(|s| serde_json::to_value(s).map_err(Error::VmState))
+            .inspect_err(|_| drop(vcpus.resume()))?;
         self.state = RunState::Paused(PauseCause::SwitchOver);
         let mailbox = self.mailbox.gpa_range(n);
         Ok(Paused {
@@ -476,6 +492,9 @@ impl<'a> Controller<'a> {
         if self.cfg.limit == RunLimit::FromSource {
             self.limits.duration = arrival.run.duration_ns.map(Duration::from_nanos);
         }
+        // The guest says where its mailbox is (a guest hugevisor did not build has none).
+        self.mailbox = arrival.run.mailbox.map_or_else(Mailbox::none, Mailbox::new);
+        self.entry = format!("{} (arrived by migration)", arrival.run.entry);
         let answer = self
             .start_guest(arrival.vcpus)
             .map_err(|e| Error::GuestStart(e.to_string()));
@@ -658,6 +677,7 @@ impl<'a> Controller<'a> {
         // Every guest that ran here had vCPU threads.
         let no_guest = outcomes.is_empty();
         Ok(RunEnd {
+            entry: self.entry,
             outcomes,
             timed_out: self.limits.timed_out,
             launch_ns: self.launch_ns,

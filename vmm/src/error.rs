@@ -40,6 +40,18 @@ pub enum Error {
     HostMapping { failures: u64 },
     #[error("live migration: {0}")]
     Migration(#[from] migration::Error),
+    #[error(transparent)]
+    Kernel(#[from] crate::boot::kernel::KernelError),
+    #[error("the ACPI tables end at {end:#x}, beyond the area reserved for them (1 MiB); use fewer vCPUs or NUMA nodes")]
+    AcpiTooLarge { end: u64 },
+    #[error("the guest's TSC runs at {source_khz} kHz on the source; this host's KVM runs it at {here_khz} kHz and cannot scale it (migrate between hosts of the same TSC frequency)")]
+    TscFrequency { source_khz: u32, here_khz: u32 },
+    #[error("this host's KVM lacks CPUID features the guest was given: {0} (migrate to a host with the same CPU features)")]
+    CpuidMismatch(String),
+    #[error("KVM refused to restore MSR {index:#x}")]
+    MsrRefused { index: u32 },
+    #[error("restoring device state: {0}")]
+    DeviceState(String),
     #[error("the migration's VM state is malformed: {0}")]
     VmState(#[source] serde_json::Error),
     #[error("the migration carries {arrived} vCPU states but this VM has {here} vCPUs (give the destination the same --vcpus)")]
@@ -113,6 +125,8 @@ pub enum ConfigError {
     DirtyRingEntries { entries: u32, why: &'static str },
     #[error("--dirty-log ring={entries}: KVM refused a ring of {bytes} bytes per vCPU; try a larger ring (e.g. ring=65536) or --dirty-log bitmap")]
     DirtyRingRefused { entries: u32, bytes: u64 },
+    #[error("--inject-corruption needs the built-in image (its verify workload checks the page); this --kernel has no hugevisor mailbox")]
+    CorruptionNeedsMailbox,
     #[error("KVM device path {path} contains NUL", path = .0.display())]
     NulInPath(PathBuf),
 }

@@ -10,12 +10,14 @@
 //!   place: [`vstate::vcpu_set`]; the VM and memslots: [`vstate::vm`]; the KVM dirty ring:
 //!   [`vstate::dirty_ring`]
 //! - entering the guest image (tables, registers): [`boot`]
+//! - the port-I/O devices (COM1, i8042, ACPI power-off): [`devices`]
 //! - what a migration asks of the VM (the `migration` crate's traits): [`migration_host`]
 //! - the run report: [`report`]; the workload-specific NUMA placement: [`placement`]
 //! - the control API: [`api`]; what `vm.info` and `vm.counters` say: [`status`]
 //! - guest memory (backings, views, the second-stage table, the fault path, collapse and
 //!   NUMA engines): the `guest-mm` crate
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod builder;
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod controller;
+pub mod devices;
 pub mod error;
 pub mod mailbox;
 pub mod migration_host;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::progress::Tracker;
+use crate::vstate::state::{self, MachineState};
 use crate::vstate::vcpu::{Vcpu, VcpuState};
 use crate::vstate::vm::{DirtyLogging, Vm};
 use guest_mm::{FaultPathKind, GuestMemory};
@@ -38,14 +39,32 @@ pub struct RunInfo {
     pub max_pass_cycles: Vec<u64>,
     /// Passes of all vCPUs at the switch, to count those made on the destination.
     pub passes: u64,
+    /// Where the guest's mailbox is: the built-in image's (by either entry), or none
+    /// for a guest hugevisor did not build.
+    pub mailbox: Option<u64>,
+    /// How the guest was first entered (the destination's report says it too).
+    pub entry: String,
 }
 
-/// The VM state that travels with a migration: every vCPU's architectural state and the
-/// run's info.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The VM state that travels with a migration: every vCPU's whole state, the VM's
+/// (kvmclock, irqchip, PIT, devices, the CPUID the guest was given) and the run's info.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct MigratedState {
     pub vcpus: Vec<VcpuState>,
+    pub machine: MachineState,
     pub run: RunInfo,
+}
+
+impl MigratedState {
+    /// The state of `vm` with its paused vCPUs' `vcpus`.
+    pub fn capture(vm: &Vm, vcpus: Vec<VcpuState>, run: RunInfo) -> Result<MigratedState> {
+        let machine = MachineState::save(vm.fd(), vm.devices().save(), &vm.vcpu_cpuid(0))?;
+        Ok(MigratedState {
+            vcpus,
+            machine,
+            run,
+        })
+    }
 }
 
 /// What the source side asks of the controller.
@@ -222,6 +241,13 @@ impl DestinationVm for DestinationHost {
             }
             .into());
         }
+        // Refuse what this host cannot carry before anything is restored.
+        let missing = state::missing_features(&state.machine.cpuid, &self.vm.vcpu_cpuid(0));
+        if !missing.is_empty() {
+            return Err(Error::CpuidMismatch(missing.join(", ")).into());
+        }
+        state.machine.restore(self.vm.fd())?;
+        self.vm.devices().restore(&state.machine.devices)?;
         let vcpus = state
             .vcpus
             .iter()

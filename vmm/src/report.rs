@@ -12,7 +12,7 @@ use crate::config::{MemmapListing, RunConfig};
 use crate::console::Console;
 use crate::controller::RunEnd;
 use crate::error::{Error, Result};
-use crate::vstate::vcpu::{VcpuEnd, VcpuOutcome};
+use crate::vstate::vcpu::{ExitKinds, VcpuEnd, VcpuOutcome};
 use crate::vstate::vm::DirtyLogMethod;
 use guest_image::clock::{TscClock, TscPoint};
 
@@ -55,7 +55,13 @@ pub struct GuestException {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Startup {
-    /// Process start to the first guest instruction (the earliest vCPU's ring-3 entry).
+    /// Process start to the guest's first instruction as the VMM sees it: vCPU 0's
+    /// first KVM_RUN (any guest, any entry).
+    pub to_vcpu_start_ms: f64,
+    /// Process start to the guest's first console byte (any guest).
+    pub to_first_console_byte_ms: Option<f64>,
+    /// Process start to the built-in image's own first ring-3 stamp (the earliest vCPU's
+    /// `user_main`); under the PVH path this includes the image's ring-0 boot.
     pub to_first_insn_ms: f64,
     /// Process start to the end of the workload's last pass.
     pub to_workload_end_ms: f64,
@@ -78,6 +84,9 @@ pub struct VcpuReport {
     /// Throughput of the last pass alone: warm memory, no first-touch faults.
     pub steady_bytes_per_sec: f64,
     pub guest_exits: u64,
+    pub exits_by_kind: ExitKinds,
+    /// CPU time of this vCPU's thread (guest and KVM).
+    pub vcpu_time_ms: f64,
     pub partition: [u64; 2],
 }
 
@@ -89,13 +98,24 @@ pub struct RunReport {
     pub backing: String,
     pub page_size: u64,
     pub prefault: bool,
-    pub entry: &'static str,
+    pub entry: String,
+    /// Whether the guest publishes the built-in mailbox (its figures below are the
+    /// guest's own); a guest hugevisor did not build reports only what the VMM saw.
+    pub guest_mailbox: bool,
+    /// How the guest ended: "exit" (every vCPU's exit port), "power-off" (ACPI S5),
+    /// "reset" (i8042), "stopped" (the VMM: --duration, vm.shutdown, a timeout).
+    pub ended_by: &'static str,
     pub outcome: Outcome,
     pub elapsed_ms: f64,
     pub passes: u64,
     pub pages_touched: u64,
     pub integrity_errors: u64,
     pub guest_exits: u64,
+    pub exits_by_kind: ExitKinds,
+    /// Bytes the guest wrote to its console (COM1).
+    pub console_bytes: u64,
+    /// CPU time of all vCPU threads.
+    pub vcpu_time_ms: f64,
     pub bytes_per_sec: f64,
     /// Sum over vCPUs of their last pass's throughput (warm memory).
     pub steady_bytes_per_sec: f64,
@@ -156,8 +176,84 @@ pub const VECTOR_NAMES: [&str; 32] = [
     "reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
 ];
 
+/// How the run's guest ended, from its vCPUs' ends.
+fn ended_by(outcomes: &[VcpuOutcome]) -> &'static str {
+    let ends: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.end.as_ref().ok())
+        .collect();
+    if ends.contains(&&VcpuEnd::PowerOff) {
+        "power-off"
+    } else if ends.contains(&&VcpuEnd::Reset) {
+        "reset"
+    } else if !ends.is_empty() && ends.iter().all(|e| matches!(e, VcpuEnd::Exited { .. })) {
+        "exit"
+    } else {
+        "stopped"
+    }
+}
+
+impl RunReport {
+    /// The summary of a guest without a mailbox: what the VMM saw.
+    fn write_kernel_guest(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "kernel guest on {} vCPU(s), {} MiB {} ({} KiB pages): {:.1} ms",
+            self.vcpus,
+            self.memory_bytes >> 20,
+            self.backing,
+            self.page_size >> 10,
+            self.elapsed_ms
+        )?;
+        self.write_vmm_view(f)?;
+        writeln!(
+            f,
+            "  start-up: vCPU start at {:.1} ms, first console byte at {}",
+            self.startup.to_vcpu_start_ms,
+            self.startup
+                .to_first_console_byte_ms
+                .map_or("never".to_string(), |t| format!("{t:.1} ms"))
+        )?;
+        if let Some(m) = &self.migration {
+            writeln!(
+                f,
+                "  migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} MiB sent",
+                m.mode,
+                m.to,
+                m.total_ms,
+                m.downtime_ms,
+                m.bytes_sent >> 20
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What the VMM saw of any guest: exits by kind, console bytes, vCPU time.
+    fn write_vmm_view(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k = &self.exits_by_kind;
+        writeln!(
+            f,
+            "  entry: {}; ended by {}; {} guest exits (port out {}, port in {}, kicks {}, halts {}, outside RAM {}, dirty ring full {}); console {} bytes; vCPU time {:.1} ms",
+            self.entry,
+            self.ended_by,
+            self.guest_exits,
+            k.io_out,
+            k.io_in,
+            k.kick,
+            k.hlt,
+            k.mmio,
+            k.dirty_ring_full,
+            self.console_bytes,
+            self.vcpu_time_ms
+        )
+    }
+}
+
 impl std::fmt::Display for RunReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.guest_mailbox {
+            return self.write_kernel_guest(f);
+        }
         writeln!(
             f,
             "{} on {} vCPU(s), {} MiB {} ({} KiB pages){}: {}",
@@ -188,11 +284,13 @@ impl std::fmt::Display for RunReport {
         )?;
         writeln!(
             f,
-            "  start-up: first guest instruction at {:.1} ms, workload end at {:.1} ms; VMM overhead RSS {} KiB",
+            "  start-up: vCPU start at {:.1} ms, first ring-3 instruction at {:.1} ms, workload end at {:.1} ms; VMM overhead RSS {} KiB",
+            self.startup.to_vcpu_start_ms,
             self.startup.to_first_insn_ms,
             self.startup.to_workload_end_ms,
             self.vmm_overhead_rss_bytes >> 10
         )?;
+        self.write_vmm_view(f)?;
         if let Some(e) = &self.first_error {
             writeln!(
                 f,
@@ -357,7 +455,15 @@ pub fn assemble(
             found: s.err_found,
         });
     let integrity_errors: u64 = slots.iter().map(|s| s.integrity_errors).sum();
-    let startup = startup(cfg, &slots, &clock, origin, end.end_ns);
+    let startup = startup(
+        cfg,
+        &end.outcomes,
+        end.console.first_byte_ns(),
+        &slots,
+        &clock,
+        origin,
+        end.end_ns,
+    );
     let total_passes: u64 = per_vcpu.iter().map(|v| v.passes).sum();
     let mut incoming = end.incoming;
     if let Some(i) = incoming.as_mut() {
@@ -366,14 +472,27 @@ pub fn assemble(
     let faults = mem.faults;
     let numa = mem.numa;
     let collapse = mem.collapse;
+    let mut exits_by_kind = ExitKinds::default();
+    for o in &end.outcomes {
+        exits_by_kind.add(&o.exit_kinds);
+    }
     Ok(RunReport {
-        workload: end.workload,
+        workload: if end.mailbox.is_present() {
+            end.workload
+        } else {
+            "kernel".to_string()
+        },
+        guest_mailbox: end.mailbox.is_present(),
+        ended_by: ended_by(&end.outcomes),
+        exits_by_kind,
+        console_bytes: end.console.bytes(),
+        vcpu_time_ms: end.outcomes.iter().map(|o| o.cpu_ns as f64 / 1e6).sum(),
         vcpus: cfg.vcpus,
         memory_bytes: memory.size(),
         backing: memory.backing().to_string(),
         page_size: memory.page_size(),
         prefault: cfg.ram.prefault == guest_mm::Prefault::Populate,
-        entry: "ring-3 fast path",
+        entry: end.entry,
         outcome: if end.no_guest {
             Outcome::NoGuest
         } else if exception.is_some() {
@@ -542,6 +661,8 @@ fn vcpu_reports(slots: &[VcpuSlot], outcomes: &[VcpuOutcome], clock: &TscClock) 
                     0.0
                 },
                 guest_exits: outcomes.get(i).map(|o| o.exits).unwrap_or(0),
+                exits_by_kind: outcomes.get(i).map(|o| o.exit_kinds).unwrap_or_default(),
+                vcpu_time_ms: outcomes.get(i).map_or(0.0, |o| o.cpu_ns as f64 / 1e6),
                 partition: [s.part_start, s.part_end],
             }
         })
@@ -551,6 +672,8 @@ fn vcpu_reports(slots: &[VcpuSlot], outcomes: &[VcpuOutcome], clock: &TscClock) 
 /// Start-up latency, from the guest's own TSC stamps.
 fn startup(
     cfg: &RunConfig,
+    outcomes: &[VcpuOutcome],
+    console_first_byte: Option<u64>,
     slots: &[VcpuSlot],
     clock: &TscClock,
     origin: TscPoint,
@@ -571,6 +694,13 @@ fn startup(
     };
     let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e6;
     Startup {
+        to_vcpu_start_ms: outcomes
+            .iter()
+            .map(|o| o.first_run_ns)
+            .filter(|&t| t != 0)
+            .min()
+            .map_or(0.0, |t| ms(cfg.process_start_ns, t)),
+        to_first_console_byte_ms: console_first_byte.map(|t| ms(cfg.process_start_ns, t)),
         to_first_insn_ms: ms(cfg.process_start_ns, first_insn_ns),
         to_workload_end_ms: ms(cfg.process_start_ns, end_ns_guest),
         first_insn_monotonic_ns: first_insn_ns,

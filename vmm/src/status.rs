@@ -23,6 +23,11 @@ pub struct Snapshot<'a> {
     pub state: RunState,
     /// None until a guest runs here.
     pub workload: Option<&'a str>,
+    /// How the guest was entered (`ring-3 fast path`, `pvh`, …, or how it arrived).
+    pub entry: &'a str,
+    /// What any guest shows without a mailbox: its console.
+    pub console_bytes: u64,
+    pub console_last: Option<String>,
     pub cfg: &'a RunConfig,
     pub memory: &'a GuestMemory,
     pub slots: Vec<VcpuSlot>,
@@ -117,6 +122,7 @@ pub fn info(s: &Snapshot) -> Value {
             _ => None,
         },
         "workload": s.workload,
+        "entry": s.entry,
         "vcpus": s.cfg.vcpus,
         "memory_bytes": s.memory.size(),
         "backing": s.memory.backing().to_string(),
@@ -131,6 +137,8 @@ pub fn info(s: &Snapshot) -> Value {
         "pmd_mapped_bytes": s.memory.pmd_mapped_bytes().ok(),
         "accounting": accounting,
         "memory": stats,
+        "console_bytes": s.console_bytes,
+        "console_last": s.console_last,
     })
 }
 
@@ -155,6 +163,7 @@ pub fn counters(s: &Snapshot) -> Value {
     for (i, v) in s.slots.iter().enumerate() {
         guest.insert(format!("vcpu{i}_passes"), v.passes.into());
     }
+    guest.insert("console_bytes".into(), s.console_bytes.into());
     groups.insert("guest".into(), Value::Object(guest));
     let mut memory = Map::new();
     memory.insert("size_bytes".into(), s.memory.size().into());

@@ -46,7 +46,11 @@ fn touch_once(method: DirtyLogMethod, size: u64, vcpus: usize) -> Touched {
         vcpu_nodes: vec![],
     };
     boot::write_boot_tables(ram.staging(), &image, size, vcpus, &params.cmdline()).unwrap();
-    let vm = Vm::new(&kvm, method).unwrap();
+    let topology = vmm::vstate::cpuid::CpuTopology {
+        vcpus: vcpus as u32,
+        vcpu_nodes: vec![],
+    };
+    let vm = Vm::new(&kvm, method, topology).unwrap();
     vm.register_ram(ram.memslot()).unwrap();
     vm.set_dirty_logging(ram.memslot(), DirtyLogging::On)
         .unwrap();

@@ -3,8 +3,8 @@
 //! machine, with the same memory size and backing, migrated on the same host over QMP
 //! by pre-copy and by postcopy-ram.
 //!
-//! QEMU starts the image's boot vCPU only (the image brings up no APs under other VMMs),
-//! so its guest runs one vCPU. The guest's own stall is read from its console: with
+//! QEMU runs the guest on as many vCPUs as hugevisor (`-smp`; the image starts its APs
+//! from the MADT of microvm's ACPI tables). The guest's own stall is read from its console: with
 //! `slow=2` it prints every pass slower than twice its fastest, with the pass's end TSC;
 //! under KVM here the guest's TSC is the host's, so the bench keeps the slow passes that
 //! overlap the migration window and reports the worst.
@@ -81,6 +81,7 @@ impl QemuMode {
 /// One QEMU migration to measure.
 pub struct QemuCase<'a> {
     pub memory: &'a str,
+    pub vcpus: u32,
     /// `shmem` or `hugetlb-2m`: QEMU's memfd backend with the same page size.
     pub backing: &'a str,
     pub workload: &'a str,
@@ -220,12 +221,16 @@ impl Peer {
         cmd.args(["-accel", "kvm", "-M"])
             .arg("microvm,x-option-roms=off,rtc=off,memory-backend=mem")
             .args(["-cpu", "max,-arch-capabilities", "-m", case.memory])
+            .args(["-smp", &case.vcpus.to_string()])
             .args(["-object", &backend])
             .arg("-kernel")
             .arg(case.image)
             .args([
                 "-append",
-                &format!("workload={} passes=0 vcpus=1 seed=1 slow=2", case.workload),
+                &format!(
+                    "workload={} passes=0 vcpus={} seed=1 slow=2",
+                    case.workload, case.vcpus
+                ),
             ])
             .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
             .arg("-qmp")

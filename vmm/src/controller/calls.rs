@@ -195,8 +195,17 @@ impl Controller<'_> {
         Snapshot {
             state,
             // Until a guest runs here, there is no workload to name.
-            workload: (!matches!(self.state, RunState::Waiting | RunState::Receiving))
-                .then_some(self.workload.as_str()),
+            workload: (!matches!(self.state, RunState::Waiting | RunState::Receiving)).then_some(
+                // A guest without a mailbox runs no workload of ours.
+                if self.mailbox.is_present() {
+                    self.workload.as_str()
+                } else {
+                    "kernel"
+                },
+            ),
+            entry: &self.entry,
+            console_bytes: self.console.bytes(),
+            console_last: self.console.recent().pop(),
             cfg: self.cfg,
             memory: &self.memory,
             slots: (0..self.cfg.vcpus as usize)

@@ -13,15 +13,31 @@
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
-use guest_image::abi;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::boot::kernel::KernelEntry;
 use crate::boot::{self, LoadedImage};
 use crate::console::{Console, LineBuffer};
+use crate::devices::{Devices, PortEffect};
 use crate::error::{kvm, Error, Result};
 use crate::vstate::dirty_ring::{DirtyRing, KVM_EXIT_DIRTY_RING_FULL};
+pub use crate::vstate::state::VcpuState;
 use crate::vstate::vcpu_set::OnGuestEnd;
 use crate::vstate::vm::Vm;
+
+/// CPU time of the calling thread.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {
@@ -53,6 +69,10 @@ pub enum VcpuEnd {
     Exited { code: u8 },
     /// The vCPU executed `hlt` in ring 0 (after an exception report, or a stray halt).
     Halted,
+    /// The guest reset the machine (i8042 CPU reset): the VM ends.
+    Reset,
+    /// The guest powered the machine off (ACPI S5): the VM ends.
+    PowerOff,
     /// The VMM stopped it (timeout or teardown).
     Stopped,
 }
@@ -64,53 +84,13 @@ pub struct VcpuOutcome {
     pub exits: u64,
     /// Of those, exits because this vCPU's dirty ring was full (harvested, then resumed).
     pub dirty_ring_full_exits: u64,
-}
-
-/// Architectural state of a vCPU, as migrated. The built-in guest uses no interrupt
-/// controller, so there is no irqchip state to carry.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct VcpuState {
-    pub regs: kvm_bindings::kvm_regs,
-    pub sregs: kvm_bindings::kvm_sregs,
-    #[serde(with = "fpu_bytes")]
-    pub fpu: kvm_bindings::kvm_fpu,
-    pub mp_state: kvm_bindings::kvm_mp_state,
-}
-
-/// kvm-bindings has no serde for `kvm_fpu`; it is plain old data, so carry its bytes.
-mod fpu_bytes {
-    use kvm_bindings::kvm_fpu;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    const LEN: usize = std::mem::size_of::<kvm_fpu>();
-
-    pub fn serialize<S: Serializer>(fpu: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
-        // SAFETY: kvm_fpu is a repr(C) struct of integers and byte arrays; reading its
-        // LEN bytes is reading initialised plain data.
-        let bytes =
-            unsafe { std::slice::from_raw_parts((fpu as *const kvm_fpu).cast::<u8>(), LEN) };
-        bytes.serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<kvm_fpu, D::Error> {
-        let bytes = Vec::<u8>::deserialize(d)?;
-        if bytes.len() != LEN {
-            return Err(serde::de::Error::custom(format!(
-                "FPU state of {} bytes, expected {LEN}",
-                bytes.len()
-            )));
-        }
-        let mut fpu = kvm_fpu::default();
-        // SAFETY: exactly LEN bytes into a kvm_fpu, which is valid for any bit pattern.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                (&mut fpu as *mut kvm_fpu).cast::<u8>(),
-                LEN,
-            )
-        };
-        Ok(fpu)
-    }
+    /// The exits by kind.
+    pub exit_kinds: ExitKinds,
+    /// CPU time the vCPU thread used (in and around KVM_RUN), in nanoseconds.
+    pub cpu_ns: u64,
+    /// CLOCK_MONOTONIC when the thread first entered KVM_RUN: the guest's first
+    /// instruction on this vCPU (0 if it never ran).
+    pub first_run_ns: u64,
 }
 
 /// What one `KVM_RUN` led to.
@@ -133,6 +113,8 @@ pub enum VcpuFault {
     DirtyRingMissing,
     #[error("KVM entry failed (reason {reason:#x} on host cpu {cpu})")]
     EntryFailed { reason: u64, cpu: u32 },
+    #[error("KVM could not run the guest's next instruction (KVM_EXIT_INTERNAL_ERROR; under kvm_pvm ring 0 is emulated and the emulator lacks some instructions)")]
+    EmulationFailed,
     #[error("unexpected KVM exit {0}")]
     UnexpectedExit(String),
     #[error(
@@ -156,6 +138,9 @@ pub struct VcpuFailure {
 pub struct Vcpu {
     index: usize,
     fd: VcpuFd,
+    devices: Arc<Devices>,
+    /// The MSRs a save reads (KVM's saveable list).
+    msr_indices: Vec<u32>,
     /// The VM's dirty ring, when in use: this vCPU's ring is harvested on a ring-full exit.
     dirty_ring: Option<Arc<DirtyRing>>,
 }
@@ -173,17 +158,45 @@ impl Vcpu {
             .fd()
             .create_vcpu(index as u64)
             .map_err(kvm("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(vm.cpuid()).map_err(kvm("KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(&vm.vcpu_cpuid(index))
+            .map_err(kvm("KVM_SET_CPUID2"))?;
+        set_local_interrupts(&fd)?;
         let base = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         fd.set_sregs(&boot::ring3_sregs(&base, image, index))
             .map_err(kvm("KVM_SET_SREGS"))?;
         fd.set_regs(&boot::ring3_regs(image, index))
             .map_err(kvm("KVM_SET_REGS"))?;
+        // With an in-kernel LAPIC an AP waits for INIT/SIPI; the fast path starts every
+        // vCPU at its entry at once.
+        fd.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(kvm("KVM_SET_MP_STATE"))?;
         Vcpu::with_ring(vm, index, fd)
     }
 
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// Creates vCPU `index` of a `--kernel` guest: the boot vCPU (`entry` given) at the
+    /// kernel's entry; an AP as KVM makes it, waiting for the guest's INIT/SIPI.
+    pub fn boot(vm: &Vm, index: usize, entry: Option<KernelEntry>) -> Result<Vcpu> {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&vm.vcpu_cpuid(index))
+            .map_err(kvm("KVM_SET_CPUID2"))?;
+        set_local_interrupts(&fd)?;
+        if let Some(entry) = entry {
+            let base = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+            fd.set_sregs(&boot::entry::sregs(&base, entry))
+                .map_err(kvm("KVM_SET_SREGS"))?;
+            fd.set_regs(&boot::entry::regs(entry))
+                .map_err(kvm("KVM_SET_REGS"))?;
+        }
+        Vcpu::with_ring(vm, index, fd)
     }
 
     /// Creates vCPU `index` with migrated state.
@@ -192,12 +205,19 @@ impl Vcpu {
             .fd()
             .create_vcpu(index as u64)
             .map_err(kvm("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(vm.cpuid()).map_err(kvm("KVM_SET_CPUID2"))?;
-        fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
-        fd.set_fpu(&state.fpu).map_err(kvm("KVM_SET_FPU"))?;
-        fd.set_mp_state(state.mp_state)
-            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        fd.set_cpuid2(&vm.vcpu_cpuid(index))
+            .map_err(kvm("KVM_SET_CPUID2"))?;
+        // The guest's TSC runs at the source's frequency: match it, scale to it, or
+        // refuse (before the guest runs here).
+        if let (Some(theirs), Ok(ours)) = (state.tsc_khz, fd.get_tsc_khz()) {
+            if theirs != ours && fd.set_tsc_khz(theirs).is_err() {
+                return Err(Error::TscFrequency {
+                    source_khz: theirs,
+                    here_khz: ours,
+                });
+            }
+        }
+        state.restore(&fd)?;
         Vcpu::with_ring(vm, index, fd)
     }
 
@@ -210,18 +230,15 @@ impl Vcpu {
         Ok(Vcpu {
             index,
             fd,
+            devices: vm.devices().clone(),
+            msr_indices: vm.msr_indices().to_vec(),
             dirty_ring,
         })
     }
 
     /// Reads the vCPU's state (it must not be running).
     pub fn save(&self) -> Result<VcpuState> {
-        Ok(VcpuState {
-            regs: self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
-            sregs: self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
-            fpu: self.fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
-            mp_state: self.fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
-        })
+        VcpuState::save(&self.fd, &self.msr_indices)
     }
 
     fn describe_state(&self) -> String {
@@ -237,52 +254,62 @@ impl Vcpu {
     /// Runs the guest until its next exit that needs the VMM: one `KVM_RUN` and the
     /// handling of what it returned.
     fn run_once(&mut self, line: &mut LineBuffer, console: &Console, counts: &mut Counts) -> Step {
+        if counts.exits == 0 {
+            counts.first_run_ns = guest_image::clock::monotonic_ns();
+        }
         counts.exits += 1;
         // Decide inside the match (which borrows the kvm_run page), describe the vCPU's
         // registers after it.
+        let devices = &*self.devices;
         let step = match self.fd.run() {
-            Ok(VcpuExit::IoOut(abi::PORT_SERIAL, data)) => {
-                for &b in data {
-                    line.push(console, b);
+            Ok(VcpuExit::IoOut(port, data)) => {
+                counts.kinds.io_out += 1;
+                match devices.io_out(port, data, &mut |b| line.push(console, b)) {
+                    PortEffect::None => Step::Continue,
+                    PortEffect::Exit { code } => Step::End(VcpuEnd::Exited { code }),
+                    PortEffect::Reset => Step::End(VcpuEnd::Reset),
+                    PortEffect::PowerOff => Step::End(VcpuEnd::PowerOff),
                 }
-                Step::Continue
             }
-            Ok(VcpuExit::IoOut(abi::PORT_EXIT, data)) => Step::End(VcpuEnd::Exited {
-                code: data.first().copied().unwrap_or(0),
-            }),
-            // Other 16550 registers and unknown ports: writes are ignored.
-            Ok(VcpuExit::IoOut(..)) => Step::Continue,
             Ok(VcpuExit::IoIn(port, data)) => {
-                // 16550 line status: transmitter empty; everything else floats high.
-                data.fill(if port == abi::PORT_SERIAL + 5 {
-                    0x60
-                } else {
-                    0xff
-                });
+                counts.kinds.io_in += 1;
+                devices.io_in(port, data);
                 Step::Continue
             }
-            Ok(VcpuExit::Hlt) => Step::End(VcpuEnd::Halted),
-            Ok(VcpuExit::Intr) => Step::Continue,
+            Ok(VcpuExit::Hlt) => {
+                counts.kinds.hlt += 1;
+                Step::End(VcpuEnd::Halted)
+            }
+            Ok(VcpuExit::Intr) => {
+                counts.kinds.kick += 1;
+                Step::Continue
+            }
             Ok(VcpuExit::Shutdown) => Step::Fail(VcpuFault::TripleFault),
             Ok(VcpuExit::MmioRead(gpa, _)) | Ok(VcpuExit::MmioWrite(gpa, _)) => {
+                counts.kinds.mmio += 1;
                 Step::Fail(VcpuFault::OutsideRam { gpa })
             }
             // KVM will not run this vCPU again until its ring has room: harvest it into
             // the VM's dirty bitmap and reset, then carry on.
             Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
                 counts.dirty_ring_full_exits += 1;
+                counts.kinds.dirty_ring_full += 1;
                 match self.dirty_ring.as_ref().map(|r| r.harvest_vcpu(self.index)) {
                     Some(Ok(_)) => Step::Continue,
                     Some(Err(e)) => Step::Fail(VcpuFault::DirtyRingHarvest(e.to_string())),
                     None => Step::Fail(VcpuFault::DirtyRingMissing),
                 }
             }
+            Ok(VcpuExit::InternalError) => Step::Fail(VcpuFault::EmulationFailed),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 Step::Fail(VcpuFault::EntryFailed { reason, cpu })
             }
             Ok(other) => Step::Fail(VcpuFault::UnexpectedExit(format!("{other:?}"))),
             // A kick: the thread looks at its events before it runs the guest again.
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                counts.kinds.kick += 1;
+                Step::Continue
+            }
             Err(e) if e.errno() == libc::EFAULT => Step::Fail(VcpuFault::BadAddress),
             Err(e) => Step::Fail(VcpuFault::RunFailed(e.to_string())),
         };
@@ -315,6 +342,11 @@ impl Vcpu {
                 }
             };
             if let Some(event) = event {
+                // A pause may be a migration's switch-over: the line so far is printed
+                // here rather than cut.
+                if event == VcpuEvent::Pause {
+                    line.flush(&console);
+                }
                 match self.on_event(event, &mut state) {
                     Some(answer) => {
                         let _ = answers.send(answer);
@@ -347,6 +379,9 @@ impl Vcpu {
             },
             exits: counts.exits,
             dirty_ring_full_exits: counts.dirty_ring_full_exits,
+            exit_kinds: counts.kinds,
+            cpu_ns: thread_cpu_ns(),
+            first_run_ns: counts.first_run_ns,
         }
     }
 
@@ -380,6 +415,55 @@ impl Vcpu {
 struct Counts {
     exits: u64,
     dirty_ring_full_exits: u64,
+    kinds: ExitKinds,
+    first_run_ns: u64,
+}
+
+/// A vCPU's `KVM_RUN` returns by kind: what the VMM knows of any guest without a
+/// mailbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExitKinds {
+    /// Port writes (console bytes, device registers, the exit port).
+    pub io_out: u64,
+    /// Port reads.
+    pub io_in: u64,
+    /// Accesses outside guest RAM and every device (a failure).
+    pub mmio: u64,
+    /// `hlt` that reached the VMM (no in-kernel LAPIC took it).
+    pub hlt: u64,
+    /// Returns because the VMM kicked the vCPU (pause, stop) or a signal arrived.
+    pub kick: u64,
+    pub dirty_ring_full: u64,
+}
+
+impl ExitKinds {
+    pub fn add(&mut self, o: &ExitKinds) {
+        self.io_out += o.io_out;
+        self.io_in += o.io_in;
+        self.mmio += o.mmio;
+        self.hlt += o.hlt;
+        self.kick += o.kick;
+        self.dirty_ring_full += o.dirty_ring_full;
+    }
+}
+
+/// The LAPIC's LINT0 as ExtINT (the PIC's output reaches the CPU in virtual-wire mode)
+/// and LINT1 as NMI, as a PC's firmware leaves them.
+fn set_local_interrupts(fd: &VcpuFd) -> Result<()> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const APIC_MODE_NMI: u32 = 0x4;
+    const APIC_MODE_EXTINT: u32 = 0x7;
+    let mut lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+        let v = u32::from_le_bytes(bytes);
+        let v = (v & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[reg + i] = *b as libc::c_char;
+        }
+    }
+    fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
 }
 
 /// Where a vCPU thread is in its life.

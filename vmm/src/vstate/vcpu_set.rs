@@ -191,6 +191,9 @@ impl VcpuSet {
                     }),
                     exits: 0,
                     dirty_ring_full_exits: 0,
+                    exit_kinds: Default::default(),
+                    cpu_ns: 0,
+                    first_run_ns: 0,
                 })
             })
             .collect()

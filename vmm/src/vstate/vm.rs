@@ -1,4 +1,5 @@
-//! The KVM VM: opening KVM, the RAM memslot, creating vCPUs.
+//! The KVM VM: opening KVM, the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT, the
+//! port-I/O devices, the RAM memslot, each vCPU's CPUID.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -7,10 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use guest_mm::Memslot;
-use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 
+use crate::devices::Devices;
 use crate::error::{kvm, ConfigError, Error, Result};
+use crate::vstate::cpuid::{self, CpuTopology};
 use crate::vstate::dirty_ring::{self, DirtyRing};
 
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -117,27 +120,50 @@ struct DirtyLogCost {
 
 pub struct Vm {
     fd: VmFd,
+    /// What KVM_GET_SUPPORTED_CPUID offers; each vCPU gets it with its topology.
     cpuid: CpuId,
+    topology: CpuTopology,
+    /// The MSRs KVM lists as saveable (KVM_GET_MSR_INDEX_LIST), for a migration.
+    msr_indices: Vec<u32>,
+    devices: Arc<Devices>,
     dirty_log: DirtyLogMethod,
     dirty_ring: Option<Arc<DirtyRing>>,
     cost: DirtyLogCost,
 }
 
 impl Vm {
-    /// Creates the VM; with [`DirtyLogMethod::Ring`] the ring is enabled here, before any
-    /// vCPU exists (KVM refuses it afterwards).
-    pub fn new(kvm_sys: &Kvm, dirty_log: DirtyLogMethod) -> Result<Vm> {
+    /// Creates the VM with its in-kernel irqchip and PIT and its port-I/O devices; with
+    /// [`DirtyLogMethod::Ring`] the ring is enabled here, before any vCPU exists (KVM
+    /// refuses it afterwards), as is the irqchip.
+    pub fn new(kvm_sys: &Kvm, dirty_log: DirtyLogMethod, topology: CpuTopology) -> Result<Vm> {
         let fd = kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
         let cpuid = kvm_sys
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_indices = kvm_sys
+            .get_msr_index_list()
+            .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
         let dirty_ring = match dirty_log {
             DirtyLogMethod::Bitmap => None,
             DirtyLogMethod::Ring { entries } => Some(Arc::new(DirtyRing::enable(&fd, entries)?)),
         };
+        fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+        // The PIT's speaker port (0x61) is KVM's too, so a guest calibrating its TSC
+        // against PIT channel 2 needs no exit.
+        fd.create_pit2(kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm("KVM_CREATE_PIT2"))?;
+        let devices = Arc::new(Devices::new(&fd)?);
         Ok(Vm {
             fd,
             cpuid,
+            topology,
+            msr_indices,
+            devices,
             dirty_log,
             dirty_ring,
             cost: DirtyLogCost::default(),
@@ -213,7 +239,26 @@ impl Vm {
         &self.fd
     }
 
-    pub fn cpuid(&self) -> &CpuId {
+    /// What KVM_GET_SUPPORTED_CPUID offered this VM.
+    pub fn supported_cpuid(&self) -> &CpuId {
         &self.cpuid
+    }
+
+    /// vCPU `index`'s CPUID: the supported one with its topology leaves.
+    pub fn vcpu_cpuid(&self, index: usize) -> CpuId {
+        cpuid::vcpu_cpuid(&self.cpuid, index, &self.topology)
+    }
+
+    pub fn topology(&self) -> &CpuTopology {
+        &self.topology
+    }
+
+    /// The MSRs KVM can save and restore.
+    pub fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
+    }
+
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
     }
 }

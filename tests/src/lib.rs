@@ -86,8 +86,23 @@ pub fn hugevisor_path() -> PathBuf {
     bin
 }
 
+/// A `hugevisor` command whose process is killed when the test thread that spawned it
+/// ends — a test that panics leaves no VMM running (one left running for its whole
+/// `--duration` would starve the tests after it on a 2-core machine).
 pub fn hugevisor() -> Command {
-    Command::new(hugevisor_path())
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(hugevisor_path());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches only the child's
+    // own state between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 fn require_host() -> bool {

@@ -8,7 +8,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -164,7 +164,7 @@ pub fn incoming_settled(info: &Value) -> bool {
 }
 
 pub fn migrate(api: &Path, to: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
-    let mut cmd = Command::new(crate::hugevisor_path());
+    let mut cmd = crate::hugevisor();
     cmd.arg("migrate")
         .arg("--api-socket")
         .arg(api)

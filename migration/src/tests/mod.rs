@@ -5,6 +5,8 @@
 mod destination_errors;
 mod fakes;
 mod net;
+mod recovery;
+mod safety;
 mod source_errors;
 mod success;
 

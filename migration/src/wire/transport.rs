@@ -8,6 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -219,7 +220,14 @@ impl Listener {
         };
         Ok(match uri {
             Uri::Tcp(a) => Listener::Tcp(TcpListener::bind(a.as_str()).map_err(listen)?),
-            Uri::Unix(p) => Listener::Unix(bind_unix(p).map_err(listen)?, p.clone()),
+            Uri::Unix(p) => {
+                let l = bind_unix(p).map_err(listen)?;
+                // Only its owner may connect (root, for a VMM): a local user cannot even
+                // knock. (A connection in the instant before this still meets the door.)
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(listen)?;
+                Listener::Unix(l, p.clone())
+            }
         })
     }
 
@@ -384,6 +392,8 @@ mod tests {
         assert!(stale.exists(), "a dropped std listener leaves its file");
         let l = Listener::bind(&Uri::Unix(stale.clone())).unwrap();
         assert!(UnixStream::connect(&stale).is_ok());
+        let mode = std::fs::metadata(&stale).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a migration socket only its owner may open");
         drop(l);
         // Not a socket: never removed.
         let file = dir.join("file");

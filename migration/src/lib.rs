@@ -81,6 +81,8 @@ pub mod bitmap;
 pub mod clock;
 pub mod destination;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod host;
 mod pages;
 pub mod report;

@@ -255,6 +255,7 @@ impl<'a> Door<'a> {
     /// The migration is over: stop taking connections and end those being authenticated.
     pub(crate) fn close(&self) {
         self.stop.store(true, Ordering::Release);
+        self.acceptor.interrupt();
         for c in self
             .pending
             .lock()

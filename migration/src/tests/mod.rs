@@ -4,6 +4,7 @@
 
 mod destination_errors;
 mod fakes;
+mod fuzz_replay;
 mod net;
 mod recovery;
 mod safety;

@@ -40,6 +40,9 @@ pub trait Connector: Sync {
 pub trait Acceptor: Sync {
     /// One connection within `wait`, else [`WireError::AcceptTimeout`].
     fn accept(&self, wait: Duration, io_timeout: Duration) -> Result<Box<dyn Channel>, WireError>;
+    /// Asks an `accept` that is waiting to give up now (the migration ended). Acceptors
+    /// whose waits are short anyway need not.
+    fn interrupt(&self) {}
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

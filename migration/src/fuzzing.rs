@@ -31,7 +31,7 @@ use crate::destination::{receive_with, Options, Strangers};
 use crate::error::WireError;
 use crate::host::{DestinationVm, GuestPages, HostError, VmState};
 use crate::wire::auth::{Auth, Session};
-use crate::wire::frame::{Frame, FrameKind, FrameWriter, FrameReader};
+use crate::wire::frame::{Frame, FrameKind, FrameReader, FrameWriter};
 use crate::wire::message::{Hello, Joining, Layout, Message, MessageReader, SwitchOver};
 use crate::wire::transport::{Acceptor, Channel};
 use crate::{Mode, Timeouts, PROTOCOL_VERSION};
@@ -127,21 +127,31 @@ fn scripts(mut records: &[u8], layout: &Layout) -> (Vec<u8>, Vec<Piece>) {
     while let (Some(stream), Some(kind)) = (take(1, &mut records), take(1, &mut records)) {
         let frame = match kind[0] {
             0xFD => {
-                let Some(head) = take(9, &mut records) else { break };
+                let Some(head) = take(9, &mut records) else {
+                    break;
+                };
                 let mut payload = head[..8].to_vec();
                 payload.resize(8 + layout.page_size as usize, head[8]);
                 Piece::Bytes(frame_bytes(FrameKind::Page as u8, &payload))
             }
             0xFE => Piece::Join,
             0xFF => {
-                let Some(len) = take(1, &mut records) else { break };
-                let Some(raw) = take(usize::from(len[0]), &mut records) else { break };
+                let Some(len) = take(1, &mut records) else {
+                    break;
+                };
+                let Some(raw) = take(usize::from(len[0]), &mut records) else {
+                    break;
+                };
                 Piece::Bytes(raw)
             }
             k => {
-                let Some(len) = take(2, &mut records) else { break };
+                let Some(len) = take(2, &mut records) else {
+                    break;
+                };
                 let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
-                let Some(payload) = take(len, &mut records) else { break };
+                let Some(payload) = take(len, &mut records) else {
+                    break;
+                };
                 Piece::Bytes(frame_bytes(k, &payload))
             }
         };
@@ -221,11 +231,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ..hello
     };
     record(&mut post, 0, &Message::Hello(hello));
-    record(&mut post, 0, &switch_over(Some(PageBitmap::full(layout.pages()))));
+    record(
+        &mut post,
+        0,
+        &switch_over(Some(PageBitmap::full(layout.pages()))),
+    );
     record(&mut post, 0, &Message::Start);
     post.extend_from_slice(&[1, 0xFE]);
     page(&mut post, 1, 3);
-    (0..layout.pages()).filter(|&p| p != 3).for_each(|p| page(&mut post, 0, p));
+    (0..layout.pages())
+        .filter(|&p| p != 3)
+        .for_each(|p| page(&mut post, 0, p));
     record(&mut post, 0, &Message::Complete { demand: None });
     vec![("precopy", pre), ("postcopy", post)]
 }
@@ -278,7 +294,11 @@ impl GuestPages for FuzzGuest {
         Ok(())
     }
     fn write_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<(), HostError> {
-        assert_eq!(self.starts.load(Ordering::Relaxed), 0, "a pre-copy write to a running guest");
+        assert_eq!(
+            self.starts.load(Ordering::Relaxed),
+            0,
+            "a pre-copy write to a running guest"
+        );
         self.write(gpa, page);
         Ok(())
     }
@@ -292,7 +312,10 @@ impl GuestPages for FuzzGuest {
         Ok(a.count())
     }
     fn install_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<Installed, HostError> {
-        assert!(self.paging.load(Ordering::Relaxed), "a page installed outside post-copy");
+        assert!(
+            self.paging.load(Ordering::Relaxed),
+            "a page installed outside post-copy"
+        );
         if !self
             .absent
             .lock()
@@ -305,7 +328,11 @@ impl GuestPages for FuzzGuest {
         Ok(Installed::New)
     }
     fn end_postcopy(&self) -> Result<(), HostError> {
-        let lacking = self.absent.lock().unwrap_or_else(|e| e.into_inner()).count();
+        let lacking = self
+            .absent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count();
         assert_eq!(lacking, 0, "post-copy ended with {lacking} pages absent");
         self.paging.store(false, Ordering::Relaxed);
         Ok(())
@@ -326,7 +353,12 @@ impl DestinationVm for FuzzGuest {
     fn start(&self) -> Result<(), HostError> {
         self.starts.fetch_add(1, Ordering::Relaxed);
         // A vCPU touches an absent page at once.
-        if let Some(p) = self.pager.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(p) = self
+            .pager
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             p.request(Gpa(0));
         }
         Ok(())
@@ -396,7 +428,11 @@ struct ScriptChannel {
 impl Shared {
     /// The session the destination's HelloAck named, if it was written yet.
     fn session(&self) -> Option<Session> {
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let written = self
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut r = FrameReader::new(written.as_slice());
         while let Ok(f) = r.recv() {
             if f.kind == FrameKind::HelloAck {
@@ -466,7 +502,11 @@ impl Write for ScriptChannel {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
         if self.which == 0 {
-            let mut w = self.shared.written.lock().unwrap_or_else(|e| e.into_inner());
+            let mut w = self
+                .shared
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             // The HelloAck is in the first bytes; the rest need not be kept.
             if w.len() < 64 << 10 {
                 w.extend_from_slice(buf);

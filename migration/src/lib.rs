@@ -204,10 +204,23 @@ impl std::str::FromStr for Verify {
     }
 }
 
+/// What a `vm.migrate` call asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// A new migration.
+    #[default]
+    Start,
+    /// Reconnect a migration paused after the hand-over (`postcopy-paused`) to `to`.
+    Resume,
+}
+
 /// A migration the source is asked for (the control API's `vm.migrate` body).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationRequest {
     pub to: Uri,
+    #[serde(default)]
+    pub action: Action,
     #[serde(default)]
     pub mode: Mode,
     /// Pre-copy stops when what is left would take this long to send.
@@ -225,6 +238,7 @@ impl MigrationRequest {
     pub fn new(to: Uri, mode: Mode) -> MigrationRequest {
         MigrationRequest {
             to,
+            action: Action::Start,
             mode,
             downtime: default_downtime(),
             verify: None,

@@ -16,7 +16,7 @@ use guest_mm::{
 
 use crate::api::{ApiCall, ApiServer};
 use crate::boot::{self, LoadedImage};
-use crate::config::{RunConfig, RunLimit};
+use crate::config::{Exposure, RunConfig, RunLimit};
 use crate::error::{ConfigError, Error, Result};
 use crate::mailbox::Mailbox;
 use crate::placement;
@@ -73,6 +73,14 @@ fn check(cfg: &RunConfig) -> Result<(Option<Topology>, MemoryConfig)> {
         Some(spec) => Some(spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())?),
         None => None,
     };
+    if let Some(uri @ migration::Uri::Tcp(_)) = &cfg.incoming {
+        if !cfg.migration_auth.is_some() && cfg.exposure == Exposure::AuthenticatedOnly {
+            return Err(ConfigError::UnauthenticatedTcp {
+                uri: uri.to_string(),
+            }
+            .into());
+        }
+    }
     let memory = memory_config(cfg, topology.as_ref());
     memory.check()?;
     Ok((topology, memory))
@@ -165,7 +173,13 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
         None => None,
     };
     let start = match &cfg.incoming {
-        Some(uri) => Start::Incoming(migration::Listener::bind(uri).map_err(Error::Listen)?),
+        Some(uri) => {
+            let listener = migration::Listener::bind(uri).map_err(Error::Listen)?;
+            if matches!(uri, migration::Uri::Tcp(_)) && !cfg.migration_auth.is_some() {
+                eprintln!("hugevisor: warning: --insecure: {uri} takes migrations without authentication; anyone who reaches it can hand this VM a guest");
+            }
+            Start::Incoming(listener)
+        }
         None => Start::Boot(
             (0..cfg.vcpus as usize)
                 .map(|i| Vcpu::new(&vm, i, &image))

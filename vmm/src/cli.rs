@@ -9,6 +9,7 @@ use guest_mm::collapse::{BudgetError, CollapseMode, ScanBudget};
 use guest_mm::numa::{BalancerConfig, Balancing, NumaSpec, SpecError};
 use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 
+use crate::config::Exposure;
 use crate::console::ConsoleMode;
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
 use crate::vstate::vm::{DirtyLogMethod, DEFAULT_KVM_DEVICE};
@@ -49,11 +50,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
     guest_mm::size::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// The longest duration a flag takes: the run's clocks are u64 nanoseconds, and the
+/// controller adds durations to them (and a minute to `--duration` for the timeout).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 5s, 500ms, 2m"))?;
     if d.is_zero() {
         return Err("duration must be greater than zero".into());
+    }
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{s:?} does not fit: a duration is at most 10 years (87600h)"
+        ));
     }
     Ok(d)
 }
@@ -168,6 +178,19 @@ pub struct RunArgs {
     /// (a power of two, 256..=65536; 16 bytes each).
     #[arg(long, default_value = "bitmap", value_parser = parse_dirty_log)]
     dirty_log: DirtyLogMethod,
+    /// Authenticate every migration connection, in and out, with the pre-shared key in
+    /// FILE (at least 16 bytes, mode 0600; the same file on both ends), by
+    /// challenge–response before anything the peer sends is trusted.
+    #[arg(long, value_name = "FILE")]
+    migration_key: Option<PathBuf>,
+    /// Let a `--incoming tcp:` listener run without --migration-key: anyone who reaches
+    /// the port could hand this VM a guest.
+    #[arg(long)]
+    insecure: bool,
+    /// Destination: how long a post-copy whose connection broke waits for the source to
+    /// resume (`hugevisor migrate --resume`) before it ends naming the pages it lacks.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    recovery_timeout: Duration,
 }
 
 fn parse_dirty_log(s: &str) -> Result<DirtyLogMethod, String> {
@@ -205,6 +228,10 @@ struct MigrateArgs {
     /// switch-over (adds a pass over guest RAM to the downtime on each side).
     #[arg(long, value_parser = parse_verify)]
     verify: Option<migration::Verify>,
+    /// Resume a migration paused after the hand-over (`postcopy-paused` in vm.info): the
+    /// source reconnects to --to, learns what the destination lacks and goes on.
+    #[arg(long)]
+    resume: bool,
 }
 
 fn parse_mode(s: &str) -> Result<migration::Mode, String> {
@@ -305,6 +332,18 @@ impl RunArgs {
             api_socket: self.api_socket.clone(),
             incoming: self.incoming.clone(),
             dirty_log: self.dirty_log,
+            migration_auth: match &self.migration_key {
+                Some(path) => migration::Auth::Key(std::sync::Arc::new(
+                    migration::Key::from_file(path).map_err(|e| format!("--migration-key: {e}"))?,
+                )),
+                None => migration::Auth::None,
+            },
+            exposure: if self.insecure {
+                Exposure::Insecure
+            } else {
+                Exposure::AuthenticatedOnly
+            },
+            recovery_timeout: self.recovery_timeout,
         })
     }
 }
@@ -314,6 +353,9 @@ fn cmd_run(args: &RunArgs, start_ns: u64) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    if let Err(e) = crate::signals::install() {
+        return fail(&e.to_string());
+    }
     match crate::run::run(&cfg) {
         Ok(report) => {
             if args.json {
@@ -369,6 +411,11 @@ fn cmd_guest_image(args: &GuestImageArgs) -> i32 {
 
 fn cmd_migrate(args: &MigrateArgs) -> i32 {
     let req = migration::MigrationRequest {
+        action: if args.resume {
+            migration::Action::Resume
+        } else {
+            migration::Action::Start
+        },
         verify: args.verify,
         push_order: args.push_order,
         downtime: Duration::from_millis(args.downtime_ms),
@@ -455,6 +502,17 @@ mod tests {
             let a = run_args(&[flag, "2ms"]).unwrap();
             assert_eq!(a.numa_force_move, Some(Duration::from_millis(2)), "{flag}");
         }
+    }
+
+    #[test]
+    fn durations_that_do_not_fit_are_refused() {
+        for d in ["99999999999h", "11y", "18446744073709551615s"] {
+            let e = run_args(&["--duration", d]).unwrap_err().to_string();
+            assert!(e.contains(d) || e.contains("not a duration"), "{d}: {e}");
+        }
+        let e = run_args(&["--timeout", "100y"]).unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "{e}");
+        assert!(run_args(&["--duration", "87600h"]).is_ok());
     }
 
     #[test]

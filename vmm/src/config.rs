@@ -61,6 +61,21 @@ pub struct RunConfig {
     pub incoming: Option<migration::Uri>,
     /// How KVM reports written pages when a migration asks (`--dirty-log`).
     pub dirty_log: DirtyLogMethod,
+    /// How every migration connection, in and out, authenticates (`--migration-key`).
+    pub migration_auth: migration::Auth,
+    /// Whether a `tcp:` listener may go without authentication (`--insecure`).
+    pub exposure: Exposure,
+    /// Destination: how long a broken post-copy waits for its source to resume.
+    pub recovery_timeout: Duration,
+}
+
+/// Whether an unauthenticated migration listener may be reachable over the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposure {
+    /// A `tcp:` listener needs authentication (the default).
+    AuthenticatedOnly,
+    /// `--insecure`: anyone who reaches the port may hand this destination a guest.
+    Insecure,
 }
 
 /// Whether the run report includes the second-stage table's memory map.

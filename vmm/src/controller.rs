@@ -8,12 +8,16 @@
 //!  Receiving ──arrived──▶ Running ◀──────────── migration failed ───────┐
 //!   (destination)          │  │ vm.migrate                              │
 //!                          │  └──────────▶ Migrating ──pause──▶ Paused ─┤
-//!                          │                                            │ migration done
-//!     limit / shutdown /   ▼                                            ▼
+//!                          │                      connection broke ▲ ▼ resume  │ migration done
+//!     limit / shutdown /   ▼                      after the hand-over PostcopyPaused ▼
 //!     a vCPU failed      Stopping ──every vCPU ended──▶ (end)        Migrated ─▶ (end)
 //! ```
 //! Pausing happens inside the `Migrating → Paused` step: the vCPUs stop in place
-//! ([`VcpuSet::pause`]) before the controller answers.
+//! ([`VcpuSet::pause`]) before the controller answers. `PostcopyPaused` is both ends'
+//! state while a migration whose connection broke after the hand-over waits to be
+//! resumed: the source keeps its guest stopped (it is the destination's), the
+//! destination stops its vCPUs (they would only wait for pages that do not come).
+//! SIGINT, SIGTERM and SIGHUP end the run as `vm.shutdown` does ([`crate::signals`]).
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -56,6 +60,8 @@ pub enum RunState {
     Stopping,
     /// The guest was handed over to a migration destination.
     Migrated,
+    /// A connection broke after the hand-over; the migration waits to be resumed.
+    PostcopyPaused,
 }
 
 impl RunState {
@@ -67,6 +73,7 @@ impl RunState {
             RunState::Paused => "paused",
             RunState::Stopping => "stopping",
             RunState::Migrated => "migrated",
+            RunState::PostcopyPaused => "postcopy-paused",
         }
     }
 }
@@ -120,11 +127,25 @@ pub struct RunEnd {
     pub mailbox: Mailbox,
 }
 
+type MigrateReply = Sender<std::result::Result<MigrationReport, MigrateRefusal>>;
+
 /// The source side of a migration in progress.
 struct Outgoing {
-    reply: Sender<std::result::Result<MigrationReport, MigrateRefusal>>,
+    /// The `vm.migrate` calls waiting for its end (the first, and each resume).
+    replies: Vec<MigrateReply>,
     /// Each vCPU's worst pass when it paused, restored if the migration fails.
     max_pass_at_pause: Vec<u64>,
+    /// Postcopy-paused: where to send the resume's destination (`None`: give up).
+    resume: Option<Sender<Option<migration::Uri>>>,
+}
+
+impl Outgoing {
+    /// Gives up a paused hand-over: the migration ends failed, the guest the destination's.
+    fn give_up(&mut self) {
+        if let Some(tx) = self.resume.take() {
+            let _ = tx.send(None);
+        }
+    }
 }
 
 /// The run's limits, checked on every poll.
@@ -167,6 +188,14 @@ pub struct Controller<'a> {
     incoming_phase: Option<IncomingPhase>,
     /// The guest's run info as it arrived (a destination's report needs it).
     arrived: Option<RunInfo>,
+    /// Destination: connections refused at the migration listener.
+    refused_connections: u64,
+    /// Destination, postcopy-paused: the pages it still lacks.
+    lacking_pages: Option<u64>,
+    /// Destination, postcopy-paused: the state it paused from.
+    paused_from: Option<RunState>,
+    /// The signal that ended the run, once seen.
+    signal: Option<i32>,
     /// What ends the run with an error once the vCPUs are finished (a post-copy that
     /// failed after the guest started here, a source that could not resume its guest).
     fatal: Option<Error>,
@@ -204,6 +233,10 @@ impl<'a> Controller<'a> {
             incoming: None,
             incoming_phase: None,
             arrived: None,
+            refused_connections: 0,
+            lacking_pages: None,
+            paused_from: None,
+            signal: None,
             fatal: None,
             _api: api,
         };
@@ -211,16 +244,21 @@ impl<'a> Controller<'a> {
             Start::Boot(vcpus) => c.start_guest(vcpus)?,
             Start::Incoming(listener) => {
                 let tx = c.events_tx.clone();
-                let timeouts = migration::Timeouts {
-                    accept: cfg.timeout,
-                    ..Default::default()
+                let options = migration::destination::Options {
+                    timeouts: migration::Timeouts {
+                        accept: cfg.timeout,
+                        recover: cfg.recovery_timeout,
+                        ..Default::default()
+                    },
+                    auth: cfg.migration_auth.clone(),
+                    strangers: migration::destination::Strangers::Refuse,
                 };
                 crate::migration_host::start_receiving(
                     listener,
                     c.memory.clone(),
                     c.vm.clone(),
                     cfg.vcpus,
-                    timeouts,
+                    options,
                     move |e| {
                         let _ = tx.send(Event::Incoming(e));
                     },
@@ -267,11 +305,42 @@ impl<'a> Controller<'a> {
                 // The controller holds a sender itself: never happens.
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            self.on_signal()?;
             if self.state != RunState::Receiving {
                 self.poll_guest()?;
             }
         }
         self.finish()
+    }
+
+    /// SIGINT/SIGTERM/SIGHUP: the run ends as `vm.shutdown` would end it. A destination
+    /// still waiting for its guest has nothing to report: it ends at once.
+    fn on_signal(&mut self) -> Result<()> {
+        let Some(signal) = crate::signals::received() else {
+            return Ok(());
+        };
+        if self.signal.replace(signal).is_some() {
+            return Ok(());
+        }
+        let name = crate::signals::name(signal);
+        if self.state == RunState::Receiving {
+            // The receiving thread owns the listener: its socket file goes here.
+            if let Some(migration::Uri::Unix(p)) = &self.cfg.incoming {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(Error::Interrupted { signal: name });
+        }
+        eprintln!("hugevisor: {name}: ending the run");
+        self.shutdown();
+        Ok(())
+    }
+
+    /// `vm.shutdown`, a signal: the guest finishes its pass; a paused hand-over is given up.
+    fn shutdown(&mut self) {
+        self.limits.shutdown_requested = true;
+        if let Some(o) = self.outgoing.as_mut() {
+            o.give_up();
+        }
     }
 
     fn finished(&self) -> bool {
@@ -280,7 +349,7 @@ impl<'a> Controller<'a> {
         }
         match self.state {
             RunState::Migrated => true,
-            RunState::Receiving | RunState::Paused => false,
+            RunState::Receiving | RunState::Paused | RunState::PostcopyPaused => false,
             RunState::Running | RunState::Migrating | RunState::Stopping => {
                 self.limits.timed_out || self.ended.iter().all(Option::is_some)
             }
@@ -302,6 +371,28 @@ impl<'a> Controller<'a> {
                 let _ = reply.send(self.resume_after_failed_migration());
             }
             Event::Source(SourceRequest::Done(result)) => self.on_migration_done(result),
+            Event::Source(SourceRequest::HandoverPaused(why, resume)) => {
+                eprintln!("hugevisor: warning: the migration is paused after the hand-over ({why}); the guest stays stopped here: resume it with `hugevisor migrate --resume --to URI`");
+                self.state = RunState::PostcopyPaused;
+                match self.outgoing.as_mut() {
+                    Some(o) if !self.limits.shutdown_requested => {
+                        o.resume = Some(resume);
+                        for r in o.replies.drain(..) {
+                            let _ = r.send(Err(MigrateRefusal::Paused(why.clone())));
+                        }
+                    }
+                    _ => drop(resume.send(None)),
+                }
+            }
+            Event::Source(SourceRequest::HandoverResumed) => self.state = RunState::Paused,
+            Event::Incoming(DestinationEvent::Refused(why)) => {
+                self.refused_connections += 1;
+                eprintln!("hugevisor: warning: refused a migration connection: {why}");
+            }
+            Event::Incoming(DestinationEvent::Paused { why, lacking }) => {
+                self.on_incoming_paused(&why, lacking)
+            }
+            Event::Incoming(DestinationEvent::Resumed) => self.on_incoming_resumed(),
             Event::Incoming(DestinationEvent::Arrived(arrival)) => self.on_arrival(*arrival),
             Event::Incoming(DestinationEvent::Ended(result)) => self.on_incoming_end(result)?,
         }
@@ -314,8 +405,24 @@ impl<'a> Controller<'a> {
                 let _ = reply.send(self.info());
             }
             ApiCall::Shutdown(reply) => {
-                self.limits.shutdown_requested = true;
+                self.shutdown();
                 let _ = reply.send(());
+            }
+            ApiCall::Migrate(req, reply) if req.action == migration::Action::Resume => {
+                let waiting = self
+                    .outgoing
+                    .as_mut()
+                    .and_then(|o| o.resume.take().map(|r| (o, r)));
+                match waiting {
+                    Some((o, resume)) if self.state == RunState::PostcopyPaused => {
+                        let _ = resume.send(Some(req.to));
+                        o.replies.push(reply);
+                        self.state = RunState::Paused;
+                    }
+                    _ => {
+                        let _ = reply.send(Err(MigrateRefusal::NothingToResume(self.state.name())));
+                    }
+                }
             }
             ApiCall::Migrate(req, reply) => {
                 if self.state != RunState::Running {
@@ -327,11 +434,16 @@ impl<'a> Controller<'a> {
                     return;
                 }
                 let tx = self.events_tx.clone();
+                let options = migration::source::Options {
+                    timeouts: migration::Timeouts::default(),
+                    auth: self.cfg.migration_auth.clone(),
+                };
                 let spawned = crate::migration_host::start_sending(
                     self.memory.clone(),
                     self.vm.clone(),
                     self.cfg.vcpus,
                     req,
+                    options,
                     move |r| {
                         let _ = tx.send(Event::Source(r));
                     },
@@ -340,8 +452,9 @@ impl<'a> Controller<'a> {
                     Ok(_) => {
                         self.state = RunState::Migrating;
                         self.outgoing = Some(Outgoing {
-                            reply,
+                            replies: vec![reply],
                             max_pass_at_pause: Vec::new(),
+                            resume: None,
                         });
                     }
                     Err(e) => {
@@ -367,6 +480,8 @@ impl<'a> Controller<'a> {
             serde_json::json!({
                 "mode": self.incoming.as_ref().map(|i| i.mode.clone()),
                 "phase": phase.name(),
+                "refused_connections": self.refused_connections,
+                "lacking_pages": self.lacking_pages,
             })
         });
         let stats = self.memory.stats();
@@ -459,9 +574,10 @@ impl<'a> Controller<'a> {
         result: std::result::Result<MigrationReport, migration::Error>,
     ) {
         let out = self.outgoing.take();
-        let reply = |answer| {
-            if let Some(o) = &out {
-                let _ = o.reply.send(answer);
+        // The call waiting: the first, or the resume (a pause answered the ones before).
+        let reply = |answer: std::result::Result<MigrationReport, MigrateRefusal>| {
+            if let Some(r) = out.as_ref().and_then(|o| o.replies.last()) {
+                let _ = r.send(answer);
             }
         };
         match result {
@@ -521,6 +637,33 @@ impl<'a> Controller<'a> {
         let _ = arrival.started.send(answer);
     }
 
+    /// A destination's post-copy broke: its vCPUs stop in place until the source is back
+    /// (a vCPU that touched an absent page would only wait for it, or spin on it).
+    fn on_incoming_paused(&mut self, why: &str, lacking: u64) {
+        eprintln!("hugevisor: warning: post-copy is paused ({why}); {lacking} pages still lacking, the guest waits for the source to resume");
+        self.lacking_pages = Some(lacking);
+        if self.state == RunState::PostcopyPaused {
+            return;
+        }
+        self.paused_from = Some(self.state);
+        self.state = RunState::PostcopyPaused;
+        if let Some(v) = &self.vcpus {
+            if let Err(e) = v.pause() {
+                eprintln!("hugevisor: warning: pausing the vCPUs while post-copy waits: {e}");
+            }
+        }
+    }
+
+    fn on_incoming_resumed(&mut self) {
+        self.lacking_pages = None;
+        if let Some(v) = &self.vcpus {
+            if let Err(e) = v.resume() {
+                eprintln!("hugevisor: warning: resuming the vCPUs after post-copy resumed: {e}");
+            }
+        }
+        self.state = self.paused_from.take().unwrap_or(RunState::Running);
+    }
+
     fn on_incoming_end(
         &mut self,
         result: std::result::Result<IncomingReport, migration::Error>,
@@ -555,7 +698,10 @@ impl<'a> Controller<'a> {
 
     /// Between events: the corruption test, the run's limits, failures, the deadline.
     fn poll_guest(&mut self) -> Result<()> {
-        if matches!(self.state, RunState::Paused | RunState::Migrated) {
+        if matches!(
+            self.state,
+            RunState::Paused | RunState::Migrated | RunState::PostcopyPaused
+        ) {
             return Ok(());
         }
         let now = monotonic_ns();
@@ -633,10 +779,13 @@ impl<'a> Controller<'a> {
         let outcomes = self.vcpus.take().map(|v| v.finish()).unwrap_or_default();
         let end_ns = monotonic_ns();
         // A migration still in flight ends here: the guest finished (or failed) first.
-        if let Some(o) = self.outgoing.take() {
+        if let Some(mut o) = self.outgoing.take() {
+            o.give_up();
             let why = MigrateRefusal::GuestFinished;
             self.migration_failures.push(why.to_string());
-            let _ = o.reply.send(Err(why));
+            for r in &o.replies {
+                let _ = r.send(Err(MigrateRefusal::GuestFinished));
+            }
         }
         // A destination's migration reports its end once its threads are done (they end
         // when the source does, or when their connections fail).

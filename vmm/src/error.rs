@@ -50,6 +50,8 @@ pub enum Error {
     ControllerGone,
     #[error("the guest has finished")]
     GuestFinished,
+    #[error("{signal} arrived before the guest did; nothing ran here")]
+    Interrupted { signal: &'static str },
     #[error("--incoming: {0}")]
     Listen(#[source] migration::WireError),
     #[error("the arrived guest could not start: {0}")]
@@ -113,6 +115,8 @@ pub enum ConfigError {
     DirtyRingRefused { entries: u32, bytes: u64 },
     #[error("KVM device path {path} contains NUL", path = .0.display())]
     NulInPath(PathBuf),
+    #[error("--incoming {uri}: a tcp listener accepts anyone who reaches its port; give both ends --migration-key FILE, or pass --insecure to listen without authentication")]
+    UnauthenticatedTcp { uri: String },
 }
 
 pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {

@@ -31,6 +31,7 @@ pub mod placement;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod signals;
 pub mod vstate;
 
 pub use error::{Error, Result};

@@ -38,3 +38,15 @@ fn every_input_that_once_failed_is_replayed() {
         fuzzing::destination(&input);
     }
 }
+
+/// Writes the destination target's seeds where `cargo fuzz` finds its corpus:
+/// `cargo test -p migration write_fuzz_seeds -- --ignored`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/destination");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, seed) in fuzzing::seeds() {
+        std::fs::write(dir.join(format!("seed-{name}")), seed).unwrap();
+    }
+}

@@ -190,7 +190,10 @@ impl std::str::FromStr for PushOrder {
 #[serde(rename_all = "kebab-case")]
 pub enum Verify {
     /// Both ends hash guest RAM (CRC-32) and the destination refuses to resume on a
-    /// mismatch. Pre-copy only; costs downtime (a pass over guest RAM each side).
+    /// mismatch; costs downtime (a pass over guest RAM each side). In post-copy (and
+    /// hybrid) the source hashes its stopped guest page by page and the destination adds
+    /// up the pages it had at the switch-over and each page as it is installed, and
+    /// fails the migration at its end on a mismatch (the guest runs meanwhile).
     MemoryHash,
 }
 

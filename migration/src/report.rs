@@ -66,4 +66,7 @@ pub struct IncomingReport {
     /// Times a broken connection was resumed.
     #[serde(default)]
     pub recoveries: u32,
+    /// The memory hash this end computed and found equal to the source's (`verify`).
+    #[serde(default)]
+    pub memory_hash: Option<u32>,
 }

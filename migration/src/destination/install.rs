@@ -9,7 +9,7 @@
 //! it comes back with new connections, is told which pages are still lacking, and the
 //! receivers start again on them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,11 @@ struct Install<'a> {
     stop: AtomicBool,
     /// When the source's Complete arrived on the main connection.
     push_ended: Mutex<Option<Instant>>,
+    /// `verify`: the post-copy memory hash of what is here, added up as pages arrive.
+    digest: Option<AtomicU32>,
+    /// The source's hash.
+    expected: Option<u32>,
+    zero_page: Vec<u8>,
 }
 
 impl Install<'_> {
@@ -51,12 +56,37 @@ impl Install<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .clear(gpa.0 / self.page_size);
         if done == Installed::New {
+            if let Some(d) = &self.digest {
+                let bytes = match page {
+                    PageContent::Bytes(b) => b,
+                    PageContent::Zero => &self.zero_page,
+                };
+                d.fetch_add(crate::pages::page_digest(gpa, bytes), Ordering::AcqRel);
+            }
             self.pager.installed(gpa);
             if self.installed.fetch_add(1, Ordering::AcqRel) + 1 == self.target {
+                // The last page: the hash is checked before the source hears it is done.
+                self.check_hash()?;
                 self.pager.complete();
             }
         }
         Ok(())
+    }
+
+    /// `verify`: what arrived (and was here) against the source's hash.
+    fn check_hash(&self) -> Result<Option<u32>, Error> {
+        let (Some(there), Some(d)) = (self.expected, &self.digest) else {
+            return Ok(None);
+        };
+        let here = d.load(Ordering::Acquire);
+        if here != there {
+            return Err(Error::MemoryHash {
+                step: Step::Verify,
+                here,
+                there,
+            });
+        }
+        Ok(Some(here))
     }
 
     fn done(&self) -> bool {
@@ -131,7 +161,23 @@ impl Receiver<'_> {
             .pages()
             .begin_postcopy(&missing.ranges(self.layout.page_size), pager.clone())
             .map_err(Error::host(Step::BeginPostcopy, HostCall::BeginPostcopy))?;
+        // `verify`: the pages here already (hybrid), before the guest may change them.
+        let digest = match sw.memory_hash {
+            Some(_) => Some(AtomicU32::new(crate::pages::digest_pages(
+                self.vm.pages(),
+                &self.layout,
+                (0..self.layout.pages()).filter(|&p| !missing.get(p)),
+            )?)),
+            None => None,
+        };
+        let zero_page = match digest {
+            Some(_) => vec![0u8; self.layout.page_size as usize],
+            None => Vec::new(),
+        };
         let ctx = Install {
+            digest,
+            expected: sw.memory_hash,
+            zero_page,
             pages: self.vm.pages(),
             pager: &pager,
             target: absent,
@@ -160,6 +206,7 @@ impl Receiver<'_> {
         if !ctx.done() {
             return Err(ctx.incomplete(Step::Push));
         }
+        self.report.memory_hash = ctx.check_hash()?;
         self.vm
             .pages()
             .end_postcopy()
@@ -189,6 +236,7 @@ impl Receiver<'_> {
             self.start()?;
             self.vm.pages().resumed_after_migration();
             if ctx.target == 0 {
+                ctx.check_hash()?;
                 pager.complete();
             }
         }

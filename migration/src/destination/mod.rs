@@ -313,6 +313,7 @@ impl Receiver<'_> {
                     there,
                 });
             }
+            self.report.memory_hash = Some(here);
         }
         self.vm
             .restore(sw.state)

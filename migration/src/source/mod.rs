@@ -371,24 +371,38 @@ impl Session<'_> {
         Ok(match self.req.mode {
             Mode::Precopy => State::StopAndCopy { paused, pages },
             Mode::Postcopy => {
-                self.postcopy_switch_over(paused, PageBitmap::full(self.layout.pages()))
+                self.postcopy_switch_over(paused, PageBitmap::full(self.layout.pages()))?
             }
             Mode::Hybrid => {
                 let mut missing = PageBitmap::empty(self.layout.pages());
                 pages.into_iter().for_each(|p| missing.set(p));
-                self.postcopy_switch_over(paused, missing)
+                self.postcopy_switch_over(paused, missing)?
             }
         })
     }
 
-    fn postcopy_switch_over(&mut self, paused: Paused, missing: PageBitmap) -> State {
+    fn postcopy_switch_over(
+        &mut self,
+        paused: Paused,
+        missing: PageBitmap,
+    ) -> Result<State, Error> {
         self.report.push_order = self.req.push_order.name().to_string();
-        State::SwitchOver(Box::new(SwitchOver {
+        // The guest is stopped: its pages are final, whichever way they travel.
+        let hash = match self.req.verify {
+            Some(Verify::MemoryHash) => Some(crate::pages::digest_pages(
+                self.vm.pages(),
+                &self.layout,
+                0..self.layout.pages(),
+            )?),
+            None => None,
+        };
+        self.report.memory_hash = hash;
+        Ok(State::SwitchOver(Box::new(SwitchOver {
             state: paused.state,
             paused_at_ns: self.paused_at_ns.unwrap_or_default(),
-            memory_hash: None,
+            memory_hash: hash,
             missing: Some(missing),
-        }))
+        })))
     }
 
     fn stop_and_copy(&mut self, paused: Paused, pages: Vec<u64>) -> Result<State, Error> {

@@ -38,7 +38,10 @@ fn broken_pair(
                 }
             }
         });
-        pair(&src, &dst, &request(mode), net, &timeouts())
+        // Every case checks the memory hash too: what was resent counts once.
+        let mut req = request(mode);
+        req.verify = Some(crate::Verify::MemoryHash);
+        pair(&src, &dst, &req, net, &timeouts())
     });
     (src, dst, s, d)
 }
@@ -61,6 +64,8 @@ fn post_copy_resumes_after_both_connections_are_cut() {
     let (s, d) = (s.unwrap(), d.unwrap());
     same_guest(&src, &dst);
     assert_eq!((s.recoveries, d.recoveries), (1, 1));
+    assert!(s.memory_hash.is_some());
+    assert_eq!(s.memory_hash, d.memory_hash, "equal memory hashes");
     never_resumed_here(&src);
     assert_eq!(src.ram.calls.count("handover_paused"), 1);
     assert_eq!(src.ram.calls.count("handover_resumed"), 1);
@@ -162,4 +167,37 @@ fn a_lost_start_is_sent_again_on_the_resumed_connection() {
     never_resumed_here(&src);
     assert!(matches!(d, Error::Unrecovered { .. }), "{d}");
     assert_eq!(dst.ram.calls.count("start"), 0);
+}
+
+#[test]
+fn a_post_copy_memory_hash_catches_pages_that_changed_after_the_pause() {
+    let mut src = FakeSource::new(MIB, 4096, "shmem");
+    src.read_delay_after_pause = Duration::from_millis(1);
+    let dst = FakeDestination::new(MIB, 4096, "shmem");
+    let mut req = request(Mode::Postcopy);
+    req.verify = Some(crate::Verify::MemoryHash);
+    let (s, d) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // A broken source: its stopped guest's last page changes before it is sent.
+            if dst.wait_started(Duration::from_secs(10)) {
+                let mut b = src.ram.bytes.lock().unwrap();
+                let n = b.len();
+                b[n - 5] ^= 0xff;
+            }
+        });
+        pair(&src, &dst, &req, &TestNet::new(), &timeouts())
+    });
+    let d = d.unwrap_err();
+    assert!(
+        matches!(
+            d.root(),
+            Error::MemoryHash {
+                step: Step::Verify,
+                ..
+            }
+        ),
+        "{d}"
+    );
+    assert!(s.is_err());
+    assert!(!dst.calls().contains(&"end_postcopy"));
 }

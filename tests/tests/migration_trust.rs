@@ -30,6 +30,9 @@ enum Cut {
     Both,
     /// Only the urgent connection (the second).
     Urgent,
+    /// Nothing is cut: the proxy stops forwarding, both ways, and holds the connections
+    /// open (a source that stops sending).
+    Stall,
 }
 
 /// A TCP proxy in front of a destination: forwards every connection both ways and, once
@@ -86,11 +89,19 @@ type Counter = (
     u64,
 );
 
+/// Set once a `Cut::Stall` proxy stalled: every pump stops forwarding.
+static STALLED: AtomicBool = AtomicBool::new(false);
+
 /// Copies `from` into `to` until either ends; the first connection's source side counts
 /// its bytes and cuts when they pass the mark.
 fn pump(mut from: TcpStream, mut to: TcpStream, counter: Option<Counter>) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
+        if STALLED.load(Ordering::Acquire) {
+            // Wedged: holds both sockets, forwards nothing, closes nothing.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
@@ -101,6 +112,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counter: Option<Counter>) {
         if let Some((forwarded, done, pairs, cut, after)) = &counter {
             let total = forwarded.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
             if total >= *after && !done.swap(true, Ordering::AcqRel) {
+                if *cut == Cut::Stall {
+                    STALLED.store(true, Ordering::Release);
+                    continue;
+                }
                 let pairs = pairs.lock().unwrap();
                 for (i, (a, b)) in pairs.iter().enumerate() {
                     if *cut == Cut::Both || i == 1 {
@@ -570,4 +585,197 @@ fn sigterm_ends_a_run_with_its_report_and_removes_its_sockets() {
     assert!(err.contains("SIGTERM"), "{err}");
     assert!(!mig.exists(), "the migration socket is removed");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// CPU time (user + system) `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest.split(' ').map(|x| x.parse().unwrap_or(0)).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis((f[11] + f[12]) * 1000 / hz)
+}
+
+#[test]
+fn a_starved_postcopy_destination_pauses_its_vcpus_and_ends_naming_the_missing_pages() {
+    if !have_kvm() {
+        return;
+    }
+    let _heavy = tests::heavy();
+    let dir = scratch("starved");
+    let port = free_tcp_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let api = dir.join("api.sock");
+    let common = [
+        "run",
+        "--memory",
+        "64M",
+        "--vcpus",
+        "2",
+        "--workload",
+        "verify",
+        "--duration",
+        RUN_BOUND,
+        "--console",
+        "off",
+        "--json",
+    ];
+    let Pair {
+        mut dst,
+        mut src,
+        dst_api,
+    } = start_pair(
+        &common,
+        &uri,
+        &api,
+        &["--insecure", "--recovery-timeout", "8s"],
+        &[],
+    );
+    wait_for(&dst_api);
+    // The source "stops sending" after 64 KiB: the guest's image and page tables (from
+    // 1 MiB up) never arrive, and its vCPUs wait for them.
+    let proxy = Proxy::start(port, Cut::Stall, 64 << 10);
+    let client = {
+        let (api, to) = (api.clone(), proxy.uri());
+        std::thread::spawn(move || migrate(&api, &to, &["--mode", "postcopy"]))
+    };
+    let t0 = Instant::now();
+    wait_until(&mut dst, &dst_api, "the starved destination pausing", |i| {
+        state(i) == "postcopy-paused"
+    });
+    // Paused, not spinning: its vCPUs and fault thread take (almost) no CPU.
+    let before = cpu_time(dst.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time(dst.id()) - before;
+    assert!(
+        used < Duration::from_millis(600),
+        "the paused destination used {used:?} of CPU in 2 s"
+    );
+    let (code, dj, err) = finish(dst);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("pages never arrived"), "{err}");
+    assert!(!err.contains("invalid configuration"), "{err}");
+    assert!(dj.is_null() || dj["outcome"] != "ok", "{dj}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(120),
+        "bounded: {:?}",
+        t0.elapsed()
+    );
+    // The source kept the guest stopped (the destination had it) and ends when told.
+    wait_until(&mut src, &api, "the source postcopy-paused", |i| {
+        state(i) == "postcopy-paused"
+    });
+    end_run(&api);
+    let (scode, sj, serr) = finish(src);
+    assert_eq!(scode, 0, "{serr}");
+    assert_eq!(
+        sj["outcome"], "migrated",
+        "never runs the guest again: {sj}"
+    );
+    let _ = client.join();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Waits for `child` and returns its exit code and its peak resident memory.
+fn wait_with_peak_rss(child: std::process::Child) -> (i32, u64, String) {
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 on our own child's pid fills both.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as i32;
+    let mut stderr = child.stderr.unwrap();
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    // SAFETY: see above.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid);
+    (
+        libc::WEXITSTATUS(status),
+        usage.ru_maxrss as u64 * 1024,
+        err,
+    )
+}
+
+#[test]
+fn hostile_frames_to_a_waiting_destination_are_refused_within_the_layout() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = scratch("hostile");
+    let mig = dir.join("mig.sock");
+    let uri = format!("unix:{}", mig.display());
+    let dst_api = dir.join("dst-api.sock");
+    let layout_hello = || {
+        let mut h = hello(Mode::Postcopy);
+        h.memory_bytes = 64 << 20;
+        Message::Hello(h).to_frame().unwrap()
+    };
+    // A header claiming `len` bytes of `kind`, with nothing behind it.
+    let header = |kind: FrameKind, len: u32| {
+        let mut h = vec![0u8; 16];
+        h[0..4].copy_from_slice(b"HVMF");
+        h[4] = kind as u8;
+        h[8..12].copy_from_slice(&len.to_le_bytes());
+        h
+    };
+    for (kind, len, said) in [
+        (FrameKind::Page, 1u32 << 30, "4104-byte limit"),
+        // A SwitchOver with a 100 M-word missing-pages bitmap.
+        (FrameKind::SwitchOver, 800_000_000, "-byte limit"),
+    ] {
+        let dst = spawn(&[
+            "run",
+            "--memory",
+            "64M",
+            "--console",
+            "off",
+            "--incoming",
+            &uri,
+            "--api-socket",
+            &dst_api.to_string_lossy(),
+        ]);
+        wait_for(&dst_api);
+        // A stranger first: refused; the destination waits on.
+        let kinds = knock(&uri, &[Frame::new(FrameKind::Complete, vec![])]);
+        assert_eq!(kinds, [FrameKind::Abort]);
+        assert_eq!(vm_info(&dst_api)["incoming"]["refused_connections"], 1);
+        // Then a source that says Hello and sends the huge frame's header.
+        let u: Uri = uri.parse().unwrap();
+        let c = migration::Connector::connect(&u, Duration::from_secs(10), Duration::from_secs(30))
+            .unwrap();
+        let mut w = FrameWriter::new(c);
+        w.send(&layout_hello()).unwrap();
+        w.flush().unwrap();
+        w.get_mut().write_all(&header(kind, len)).unwrap();
+        let (code, peak, err) = wait_with_peak_rss(dst);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains(said) && err.contains("exceeds"),
+            "{kind:?}: {err}"
+        );
+        assert!(!err.contains("invalid configuration"), "{err}");
+        assert!(peak < 200 << 20, "{kind:?}: peak RSS {} MiB", peak >> 20);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_unknown_check_is_refused_before_anything_moves() {
+    let r = tests::run(&[
+        "migrate",
+        "--api-socket",
+        "/nonexistent/api.sock",
+        "--to",
+        "unix:/nonexistent/mig.sock",
+        "--verify",
+        "sha256",
+    ]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr().contains("sha256") && r.stderr().contains("memory-hash"),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(r.stderr().lines().count(), 1, "{}", r.stderr());
 }

@@ -226,6 +226,17 @@ pub enum AuthError {
     KeyMode { path: std::path::PathBuf, mode: u32 },
     #[error("no random numbers from the kernel: {0}")]
     Random(#[source] std::io::Error),
+    #[error(
+        "TLS handshake: {0} (each end needs a --tls-cert/--tls-key signed by the other's --tls-ca)"
+    )]
+    Tls(String),
+    #[error("TLS set-up: {0}")]
+    TlsSetup(String),
+    #[error("{path}: {what} (expected PEM)", path = .path.display())]
+    TlsFile {
+        path: std::path::PathBuf,
+        what: String,
+    },
 }
 
 /// The two ends do not hold the same guest (memory, backing, vCPUs).

@@ -181,8 +181,18 @@ pub struct RunArgs {
     /// Authenticate every migration connection, in and out, with the pre-shared key in
     /// FILE (at least 16 bytes, mode 0600; the same file on both ends), by
     /// challenge–response before anything the peer sends is trusted.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "tls_cert")]
     migration_key: Option<PathBuf>,
+    /// Mutual TLS for every migration connection, in and out: this end's certificate
+    /// (PEM), signed by a CA the other end trusts (with --tls-key and --tls-ca).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the other end's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// Let a `--incoming tcp:` listener run without --migration-key: anyone who reaches
     /// the port could hand this VM a guest.
     #[arg(long)]
@@ -332,12 +342,7 @@ impl RunArgs {
             api_socket: self.api_socket.clone(),
             incoming: self.incoming.clone(),
             dirty_log: self.dirty_log,
-            migration_auth: match &self.migration_key {
-                Some(path) => migration::Auth::Key(std::sync::Arc::new(
-                    migration::Key::from_file(path).map_err(|e| format!("--migration-key: {e}"))?,
-                )),
-                None => migration::Auth::None,
-            },
+            migration_auth: self.migration_auth()?,
             exposure: if self.insecure {
                 Exposure::Insecure
             } else {
@@ -345,6 +350,27 @@ impl RunArgs {
             },
             recovery_timeout: self.recovery_timeout,
         })
+    }
+}
+
+impl RunArgs {
+    /// `--migration-key` or the `--tls-*` trio (clap has refused both, or part of the trio).
+    fn migration_auth(&self) -> Result<migration::Auth, String> {
+        use std::sync::Arc;
+        if let Some(path) = &self.migration_key {
+            let key =
+                migration::Key::from_file(path).map_err(|e| format!("--migration-key: {e}"))?;
+            return Ok(migration::Auth::Key(Arc::new(key)));
+        }
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = migration::wire::tls::TlsFiles { cert, key, ca };
+                let tls = migration::wire::tls::TlsConfig::from_files(&files)
+                    .map_err(|e| e.to_string())?;
+                Ok(migration::Auth::Tls(Arc::new(tls)))
+            }
+            _ => Ok(migration::Auth::None),
+        }
     }
 }
 

@@ -115,7 +115,7 @@ pub enum ConfigError {
     DirtyRingRefused { entries: u32, bytes: u64 },
     #[error("KVM device path {path} contains NUL", path = .0.display())]
     NulInPath(PathBuf),
-    #[error("--incoming {uri}: a tcp listener accepts anyone who reaches its port; give both ends --migration-key FILE, or pass --insecure to listen without authentication")]
+    #[error("--incoming {uri}: a tcp listener accepts anyone who reaches its port; give both ends --tls-cert/--tls-key/--tls-ca or --migration-key FILE, or pass --insecure to listen without authentication")]
     UnauthenticatedTcp { uri: String },
 }
 

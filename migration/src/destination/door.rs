@@ -108,7 +108,26 @@ impl<'a> Door<'a> {
         conn.refuse(why);
     }
 
+    /// A connection as this door takes it: TLS wraps it first (a peer that fails the
+    /// handshake is refused and counted here).
     fn conn(&self, channel: Box<dyn Channel>) -> Result<Conn, Error> {
+        let channel = match self.auth.wrap_server(
+            channel
+                .try_clone()
+                .map_err(|e| Error::wire(Step::Connect, self.timeouts.io)(WireError::Io(e)))?,
+        ) {
+            Ok(c) => c,
+            Err(source) => {
+                let why = source.to_string();
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                self.vm.note(IncomingEvent::Refused { why: &why });
+                channel.shutdown();
+                return Err(Error::Auth {
+                    step: Step::Connect,
+                    source,
+                });
+            }
+        };
         Conn::new(channel, self.layout, self.timeouts.io)
             .map_err(|e| Error::wire(Step::Connect, self.timeouts.io)(WireError::Io(e)))
     }
@@ -120,8 +139,8 @@ impl<'a> Door<'a> {
             .map_err(|reason| Error::peer(step, PeerError::Aborted { reason }))?;
         let auth = |source| Error::Auth { step, source };
         match (self.auth, first) {
-            (Auth::None, Opening::Auth(_)) => Err(auth(AuthError::KeyNotExpected)),
-            (Auth::None, opening) => Ok(opening),
+            (Auth::None | Auth::Tls(_), Opening::Auth(_)) => Err(auth(AuthError::KeyNotExpected)),
+            (Auth::None | Auth::Tls(_), opening) => Ok(opening),
             (Auth::Key(_), Opening::Auth(challenge)) => {
                 self.auth.server(conn, &challenge).map_err(auth)?;
                 conn.recv(step, Opening::of)?
@@ -154,7 +173,12 @@ impl<'a> Door<'a> {
                     e => e,
                 })
                 .map_err(Error::wire(Step::Connect, io))?;
-            let mut conn = self.conn(channel)?;
+            let mut conn = match self.conn(channel) {
+                Ok(conn) => conn,
+                // Refused and counted already: no TLS peer of ours.
+                Err(e) if strangers == Strangers::Fail => return Err(e),
+                Err(_) => continue,
+            };
             let step = Step::Handshake;
             let error = match self.opening(&mut conn, step) {
                 Ok(Opening::Hello(hello)) => return Ok((conn, hello)),
@@ -193,19 +217,23 @@ impl<'a> Door<'a> {
                 // A listener that fails keeps failing: the migration goes on without it.
                 Err(_) => return,
             };
-            let Ok(conn) = self.conn(channel) else {
-                continue;
-            };
             if self.admitting.fetch_add(1, Ordering::AcqRel) >= MAX_ADMITTING {
                 self.admitting.fetch_sub(1, Ordering::AcqRel);
-                self.refuse(conn, "too many connections are authenticating at once");
+                let why = "too many connections are authenticating at once";
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                self.vm.note(IncomingEvent::Refused { why });
+                channel.shutdown();
                 continue;
             }
-            if let (Ok(c), Ok(mut p)) = (conn.channel.try_clone(), self.pending.lock()) {
+            if let (Ok(c), Ok(mut p)) = (channel.try_clone(), self.pending.lock()) {
                 p.push(c);
             }
+            // Authenticating (a TLS handshake, a challenge) takes round trips: on a
+            // thread of its own, so a slow stranger holds up nobody.
             scope.spawn(move || {
-                self.admit(conn);
+                if let Ok(conn) = self.conn(channel) {
+                    self.admit(conn);
+                }
                 self.admitting.fetch_sub(1, Ordering::AcqRel);
             });
         }

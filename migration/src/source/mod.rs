@@ -149,6 +149,9 @@ fn open(
     let channel = connector
         .connect(timeouts.connect, io)
         .map_err(Error::wire(step, io))?;
+    let channel = auth
+        .wrap_client(channel, &connector.server_name())
+        .map_err(|source| Error::Auth { step, source })?;
     let mut conn = Conn::new(channel, layout, io).map_err(|e| Error::wire(step, io)(e.into()))?;
     auth.client(&mut conn, step)?;
     Ok(conn)

@@ -10,6 +10,7 @@ mod recovery;
 mod safety;
 mod source_errors;
 mod success;
+mod tls;
 
 use std::time::Duration;
 

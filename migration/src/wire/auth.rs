@@ -233,12 +233,15 @@ pub enum Auth {
     None,
     /// A pre-shared key, challenge–response.
     Key(Arc<Key>),
+    /// Mutual TLS ([`crate::wire::tls`]): every byte of every connection.
+    Tls(Arc<crate::wire::tls::TlsConfig>),
 }
 
 impl Auth {
     /// Source side: proves this end holds the key and checks that the destination does.
     pub(crate) fn client(&self, conn: &mut Conn, step: Step) -> Result<(), Error> {
         let Auth::Key(key) = self else {
+            // Tls: the channel was wrapped (and the peer checked) when it was opened.
             return Ok(());
         };
         let auth = |source| Error::Auth { step, source };
@@ -264,7 +267,7 @@ impl Auth {
     pub(crate) fn server(&self, conn: &mut Conn, first: &AuthStep) -> Result<(), AuthError> {
         let (Auth::Key(key), AuthStep::Challenge { nonce: theirs }) = (self, first) else {
             return match self {
-                Auth::None => Err(AuthError::KeyNotExpected),
+                Auth::None | Auth::Tls(_) => Err(AuthError::KeyNotExpected),
                 Auth::Key(_) => Err(AuthError::Unauthenticated {
                     got: crate::FrameKind::Auth,
                 }),
@@ -294,6 +297,29 @@ impl Auth {
     /// Whether connections are authenticated at all.
     pub fn is_some(&self) -> bool {
         !matches!(self, Auth::None)
+    }
+
+    /// The source's side of a raw connection to `host`: TLS wraps it.
+    pub(crate) fn wrap_client(
+        &self,
+        raw: Box<dyn crate::wire::transport::Channel>,
+        host: &str,
+    ) -> Result<Box<dyn crate::wire::transport::Channel>, AuthError> {
+        match self {
+            Auth::Tls(tls) => tls.client(raw, host),
+            _ => Ok(raw),
+        }
+    }
+
+    /// The destination's side of a raw connection: TLS wraps it (and checks the peer).
+    pub(crate) fn wrap_server(
+        &self,
+        raw: Box<dyn crate::wire::transport::Channel>,
+    ) -> Result<Box<dyn crate::wire::transport::Channel>, AuthError> {
+        match self {
+            Auth::Tls(tls) => tls.server(raw),
+            _ => Ok(raw),
+        }
     }
 }
 

@@ -6,4 +6,5 @@ pub mod auth;
 pub mod conn;
 pub mod frame;
 pub mod message;
+pub mod tls;
 pub mod transport;

@@ -34,6 +34,10 @@ pub trait Channel: Read + Write + Send {
 pub trait Connector: Sync {
     /// One connection, retrying for up to `wait` (the peer may still be starting).
     fn connect(&self, wait: Duration, io_timeout: Duration) -> Result<Box<dyn Channel>, WireError>;
+    /// The name TLS checks the destination's certificate against.
+    fn server_name(&self) -> String {
+        "localhost".into()
+    }
 }
 
 /// Takes connections from a source (the destination's side).
@@ -119,6 +123,18 @@ impl Uri {
 }
 
 impl Connector for Uri {
+    fn server_name(&self) -> String {
+        match self {
+            Uri::Tcp(addr) => addr
+                .rsplit_once(':')
+                .map_or(addr.as_str(), |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            Uri::Unix(_) => "localhost".into(),
+        }
+    }
+
     fn connect(&self, wait: Duration, io_timeout: Duration) -> Result<Box<dyn Channel>, WireError> {
         let deadline = Instant::now() + wait;
         loop {

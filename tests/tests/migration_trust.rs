@@ -779,3 +779,188 @@ fn an_unknown_check_is_refused_before_anything_moves() {
     );
     assert_eq!(r.stderr().lines().count(), 1, "{}", r.stderr());
 }
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl (the TLS test makes its certificates with it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA `name`-ca.pem and, signed by it, `name`-LEAF.pem/.key for each leaf (localhost,
+/// 127.0.0.1; server and client use).
+fn pki(dir: &Path, name: &str, leaves: &[&str]) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca_key, ca) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
+    let ca_subject = format!("/CN=hugevisor test CA {name}");
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+        "-days",
+        "2",
+        "-subj",
+        &ca_subject,
+    ]);
+    openssl(dir, &args);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    for leaf in leaves {
+        let (key, csr, pem) = (
+            format!("{name}-{leaf}.key"),
+            format!("{name}-{leaf}.csr"),
+            format!("{name}-{leaf}.pem"),
+        );
+        let subj = format!("/CN={leaf}");
+        let mut args = vec!["req"];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &args);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+    }
+}
+
+#[test]
+fn mutual_tls_over_tcp_refuses_plaintext_and_other_cas_and_carries_the_real_source() {
+    if !have_kvm() {
+        return;
+    }
+    let _heavy = tests::heavy();
+    let dir = scratch("tls");
+    pki(&dir, "good", &["source", "destination"]);
+    pki(&dir, "rogue", &["source"]);
+    let p = |f: &str| dir.join(f).to_string_lossy().to_string();
+    let tls = |leaf: &str| {
+        vec![
+            "--tls-cert".to_string(),
+            p(&format!("{leaf}.pem")),
+            "--tls-key".to_string(),
+            p(&format!("{leaf}.key")),
+            "--tls-ca".to_string(),
+            p("good-ca.pem"),
+        ]
+    };
+    let port = free_tcp_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let common = [
+        "run",
+        "--memory",
+        "64M",
+        "--vcpus",
+        "2",
+        "--workload",
+        "verify",
+        "--duration",
+        RUN_BOUND,
+        "--console",
+        "off",
+        "--json",
+    ];
+    let dst_api = dir.join("dst-api.sock");
+    let dst_api_s = dst_api.to_string_lossy().to_string();
+    let dst_tls = tls("good-destination");
+    let mut dst_args: Vec<&str> = common.to_vec();
+    dst_args.extend(["--incoming", &uri, "--api-socket", &dst_api_s]);
+    dst_args.extend(dst_tls.iter().map(String::as_str));
+    // A tcp listener with TLS needs no --insecure.
+    let mut dst = spawn(&dst_args);
+    wait_for(&dst_api);
+    // Plaintext: no HelloAck, nothing read as a frame.
+    let kinds = knock(
+        &uri,
+        &[Message::Hello(hello(Mode::Precopy)).to_frame().unwrap()],
+    );
+    assert!(!kinds.contains(&FrameKind::HelloAck), "{kinds:?}");
+    // A source whose certificate another CA signed.
+    let api = dir.join("api.sock");
+    let api_s = api.to_string_lossy().to_string();
+    let rogue_tls = tls("rogue-source");
+    let mut args: Vec<&str> = common.to_vec();
+    args.extend(["--api-socket", &api_s]);
+    args.extend(rogue_tls.iter().map(String::as_str));
+    let rogue = spawn(&args);
+    wait_for(&api);
+    let (code, _, err) = migrate(&api, &uri, &["--mode", "postcopy"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("fatal alert") || err.contains("TLS"), "{err}");
+    end_run(&api);
+    let (code, sj, serr) = finish(rogue);
+    assert_eq!((code, &sj["outcome"]), (0, &Value::from("ok")), "{serr}");
+    let info = vm_info(&dst_api);
+    assert_eq!(info["state"], "receiving", "{info}");
+    assert!(
+        info["incoming"]["refused_connections"].as_u64().unwrap() >= 2,
+        "{info}"
+    );
+    // The real source: post-copy over TLS, every page, no integrity error.
+    let src_tls = tls("good-source");
+    let mut args: Vec<&str> = common.to_vec();
+    args.extend(["--api-socket", &api_s]);
+    args.extend(src_tls.iter().map(String::as_str));
+    let mut src = spawn(&args);
+    wait_until(&mut src, &api, "the source's passes", |i| {
+        i["passes"].as_u64().unwrap_or(0) >= 2
+    });
+    let (code, report, err) = migrate(
+        &api,
+        &uri,
+        &["--mode", "postcopy", "--verify", "memory-hash"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let done = wait_until(&mut dst, &dst_api, "post-copy over TLS complete", |i| {
+        i["incoming"]["phase"] == "complete"
+    });
+    let passes = done["passes"].as_u64().unwrap();
+    wait_until(&mut dst, &dst_api, "passes after", |i| {
+        i["passes"].as_u64().unwrap_or(0) >= passes + 2
+    });
+    end_run(&dst_api);
+    let (scode, sj, serr) = finish(src);
+    let (dcode, dj, derr) = finish(dst);
+    assert_eq!(
+        (scode, &sj["outcome"]),
+        (0, &Value::from("migrated")),
+        "{serr}"
+    );
+    assert_eq!((dcode, &dj["outcome"]), (0, &Value::from("ok")), "{derr}");
+    assert_eq!(dj["integrity_errors"], 0, "{dj}");
+    assert_eq!(dj["incoming"]["memory_hash"], report["memory_hash"], "{dj}");
+    let _ = std::fs::remove_dir_all(dir);
+}

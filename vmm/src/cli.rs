@@ -394,6 +394,12 @@ fn cmd_run(args: &RunArgs, start_ns: u64) -> i32 {
             }
             match report.outcome {
                 Outcome::Ok | Outcome::Migrated => EXIT_OK,
+                Outcome::MigrationFailed => fail(
+                    report
+                        .migration_error
+                        .as_deref()
+                        .unwrap_or("the migration failed"),
+                ),
                 Outcome::IntegrityErrors => {
                     if let Some(e) = &report.first_error {
                         eprintln!(

@@ -121,6 +121,8 @@ pub struct RunEnd {
     /// The guest was handed over although the migration did not end cleanly.
     pub handed_over: bool,
     pub migration_failures: Vec<String>,
+    /// The migration failure that ends the run with an error (after its report).
+    pub migration_error: Option<String>,
     pub incoming: Option<IncomingReport>,
     pub console: Arc<Console>,
     pub memory: Arc<GuestMemory>,
@@ -807,10 +809,10 @@ impl<'a> Controller<'a> {
         while let Ok(event) = self.events_rx.try_recv() {
             self.refuse(event);
         }
-        if let Some(e) = self.fatal.take() {
-            return Err(e);
-        }
+        // The run ends with its report all the same; the error is its outcome.
+        let migration_error = self.fatal.take().map(|e| e.to_string());
         Ok(RunEnd {
+            migration_error,
             outcomes,
             timed_out: self.limits.timed_out,
             launch_ns: self.launch_ns,

@@ -200,6 +200,12 @@ fn postcopy_resumes_through_a_cut(backing: &str, cut: Cut) {
         paused["incoming"]["lacking_pages"].as_u64().unwrap() > 0,
         "{what}: {paused}"
     );
+    // A third process that connects now is refused: it cannot join, nor start anew.
+    let kinds = knock(
+        &uri,
+        &[Message::Hello(hello(Mode::Postcopy)).to_frame().unwrap()],
+    );
+    assert_eq!(kinds, [FrameKind::Abort], "{what}: {kinds:?}");
     let (code, _, err) = first.join().unwrap();
     assert_eq!(code, 1, "{what}: the first call ends with the pause: {err}");
     assert!(err.contains("--resume"), "{what}: {err}");
@@ -229,6 +235,7 @@ fn postcopy_resumes_through_a_cut(backing: &str, cut: Cut) {
     assert_eq!(dj["outcome"], "ok", "{what}: {dj}");
     assert_eq!(dj["integrity_errors"], 0, "{what}: {dj}");
     assert_eq!(dj["incoming"]["recoveries"], 1, "{what}: {dj}");
+    assert_eq!(dj["incoming"]["refused_connections"], 1, "{what}: {dj}");
     assert_eq!(
         dj["incoming"]["memory_hash"].as_u64(),
         hash,
@@ -967,5 +974,54 @@ fn mutual_tls_over_tcp_refuses_plaintext_and_other_cas_and_carries_the_real_sour
     assert_eq!((dcode, &dj["outcome"]), (0, &Value::from("ok")), "{derr}");
     assert_eq!(dj["integrity_errors"], 0, "{dj}");
     assert_eq!(dj["incoming"]["memory_hash"], report["memory_hash"], "{dj}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn another_user_cannot_even_reach_a_unix_destination() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = scratch("other-user");
+    // The socket's directory is open to all: only the socket's own mode keeps them out.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mig = dir.join("mig.sock");
+    let dst_api = dir.join("dst-api.sock");
+    let mut dst = spawn(&[
+        "run",
+        "--memory",
+        "32M",
+        "--console",
+        "off",
+        "--incoming",
+        &format!("unix:{}", mig.display()),
+        "--api-socket",
+        &dst_api.to_string_lossy(),
+    ]);
+    wait_for(&mig);
+    // An unprivileged user (nobody) tries to connect: the kernel refuses it.
+    let out = {
+        use std::os::unix::process::CommandExt;
+        tests::hugevisor()
+            .args(["migrate", "--api-socket"])
+            .arg(&mig)
+            .args(["--to", "unix:/nowhere"])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    let info = wait_until(&mut dst, &dst_api, "the destination, still waiting", |i| {
+        i["state"] == "receiving"
+    });
+    assert_eq!(info["incoming"]["refused_connections"], 0, "{info}");
+    let _ = dst.kill();
+    let _ = dst.wait();
     let _ = std::fs::remove_dir_all(dir);
 }

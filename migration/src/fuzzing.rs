@@ -392,7 +392,8 @@ struct ScriptNet {
     shared: Arc<Shared>,
     accepted: AtomicUsize,
     urgent: bool,
-    interrupted: Mutex<bool>,
+    /// Set by `interrupt`, taken by the `accept` it wakes.
+    woken: Mutex<bool>,
     wake: Condvar,
 }
 
@@ -415,7 +416,7 @@ impl ScriptNet {
                 closed: [AtomicBool::new(false), AtomicBool::new(false)],
             }),
             accepted: AtomicUsize::new(0),
-            interrupted: Mutex::new(false),
+            woken: Mutex::new(false),
             wake: Condvar::new(),
         }
     }
@@ -423,20 +424,50 @@ impl ScriptNet {
 
 impl Acceptor for ScriptNet {
     fn accept(&self, wait: Duration, _io: Duration) -> Result<Box<dyn Channel>, WireError> {
-        let n = self.accepted.fetch_add(1, Ordering::AcqRel);
-        if n == 0 || (n == 1 && self.urgent) {
-            return Ok(Box::new(ScriptChannel {
+        let channel = |which| -> Box<dyn Channel> {
+            Box::new(ScriptChannel {
                 shared: self.shared.clone(),
-                which: n,
-            }));
+                which,
+            })
+        };
+        if self
+            .accepted
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return Ok(channel(0));
         }
-        let stop = self.interrupted.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.wake.wait_timeout_while(stop, wait, |s| !*s);
-        Err(WireError::AcceptTimeout(wait))
+        // The urgent connection comes as a real source's would: once the HelloAck went.
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if std::mem::take(&mut *self.woken.lock().unwrap_or_else(|e| e.into_inner())) {
+                return Err(WireError::AcceptTimeout(wait));
+            }
+            if self.urgent
+                && self.shared.session().is_some()
+                && self
+                    .accepted
+                    .compare_exchange(1, 2, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Ok(channel(1));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(WireError::AcceptTimeout(wait));
+            }
+            let step = if self.urgent && self.accepted.load(Ordering::Acquire) == 1 {
+                Duration::from_millis(1)
+            } else {
+                left
+            };
+            let woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = self.wake.wait_timeout_while(woken, step, |w| !*w);
+        }
     }
 
     fn interrupt(&self) {
-        *self.interrupted.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.wake.notify_all();
     }
 }

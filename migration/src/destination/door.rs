@@ -34,6 +34,10 @@ const MAX_ADMITTING: usize = 8;
 /// How often the door looks up from `accept` to see whether the migration ended.
 const LOOK_UP: Duration = Duration::from_millis(100);
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A connection's first message after authentication, owned.
 enum Opening {
     Auth(AuthStep),
@@ -151,59 +155,115 @@ impl<'a> Door<'a> {
     }
 
     /// The main connection: the first one that authenticates and says Hello, within the
-    /// accept timeout. Others before it are refused (or, with [`Strangers::Fail`], end
-    /// the wait with their error). A Hello of another protocol version ends it either way:
-    /// that is this migration's source, misconfigured.
+    /// accept timeout. Candidates are heard at once, each on a thread of its own, so a
+    /// stranger that connects and says nothing holds up no one. The others are refused
+    /// (or, with [`Strangers::Fail`], the first of them ends the wait with its error). A
+    /// Hello of another protocol version ends it either way: that is this migration's
+    /// source, misconfigured.
     pub(crate) fn main(&self, strangers: Strangers) -> Result<(Conn, Hello), Error> {
         let io = self.timeouts.io;
         let deadline = Instant::now() + self.timeouts.accept;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let waited = self.timeouts.accept;
-                return Err(Error::wire(Step::Connect, io)(WireError::AcceptTimeout(
-                    waited,
-                )));
-            }
-            let channel = self
-                .acceptor
-                .accept(left, io)
-                .map_err(|e| match e {
-                    WireError::AcceptTimeout(_) => WireError::AcceptTimeout(self.timeouts.accept),
-                    e => e,
-                })
-                .map_err(Error::wire(Step::Connect, io))?;
-            let mut conn = match self.conn(channel) {
-                Ok(conn) => conn,
-                // Refused and counted already: no TLS peer of ours.
-                Err(e) if strangers == Strangers::Fail => return Err(e),
-                Err(_) => continue,
-            };
-            let step = Step::Handshake;
-            let error = match self.opening(&mut conn, step) {
-                Ok(Opening::Hello(hello)) => return Ok((conn, hello)),
-                Ok(other) => Error::peer(
-                    step,
-                    PeerError::Unexpected {
-                        index: conn.reader.last_index(),
-                        expected: "the source's Hello",
-                        got: other.kind(),
-                    },
-                ),
-                Err(e) => e,
-            };
-            let fatal = matches!(
-                error,
-                Error::Wire {
-                    source: WireError::Version { .. },
-                    ..
+        let (tx, rx) = mpsc::channel::<(usize, Option<Conn>, Result<Hello, Error>)>();
+        let candidates: Mutex<Vec<(usize, Box<dyn Channel>)>> = Mutex::default();
+        let chosen = std::thread::scope(|scope| {
+            let mut next = 0usize;
+            let chosen = loop {
+                if let Ok((id, conn, verdict)) = rx.try_recv() {
+                    match (conn, verdict) {
+                        (Some(conn), Ok(hello)) => break Ok((id, conn, hello)),
+                        (conn, Err(error)) => {
+                            let fatal = matches!(
+                                error,
+                                Error::Wire {
+                                    source: WireError::Version { .. },
+                                    ..
+                                }
+                            );
+                            if fatal || strangers == Strangers::Fail {
+                                if let Some(conn) = conn {
+                                    conn.refuse(&error.to_string());
+                                }
+                                break Err(error);
+                            }
+                            if let Some(conn) = conn {
+                                self.refuse(conn, &error.to_string());
+                            }
+                        }
+                        (None, Ok(_)) => {}
+                    }
+                    continue;
                 }
-            );
-            if fatal || strangers == Strangers::Fail {
-                conn.refuse(&error.to_string());
-                return Err(error);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let waited = self.timeouts.accept;
+                    break Err(Error::wire(Step::Connect, io)(WireError::AcceptTimeout(
+                        waited,
+                    )));
+                }
+                let channel = match self.acceptor.accept(left.min(LOOK_UP), io) {
+                    Ok(c) => c,
+                    Err(WireError::AcceptTimeout(_)) => continue,
+                    Err(e) => break Err(Error::wire(Step::Connect, io)(e)),
+                };
+                if self.admitting.fetch_add(1, Ordering::AcqRel) >= MAX_ADMITTING {
+                    self.admitting.fetch_sub(1, Ordering::AcqRel);
+                    let why = "too many connections are authenticating at once";
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    self.vm.note(IncomingEvent::Refused { why });
+                    channel.shutdown();
+                    continue;
+                }
+                if let Ok(c) = channel.try_clone() {
+                    lock(&candidates).push((next, c));
+                }
+                let (id, tx) = (next, tx.clone());
+                next += 1;
+                scope.spawn(move || {
+                    let verdict = match self.conn(channel) {
+                        Ok(mut conn) => {
+                            let hello = self.hello(&mut conn);
+                            (Some(conn), hello)
+                        }
+                        // Refused and counted already: no TLS peer of ours.
+                        Err(e) => (None, Err(e)),
+                    };
+                    let _ = tx.send((id, verdict.0, verdict.1));
+                    self.admitting.fetch_sub(1, Ordering::AcqRel);
+                    // The wait for the next candidate ends: this one has its verdict.
+                    self.acceptor.interrupt();
+                });
+            };
+            // The others are strangers now: end them (they are refused below).
+            let winner = chosen.as_ref().map(|c| c.0).ok();
+            for (id, c) in lock(&candidates).iter() {
+                if Some(*id) != winner {
+                    c.shutdown();
+                }
             }
-            self.refuse(conn, &error.to_string());
+            chosen
+        });
+        drop(tx);
+        for (_, conn, _) in rx.try_iter() {
+            if let Some(conn) = conn {
+                self.refuse(conn, "another source came first");
+            }
+        }
+        chosen.map(|(_, conn, hello)| (conn, hello))
+    }
+
+    /// A candidate's Hello, or why it is not one.
+    fn hello(&self, conn: &mut Conn) -> Result<Hello, Error> {
+        let step = Step::Handshake;
+        match self.opening(conn, step)? {
+            Opening::Hello(hello) => Ok(hello),
+            other => Err(Error::peer(
+                step,
+                PeerError::Unexpected {
+                    index: conn.reader.last_index(),
+                    expected: "the source's Hello",
+                    got: other.kind(),
+                },
+            )),
         }
     }
 

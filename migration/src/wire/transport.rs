@@ -44,8 +44,9 @@ pub trait Connector: Sync {
 pub trait Acceptor: Sync {
     /// One connection within `wait`, else [`WireError::AcceptTimeout`].
     fn accept(&self, wait: Duration, io_timeout: Duration) -> Result<Box<dyn Channel>, WireError>;
-    /// Asks an `accept` that is waiting to give up now (the migration ended). Acceptors
-    /// whose waits are short anyway need not.
+    /// Wakes an `accept` that is waiting (now or next): it returns `AcceptTimeout` at
+    /// once, and its caller looks again at why it waits. Acceptors whose waits are short
+    /// anyway need not.
     fn interrupt(&self) {}
 }
 

@@ -32,13 +32,15 @@ use crate::config::{CorruptionTest, RunConfig, RunLimit};
 use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::mailbox::Mailbox;
-use crate::migration_host::{Arrival, DestinationEvent, MigratedState, RunInfo, SourceRequest};
+use crate::migration_host::{DestinationEvent, RunInfo, SourceRequest};
 use crate::vstate::vcpu::{Vcpu, VcpuEndResult, VcpuOutcome};
 use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
+
+mod handover;
 use guest_image::clock::monotonic_ns;
 use guest_mm::GuestMemory;
-use migration::{GuestAt, IncomingReport, MigrationReport, Paused, VmState};
+use migration::{IncomingReport, MigrationReport};
 
 /// How often the controller looks at the guest's mailbox between events.
 const POLL: Duration = Duration::from_millis(2);
@@ -410,60 +412,7 @@ impl<'a> Controller<'a> {
                 self.shutdown();
                 let _ = reply.send(());
             }
-            ApiCall::Migrate(req, reply) if req.action == migration::Action::Resume => {
-                let waiting = self
-                    .outgoing
-                    .as_mut()
-                    .and_then(|o| o.resume.take().map(|r| (o, r)));
-                match waiting {
-                    Some((o, resume)) if self.state == RunState::PostcopyPaused => {
-                        let _ = resume.send(Some(req.to));
-                        o.replies.push(reply);
-                        self.state = RunState::Paused;
-                    }
-                    _ => {
-                        let _ = reply.send(Err(MigrateRefusal::NothingToResume(self.state.name())));
-                    }
-                }
-            }
-            ApiCall::Migrate(req, reply) => {
-                if self.state != RunState::Running {
-                    let why = match self.state {
-                        RunState::Migrating | RunState::Paused => MigrateRefusal::AlreadyMigrating,
-                        s => MigrateRefusal::NotRunning(s.name()),
-                    };
-                    let _ = reply.send(Err(why));
-                    return;
-                }
-                let tx = self.events_tx.clone();
-                let options = migration::source::Options {
-                    timeouts: migration::Timeouts::default(),
-                    auth: self.cfg.migration_auth.clone(),
-                };
-                let spawned = crate::migration_host::start_sending(
-                    self.memory.clone(),
-                    self.vm.clone(),
-                    self.cfg.vcpus,
-                    req,
-                    options,
-                    move |r| {
-                        let _ = tx.send(Event::Source(r));
-                    },
-                );
-                match spawned {
-                    Ok(_) => {
-                        self.state = RunState::Migrating;
-                        self.outgoing = Some(Outgoing {
-                            replies: vec![reply],
-                            max_pass_at_pause: Vec::new(),
-                            resume: None,
-                        });
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(MigrateRefusal::Start(e)));
-                    }
-                }
-            }
+            ApiCall::Migrate(req, reply) => self.on_migrate(req, reply),
         }
     }
 
@@ -502,200 +451,6 @@ impl<'a> Controller<'a> {
             "pmd_mapped_bytes": self.memory.pmd_mapped_bytes().ok(),
             "memory": stats,
         })
-    }
-
-    /// A migration source's switch-over: the vCPUs stop in place, their state and the
-    /// run's info go to the destination.
-    fn pause_for_migration(&mut self) -> Result<Paused> {
-        let (Some(vcpus), Some(out)) = (&self.vcpus, self.outgoing.as_mut()) else {
-            return Err(Error::GuestFinished);
-        };
-        if self.limits.timed_out || self.ended.iter().all(Option::is_some) {
-            return Err(Error::GuestFinished);
-        }
-        // Stopped in place: a failed migration resumes the same threads.
-        vcpus.pause()?;
-        let states = vcpus.save_states().inspect_err(|_| drop(vcpus.resume()))?;
-        let mem = self.memory.staging();
-        let n = self.cfg.vcpus as usize;
-        let slots: Vec<_> = (0..n).map(|i| self.mailbox.slot(mem, i)).collect();
-        let run = RunInfo {
-            workload: self.workload.clone(),
-            elapsed_ns: self.source_elapsed_ns + (monotonic_ns() - self.launch_ns),
-            duration_ns: match self.cfg.limit {
-                RunLimit::Duration(d) => Some(d.as_nanos() as u64),
-                RunLimit::Passes(_) => None,
-            },
-            max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
-            passes: slots.iter().map(|s| s.passes).sum(),
-        };
-        // The pass that spans the switch-over is measured from here: clear each worst
-        // pass (restored if the migration fails).
-        out.max_pass_at_pause = run.max_pass_cycles.clone();
-        for i in 0..n {
-            self.mailbox.reset_max_pass(mem, i);
-        }
-        let state =
-            serde_json::to_value(MigratedState { vcpus: states, run }).map_err(Error::VmState)?;
-        self.state = RunState::Paused;
-        let mailbox = self.mailbox.gpa_range(n);
-        Ok(Paused {
-            state: VmState(state),
-            vmm_written: vec![guest_mm::GpaRange::new(
-                guest_mm::Gpa(mailbox.start),
-                guest_mm::Gpa(mailbox.end),
-            )],
-        })
-    }
-
-    /// The migration failed after the pause: the guest runs here again, on the same
-    /// threads, with the worst passes it had.
-    fn resume_after_failed_migration(&mut self) -> Result<()> {
-        if self.state != RunState::Paused {
-            return Ok(());
-        }
-        let mem = self.memory.staging();
-        let before = self
-            .outgoing
-            .as_ref()
-            .map(|o| o.max_pass_at_pause.clone())
-            .unwrap_or_default();
-        for (i, &before) in before.iter().enumerate() {
-            let now = self.mailbox.slot(mem, i).max_pass_cycles;
-            self.mailbox.set_max_pass(mem, i, now.max(before));
-        }
-        if let Some(v) = &self.vcpus {
-            v.resume()?;
-        }
-        self.state = RunState::Migrating;
-        Ok(())
-    }
-
-    fn on_migration_done(
-        &mut self,
-        result: std::result::Result<MigrationReport, migration::Error>,
-    ) {
-        let out = self.outgoing.take();
-        // The call waiting: the first, or the resume (a pause answered the ones before).
-        let reply = |answer: std::result::Result<MigrationReport, MigrateRefusal>| {
-            if let Some(r) = out.as_ref().and_then(|o| o.replies.last()) {
-                let _ = r.send(answer);
-            }
-        };
-        match result {
-            Ok(mut report) => {
-                report.dirty_log = self.vm.dirty_log_method().name().to_string();
-                (report.dirty_log_takes, report.dirty_log_ms) = self.vm.dirty_log_cost();
-                reply(Ok(report.clone()));
-                self.migrated = Some(report);
-                self.state = RunState::Migrated;
-            }
-            Err(e) => {
-                self.migration_failures.push(e.to_string());
-                let guest_at = e.guest_at();
-                let e = match guest_at {
-                    GuestAt::PausedOnSource => {
-                        // The run fails with the error itself; the client hears that.
-                        reply(Err(MigrateRefusal::Unresumed));
-                        self.fatal = Some(Error::Migration(e));
-                        return;
-                    }
-                    _ => e,
-                };
-                reply(Err(MigrateRefusal::Failed(e)));
-                match guest_at {
-                    // It never left, or it was resumed here.
-                    GuestAt::Source => {
-                        if matches!(self.state, RunState::Paused | RunState::Migrating) {
-                            self.state = RunState::Running;
-                        }
-                    }
-                    // The destination runs it: this copy must never run again.
-                    GuestAt::Destination => {
-                        self.handed_over = true;
-                        self.state = RunState::Migrated;
-                    }
-                    GuestAt::PausedOnSource => {}
-                }
-            }
-        }
-    }
-
-    /// A destination's guest is here: run it (the end of the downtime).
-    fn on_arrival(&mut self, arrival: Arrival) {
-        self.source_elapsed_ns = arrival.run.elapsed_ns;
-        self.workload = arrival.run.workload.clone();
-        let answer = self
-            .start_guest(arrival.vcpus)
-            .map_err(|e| Error::GuestStart(e.to_string()));
-        if answer.is_ok() {
-            self.incoming_phase = Some(if arrival.postcopy {
-                IncomingPhase::Postcopy
-            } else {
-                IncomingPhase::Completing
-            });
-        }
-        self.arrived = Some(arrival.run);
-        let _ = arrival.started.send(answer);
-    }
-
-    /// A destination's post-copy broke: its vCPUs stop in place until the source is back
-    /// (a vCPU that touched an absent page would only wait for it, or spin on it).
-    fn on_incoming_paused(&mut self, why: &str, lacking: u64) {
-        eprintln!("hugevisor: warning: post-copy is paused ({why}); {lacking} pages still lacking, the guest waits for the source to resume");
-        self.lacking_pages = Some(lacking);
-        if self.state == RunState::PostcopyPaused {
-            return;
-        }
-        self.paused_from = Some(self.state);
-        self.state = RunState::PostcopyPaused;
-        if let Some(v) = &self.vcpus {
-            if let Err(e) = v.pause() {
-                eprintln!("hugevisor: warning: pausing the vCPUs while post-copy waits: {e}");
-            }
-        }
-    }
-
-    fn on_incoming_resumed(&mut self) {
-        self.lacking_pages = None;
-        if let Some(v) = &self.vcpus {
-            if let Err(e) = v.resume() {
-                eprintln!("hugevisor: warning: resuming the vCPUs after post-copy resumed: {e}");
-            }
-        }
-        self.state = self.paused_from.take().unwrap_or(RunState::Running);
-    }
-
-    fn on_incoming_end(
-        &mut self,
-        result: std::result::Result<IncomingReport, migration::Error>,
-    ) -> Result<()> {
-        let phase = self.incoming_phase.replace(IncomingPhase::Complete);
-        let mut report = match result {
-            Ok(report) => report,
-            // Before the guest started here: nothing runs; the run fails now.
-            Err(e) if self.vcpus.is_none() => return Err(e.into()),
-            // Pre-copy: the guest has all its memory, only the source's last word went
-            // missing; it runs on.
-            Err(e) if phase == Some(IncomingPhase::Completing) => {
-                eprintln!(
-                    "hugevisor: warning: the source did not complete the hand-over cleanly: {e}"
-                );
-                return Ok(());
-            }
-            // Post-copy: pages are missing. Stop the guest, fail the run at its end.
-            Err(e) => {
-                self.fatal = Some(e.into());
-                self.request_stop(monotonic_ns());
-                return Ok(());
-            }
-        };
-        if let Some(run) = &self.arrived {
-            report.source_elapsed_ms = run.elapsed_ns as f64 / 1e6;
-            report.passes_at_switch = run.passes;
-        }
-        self.incoming = Some(report);
-        Ok(())
     }
 
     /// Between events: the corruption test, the run's limits, failures, the deadline.

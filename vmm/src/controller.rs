@@ -455,6 +455,12 @@ impl<'a> Controller<'a> {
 
     /// Between events: the corruption test, the run's limits, failures, the deadline.
     fn poll_guest(&mut self) -> Result<()> {
+        if self.state == RunState::PostcopyPaused && monotonic_ns() >= self.limits.deadline {
+            // Nobody resumed it within the run's --timeout: the hand-over is given up.
+            if let Some(o) = self.outgoing.as_mut() {
+                o.give_up();
+            }
+        }
         if matches!(
             self.state,
             RunState::Paused | RunState::Migrated | RunState::PostcopyPaused

@@ -51,6 +51,8 @@ impl Proxy {
         let forwarded = Arc::new(AtomicU64::new(0));
         let cut_done = Arc::new(AtomicBool::new(false));
         let pairs: Arc<Mutex<Vec<(TcpStream, TcpStream)>>> = Arc::default();
+        // Set once a `Cut::Stall` proxy stalled: its every pump stops forwarding.
+        let stalled = Arc::new(AtomicBool::new(false));
         let (f, done) = (forwarded.clone(), cut_done.clone());
         std::thread::spawn(move || {
             for (n, src) in listener.incoming().enumerate() {
@@ -63,10 +65,12 @@ impl Proxy {
                     .unwrap()
                     .push((src.try_clone().unwrap(), dst.try_clone().unwrap()));
                 let back = (dst.try_clone().unwrap(), src.try_clone().unwrap());
-                std::thread::spawn(move || pump(back.0, back.1, None));
+                let wedge = stalled.clone();
+                std::thread::spawn(move || pump(back.0, back.1, &wedge, None));
+                let wedge = stalled.clone();
                 let counter =
                     (n == 0).then(|| (f.clone(), done.clone(), pairs.clone(), cut, after));
-                std::thread::spawn(move || pump(src, dst, counter));
+                std::thread::spawn(move || pump(src, dst, &wedge, counter));
             }
         });
         Proxy {
@@ -89,15 +93,12 @@ type Counter = (
     u64,
 );
 
-/// Set once a `Cut::Stall` proxy stalled: every pump stops forwarding.
-static STALLED: AtomicBool = AtomicBool::new(false);
-
 /// Copies `from` into `to` until either ends; the first connection's source side counts
 /// its bytes and cuts when they pass the mark.
-fn pump(mut from: TcpStream, mut to: TcpStream, counter: Option<Counter>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool, counter: Option<Counter>) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        if STALLED.load(Ordering::Acquire) {
+        if stalled.load(Ordering::Acquire) {
             // Wedged: holds both sockets, forwards nothing, closes nothing.
             std::thread::sleep(Duration::from_millis(50));
             continue;
@@ -113,7 +114,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counter: Option<Counter>) {
             let total = forwarded.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
             if total >= *after && !done.swap(true, Ordering::AcqRel) {
                 if *cut == Cut::Stall {
-                    STALLED.store(true, Ordering::Release);
+                    stalled.store(true, Ordering::Release);
                     continue;
                 }
                 let pairs = pairs.lock().unwrap();

@@ -392,9 +392,6 @@ struct ScriptNet {
     shared: Arc<Shared>,
     accepted: AtomicUsize,
     urgent: bool,
-    /// Set by `interrupt`, taken by the `accept` it wakes.
-    woken: Mutex<bool>,
-    wake: Condvar,
 }
 
 struct Shared {
@@ -403,6 +400,21 @@ struct Shared {
     /// What the destination wrote on the main connection (its HelloAck names the session).
     written: Mutex<Vec<u8>>,
     closed: [AtomicBool; 2],
+    signals: Mutex<Signals>,
+    wake: Condvar,
+}
+
+/// What wakes a waiting `accept`.
+#[derive(Default)]
+struct Signals {
+    /// Set by `interrupt`, taken by the `accept` it wakes.
+    woken: bool,
+    /// Writes on the main connection so far.
+    writes: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ScriptNet {
@@ -414,10 +426,10 @@ impl ScriptNet {
                 urgent: Mutex::new((urgent, Vec::new(), 0)),
                 written: Mutex::default(),
                 closed: [AtomicBool::new(false), AtomicBool::new(false)],
+                signals: Mutex::default(),
+                wake: Condvar::new(),
             }),
             accepted: AtomicUsize::new(0),
-            woken: Mutex::new(false),
-            wake: Condvar::new(),
         }
     }
 }
@@ -439,36 +451,41 @@ impl Acceptor for ScriptNet {
         }
         // The urgent connection comes as a real source's would: once the HelloAck went.
         let deadline = std::time::Instant::now() + wait;
+        let mut signals = lock(&self.shared.signals);
         loop {
-            if std::mem::take(&mut *self.woken.lock().unwrap_or_else(|e| e.into_inner())) {
+            if std::mem::take(&mut signals.woken) {
                 return Err(WireError::AcceptTimeout(wait));
             }
-            if self.urgent
-                && self.shared.session().is_some()
-                && self
-                    .accepted
-                    .compare_exchange(1, 2, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                return Ok(channel(1));
+            if self.urgent && self.accepted.load(Ordering::Acquire) == 1 {
+                drop(signals);
+                if self.shared.session().is_some()
+                    && self
+                        .accepted
+                        .compare_exchange(1, 2, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    return Ok(channel(1));
+                }
+                signals = lock(&self.shared.signals);
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 return Err(WireError::AcceptTimeout(wait));
             }
-            let step = if self.urgent && self.accepted.load(Ordering::Acquire) == 1 {
-                Duration::from_millis(1)
-            } else {
-                left
-            };
-            let woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = self.wake.wait_timeout_while(woken, step, |w| !*w);
+            // Woken by `interrupt` or by a write on the main connection (the HelloAck).
+            let writes = signals.writes;
+            signals = self
+                .shared
+                .wake
+                .wait_timeout_while(signals, left, |s| !s.woken && s.writes == writes)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
     fn interrupt(&self) {
-        *self.woken.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.wake.notify_all();
+        lock(&self.shared.signals).woken = true;
+        self.shared.wake.notify_all();
     }
 }
 
@@ -563,6 +580,9 @@ impl Write for ScriptChannel {
             if w.len() < 64 << 10 {
                 w.extend_from_slice(buf);
             }
+            drop(w);
+            lock(&self.shared.signals).writes += 1;
+            self.shared.wake.notify_all();
         }
         Ok(buf.len())
     }

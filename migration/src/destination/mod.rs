@@ -187,18 +187,28 @@ impl Receiver<'_> {
                     self.postcopy(*sw)?;
                     ReceiveState::Done
                 }
-                waiting => match self.next(waiting) {
-                    Ok(next) => next,
-                    // Ready went out, Start did not arrive: the source may have handed
-                    // the guest over and lost the connection. It comes back, or nothing
-                    // ever runs here.
-                    Err(e) if self.ready && self.started_at_ns.is_none() && e.is_recoverable() => {
-                        let lacking = crate::PageBitmap::empty(self.layout.pages());
-                        self.recover(e, &lacking, 0)?;
-                        ReceiveState::AwaitStart
+                waiting => {
+                    let handing_over = matches!(
+                        waiting,
+                        ReceiveState::AwaitStart | ReceiveState::AwaitComplete
+                    );
+                    match self.next(waiting) {
+                        Ok(next) => next,
+                        // Ready went out and the connection broke: the source may have
+                        // handed the guest over without hearing whether it runs here.
+                        // It comes back and is told; or, not started, nothing ever runs
+                        // here, and, started, the guest goes on with all its memory.
+                        Err(e) if self.ready && handing_over && e.is_recoverable() => {
+                            let lacking = crate::PageBitmap::empty(self.layout.pages());
+                            self.recover(e, &lacking, 0)?;
+                            match self.started_at_ns {
+                                None => ReceiveState::AwaitStart,
+                                Some(_) => ReceiveState::AwaitComplete,
+                            }
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
-                },
+                }
             };
         }
     }

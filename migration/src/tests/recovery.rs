@@ -201,3 +201,17 @@ fn a_post_copy_memory_hash_catches_pages_that_changed_after_the_pause() {
     assert!(s.is_err());
     assert!(!dst.calls().contains(&"end_postcopy"));
 }
+
+#[test]
+fn a_lost_resumed_is_learnt_on_the_resumed_connection() {
+    // Pre-copy: the destination runs the guest, but its Resumed never reaches the
+    // source; the source resumes, hears it started (Lacking), and completes.
+    let net = TestNet::new().destination_fault(0, Fault::Close(At::Frame(FrameKind::Resumed, 0)));
+    let (src, dst, s, d) = broken_pair(&net, Mode::Precopy, 1);
+    let (s, d) = (s.unwrap(), d.unwrap());
+    same_guest(&src, &dst);
+    assert_eq!((s.recoveries, d.recoveries), (1, 1));
+    assert!(s.downtime_ms > 0.0, "{s:?}");
+    assert_eq!(dst.ram.calls.count("start"), 1);
+    never_resumed_here(&src);
+}

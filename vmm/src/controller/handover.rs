@@ -211,9 +211,10 @@ impl Controller<'_> {
     /// A destination's post-copy broke: its vCPUs stop in place until the source is back
     /// (a vCPU that touched an absent page would only wait for it, or spin on it).
     pub(super) fn on_incoming_paused(&mut self, why: &str, lacking: u64) {
-        eprintln!("hugevisor: warning: post-copy is paused ({why}); {lacking} pages still lacking, the guest waits for the source to resume");
+        eprintln!("hugevisor: warning: the migration's connection broke after the hand-over ({why}); {lacking} pages still lacking; waiting for the source to resume");
         self.lacking_pages = Some(lacking);
-        if self.state == RunState::PostcopyPaused {
+        // Pre-copy: the guest has all it needs (or has not started); it runs on.
+        if lacking == 0 || self.state == RunState::PostcopyPaused {
             return;
         }
         self.paused_from = Some(self.state);
@@ -227,12 +228,15 @@ impl Controller<'_> {
 
     pub(super) fn on_incoming_resumed(&mut self) {
         self.lacking_pages = None;
+        let Some(from) = self.paused_from.take() else {
+            return;
+        };
         if let Some(v) = &self.vcpus {
             if let Err(e) = v.resume() {
                 eprintln!("hugevisor: warning: resuming the vCPUs after post-copy resumed: {e}");
             }
         }
-        self.state = self.paused_from.take().unwrap_or(RunState::Running);
+        self.state = from;
     }
 
     pub(super) fn on_incoming_end(

@@ -457,6 +457,10 @@ fn a_key_protected_destination_refuses_strangers_and_wrong_keys_and_takes_its_so
     src_args.extend(["--api-socket", &api_s, "--migration-key", &key_s]);
     let src = spawn(&src_args);
     wait_for(&api);
+    // Nothing to resume yet: refused, saying why.
+    let (code, _, err) = migrate(&api, &uri, &["--resume"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no migration to resume"), "{err}");
     let (code, _, err) = migrate(&api, &uri, &["--mode", "hybrid"]);
     assert_eq!(code, 0, "{err}");
     wait_until(&mut dst, &dst_api, "the keyed migration's end", |i| {

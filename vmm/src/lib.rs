@@ -34,6 +34,7 @@ pub mod placement;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod signals;
 pub mod status;
 pub mod vstate;
 

@@ -289,6 +289,20 @@ fn every_documented_route_is_served_and_errors_are_json_naming_the_field() {
             "{answer}"
         );
     }
+    // A tcp listener without authentication: refused, naming the fix; still waiting.
+    let (status, answer) = put(
+        &sock,
+        "vm.receive-migration",
+        Some(&json!({ "receiver_url": "tcp:127.0.0.1:0" })),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("--migration-key"),
+        "{answer}"
+    );
     // Wrong state: nothing to pause, migrate or shut down yet.
     for endpoint in ["vm.pause", "vm.resume", "vm.shutdown"] {
         let (status, answer) = put(&sock, endpoint, None);

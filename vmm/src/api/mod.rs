@@ -125,6 +125,8 @@ pub enum ReceiveRefusal {
     NotWaiting(&'static str),
     #[error("receiver_url: {0}")]
     Listen(#[source] migration::WireError),
+    #[error("receiver_url {0}: a tcp listener takes migrations only with authentication; start this VMM with --migration-key FILE or --tls-cert/--tls-key/--tls-ca (or --insecure to accept anyone who reaches the port)")]
+    Unauthenticated(String),
     #[error("starting to receive: {0}")]
     Start(#[source] Error),
     /// The migration's own error ends the run; the client hears its message.
@@ -136,7 +138,7 @@ impl ReceiveRefusal {
     pub fn status(&self) -> u16 {
         match self {
             ReceiveRefusal::NotWaiting(_) => 409,
-            ReceiveRefusal::Listen(_) => 400,
+            ReceiveRefusal::Listen(_) | ReceiveRefusal::Unauthenticated(_) => 400,
             _ => 500,
         }
     }

@@ -7,6 +7,7 @@ use std::sync::mpsc::Sender;
 
 use super::{Controller, PauseCause, RunState};
 use crate::api::{ApiCall, ReceiveMigration, ReceiveRefusal, StateRefusal};
+use crate::config::Exposure;
 use crate::status::{MigrationView, Snapshot};
 
 /// What a shutdown call ends.
@@ -103,6 +104,15 @@ impl Controller<'_> {
     ) {
         if self.state != RunState::Waiting {
             let _ = reply.send(Err(ReceiveRefusal::NotWaiting(self.state.name())));
+            return;
+        }
+        if matches!(req.receiver, migration::Uri::Tcp(_))
+            && !self.cfg.migration_auth.is_some()
+            && self.cfg.exposure == Exposure::AuthenticatedOnly
+        {
+            let _ = reply.send(Err(ReceiveRefusal::Unauthenticated(
+                req.receiver.to_string(),
+            )));
             return;
         }
         let started = migration::Listener::bind(&req.receiver)

@@ -139,7 +139,7 @@ fn free_tcp_port() -> u16 {
 }
 
 fn state(info: &Value) -> &str {
-    info["state"].as_str().unwrap_or("")
+    info["run_state"].as_str().unwrap_or("")
 }
 
 /// A 2-vCPU `verify` guest post-copied through a proxy that cuts `cut` after 8 MiB;
@@ -447,7 +447,7 @@ fn a_key_protected_destination_refuses_strangers_and_wrong_keys_and_takes_its_so
     let (code, sj, serr) = finish(wrong);
     assert_eq!((code, &sj["outcome"]), (0, &Value::from("ok")), "{serr}");
     let info = vm_info(&dst_api);
-    assert_eq!(info["state"], "receiving", "{info}");
+    assert_eq!(info["run_state"], "receiving", "{info}");
     assert!(
         info["incoming"]["refused_connections"].as_u64().unwrap() >= 3,
         "{info}"
@@ -568,6 +568,8 @@ fn sigterm_ends_a_run_with_its_report_and_removes_its_sockets() {
             "run",
             "--memory",
             "32M",
+            "--workload",
+            "verify",
             "--duration",
             RUN_BOUND,
             "--console",
@@ -941,7 +943,7 @@ fn mutual_tls_over_tcp_refuses_plaintext_and_other_cas_and_carries_the_real_sour
     let (code, sj, serr) = finish(rogue);
     assert_eq!((code, &sj["outcome"]), (0, &Value::from("ok")), "{serr}");
     let info = vm_info(&dst_api);
-    assert_eq!(info["state"], "receiving", "{info}");
+    assert_eq!(info["run_state"], "receiving", "{info}");
     assert!(
         info["incoming"]["refused_connections"].as_u64().unwrap() >= 2,
         "{info}"
@@ -1023,7 +1025,7 @@ fn another_user_cannot_even_reach_a_unix_destination() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("Permission denied"), "{err}");
     let info = wait_until(&mut dst, &dst_api, "the destination, still waiting", |i| {
-        i["state"] == "receiving"
+        i["run_state"] == "receiving"
     });
     assert_eq!(info["incoming"]["refused_connections"], 0, "{info}");
     let _ = dst.kill();

@@ -50,6 +50,7 @@
 //! - [`host`]: the traits the VMM implements.
 //! - [`source`], [`destination`]: the two state machines.
 //! - [`report`]: what each end reports.
+//! - [`snapshot`]: a migration to a file and restores from it (copy, lazy).
 
 use std::time::Duration;
 
@@ -62,6 +63,7 @@ pub mod error;
 pub mod host;
 mod pages;
 pub mod report;
+pub mod snapshot;
 pub mod source;
 pub mod wire;
 

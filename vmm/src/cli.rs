@@ -14,6 +14,8 @@ use crate::console::ConsoleMode;
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
 use crate::vstate::vm::{DirtyLogMethod, DEFAULT_KVM_DEVICE};
 
+mod snapshot;
+
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;
 /// Exit status: bad input or a host/VMM problem (message on stderr).
@@ -47,6 +49,8 @@ enum Command {
     Migrate(MigrateArgs),
     /// Write the ACPI tables a `run --kernel` with the same options gives its guest.
     AcpiTables(AcpiTablesArgs),
+    /// Snapshot a running VM (through its control API) into a directory, for `run --restore`.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -214,6 +218,8 @@ pub struct RunArgs {
     dirty_log: DirtyLogMethod,
     #[command(flatten)]
     kernel: KernelArgs,
+    #[command(flatten)]
+    snapshot: snapshot::RunSnapshotArgs,
 }
 
 /// A guest hugevisor did not build (`run --kernel`, `acpi-tables`).
@@ -347,6 +353,9 @@ impl RunArgs {
     /// Where the guest comes from: `--incoming`, or nothing to boot (`--api-socket` and no
     /// `--workload` or `--kernel`: wait for `vm.receive-migration`), or a guest booted here.
     fn guest_source(&self) -> Result<GuestSource, String> {
+        if let Some(restore) = self.snapshot.guest_source() {
+            return Ok(restore);
+        }
         Ok(match (&self.incoming, &self.api_socket, self.workload) {
             (Some(uri), _, _) => GuestSource::Incoming(uri.clone()),
             (None, Some(_), None) if self.kernel.kernel.is_none() => {
@@ -414,6 +423,7 @@ impl RunArgs {
             guest,
             dirty_log: self.dirty_log,
             kernel: self.kernel.to_config(),
+            snapshot_at: self.snapshot.snapshot_at(),
         })
     }
 }
@@ -546,6 +556,7 @@ pub fn main(process_start_ns: u64) -> i32 {
         Command::Caps(a) => crate::caps::cmd_caps(a.json, &a.kvm_device),
         Command::Migrate(a) => cmd_migrate(a),
         Command::AcpiTables(a) => cmd_acpi_tables(a),
+        Command::Snapshot(a) => snapshot::cmd_snapshot(a),
     }
 }
 

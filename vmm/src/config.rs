@@ -32,6 +32,12 @@ pub enum GuestSource {
     /// Received where a `vm.receive-migration` call says: a VMM started with
     /// `--api-socket` and no guest (no `--workload`, no `--incoming`) waits for one.
     ApiReceive,
+    /// Restored from a snapshot directory (`--restore DIR --restore-mode copy|lazy`): a
+    /// migration destination whose source is the directory.
+    Restore {
+        dir: PathBuf,
+        mode: migration::snapshot::RestoreMode,
+    },
 }
 
 impl GuestSource {
@@ -86,6 +92,16 @@ pub struct RunConfig {
     pub dirty_log: DirtyLogMethod,
     /// Boot this kernel instead of the built-in image's fast path (`--kernel`).
     pub kernel: Option<crate::boot::kernel::KernelConfig>,
+    /// Take a snapshot this long into the run (`--snapshot-at D --to DIR`).
+    pub snapshot_at: Option<SnapshotAt>,
+}
+
+/// A snapshot the run takes by itself, for scripted experiments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotAt {
+    /// From the guest's start here.
+    pub after: Duration,
+    pub request: crate::snapshot::SnapshotRequest,
 }
 
 /// Whether the run report includes the second-stage table's memory map.

@@ -35,6 +35,7 @@ use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
 
 mod calls;
+mod snapshot;
 use guest_image::clock::monotonic_ns;
 use guest_mm::GuestMemory;
 use migration::{GuestAt, IncomingReport, MigrationReport, Paused, VmState};
@@ -204,6 +205,10 @@ pub struct Controller<'a> {
     fatal: Option<Error>,
     /// A `vm.receive-migration` call, answered when the migration ends here.
     receive_reply: Option<Sender<std::result::Result<(), ReceiveRefusal>>>,
+    /// A snapshot waiting for its hot-set period to end.
+    snapshot: Option<snapshot::PendingSnapshot>,
+    /// `--snapshot-at` has been taken (once per run).
+    snapshot_at_taken: bool,
     _api: Option<crate::api::ApiServer>,
 }
 
@@ -241,6 +246,8 @@ impl<'a> Controller<'a> {
             arrived: None,
             fatal: None,
             receive_reply: None,
+            snapshot: None,
+            snapshot_at_taken: false,
             _api: api,
         };
         c.limits.duration = match cfg.limit {
@@ -251,6 +258,7 @@ impl<'a> Controller<'a> {
             Start::Boot(vcpus) => c.start_guest(vcpus)?,
             Start::Incoming(listener) => c.receive_on(listener)?,
             Start::AwaitReceive => c.state = RunState::Waiting,
+            Start::Restore(snap, mode) => c.restore_from(*snap, mode)?,
         }
         Ok(c)
     }
@@ -268,6 +276,29 @@ impl<'a> Controller<'a> {
             self.vm.clone(),
             self.cfg.vcpus,
             timeouts,
+            move |e| {
+                let _ = tx.send(Event::Incoming(e));
+            },
+        )?;
+        self.state = RunState::Receiving;
+        self.incoming_phase = Some(IncomingPhase::Receiving);
+        Ok(())
+    }
+
+    /// Restores the guest from a snapshot, on a thread of its own (a destination whose
+    /// source is the snapshot directory).
+    fn restore_from(
+        &mut self,
+        snap: migration::snapshot::Snapshot,
+        mode: migration::snapshot::RestoreMode,
+    ) -> Result<()> {
+        let tx = self.events_tx.clone();
+        crate::snapshot::start_restoring(
+            snap,
+            mode,
+            self.memory.clone(),
+            self.vm.clone(),
+            self.cfg.vcpus,
             move |e| {
                 let _ = tx.send(Event::Incoming(e));
             },
@@ -487,14 +518,21 @@ impl<'a> Controller<'a> {
 
     /// A destination's guest is here: run it (the end of the downtime).
     fn on_arrival(&mut self, arrival: Arrival) {
-        self.source_elapsed_ns = arrival.run.elapsed_ns;
+        let restored = matches!(self.cfg.guest, crate::config::GuestSource::Restore { .. });
+        // A restore is a new run of the guest: its --duration counts from here.
+        self.source_elapsed_ns = if restored { 0 } else { arrival.run.elapsed_ns };
         self.workload = arrival.run.workload.clone();
         if self.cfg.limit == RunLimit::FromSource {
             self.limits.duration = arrival.run.duration_ns.map(Duration::from_nanos);
         }
         // The guest says where its mailbox is (a guest hugevisor did not build has none).
         self.mailbox = arrival.run.mailbox.map_or_else(Mailbox::none, Mailbox::new);
-        self.entry = format!("{} (arrived by migration)", arrival.run.entry);
+        let how = if restored {
+            "restored from a snapshot"
+        } else {
+            "arrived by migration"
+        };
+        self.entry = format!("{} ({how})", arrival.run.entry);
         let answer = self
             .start_guest(arrival.vcpus)
             .map_err(|e| Error::GuestStart(e.to_string()));
@@ -583,6 +621,9 @@ impl<'a> Controller<'a> {
             && self.limits.corrupted_gpa.is_none()
         {
             self.corrupt_one_page()?;
+        }
+        if self.limits.stop_requested_at.is_none() {
+            self.poll_snapshot(now)?;
         }
         // One vCPU's failure ends the run for all.
         if self.ended.iter().any(Option::is_some) && self.limits.stop_requested_at.is_none() {
@@ -723,6 +764,9 @@ impl<'a> Controller<'a> {
             }
             Event::Api(ApiCall::Receive(_, reply)) => {
                 let _ = reply.send(Err(ReceiveRefusal::NotWaiting(RunState::Stopping.name())));
+            }
+            Event::Api(ApiCall::Snapshot(_, reply)) => {
+                let _ = reply.send(Err(crate::snapshot::SnapshotRefusal::GuestFinished));
             }
             _ => {}
         }

@@ -41,6 +41,8 @@ pub enum Error {
     #[error("live migration: {0}")]
     Migration(#[from] migration::Error),
     #[error(transparent)]
+    Snapshot(#[from] migration::snapshot::SnapshotError),
+    #[error(transparent)]
     Kernel(#[from] crate::boot::kernel::KernelError),
     #[error("the ACPI tables end at {end:#x}, beyond the area reserved for them (1 MiB); use fewer vCPUs or NUMA nodes")]
     AcpiTooLarge { end: u64 },

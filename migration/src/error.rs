@@ -47,6 +47,9 @@ pub enum Step {
     EndPostcopy,
     /// The explicit end of the migration.
     Complete,
+    /// After a break once the guest was handed over: reconnecting and learning what the
+    /// destination still lacks.
+    Recover,
 }
 
 impl std::fmt::Display for Step {
@@ -69,6 +72,7 @@ impl std::fmt::Display for Step {
             Step::Urgent => f.write_str("post-copy urgent channel"),
             Step::EndPostcopy => f.write_str("post-copy end"),
             Step::Complete => f.write_str("migration completion"),
+            Step::Recover => f.write_str("migration recovery"),
         }
     }
 }
@@ -194,6 +198,47 @@ pub enum PeerError {
     Unconfirmed { waited: Duration },
 }
 
+/// A connection that did not authenticate, or a key that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("the {peer} does not hold this migration key (give both ends the same --migration-key file)")]
+    WrongKey { peer: &'static str },
+    #[error("this end requires authentication (--migration-key) and the peer sent {got:?} first; give the source the same --migration-key")]
+    Unauthenticated { got: FrameKind },
+    #[error("the peer answered the key challenge with {got:?}; give the destination the same --migration-key")]
+    NoAnswer { got: FrameKind },
+    #[error("the peer authenticates with a migration key and this destination has none; give both ends the same --migration-key, or neither")]
+    KeyNotExpected,
+    #[error("the connection broke during authentication: {0}")]
+    Broken(#[source] Box<Error>),
+    #[error("reading the migration key {path}: {source}", path = .path.display())]
+    KeyFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the migration key {path} is {len} bytes; use at least 16 random bytes (e.g. `head -c 32 /dev/urandom > FILE; chmod 600 FILE`)", path = .path.display())]
+    KeyTooShort {
+        path: std::path::PathBuf,
+        len: usize,
+    },
+    #[error("the migration key {path} can be read by other users (mode {mode:o}); chmod 600 it", path = .path.display())]
+    KeyMode { path: std::path::PathBuf, mode: u32 },
+    #[error("no random numbers from the kernel: {0}")]
+    Random(#[source] std::io::Error),
+    #[error(
+        "TLS handshake: {0} (each end needs a --tls-cert/--tls-key signed by the other's --tls-ca)"
+    )]
+    Tls(String),
+    #[error("TLS set-up: {0}")]
+    TlsSetup(String),
+    #[error("{path}: {what} (expected PEM)", path = .path.display())]
+    TlsFile {
+        path: std::path::PathBuf,
+        what: String,
+    },
+}
+
 /// The two ends do not hold the same guest (memory, backing, vCPUs).
 #[derive(Debug, thiserror::Error)]
 #[error("guest layouts differ: source has {diffs}, destination expects otherwise; start the destination with the same --memory/--backing/--vcpus")]
@@ -224,6 +269,12 @@ pub enum Error {
         #[source]
         source: HostError,
     },
+    #[error("{step}: authentication: {source}")]
+    Auth {
+        step: Step,
+        #[source]
+        source: AuthError,
+    },
     #[error("{step}: {source}")]
     Layout {
         step: Step,
@@ -247,6 +298,16 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// Post-copy broke and did not recover: the pages the destination never received
+    /// (the guest never reads them as zeros: it stops instead).
+    #[error("the source did not come back within {waited:?}: {lacking} of {absent} post-copy pages never arrived, and the guest never runs on pages it lacks ({source})")]
+    Unrecovered {
+        lacking: u64,
+        absent: u64,
+        waited: Duration,
+        #[source]
+        source: Box<Error>,
+    },
     /// The migration failed after the pause, and the source could not run its guest again.
     #[error("{source}; resuming the guest on the source failed too: {resume}")]
     ResumeFailed {
@@ -267,11 +328,41 @@ impl Error {
             | Error::Peer { step, .. }
             | Error::Host { step, .. }
             | Error::Layout { step, .. }
+            | Error::Auth { step, .. }
             | Error::MemoryHash { step, .. }
             | Error::PostcopyIncomplete { step, .. }
             | Error::Panicked { step, .. } => *step,
             Error::Snapshot(_) => Step::Restore,
-            Error::AfterSwitchOver { source } | Error::ResumeFailed { source, .. } => source.step(),
+            Error::AfterSwitchOver { source }
+            | Error::ResumeFailed { source, .. }
+            | Error::Unrecovered { source, .. } => source.step(),
+        }
+    }
+
+    /// Whether the failure is the network's (a connection that broke, stalled or
+    /// corrupted bytes) rather than a peer that refused or broke the protocol, or a host
+    /// call: what a resumed connection can get past.
+    pub fn is_recoverable(&self) -> bool {
+        match self.root() {
+            Error::Wire { source, .. } => matches!(
+                source,
+                WireError::BadMagic { .. }
+                    | WireError::Checksum { .. }
+                    | WireError::UnknownKind { .. }
+                    | WireError::TooLarge { .. }
+                    | WireError::Truncated { .. }
+                    | WireError::Stalled { .. }
+                    | WireError::Closed { .. }
+                    | WireError::Silent
+                    | WireError::AcceptTimeout(_)
+                    | WireError::Connect { .. }
+                    | WireError::Io(_)
+            ),
+            Error::Peer { source, .. } => matches!(
+                source,
+                PeerError::Timeout { .. } | PeerError::Closed | PeerError::Unconfirmed { .. }
+            ),
+            _ => false,
         }
     }
 
@@ -289,10 +380,13 @@ impl Error {
         }
     }
 
-    /// The innermost error, past [`Error::AfterSwitchOver`] and [`Error::ResumeFailed`].
+    /// The innermost error, past [`Error::AfterSwitchOver`], [`Error::ResumeFailed`] and
+    /// [`Error::Unrecovered`].
     pub fn root(&self) -> &Error {
         match self {
-            Error::AfterSwitchOver { source } | Error::ResumeFailed { source, .. } => source.root(),
+            Error::AfterSwitchOver { source }
+            | Error::ResumeFailed { source, .. }
+            | Error::Unrecovered { source, .. } => source.root(),
             other => other,
         }
     }

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use guest_mm::{Gpa, GpaRange, Installed, PageContent, Pager};
 use serde::{Deserialize, Serialize};
 
+use crate::wire::transport::Uri;
+
 /// An error of the VMM's own, carried as the source of [`crate::Error::Host`].
 pub type HostError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -68,6 +70,32 @@ pub trait SourceVm: Send + Sync {
     fn pause(&self) -> Result<Paused, HostError>;
     /// The migration failed after `pause`: the guest runs here again.
     fn resume(&self) -> Result<(), HostError>;
+    /// The guest was handed over (`Start` sent) and a connection broke: in post-copy, or
+    /// before a pre-copy destination confirmed it runs the guest. The source keeps what
+    /// the destination may lack and never runs the guest again. Blocks until the VMM is
+    /// asked to resume, and returns where to reconnect; `None` gives up (the migration
+    /// fails, the guest stays the destination's). Called again, with the new error, when
+    /// a resume attempt fails.
+    fn handover_paused(&self, why: &crate::Error) -> Option<Uri> {
+        let _ = why;
+        None
+    }
+    /// A resumed migration goes on (after `handover_paused`).
+    fn handover_resumed(&self) {}
+}
+
+/// What a destination tells its VMM while it receives (for `vm.info` and the report).
+#[derive(Debug)]
+pub enum IncomingEvent<'a> {
+    /// A connection that is not this migration's (unauthenticated, garbage, another
+    /// session, one too many) was refused.
+    Refused { why: &'a str },
+    /// Post-copy broke: this end keeps what it has and waits for the source to resume;
+    /// vCPUs that touch one of the `lacking` pages wait for it (pause them: a starved
+    /// guest must not spin).
+    Paused { why: &'a crate::Error, lacking: u64 },
+    /// The source is back: pages flow again.
+    Resumed,
 }
 
 /// The destination VM (its vCPUs do not exist until `restore`).
@@ -79,6 +107,10 @@ pub trait DestinationVm: Send + Sync {
     fn restore(&self, state: VmState) -> Result<(), HostError>;
     /// Starts the restored guest: the end of the downtime.
     fn start(&self) -> Result<(), HostError>;
+    /// Something the VMM may show or act on (see [`IncomingEvent`]).
+    fn note(&self, event: IncomingEvent<'_>) {
+        let _ = event;
+    }
 }
 
 /// What the source is doing, for a progress display.

@@ -40,9 +40,31 @@
 //! **Hybrid**: three pre-copy rounds, then post-copy with only the pages dirtied since
 //! they were sent (and the VMM-written ones) missing.
 //!
-//! **Failure**: either end may send `Abort{reason}` and close. A failure before the pause
-//! leaves the guest running on the source; between the pause and `Resumed` the source
-//! resumes it; after `Resumed` the guest is the destination's (see [`GuestAt`]).
+//! **Authentication** ([`wire::auth`]): with a migration key, every connection opens with
+//! a challenge–response (`→ Auth`, `← Auth`, `→ Auth`) before anything else is read; a
+//! connection that fails it, or sends anything else first, is refused. The destination's
+//! `HelloAck` names the migration's [`Session`]; the urgent connection and any resumed
+//! one open with `→ Join{session, urgent|resume}`. The destination's door refuses and
+//! counts every other connection, before and during the migration.
+//!
+//! **Hand-over**: at the switch-over the destination restores the guest (and, in
+//! post-copy, accepts the urgent connection and marks the missing pages absent) and says
+//! `← Ready`; the source answers `→ Start` — from that moment it never runs the guest
+//! again — and the destination starts it and answers `← Resumed`.
+//!
+//! **Failure**: either end may send `Abort{reason}` and close. A failure before `Start`
+//! leaves the guest on the source (resumed there if it was paused); an `Abort` from the
+//! destination before `Resumed` means it did not start the guest, and the source resumes
+//! it too. Any other failure after `Start` — a connection that broke, stalled or was
+//! corrupted — pauses both ends (`postcopy-paused`): the destination keeps every page it
+//! has, its vCPUs wait for the ones they lack; the source keeps what it could still have
+//! to send and never runs the guest. The source's VMM resumes it (`hugevisor migrate
+//! --resume`): `→ Join{session, resume}` on a new main connection, `← Lacking{started,
+//! pages}` — the pages the destination still lacks, which the source sends again —, a
+//! new urgent connection, `→ Start` if the guest had not started yet, and the migration
+//! goes on. A destination whose source does not come back within its recovery time ends
+//! with an error naming the pages that never arrived; it never runs the guest on zeros
+//! (see [`GuestAt`]).
 //!
 //! # Modules
 //!
@@ -60,6 +82,8 @@ pub mod bitmap;
 pub mod clock;
 pub mod destination;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod host;
 mod pages;
 pub mod report;
@@ -71,13 +95,19 @@ pub mod wire;
 mod tests;
 
 pub use bitmap::PageBitmap;
-pub use error::{Error, GuestAt, HostCall, LayoutMismatch, ParseError, PeerError, Step, WireError};
+pub use error::{
+    AuthError, Error, GuestAt, HostCall, LayoutMismatch, ParseError, PeerError, Step, WireError,
+};
 pub use host::{
-    DestinationVm, GuestPages, HostError, NoProgress, Paused, Phase, Progress, SourceVm, VmState,
+    DestinationVm, GuestPages, HostError, IncomingEvent, NoProgress, Paused, Phase, Progress,
+    SourceVm, VmState,
 };
 pub use report::{IncomingReport, MigrationReport};
+pub use wire::auth::{Auth, Key, Session};
 pub use wire::frame::{is_zero, Frame, FrameKind, FrameReader, FrameWriter};
-pub use wire::message::{DemandStats, Hello, Layout, Message, SwitchOver, PROTOCOL_VERSION};
+pub use wire::message::{
+    DemandStats, Hello, Joining, Layout, Message, SwitchOver, PROTOCOL_VERSION,
+};
 pub use wire::transport::{Acceptor, Channel, Connector, Listener, MemoryNet, Stream, Uri};
 
 /// How the guest's memory moves.
@@ -162,7 +192,10 @@ impl std::str::FromStr for PushOrder {
 #[serde(rename_all = "kebab-case")]
 pub enum Verify {
     /// Both ends hash guest RAM (CRC-32) and the destination refuses to resume on a
-    /// mismatch. Pre-copy only; costs downtime (a pass over guest RAM each side).
+    /// mismatch; costs downtime (a pass over guest RAM each side). In post-copy (and
+    /// hybrid) the source hashes its stopped guest page by page and the destination adds
+    /// up the pages it had at the switch-over and each page as it is installed, and
+    /// fails the migration at its end on a mismatch (the guest runs meanwhile).
     MemoryHash,
 }
 
@@ -176,10 +209,23 @@ impl std::str::FromStr for Verify {
     }
 }
 
+/// What a `vm.migrate` call asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// A new migration.
+    #[default]
+    Start,
+    /// Reconnect a migration paused after the hand-over (`postcopy-paused`) to `to`.
+    Resume,
+}
+
 /// A migration the source is asked for (the control API's `vm.migrate` body).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationRequest {
     pub to: Uri,
+    #[serde(default)]
+    pub action: Action,
     #[serde(default)]
     pub mode: Mode,
     /// Pre-copy stops when what is left would take this long to send.
@@ -197,6 +243,7 @@ impl MigrationRequest {
     pub fn new(to: Uri, mode: Mode) -> MigrationRequest {
         MigrationRequest {
             to,
+            action: Action::Start,
             mode,
             downtime: default_downtime(),
             verify: None,
@@ -238,6 +285,9 @@ pub struct Timeouts {
     /// confirm that every page is installed (it may still be working through what is in
     /// flight on a loaded host; once seen at over 10 s in the benchmark).
     pub confirm: Duration,
+    /// Destination: how long, after a connection broke once the guest may be here, it
+    /// waits for the source to resume before it ends saying which pages never arrived.
+    pub recover: Duration,
 }
 
 impl Default for Timeouts {
@@ -248,6 +298,7 @@ impl Default for Timeouts {
             accept: Duration::from_secs(60),
             urgent_accept: Duration::from_secs(10),
             confirm: Duration::from_secs(60),
+            recover: Duration::from_secs(60),
         }
     }
 }

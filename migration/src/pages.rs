@@ -80,6 +80,33 @@ pub(crate) fn memory_hash(pages: &dyn GuestPages, layout: &Layout) -> Result<u32
     Ok(h.finalize())
 }
 
+/// One backing page's share of the post-copy memory hash: CRC-32 of its GPA and bytes.
+pub(crate) fn page_digest(gpa: Gpa, data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&gpa.0.to_le_bytes());
+    h.update(data);
+    h.finalize()
+}
+
+/// The post-copy memory hash of `which` backing pages: the wrapping sum of their
+/// [`page_digest`]s, so it can be added up in any order as pages arrive.
+pub(crate) fn digest_pages(
+    pages: &dyn GuestPages,
+    layout: &Layout,
+    which: impl Iterator<Item = u64>,
+) -> Result<u32, Error> {
+    let mut buf = vec![0u8; layout.page_size as usize];
+    let mut sum = 0u32;
+    for p in which {
+        let gpa = Gpa(p * layout.page_size);
+        pages
+            .read_page(gpa, &mut buf)
+            .map_err(Error::host(Step::Verify, HostCall::ReadPage(gpa)))?;
+        sum = sum.wrapping_add(page_digest(gpa, &buf));
+    }
+    Ok(sum)
+}
+
 /// Receives the next message and hands it to `pick`, which takes what `step` expects
 /// (else returns the message's kind). An `Abort` is the peer's error.
 pub(crate) fn expect<R: Read, T>(

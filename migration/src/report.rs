@@ -32,6 +32,9 @@ pub struct MigrationReport {
     /// Filled by the VMM: dirty-log fetches and their total time.
     pub dirty_log_takes: u64,
     pub dirty_log_ms: f64,
+    /// Times a broken connection was resumed after the hand-over.
+    #[serde(default)]
+    pub recoveries: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -57,4 +60,13 @@ pub struct IncomingReport {
     /// made here.
     pub passes_at_switch: u64,
     pub passes_after_switch: u64,
+    /// Connections refused at the door: unauthenticated, garbage, not this migration's.
+    #[serde(default)]
+    pub refused_connections: u64,
+    /// Times a broken connection was resumed.
+    #[serde(default)]
+    pub recoveries: u32,
+    /// The memory hash this end computed and found equal to the source's (`verify`).
+    #[serde(default)]
+    pub memory_hash: Option<u32>,
 }

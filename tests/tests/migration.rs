@@ -59,7 +59,14 @@ fn migrate_case_with(
         "off",
         "--json",
     ];
-    let Pair { dst, src, .. } = start_pair(&common, &uri, &api, &[], &["--dirty-log", dirty_log]);
+    // A tcp listener takes no unauthenticated migration unless told to.
+    let dst_extra: &[&str] = if uri_kind == "unix" {
+        &[]
+    } else {
+        &["--insecure"]
+    };
+    let Pair { dst, src, .. } =
+        start_pair(&common, &uri, &api, dst_extra, &["--dirty-log", dirty_log]);
     // Two more passes: the guest is in its steady state, writing, when the migration starts.
     wait_for_passes(&api, 4);
     let verify: &[&str] = if mode == "precopy" {
@@ -345,6 +352,7 @@ fn hello(version: u32) -> Hello {
         page_size: 4096,
         vcpus: 1,
         mode: Mode::Precopy,
+        session: None,
     }
 }
 

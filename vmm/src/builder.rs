@@ -18,7 +18,7 @@ use crate::acpi;
 use crate::api::{ApiCall, ApiServer};
 use crate::boot::kernel::{self, KernelEntry, LoadedKernel};
 use crate::boot::{self, params};
-use crate::config::{GuestSource, RunConfig, RunLimit};
+use crate::config::{Exposure, GuestSource, RunConfig, RunLimit};
 use crate::error::{ConfigError, Error, Result};
 use crate::mailbox::Mailbox;
 use crate::placement;
@@ -86,6 +86,14 @@ fn check(cfg: &RunConfig) -> Result<(Option<Topology>, MemoryConfig)> {
         Some(spec) => Some(spec.resolve(cfg.vcpus, guest_mm::numa::host_nodes().len())?),
         None => None,
     };
+    if let GuestSource::Incoming(uri @ migration::Uri::Tcp(_)) = &cfg.guest {
+        if !cfg.migration_auth.is_some() && cfg.exposure == Exposure::AuthenticatedOnly {
+            return Err(ConfigError::UnauthenticatedTcp {
+                uri: uri.to_string(),
+            }
+            .into());
+        }
+    }
     let memory = memory_config(cfg, topology.as_ref());
     memory.check()?;
     Ok((topology, memory))
@@ -246,7 +254,11 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
             None => Start::AwaitReceive,
         },
         (GuestSource::Incoming(uri), _) => {
-            Start::Incoming(migration::Listener::bind(uri).map_err(Error::Listen)?)
+            let listener = migration::Listener::bind(uri).map_err(Error::Listen)?;
+            if matches!(uri, migration::Uri::Tcp(_)) && !cfg.migration_auth.is_some() {
+                eprintln!("hugevisor: warning: --insecure: {uri} takes migrations without authentication; anyone who reaches it can hand this VM a guest");
+            }
+            Start::Incoming(listener)
         }
         (GuestSource::ApiReceive, _) => Start::AwaitReceive,
         (GuestSource::Boot, Guest::Builtin(image)) => Start::Boot(

@@ -9,7 +9,7 @@ use guest_mm::collapse::{BudgetError, CollapseMode, ScanBudget};
 use guest_mm::numa::{BalancerConfig, Balancing, NumaSpec, SpecError};
 use guest_mm::{BackingKind, Prefault, RamConfig, ThpMode};
 
-use crate::config::GuestSource;
+use crate::config::{Exposure, GuestSource};
 use crate::console::ConsoleMode;
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
 use crate::vstate::vm::{DirtyLogMethod, DEFAULT_KVM_DEVICE};
@@ -94,11 +94,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
     guest_mm::size::parse_size(s).map_err(|e| e.to_string())
 }
 
+/// The longest duration a flag takes: the run's clocks are u64 nanoseconds, and the
+/// controller adds durations to them (and a minute to `--duration` for the timeout).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 5s, 500ms, 2m"))?;
     if d.is_zero() {
         return Err("duration must be greater than zero".into());
+    }
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{s:?} does not fit: a duration is at most 10 years (87600h)"
+        ));
     }
     Ok(d)
 }
@@ -218,6 +227,29 @@ pub struct RunArgs {
     dirty_log: DirtyLogMethod,
     #[command(flatten)]
     kernel: KernelArgs,
+    /// Authenticate every migration connection, in and out, with the pre-shared key in
+    /// FILE (at least 16 bytes, mode 0600; the same file on both ends), by
+    /// challenge–response before anything the peer sends is trusted.
+    #[arg(long, value_name = "FILE", conflicts_with = "tls_cert")]
+    migration_key: Option<PathBuf>,
+    /// Mutual TLS for every migration connection, in and out: this end's certificate
+    /// (PEM), signed by a CA the other end trusts (with --tls-key and --tls-ca).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the other end's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Let a `--incoming tcp:` listener run without --migration-key: anyone who reaches
+    /// the port could hand this VM a guest.
+    #[arg(long)]
+    insecure: bool,
+    /// Destination: how long a post-copy whose connection broke waits for the source to
+    /// resume (`hugevisor migrate --resume`) before it ends naming the pages it lacks.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    recovery_timeout: Duration,
     #[command(flatten)]
     snapshot: snapshot::RunSnapshotArgs,
 }
@@ -304,6 +336,10 @@ struct MigrateArgs {
     /// switch-over (adds a pass over guest RAM to the downtime on each side).
     #[arg(long, value_parser = parse_verify)]
     verify: Option<migration::Verify>,
+    /// Resume a migration paused after the hand-over (`postcopy-paused` in vm.info): the
+    /// source reconnects to --to, learns what the destination lacks and goes on.
+    #[arg(long)]
+    resume: bool,
 }
 
 fn parse_mode(s: &str) -> Result<migration::Mode, String> {
@@ -423,8 +459,36 @@ impl RunArgs {
             guest,
             dirty_log: self.dirty_log,
             kernel: self.kernel.to_config(),
+            migration_auth: self.migration_auth()?,
+            exposure: if self.insecure {
+                Exposure::Insecure
+            } else {
+                Exposure::AuthenticatedOnly
+            },
+            recovery_timeout: self.recovery_timeout,
             snapshot_at: self.snapshot.snapshot_at(),
         })
+    }
+}
+
+impl RunArgs {
+    /// `--migration-key` or the `--tls-*` trio (clap has refused both, or part of the trio).
+    fn migration_auth(&self) -> Result<migration::Auth, String> {
+        use std::sync::Arc;
+        if let Some(path) = &self.migration_key {
+            let key =
+                migration::Key::from_file(path).map_err(|e| format!("--migration-key: {e}"))?;
+            return Ok(migration::Auth::Key(Arc::new(key)));
+        }
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = migration::wire::tls::TlsFiles { cert, key, ca };
+                let tls = migration::wire::tls::TlsConfig::from_files(&files)
+                    .map_err(|e| e.to_string())?;
+                Ok(migration::Auth::Tls(Arc::new(tls)))
+            }
+            _ => Ok(migration::Auth::None),
+        }
     }
 }
 
@@ -433,6 +497,9 @@ fn cmd_run(args: &RunArgs, start_ns: u64) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    if let Err(e) = crate::signals::install() {
+        return fail(&e.to_string());
+    }
     match crate::run::run(&cfg) {
         Ok(report) => {
             if args.json {
@@ -445,6 +512,12 @@ fn cmd_run(args: &RunArgs, start_ns: u64) -> i32 {
             }
             match report.outcome {
                 Outcome::Ok | Outcome::Migrated | Outcome::NoGuest => EXIT_OK,
+                Outcome::MigrationFailed => fail(
+                    report
+                        .migration_error
+                        .as_deref()
+                        .unwrap_or("the migration failed"),
+                ),
                 Outcome::IntegrityErrors => {
                     if let Some(e) = &report.first_error {
                         eprintln!(
@@ -498,6 +571,9 @@ fn cmd_migrate(args: &MigrateArgs) -> i32 {
     });
     if let Some(migration::Verify::MemoryHash) = args.verify {
         body["verify"] = "memory-hash".into();
+    }
+    if args.resume {
+        body["action"] = "resume".into();
     }
     match crate::api::call(&args.api_socket, "PUT", "/api/v1/vm.migrate", Some(&body)) {
         Ok((200, report)) => {
@@ -578,6 +654,17 @@ mod tests {
             let a = run_args(&[flag, "2ms"]).unwrap();
             assert_eq!(a.numa_force_move, Some(Duration::from_millis(2)), "{flag}");
         }
+    }
+
+    #[test]
+    fn durations_that_do_not_fit_are_refused() {
+        for d in ["99999999999h", "11y", "18446744073709551615s"] {
+            let e = run_args(&["--duration", d]).unwrap_err().to_string();
+            assert!(e.contains(d) || e.contains("not a duration"), "{d}: {e}");
+        }
+        let e = run_args(&["--timeout", "100y"]).unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "{e}");
+        assert!(run_args(&["--duration", "87600h"]).is_ok());
     }
 
     #[test]

@@ -92,8 +92,23 @@ pub struct RunConfig {
     pub dirty_log: DirtyLogMethod,
     /// Boot this kernel instead of the built-in image's fast path (`--kernel`).
     pub kernel: Option<crate::boot::kernel::KernelConfig>,
+    /// How every migration connection, in and out, authenticates (`--migration-key`).
+    pub migration_auth: migration::Auth,
+    /// Whether a `tcp:` listener may go without authentication (`--insecure`).
+    pub exposure: Exposure,
+    /// Destination: how long a broken post-copy waits for its source to resume.
+    pub recovery_timeout: Duration,
     /// Take a snapshot this long into the run (`--snapshot-at D --to DIR`).
     pub snapshot_at: Option<SnapshotAt>,
+}
+
+/// Whether an unauthenticated migration listener may be reachable over the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposure {
+    /// A `tcp:` listener needs authentication (the default).
+    AuthenticatedOnly,
+    /// `--insecure`: anyone who reaches the port may hand this destination a guest.
+    Insecure,
 }
 
 /// A snapshot the run takes by itself, for scripted experiments.

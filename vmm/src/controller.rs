@@ -9,11 +9,17 @@
 //!  (no guest yet)                (destination)   vm.resume │ │ │ vm.send-migration      │
 //!                                     Paused(api) ◀────────┘ │ └─▶ Migrating ──pause──▶ │
 //!                                          vm.pause          │     Paused(switch-over) ─┤
-//!     limit / shutdown / a vCPU failed                       ▼                          ▼
-//!                              Stopping ──every vCPU ended──▶ (end)   migration done: Migrated ─▶ (end)
+//!     limit / shutdown / signal /                            │  connection broke ▲ ▼    ▼ migration done
+//!     a vCPU failed                                          ▼  after hand-over PostcopyPaused
+//!                              Stopping ──every vCPU ended──▶ (end)           Migrated ─▶ (end)
 //! ```
 //! Both pauses stop the vCPUs in place ([`VcpuSet::pause`]) before the controller
 //! answers; `vm.resume` and a failed migration run the same threads again.
+//! `PostcopyPaused` is both ends' state while a migration whose connection broke after
+//! the hand-over waits to be resumed: the source keeps its guest stopped (it is the
+//! destination's), the destination stops its vCPUs (they would only wait for pages that
+//! do not come). SIGINT, SIGTERM and SIGHUP end the run as `vm.shutdown` does
+//! ([`crate::signals`]).
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -28,17 +34,18 @@ use crate::config::{CorruptionTest, RunConfig, RunLimit};
 use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::mailbox::Mailbox;
-use crate::migration_host::{Arrival, DestinationEvent, MigratedState, RunInfo, SourceRequest};
+use crate::migration_host::{DestinationEvent, RunInfo, SourceRequest};
 use crate::progress::Tracker;
 use crate::vstate::vcpu::{Vcpu, VcpuEnd, VcpuEndResult, VcpuOutcome};
 use crate::vstate::vcpu_set::VcpuSet;
 use crate::vstate::vm::Vm;
 
 mod calls;
+mod handover;
 mod snapshot;
 use guest_image::clock::monotonic_ns;
 use guest_mm::GuestMemory;
-use migration::{GuestAt, IncomingReport, MigrationReport, Paused, VmState};
+use migration::{IncomingReport, MigrationReport};
 
 /// How often the controller looks at the guest's mailbox between events.
 const POLL: Duration = Duration::from_millis(2);
@@ -62,6 +69,8 @@ pub enum RunState {
     Stopping,
     /// The guest was handed over to a migration destination.
     Migrated,
+    /// A connection broke after the hand-over; the migration waits to be resumed.
+    PostcopyPaused,
 }
 
 /// Who stopped the vCPUs.
@@ -83,6 +92,7 @@ impl RunState {
             RunState::Paused(_) => "paused",
             RunState::Stopping => "stopping",
             RunState::Migrated => "migrated",
+            RunState::PostcopyPaused => "postcopy-paused",
         }
     }
 }
@@ -132,6 +142,8 @@ pub struct RunEnd {
     /// The guest was handed over although the migration did not end cleanly.
     pub handed_over: bool,
     pub migration_failures: Vec<String>,
+    /// The migration failure that ends the run with an error (after its report).
+    pub migration_error: Option<String>,
     pub incoming: Option<IncomingReport>,
     pub console: Arc<Console>,
     pub memory: Arc<GuestMemory>,
@@ -142,14 +154,28 @@ pub struct RunEnd {
     pub no_guest: bool,
 }
 
+type MigrateReply = Sender<std::result::Result<MigrationReport, MigrateRefusal>>;
+
 /// The source side of a migration in progress.
 struct Outgoing {
-    reply: Sender<std::result::Result<MigrationReport, MigrateRefusal>>,
+    /// The `vm.migrate` calls waiting for its end (the first, and each resume).
+    replies: Vec<MigrateReply>,
     /// Each vCPU's worst pass when it paused, restored if the migration fails.
     max_pass_at_pause: Vec<u64>,
     mode: migration::Mode,
     destination: migration::Uri,
     progress: Arc<Tracker>,
+    /// Postcopy-paused: where to send the resume's destination (`None`: give up).
+    resume: Option<Sender<Option<migration::Uri>>>,
+}
+
+impl Outgoing {
+    /// Gives up a paused hand-over: the migration ends failed, the guest the destination's.
+    fn give_up(&mut self) {
+        if let Some(tx) = self.resume.take() {
+            let _ = tx.send(None);
+        }
+    }
 }
 
 /// The run's limits, checked on every poll.
@@ -200,6 +226,14 @@ pub struct Controller<'a> {
     incoming_phase: Option<IncomingPhase>,
     /// The guest's run info as it arrived (a destination's report needs it).
     arrived: Option<RunInfo>,
+    /// Destination: connections refused at the migration listener.
+    refused_connections: u64,
+    /// Destination, postcopy-paused: the pages it still lacks.
+    lacking_pages: Option<u64>,
+    /// Destination, postcopy-paused: the state it paused from.
+    paused_from: Option<RunState>,
+    /// The signal that ended the run, once seen.
+    signal: Option<i32>,
     /// What ends the run with an error once the vCPUs are finished (a post-copy that
     /// failed after the guest started here, a source that could not resume its guest).
     fatal: Option<Error>,
@@ -209,6 +243,8 @@ pub struct Controller<'a> {
     snapshot: Option<snapshot::PendingSnapshot>,
     /// `--snapshot-at` has been taken (once per run).
     snapshot_at_taken: bool,
+    /// Where a destination listens for its guest (until it arrives).
+    receiving_on: Option<migration::Uri>,
     _api: Option<crate::api::ApiServer>,
 }
 
@@ -244,10 +280,15 @@ impl<'a> Controller<'a> {
             incoming: None,
             incoming_phase: None,
             arrived: None,
+            refused_connections: 0,
+            lacking_pages: None,
+            paused_from: None,
+            signal: None,
             fatal: None,
             receive_reply: None,
             snapshot: None,
             snapshot_at_taken: false,
+            receiving_on: None,
             _api: api,
         };
         c.limits.duration = match cfg.limit {
@@ -266,16 +307,23 @@ impl<'a> Controller<'a> {
     /// Receives the guest on `listener`, on a thread of its own.
     fn receive_on(&mut self, listener: migration::Listener) -> Result<()> {
         let tx = self.events_tx.clone();
-        let timeouts = migration::Timeouts {
-            accept: self.cfg.accept_timeout(),
-            ..Default::default()
+        let options = migration::destination::Options {
+            timeouts: migration::Timeouts {
+                accept: self.cfg.accept_timeout(),
+                recover: self.cfg.recovery_timeout,
+                ..Default::default()
+            },
+            auth: self.cfg.migration_auth.clone(),
+            strangers: migration::destination::Strangers::Refuse,
         };
+        // A signal before the guest arrives removes the socket file this binds.
+        self.receiving_on = listener.uri().ok();
         crate::migration_host::start_receiving(
             listener,
             self.memory.clone(),
             self.vm.clone(),
             self.cfg.vcpus,
-            timeouts,
+            options,
             move |e| {
                 let _ = tx.send(Event::Incoming(e));
             },
@@ -344,11 +392,43 @@ impl<'a> Controller<'a> {
                 // The controller holds a sender itself: never happens.
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            self.on_signal()?;
             if !matches!(self.state, RunState::Waiting | RunState::Receiving) {
                 self.poll_guest()?;
             }
         }
         self.finish()
+    }
+
+    /// SIGINT/SIGTERM/SIGHUP: the run ends as `vm.shutdown` would end it. A destination
+    /// still waiting for its guest has nothing to report: it ends at once.
+    fn on_signal(&mut self) -> Result<()> {
+        let Some(signal) = crate::signals::received() else {
+            return Ok(());
+        };
+        if self.signal.replace(signal).is_some() {
+            return Ok(());
+        }
+        let name = crate::signals::name(signal);
+        if self.state == RunState::Receiving {
+            // The receiving thread owns the listener: its socket file goes here.
+            if let Some(migration::Uri::Unix(p)) = &self.receiving_on {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(Error::Interrupted { signal: name });
+        }
+        eprintln!("hugevisor: {name}: ending the run");
+        self.request_shutdown();
+        Ok(())
+    }
+
+    /// `vm.shutdown`, `vmm.shutdown`, a signal: the guest finishes its pass (a VMM still
+    /// waiting for one ends); a paused hand-over is given up.
+    fn request_shutdown(&mut self) {
+        self.limits.shutdown_requested = true;
+        if let Some(o) = self.outgoing.as_mut() {
+            o.give_up();
+        }
     }
 
     fn finished(&self) -> bool {
@@ -359,7 +439,9 @@ impl<'a> Controller<'a> {
             RunState::Migrated => true,
             // Ended by vmm.shutdown before any guest came.
             RunState::Waiting => self.limits.shutdown_requested,
-            RunState::Receiving | RunState::Paused(PauseCause::SwitchOver) => false,
+            RunState::Receiving
+            | RunState::Paused(PauseCause::SwitchOver)
+            | RunState::PostcopyPaused => false,
             RunState::Running
             | RunState::Migrating
             | RunState::Stopping
@@ -391,214 +473,49 @@ impl<'a> Controller<'a> {
                 let _ = reply.send(self.resume_after_failed_migration());
             }
             Event::Source(SourceRequest::Done(result)) => self.on_migration_done(result),
+            Event::Source(SourceRequest::HandoverPaused(why, resume)) => {
+                eprintln!("hugevisor: warning: the migration is paused after the hand-over ({why}); the guest stays stopped here: resume it with `hugevisor migrate --resume --to URI`");
+                self.state = RunState::PostcopyPaused;
+                match self.outgoing.as_mut() {
+                    Some(o) if !self.limits.shutdown_requested => {
+                        o.resume = Some(resume);
+                        for r in o.replies.drain(..) {
+                            let _ = r.send(Err(MigrateRefusal::Paused(why.clone())));
+                        }
+                    }
+                    _ => drop(resume.send(None)),
+                }
+            }
+            Event::Source(SourceRequest::HandoverResumed) => {
+                self.state = RunState::Paused(PauseCause::SwitchOver)
+            }
+            Event::Incoming(DestinationEvent::Refused(why)) => {
+                self.refused_connections += 1;
+                eprintln!("hugevisor: warning: refused a migration connection: {why}");
+            }
+            Event::Incoming(DestinationEvent::Paused { why, lacking }) => {
+                self.on_incoming_paused(&why, lacking)
+            }
+            Event::Incoming(DestinationEvent::Resumed) => self.on_incoming_resumed(),
             Event::Incoming(DestinationEvent::Arrived(arrival)) => self.on_arrival(*arrival),
             Event::Incoming(DestinationEvent::Ended(result)) => self.on_incoming_end(result)?,
         }
         Ok(())
     }
 
-    /// A migration source's switch-over: the vCPUs stop in place, their state and the
-    /// run's info go to the destination.
-    fn pause_for_migration(&mut self) -> Result<Paused> {
-        let (Some(vcpus), Some(out)) = (&self.vcpus, self.outgoing.as_mut()) else {
-            return Err(Error::GuestFinished);
-        };
-        if self.limits.timed_out || self.ended.iter().all(Option::is_some) {
-            return Err(Error::GuestFinished);
-        }
-        // Stopped in place: a failed migration resumes the same threads.
-        vcpus.pause()?;
-        let states = vcpus.save_states().inspect_err(|_| drop(vcpus.resume()))?;
-        let mem = self.memory.staging();
-        let n = self.cfg.vcpus as usize;
-        let slots: Vec<_> = (0..n).map(|i| self.mailbox.slot(mem, i)).collect();
-        let run = RunInfo {
-            workload: self.workload.clone(),
-            elapsed_ns: self.source_elapsed_ns + (monotonic_ns() - self.launch_ns),
-            duration_ns: self.limits.duration.map(|d| d.as_nanos() as u64),
-            max_pass_cycles: slots.iter().map(|s| s.max_pass_cycles).collect(),
-            passes: slots.iter().map(|s| s.passes).sum(),
-            mailbox: self.mailbox.base(),
-            entry: self.entry.clone(),
-        };
-        // The pass that spans the switch-over is measured from here: clear each worst
-        // pass (restored if the migration fails).
-        out.max_pass_at_pause = run.max_pass_cycles.clone();
-        for i in 0..n {
-            self.mailbox.reset_max_pass(mem, i);
-        }
-        let state = MigratedState::capture(&self.vm, states, run)
-            .and_then(|s| serde_json::to_value(s).map_err(Error::VmState))
-            .inspect_err(|_| drop(vcpus.resume()))?;
-        self.state = RunState::Paused(PauseCause::SwitchOver);
-        let mailbox = self.mailbox.gpa_range(n);
-        Ok(Paused {
-            state: VmState(state),
-            vmm_written: vec![guest_mm::GpaRange::new(
-                guest_mm::Gpa(mailbox.start),
-                guest_mm::Gpa(mailbox.end),
-            )],
-        })
-    }
-
-    /// The migration failed after the pause: the guest runs here again, on the same
-    /// threads, with the worst passes it had.
-    fn resume_after_failed_migration(&mut self) -> Result<()> {
-        if self.state != RunState::Paused(PauseCause::SwitchOver) {
-            return Ok(());
-        }
-        let mem = self.memory.staging();
-        let before = self
-            .outgoing
-            .as_ref()
-            .map(|o| o.max_pass_at_pause.clone())
-            .unwrap_or_default();
-        for (i, &before) in before.iter().enumerate() {
-            let now = self.mailbox.slot(mem, i).max_pass_cycles;
-            self.mailbox.set_max_pass(mem, i, now.max(before));
-        }
-        if let Some(v) = &self.vcpus {
-            v.resume()?;
-        }
-        self.state = RunState::Migrating;
-        Ok(())
-    }
-
-    fn on_migration_done(
-        &mut self,
-        result: std::result::Result<MigrationReport, migration::Error>,
-    ) {
-        let out = self.outgoing.take();
-        let reply = |answer| {
-            if let Some(o) = &out {
-                let _ = o.reply.send(answer);
-            }
-        };
-        match result {
-            Ok(mut report) => {
-                report.dirty_log = self.vm.dirty_log_method().name().to_string();
-                (report.dirty_log_takes, report.dirty_log_ms) = self.vm.dirty_log_cost();
-                reply(Ok(report.clone()));
-                self.migrated = Some(report);
-                self.state = RunState::Migrated;
-            }
-            Err(e) => {
-                self.migration_failures.push(e.to_string());
-                let guest_at = e.guest_at();
-                let e = match guest_at {
-                    GuestAt::PausedOnSource => {
-                        // The run fails with the error itself; the client hears that.
-                        reply(Err(MigrateRefusal::Unresumed));
-                        self.fatal = Some(Error::Migration(e));
-                        return;
-                    }
-                    _ => e,
-                };
-                reply(Err(MigrateRefusal::Failed(e)));
-                match guest_at {
-                    // It never left, or it was resumed here.
-                    GuestAt::Source => {
-                        if matches!(
-                            self.state,
-                            RunState::Paused(PauseCause::SwitchOver) | RunState::Migrating
-                        ) {
-                            self.state = RunState::Running;
-                        }
-                    }
-                    // The destination runs it: this copy must never run again.
-                    GuestAt::Destination => {
-                        self.handed_over = true;
-                        self.state = RunState::Migrated;
-                    }
-                    GuestAt::PausedOnSource => {}
-                }
-            }
-        }
-    }
-
-    /// A destination's guest is here: run it (the end of the downtime).
-    fn on_arrival(&mut self, arrival: Arrival) {
-        let restored = matches!(self.cfg.guest, crate::config::GuestSource::Restore { .. });
-        // A restore is a new run of the guest: its --duration counts from here.
-        self.source_elapsed_ns = if restored { 0 } else { arrival.run.elapsed_ns };
-        self.workload = arrival.run.workload.clone();
-        if self.cfg.limit == RunLimit::FromSource {
-            self.limits.duration = arrival.run.duration_ns.map(Duration::from_nanos);
-        }
-        // The guest says where its mailbox is (a guest hugevisor did not build has none).
-        self.mailbox = arrival.run.mailbox.map_or_else(Mailbox::none, Mailbox::new);
-        let how = if restored {
-            "restored from a snapshot"
-        } else {
-            "arrived by migration"
-        };
-        self.entry = format!("{} ({how})", arrival.run.entry);
-        let answer = self
-            .start_guest(arrival.vcpus)
-            .map_err(|e| Error::GuestStart(e.to_string()));
-        if answer.is_ok() {
-            self.incoming_phase = Some(if arrival.postcopy {
-                IncomingPhase::Postcopy
-            } else {
-                IncomingPhase::Completing
-            });
-        }
-        self.arrived = Some(arrival.run);
-        let _ = arrival.started.send(answer);
-    }
-
-    fn on_incoming_end(
-        &mut self,
-        result: std::result::Result<IncomingReport, migration::Error>,
-    ) -> Result<()> {
-        let phase = self.incoming_phase.replace(IncomingPhase::Complete);
-        // vm.receive-migration hears how it ended: received, or the error the run ends with.
-        let receive_reply = self.receive_reply.take();
-        let answer = |a| {
-            if let Some(r) = &receive_reply {
-                let _ = r.send(a);
-            }
-        };
-        match &result {
-            Ok(_) => answer(Ok(())),
-            Err(e) if self.vcpus.is_none() || phase != Some(IncomingPhase::Completing) => {
-                answer(Err(ReceiveRefusal::Failed(e.to_string())))
-            }
-            // Pre-copy: every page is here; only the source's last word is missing.
-            Err(_) => answer(Ok(())),
-        }
-        let mut report = match result {
-            Ok(report) => report,
-            // Before the guest started here: nothing runs; the run fails now.
-            Err(e) if self.vcpus.is_none() => return Err(e.into()),
-            // Pre-copy: the guest has all its memory, only the source's last word went
-            // missing; it runs on.
-            Err(e) if phase == Some(IncomingPhase::Completing) => {
-                eprintln!(
-                    "hugevisor: warning: the source did not complete the hand-over cleanly: {e}"
-                );
-                return Ok(());
-            }
-            // Post-copy: pages are missing. Stop the guest, fail the run at its end.
-            Err(e) => {
-                self.fatal = Some(e.into());
-                self.request_stop(monotonic_ns());
-                return Ok(());
-            }
-        };
-        if let Some(run) = &self.arrived {
-            report.source_elapsed_ms = run.elapsed_ns as f64 / 1e6;
-            report.passes_at_switch = run.passes;
-        }
-        self.incoming = Some(report);
-        Ok(())
-    }
-
     /// Between events: the corruption test, the run's limits, failures, the deadline.
     fn poll_guest(&mut self) -> Result<()> {
+        if self.state == RunState::PostcopyPaused && monotonic_ns() >= self.limits.deadline {
+            // Nobody resumed it within the run's --timeout: the hand-over is given up.
+            if let Some(o) = self.outgoing.as_mut() {
+                o.give_up();
+            }
+        }
         if matches!(
             self.state,
-            RunState::Paused(PauseCause::SwitchOver) | RunState::Migrated
+            RunState::Paused(PauseCause::SwitchOver)
+                | RunState::Migrated
+                | RunState::PostcopyPaused
         ) {
             return Ok(());
         }
@@ -687,10 +604,13 @@ impl<'a> Controller<'a> {
         let outcomes = self.vcpus.take().map(|v| v.finish()).unwrap_or_default();
         let end_ns = monotonic_ns();
         // A migration still in flight ends here: the guest finished (or failed) first.
-        if let Some(o) = self.outgoing.take() {
+        if let Some(mut o) = self.outgoing.take() {
+            o.give_up();
             let why = MigrateRefusal::GuestFinished;
             self.migration_failures.push(why.to_string());
-            let _ = o.reply.send(Err(why));
+            for r in &o.replies {
+                let _ = r.send(Err(MigrateRefusal::GuestFinished));
+            }
         }
         // A destination's migration reports its end once its threads are done (they end
         // when the source does, or when their connections fail).
@@ -712,13 +632,13 @@ impl<'a> Controller<'a> {
         while let Ok(event) = self.events_rx.try_recv() {
             self.refuse(event);
         }
-        if let Some(e) = self.fatal.take() {
-            return Err(e);
-        }
+        // The run ends with its report all the same; the error is its outcome.
+        let migration_error = self.fatal.take().map(|e| e.to_string());
         // Every guest that ran here had vCPU threads.
         let no_guest = outcomes.is_empty();
         Ok(RunEnd {
             entry: self.entry,
+            migration_error,
             outcomes,
             timed_out: self.limits.timed_out,
             launch_ns: self.launch_ns,

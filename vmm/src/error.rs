@@ -66,6 +66,8 @@ pub enum Error {
     GuestFinished,
     #[error("the migration had not switched over after timeout_s = {}; cancelled (Cloud Hypervisor's Cancel strategy), the guest keeps running here", .0.as_secs())]
     MigrationTimeout(std::time::Duration),
+    #[error("{signal} arrived before the guest did; nothing ran here")]
+    Interrupted { signal: &'static str },
     #[error("--incoming: {0}")]
     Listen(#[source] migration::WireError),
     #[error("the arrived guest could not start: {0}")]
@@ -131,6 +133,8 @@ pub enum ConfigError {
     CorruptionNeedsMailbox,
     #[error("KVM device path {path} contains NUL", path = .0.display())]
     NulInPath(PathBuf),
+    #[error("--incoming {uri}: a tcp listener accepts anyone who reaches its port; give both ends --tls-cert/--tls-key/--tls-ca or --migration-key FILE, or pass --insecure to listen without authentication")]
+    UnauthenticatedTcp { uri: String },
 }
 
 pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {

@@ -35,6 +35,7 @@ pub mod placement;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod signals;
 pub mod snapshot;
 pub mod status;
 pub mod vstate;

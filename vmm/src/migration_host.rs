@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use migration::{
-    DestinationVm, GuestPages, HostError, MigrationRequest, Paused, SourceVm, VmState,
+    DestinationVm, GuestPages, HostError, IncomingEvent, MigrationRequest, Paused, SourceVm, Uri,
+    VmState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +74,11 @@ pub enum SourceRequest {
     Pause(Sender<Result<Paused>>),
     /// The migration failed after the pause: run the guest here again.
     Resume(Sender<Result<()>>),
+    /// The guest was handed over and a connection broke (`postcopy-paused`): answer
+    /// with where to resume, when asked to (`None`: give up).
+    HandoverPaused(String, Sender<Option<Uri>>),
+    /// A resumed migration goes on.
+    HandoverResumed,
     /// The migration ended.
     Done(std::result::Result<migration::MigrationReport, migration::Error>),
 }
@@ -81,6 +87,12 @@ pub enum SourceRequest {
 pub enum DestinationEvent {
     /// The guest's vCPUs are built; start them and answer.
     Arrived(Box<Arrival>),
+    /// A connection that is not this migration's was refused.
+    Refused(String),
+    /// Post-copy broke: the guest's vCPUs must wait (paused) for the source to resume.
+    Paused { why: String, lacking: u64 },
+    /// The source is back.
+    Resumed,
     /// The migration ended: every page is here, or it failed.
     Ended(std::result::Result<migration::IncomingReport, migration::Error>),
 }
@@ -168,6 +180,17 @@ impl SourceVm for SourceHost {
     fn resume(&self) -> std::result::Result<(), HostError> {
         ask(&*self.controller, SourceRequest::Resume)
     }
+
+    fn handover_paused(&self, why: &migration::Error) -> Option<Uri> {
+        let (tx, rx) = channel();
+        (self.controller)(SourceRequest::HandoverPaused(why.to_string(), tx));
+        // A controller that went away gave up too.
+        rx.recv().ok().flatten()
+    }
+
+    fn handover_resumed(&self) {
+        (self.controller)(SourceRequest::HandoverResumed);
+    }
 }
 
 /// How a migration is sent: what to ask of it, when to give up, where to say how far it is.
@@ -175,6 +198,8 @@ pub struct Sending {
     pub request: MigrationRequest,
     /// Cancelled (the guest stays here) if not paused for the switch-over by then.
     pub timeout: Duration,
+    /// Its connections' timeouts and authentication.
+    pub options: migration::source::Options,
     pub progress: Arc<Tracker>,
 }
 
@@ -199,12 +224,15 @@ pub fn start_sending(
         },
     };
     let Sending {
-        request, progress, ..
+        request,
+        options,
+        progress,
+        ..
     } = sending;
     std::thread::Builder::new()
         .name("migrate".into())
         .spawn(move || {
-            let r = migration::source::migrate(&host, &request, &*progress);
+            let r = migration::source::migrate(&host, &request, &options, &*progress);
             (host.controller)(SourceRequest::Done(r));
         })
         .map(drop)
@@ -275,6 +303,17 @@ impl DestinationVm for DestinationHost {
         })));
         Ok(answer.recv().map_err(|_| Error::ControllerGone)??)
     }
+
+    fn note(&self, event: IncomingEvent<'_>) {
+        (self.controller)(match event {
+            IncomingEvent::Refused { why } => DestinationEvent::Refused(why.to_string()),
+            IncomingEvent::Paused { why, lacking } => DestinationEvent::Paused {
+                why: why.to_string(),
+                lacking,
+            },
+            IncomingEvent::Resumed => DestinationEvent::Resumed,
+        });
+    }
 }
 
 /// The destination VM for a restore (`crate::snapshot`), and how to tell the controller
@@ -307,7 +346,7 @@ pub fn start_receiving(
     memory: Arc<GuestMemory>,
     vm: Arc<Vm>,
     vcpus: u32,
-    timeouts: migration::Timeouts,
+    options: migration::destination::Options,
     controller: impl Fn(DestinationEvent) + Send + Sync + 'static,
 ) -> Result<()> {
     let host = DestinationHost {
@@ -320,7 +359,7 @@ pub fn start_receiving(
     std::thread::Builder::new()
         .name("incoming".into())
         .spawn(move || {
-            let r = migration::destination::receive(&listener, &host, &timeouts);
+            let r = migration::destination::receive_with(&listener, &host, &options);
             // Unbound before the run hears of the end: the process may exit at once, and
             // a socket file left behind would refuse the next destination's sources.
             drop(listener);

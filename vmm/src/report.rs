@@ -33,6 +33,10 @@ pub enum Outcome {
     Migrated,
     /// No guest ran: a VMM that waited for `vm.receive-migration` was ended first.
     NoGuest,
+    /// A migration failure ended the run: a post-copy destination whose source never
+    /// sent the pages it lacks (the guest stopped rather than read zeros), or a source
+    /// that could not run its guest again (`migration_error` says which).
+    MigrationFailed,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -148,6 +152,8 @@ pub struct RunReport {
     pub migration: Option<MigrationReport>,
     /// Source: migrations that failed while the guest kept running here.
     pub migration_failures: Vec<String>,
+    /// The migration failure that ended the run (outcome `migration_failed`).
+    pub migration_error: Option<String>,
     /// Destination: what arrived.
     pub incoming: Option<IncomingReport>,
     /// Destination: the worst pass the guest measured across the switch-over.
@@ -269,6 +275,7 @@ impl std::fmt::Display for RunReport {
                 Outcome::GuestException => "GUEST EXCEPTION",
                 Outcome::Migrated => "migrated",
                 Outcome::NoGuest => "no guest (ended while waiting for vm.receive-migration)",
+                Outcome::MigrationFailed => "MIGRATION FAILED",
             }
         )?;
         writeln!(
@@ -497,6 +504,8 @@ pub fn assemble(
             Outcome::NoGuest
         } else if exception.is_some() {
             Outcome::GuestException
+        } else if end.migration_error.is_some() {
+            Outcome::MigrationFailed
         } else if end.migrated.is_some() || end.handed_over {
             Outcome::Migrated
         } else if integrity_errors > 0 {
@@ -536,6 +545,7 @@ pub fn assemble(
         numa,
         migration: end.migrated,
         migration_failures: end.migration_failures,
+        migration_error: end.migration_error,
         guest_stall_ms: incoming.as_ref().map(|_| {
             clock.cycles_to_ms(slots.iter().map(|s| s.max_pass_cycles).max().unwrap_or(0))
         }),

@@ -45,6 +45,10 @@ pub enum MigrationView<'a> {
         /// Known once the migration has ended.
         mode: Option<&'a str>,
         phase: &'static str,
+        /// Connections refused (strangers, failed authentication).
+        refused_connections: u64,
+        /// While a broken post-copy waits for its source: the pages still lacking.
+        lacking_pages: Option<u64>,
     },
 }
 
@@ -53,7 +57,7 @@ fn ch_state(state: RunState) -> &'static str {
     match state {
         RunState::Waiting | RunState::Receiving => "Created",
         RunState::Running | RunState::Migrating | RunState::Stopping => "Running",
-        RunState::Paused(_) => "Paused",
+        RunState::Paused(_) | RunState::PostcopyPaused => "Paused",
         RunState::Migrated => "Shutdown",
     }
 }
@@ -93,10 +97,17 @@ fn migration(view: &MigrationView, absent_bytes: u64) -> Value {
             "bytes_sent": progress.bytes_sent,
             "elapsed_ms": progress.elapsed_ns as f64 / 1e6,
         }),
-        MigrationView::Destination { mode, phase } => json!({
+        MigrationView::Destination {
+            mode,
+            phase,
+            refused_connections,
+            lacking_pages,
+        } => json!({
             "role": "destination",
             "mode": mode,
             "phase": phase,
+            "refused_connections": refused_connections,
+            "lacking_pages": lacking_pages,
             // Post-copy's progress: what has yet to arrive.
             "absent_bytes": absent_bytes,
         }),
@@ -108,7 +119,17 @@ pub fn info(s: &Snapshot) -> Value {
     let stats = s.memory.stats();
     let accounting = s.memory.accounting();
     let incoming = match &s.migration {
-        Some(MigrationView::Destination { mode, phase }) => json!({ "mode": mode, "phase": phase }),
+        Some(MigrationView::Destination {
+            mode,
+            phase,
+            refused_connections,
+            lacking_pages,
+        }) => json!({
+            "mode": mode,
+            "phase": phase,
+            "refused_connections": refused_connections,
+            "lacking_pages": lacking_pages,
+        }),
         _ => Value::Null,
     };
     json!({

@@ -1,21 +1,26 @@
 //! Post-copy on the destination: set-up at the switch-over (restore, urgent connection,
-//! absent pages, start), then one receiver per connection installing arriving pages
-//! until every absent page is in.
+//! absent pages, `Ready`, the source's `Start`, start), then one receiver per connection
+//! installing arriving pages until every absent page is in.
 //!
 //! The main connection carries the push and ends with the source's `Complete`; silence
 //! there is a dead source. The urgent connection carries only the pages the guest asked
 //! for; silence there is normal, until the push has ended and pages are still missing.
+//! When either breaks, both are closed and the source is waited for ([`super::recover`]):
+//! it comes back with new connections, is told which pages are still lacking, and the
+//! receivers start again on them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use guest_mm::{Gpa, Installed, PageContent};
 
 use super::{Receiver, UrgentPager};
-use crate::error::{Error, HostCall, PeerError, Step, WireError};
+use crate::bitmap::PageBitmap;
+use crate::error::{Error, HostCall, PeerError, Step};
 use crate::host::GuestPages;
-use crate::wire::message::{Message, MessageReader, SwitchOver};
+use crate::wire::conn::Conn;
+use crate::wire::message::{Joining, Message, MessageReader, SwitchOver};
 use crate::wire::transport::Channel;
 use crate::Timeouts;
 
@@ -26,10 +31,18 @@ struct Install<'a> {
     /// Pages absent at the start.
     target: u64,
     installed: AtomicU64,
+    /// The pages still lacking (told to a source that resumes).
+    lacking: Mutex<PageBitmap>,
+    page_size: u64,
     /// Set when either receiver failed: the other stops.
     stop: AtomicBool,
     /// When the source's Complete arrived on the main connection.
     push_ended: Mutex<Option<Instant>>,
+    /// `verify`: the post-copy memory hash of what is here, added up as pages arrive.
+    digest: Option<AtomicU32>,
+    /// The source's hash.
+    expected: Option<u32>,
+    zero_page: Vec<u8>,
 }
 
 impl Install<'_> {
@@ -38,13 +51,42 @@ impl Install<'_> {
             .pages
             .install_page(gpa, page)
             .map_err(Error::host(step, HostCall::InstallPage(gpa)))?;
+        self.lacking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear(gpa.0 / self.page_size);
         if done == Installed::New {
+            if let Some(d) = &self.digest {
+                let bytes = match page {
+                    PageContent::Bytes(b) => b,
+                    PageContent::Zero => &self.zero_page,
+                };
+                d.fetch_add(crate::pages::page_digest(gpa, bytes), Ordering::AcqRel);
+            }
             self.pager.installed(gpa);
             if self.installed.fetch_add(1, Ordering::AcqRel) + 1 == self.target {
+                // The last page: the hash is checked before the source hears it is done.
+                self.check_hash()?;
                 self.pager.complete();
             }
         }
         Ok(())
+    }
+
+    /// `verify`: what arrived (and was here) against the source's hash.
+    fn check_hash(&self) -> Result<Option<u32>, Error> {
+        let (Some(there), Some(d)) = (self.expected, &self.digest) else {
+            return Ok(None);
+        };
+        let here = d.load(Ordering::Acquire);
+        if here != there {
+            return Err(Error::MemoryHash {
+                step: Step::Verify,
+                here,
+                there,
+            });
+        }
+        Ok(Some(here))
     }
 
     fn done(&self) -> bool {
@@ -53,6 +95,13 @@ impl Install<'_> {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
+    }
+
+    fn lacking(&self) -> PageBitmap {
+        self.lacking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn incomplete(&self, step: Step) -> Error {
@@ -72,50 +121,135 @@ enum Connection {
 }
 
 impl Receiver<'_> {
+    /// The urgent connection: the next one that joins this session as such.
+    fn urgent_joined(&mut self) -> Result<MessageReader<Box<dyn Channel>>, Error> {
+        let wait = self.timeouts.urgent_accept;
+        let conn = self.door.joined(Joining::Urgent, wait).ok_or(Error::Peer {
+            step: Step::UrgentConnect,
+            source: PeerError::Timeout { waited: wait },
+        })?;
+        let Conn {
+            channel, reader, ..
+        } = conn;
+        self.urgent = Some(channel);
+        Ok(reader)
+    }
+
+    fn urgent_handle(&self) -> Result<Box<dyn Channel>, Error> {
+        let io = self.timeouts.io;
+        let urgent = self.urgent.as_deref().ok_or(Error::Peer {
+            step: Step::UrgentConnect,
+            source: PeerError::Closed,
+        })?;
+        urgent
+            .try_clone()
+            .map_err(|e| Error::wire(Step::UrgentConnect, io)(crate::error::WireError::Io(e)))
+    }
+
     /// Post-copy from the switch-over to the last page.
     pub(super) fn postcopy(&mut self, sw: SwitchOver) -> Result<(), Error> {
-        let io = self.timeouts.io;
-        let missing = sw.missing.unwrap_or_else(|| crate::PageBitmap::empty(0));
+        let missing = sw
+            .missing
+            .unwrap_or_else(|| PageBitmap::empty(self.layout.pages()));
         self.vm
             .restore(sw.state)
             .map_err(Error::host(Step::Restore, HostCall::Restore))?;
-        let urgent = self
-            .acceptor
-            .accept(self.timeouts.urgent_accept, io)
-            .map_err(Error::wire(Step::UrgentConnect, io))?;
-        let clone = |c: &dyn Channel| {
-            c.try_clone()
-                .map_err(|e| Error::wire(Step::UrgentConnect, io)(WireError::Io(e)))
-        };
-        let urgent_reader = MessageReader::new(clone(urgent.as_ref())?, self.layout);
-        let pager = Arc::new(UrgentPager::new(clone(urgent.as_ref())?, self.layout));
-        self.urgent = Some(urgent);
+        let mut urgent_reader = self.urgent_joined()?;
+        let pager = Arc::new(UrgentPager::new(self.urgent_handle()?, self.layout));
         let absent = self
             .vm
             .pages()
             .begin_postcopy(&missing.ranges(self.layout.page_size), pager.clone())
             .map_err(Error::host(Step::BeginPostcopy, HostCall::BeginPostcopy))?;
-        let switched = Instant::now();
-        self.start()?;
-        self.vm.pages().resumed_after_migration();
+        // `verify`: the pages here already (hybrid), before the guest may change them.
+        let digest = match sw.memory_hash {
+            Some(_) => Some(AtomicU32::new(crate::pages::digest_pages(
+                self.vm.pages(),
+                &self.layout,
+                (0..self.layout.pages()).filter(|&p| !missing.get(p)),
+            )?)),
+            None => None,
+        };
+        let zero_page = match digest {
+            Some(_) => vec![0u8; self.layout.page_size as usize],
+            None => Vec::new(),
+        };
         let ctx = Install {
+            digest,
+            expected: sw.memory_hash,
+            zero_page,
             pages: self.vm.pages(),
             pager: &pager,
             target: absent,
             installed: AtomicU64::new(0),
+            lacking: Mutex::new(missing),
+            page_size: self.layout.page_size,
             stop: AtomicBool::new(false),
             push_ended: Mutex::new(None),
         };
-        if absent == 0 {
-            pager.complete();
+        self.offer()?;
+        let mut switched = Instant::now();
+        loop {
+            let attempt = self.attempt(&ctx, &pager, &mut urgent_reader, &mut switched);
+            match attempt {
+                Ok(()) => break,
+                // Every page is in: only the source's last word went missing.
+                Err(e) if ctx.done() && self.started_at_ns.is_some() && e.is_recoverable() => break,
+                Err(e) if e.is_recoverable() => {
+                    self.recover(e, &ctx.lacking(), absent)?;
+                    urgent_reader = self.urgent_joined()?;
+                    pager.reconnect(self.urgent_handle()?);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let main = clone(self.main.as_ref())?;
+        if !ctx.done() {
+            return Err(ctx.incomplete(Step::Push));
+        }
+        self.report.memory_hash = ctx.check_hash()?;
+        self.vm
+            .pages()
+            .end_postcopy()
+            .map_err(Error::host(Step::EndPostcopy, HostCall::EndPostcopy))?;
+        let stats = pager.stats();
+        self.report.pages_demand = stats.pages;
+        self.report.pages_pushed = pager.pushed();
+        self.report.demand_fault_us_p50 = stats.us_p50;
+        self.report.demand_fault_us_p99 = stats.us_p99;
+        self.report.demand_fault_us_max = stats.us_max;
+        self.report.postcopy_ms = Some(switched.elapsed().as_secs_f64() * 1000.0);
+        Ok(())
+    }
+
+    /// One run of both receivers over the connections in place (the guest started on
+    /// the source's `Start` first, if it was not yet).
+    fn attempt(
+        &mut self,
+        ctx: &Install,
+        pager: &Arc<UrgentPager>,
+        urgent_reader: &mut MessageReader<Box<dyn Channel>>,
+        switched: &mut Instant,
+    ) -> Result<(), Error> {
+        if self.started_at_ns.is_none() {
+            self.await_start()?;
+            *switched = Instant::now();
+            self.start()?;
+            self.vm.pages().resumed_after_migration();
+            if ctx.target == 0 {
+                ctx.check_hash()?;
+                pager.complete();
+            }
+        }
+        ctx.stop.store(false, Ordering::Relaxed);
+        *ctx.push_ended.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let main = self.main.try_clone().map_err(|e| {
+            Error::wire(Step::Push, self.timeouts.io)(crate::error::WireError::Io(e))
+        })?;
         let timeouts = *self.timeouts;
         let (m, u) = std::thread::scope(|scope| {
-            let (ctx, timeouts) = (&ctx, &timeouts);
+            let timeouts = &timeouts;
             let urgent = scope.spawn(move || {
-                let mut reader = urgent_reader;
-                let r = receive(ctx, &mut reader, Connection::Urgent, timeouts);
+                let r = receive(ctx, urgent_reader, Connection::Urgent, timeouts);
                 if r.is_err() {
                     ctx.stop.store(true, Ordering::Relaxed);
                     main.shutdown();
@@ -135,23 +269,33 @@ impl Receiver<'_> {
             });
             (m, u)
         });
-        m?;
-        u?;
-        if !ctx.done() {
-            return Err(ctx.incomplete(Step::Push));
+        // The first failure is the cause; the other end's is its consequence.
+        m.and(u)
+    }
+
+    /// The source's `Start`: the guest is this end's from here.
+    fn await_start(&mut self) -> Result<(), Error> {
+        let step = Step::Start;
+        let frame = self
+            .reader
+            .recv()
+            .map_err(Error::wire(step, self.timeouts.io))?;
+        match self
+            .reader
+            .decode(&frame)
+            .map_err(Error::wire(step, self.timeouts.io))?
+        {
+            Message::Start => Ok(()),
+            Message::Abort { reason } => Err(Error::peer(step, PeerError::Aborted { reason })),
+            other => Err(Error::peer(
+                step,
+                PeerError::Unexpected {
+                    index: self.reader.last_index(),
+                    expected: "the source's Start",
+                    got: other.kind(),
+                },
+            )),
         }
-        self.vm
-            .pages()
-            .end_postcopy()
-            .map_err(Error::host(Step::EndPostcopy, HostCall::EndPostcopy))?;
-        let stats = pager.stats();
-        self.report.pages_demand = stats.pages;
-        self.report.pages_pushed = pager.pushed();
-        self.report.demand_fault_us_p50 = stats.us_p50;
-        self.report.demand_fault_us_p99 = stats.us_p99;
-        self.report.demand_fault_us_max = stats.us_max;
-        self.report.postcopy_ms = Some(switched.elapsed().as_secs_f64() * 1000.0);
-        Ok(())
     }
 }
 
@@ -174,10 +318,12 @@ fn receive<R: std::io::Read>(
         let frame = match r.recv() {
             Ok(f) => f,
             Err(_) if ctx.stopped() => return Ok(()),
-            Err(WireError::Closed { .. }) if conn == Connection::Urgent && ctx.done() => {
+            Err(crate::error::WireError::Closed { .. })
+                if conn == Connection::Urgent && ctx.done() =>
+            {
                 return Ok(())
             }
-            Err(WireError::Silent) if conn == Connection::Urgent => {
+            Err(crate::error::WireError::Silent) if conn == Connection::Urgent => {
                 if push_ended_long_ago(ctx, timeouts.confirm) {
                     return Err(ctx.incomplete(Step::Urgent));
                 }

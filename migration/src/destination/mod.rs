@@ -2,83 +2,133 @@
 //! message) to the next state, over the main connection.
 //!
 //! ```text
-//! AwaitHello ─Hello─▶ Precopy(0) ─Page|ZeroPage─▶ Precopy(n) ─RoundEnd(n)─▶ Precopy(n+1)
-//!   Precopy(n) ─SwitchOver─▶ [verify, restore, start, ▶Resumed] ─▶ AwaitComplete ─Complete─▶ Done
+//! [door: authenticated, Hello] ─▶ Precopy(0) ─Page|ZeroPage─▶ Precopy(n) ─RoundEnd(n)─▶ Precopy(n+1)
+//!   Precopy(n) ─SwitchOver─▶ [verify, restore, ◀Ready] ─▶ AwaitStart ─Start─▶ [start, ◀Resumed]
+//!     ─▶ AwaitComplete ─Complete─▶ Done
 //!   Precopy(n) ─SwitchOver+missing─▶ Postcopy ─[both connections, until every page is in]─▶ Done
 //! ```
 //!
 //! Any other message, in any state, is the peer's error; an `Abort` carries its reason.
 //! A failure before `start` leaves nothing running; after it the error is
-//! [`Error::AfterSwitchOver`].
+//! [`Error::AfterSwitchOver`]. Once `Ready` went out the source may have handed the guest
+//! over: a connection that breaks then is waited out ([`recover`]) — the source comes back
+//! on a resumed connection, or the destination ends saying what it never received.
 
+mod door;
 mod install;
 mod pager;
+mod recover;
 
 use std::time::Instant;
 
+pub use door::Strangers;
+
 use crate::clock::monotonic_ns;
-use crate::error::{Error, HostCall, PeerError, Step, WireError};
+use crate::error::{Error, HostCall, PeerError, Step};
 use crate::host::DestinationVm;
 use crate::pages::{abort_and_close, layout_of, memory_hash};
 use crate::report::IncomingReport;
+use crate::wire::auth::Auth;
+use crate::wire::conn::Conn;
 use crate::wire::frame::FrameWriter;
 use crate::wire::message::{Hello, Layout, Message, MessageReader, SwitchOver, PROTOCOL_VERSION};
 use crate::wire::transport::{Acceptor, Channel};
 use crate::Timeouts;
 use guest_mm::PageContent;
 
+use door::Door;
 use pager::UrgentPager;
 
-/// Receives one migration from the first source that connects to `acceptor` into `vm`.
-/// Returns when the migration is complete: pre-copy, at the source's `Complete`;
+/// How a destination receives.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub timeouts: Timeouts,
+    /// How every connection authenticates.
+    pub auth: Auth,
+    /// What a connection that is not the source does before the migration began.
+    pub strangers: Strangers,
+}
+
+/// Receives one migration from the first source that connects to `acceptor` into `vm`,
+/// without authentication; any other first connection fails it (see [`receive_with`]).
+pub fn receive(
+    acceptor: &dyn Acceptor,
+    vm: &dyn DestinationVm,
+    timeouts: &Timeouts,
+) -> Result<IncomingReport, Error> {
+    let options = Options {
+        timeouts: *timeouts,
+        auth: Auth::None,
+        strangers: Strangers::Fail,
+    };
+    receive_with(acceptor, vm, &options)
+}
+
+/// Receives one migration from the first source that authenticates on `acceptor` into
+/// `vm`. Returns when the migration is complete: pre-copy, at the source's `Complete`;
 /// post-copy, when every page is installed and the urgent connection is done.
 ///
 /// Calls, in order: `write_page`… → `restore` → (post-copy: `begin_postcopy`) → `start`
 /// → `resumed_after_migration` → (post-copy: `install_page`… → `end_postcopy`). An error
 /// after `start` is [`Error::AfterSwitchOver`]: in pre-copy the guest has all its memory
 /// (only the source's `Complete` went missing); in post-copy pages are missing and
-/// `end_postcopy` was not called (vCPUs touching them stay blocked).
-pub fn receive(
+/// `end_postcopy` was not called (vCPUs touching them stay blocked, never on zeros).
+pub fn receive_with(
     acceptor: &dyn Acceptor,
     vm: &dyn DestinationVm,
-    timeouts: &Timeouts,
+    options: &Options,
 ) -> Result<IncomingReport, Error> {
     let t0 = Instant::now();
     let layout = layout_of(vm.pages())?;
-    let main = acceptor
-        .accept(timeouts.accept, timeouts.io)
-        .map_err(Error::wire(Step::Connect, timeouts.io))?;
-    let clone = |c: &dyn Channel| {
-        c.try_clone()
-            .map_err(|e| Error::wire(Step::Connect, timeouts.io)(WireError::Io(e)))
-    };
-    let mut r = Receiver {
-        vm,
-        acceptor,
-        timeouts,
-        layout,
-        writer: FrameWriter::new(clone(main.as_ref())?),
-        reader: MessageReader::new(clone(main.as_ref())?, layout),
-        main,
-        urgent: None,
-        t0,
-        started: false,
-        report: IncomingReport::default(),
-    };
-    match r.run() {
-        Ok(()) => Ok(r.report),
-        Err(e) => Err(r.fail(e)),
-    }
+    let timeouts = &options.timeouts;
+    let door = Door::new(acceptor, &options.auth, vm, layout, *timeouts)?;
+    let (main, theirs) = door.main(options.strangers)?;
+    let result = std::thread::scope(|scope| {
+        let doorman = scope.spawn(|| door.serve(scope));
+        let Conn {
+            channel,
+            writer,
+            reader,
+            ..
+        } = main;
+        let mut r = Receiver {
+            vm,
+            door: &door,
+            timeouts,
+            layout,
+            writer,
+            reader,
+            main: channel,
+            urgent: None,
+            t0,
+            ready: false,
+            started_at_ns: None,
+            resumed_sent: false,
+            report: IncomingReport::default(),
+        };
+        let result = match r.run(theirs) {
+            Ok(()) => Ok(r.report.clone()),
+            Err(e) => Err(r.fail(e)),
+        };
+        door.close();
+        let _ = doorman.join();
+        result
+    });
+    result.map(|mut report| {
+        report.refused_connections = door.refused();
+        report
+    })
 }
 
 /// Where the destination is, on the main connection.
 #[derive(Debug)]
 pub(crate) enum ReceiveState {
-    AwaitHello,
     /// Receiving pre-copy round `round` (pages, its RoundEnd, or the SwitchOver).
     Precopy {
         round: u32,
     },
+    /// Pre-copy: restored and `Ready`; the source's `Start` hands the guest over.
+    AwaitStart,
     /// Pre-copy: the guest runs here; the source owes its Complete.
     AwaitComplete,
     /// Post-copy: the switch-over with what is missing; run by [`install`].
@@ -89,8 +139,8 @@ pub(crate) enum ReceiveState {
 impl ReceiveState {
     fn step(&self) -> Step {
         match self {
-            ReceiveState::AwaitHello => Step::Handshake,
             ReceiveState::Precopy { round } => Step::Round(*round),
+            ReceiveState::AwaitStart => Step::Start,
             ReceiveState::AwaitComplete | ReceiveState::Done => Step::Complete,
             ReceiveState::Postcopy(_) => Step::SwitchOver,
         }
@@ -98,8 +148,8 @@ impl ReceiveState {
 
     fn expects(&self) -> &'static str {
         match self {
-            ReceiveState::AwaitHello => "the source's Hello",
             ReceiveState::Precopy { .. } => "a page, the round's RoundEnd or the SwitchOver",
+            ReceiveState::AwaitStart => "the source's Start",
             ReceiveState::AwaitComplete | ReceiveState::Done => "the source's Complete",
             ReceiveState::Postcopy(_) => "nothing on the main connection yet",
         }
@@ -108,7 +158,7 @@ impl ReceiveState {
 
 pub(crate) struct Receiver<'a> {
     vm: &'a dyn DestinationVm,
-    acceptor: &'a dyn Acceptor,
+    door: &'a Door<'a>,
     timeouts: &'a Timeouts,
     layout: Layout,
     /// A handle on the main connection, to shut it down.
@@ -118,13 +168,18 @@ pub(crate) struct Receiver<'a> {
     /// Post-copy: the urgent connection, once accepted.
     urgent: Option<Box<dyn Channel>>,
     t0: Instant,
-    started: bool,
+    /// `Ready` went out: from here the source may hand the guest over.
+    ready: bool,
+    /// When the guest started here (CLOCK_MONOTONIC).
+    started_at_ns: Option<u64>,
+    /// `Resumed` went out: the source knows the guest runs here.
+    resumed_sent: bool,
     report: IncomingReport,
 }
 
 impl Receiver<'_> {
-    fn run(&mut self) -> Result<(), Error> {
-        let mut state = ReceiveState::AwaitHello;
+    fn run(&mut self, theirs: Hello) -> Result<(), Error> {
+        let mut state = self.hello(theirs)?;
         loop {
             state = match state {
                 ReceiveState::Done => return Ok(()),
@@ -133,16 +188,40 @@ impl Receiver<'_> {
                     ReceiveState::Done
                 }
                 waiting => {
-                    let wire = Error::wire(waiting.step(), self.timeouts.io);
-                    let frame = self.reader.recv().map_err(wire)?;
-                    let msg = self
-                        .reader
-                        .decode(&frame)
-                        .map_err(Error::wire(waiting.step(), self.timeouts.io))?;
-                    self.step(waiting, msg)?
+                    let handing_over = matches!(
+                        waiting,
+                        ReceiveState::AwaitStart | ReceiveState::AwaitComplete
+                    );
+                    match self.next(waiting) {
+                        Ok(next) => next,
+                        // Ready went out and the connection broke: the source may have
+                        // handed the guest over without hearing whether it runs here.
+                        // It comes back and is told; or, not started, nothing ever runs
+                        // here, and, started, the guest goes on with all its memory.
+                        Err(e) if self.ready && handing_over && e.is_recoverable() => {
+                            let lacking = crate::PageBitmap::empty(self.layout.pages());
+                            self.recover(e, &lacking, 0)?;
+                            match self.started_at_ns {
+                                None => ReceiveState::AwaitStart,
+                                Some(_) => ReceiveState::AwaitComplete,
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             };
         }
+    }
+
+    /// Waits for the next message in `waiting` and steps.
+    fn next(&mut self, waiting: ReceiveState) -> Result<ReceiveState, Error> {
+        let wire = Error::wire(waiting.step(), self.timeouts.io);
+        let frame = self.reader.recv().map_err(wire)?;
+        let msg = self
+            .reader
+            .decode(&frame)
+            .map_err(Error::wire(waiting.step(), self.timeouts.io))?;
+        self.step(waiting, msg)
     }
 
     /// The state after `msg` arrived in `state`.
@@ -152,7 +231,6 @@ impl Receiver<'_> {
             (state, Message::Abort { reason }) => {
                 Err(Error::peer(state.step(), PeerError::Aborted { reason }))
             }
-            (S::AwaitHello, Message::Hello(theirs)) => self.hello(theirs),
             (S::Precopy { round }, Message::Page { gpa, data }) => {
                 self.write_page(round, gpa, PageContent::Bytes(data))
             }
@@ -169,6 +247,11 @@ impl Receiver<'_> {
                     Some(_) => Ok(S::Postcopy(sw)),
                     None => self.switch_over(*sw),
                 }
+            }
+            (S::AwaitStart, Message::Start) => {
+                self.start()?;
+                self.vm.pages().resumed_after_migration();
+                Ok(S::AwaitComplete)
             }
             (S::AwaitComplete, Message::Complete { demand: None }) => Ok(S::Done),
             (state, other) => Err(Error::peer(
@@ -199,6 +282,7 @@ impl Receiver<'_> {
             page_size: self.layout.page_size,
             vcpus: self.vm.vcpus(),
             mode: theirs.mode,
+            session: None,
         };
         ours.check_compatible(&theirs)
             .map_err(|source| Error::Layout {
@@ -206,7 +290,11 @@ impl Receiver<'_> {
                 source,
             })?;
         self.report.mode = theirs.mode.name().to_string();
-        self.send(Step::Handshake, &Message::HelloAck(ours))?;
+        let ack = Hello {
+            session: Some(self.door.session),
+            ..ours
+        };
+        self.send(Step::Handshake, &Message::HelloAck(ack))?;
         Ok(ReceiveState::Precopy { round: 0 })
     }
 
@@ -235,13 +323,19 @@ impl Receiver<'_> {
                     there,
                 });
             }
+            self.report.memory_hash = Some(here);
         }
         self.vm
             .restore(sw.state)
             .map_err(Error::host(Step::Restore, HostCall::Restore))?;
-        self.start()?;
-        self.vm.pages().resumed_after_migration();
-        Ok(ReceiveState::AwaitComplete)
+        self.offer()?;
+        Ok(ReceiveState::AwaitStart)
+    }
+
+    /// Restored and ready: the source may now hand the guest over with `Start`.
+    fn offer(&mut self) -> Result<(), Error> {
+        self.ready = true;
+        self.send(Step::Resumed, &Message::Ready)
     }
 
     /// Starts the restored guest and tells the source (the end of the downtime).
@@ -249,24 +343,32 @@ impl Receiver<'_> {
         self.vm
             .start()
             .map_err(Error::host(Step::Start, HostCall::Start))?;
-        self.started = true;
-        self.send(
-            Step::Resumed,
-            &Message::Resumed {
-                at_ns: monotonic_ns(),
-            },
-        )
+        let at_ns = monotonic_ns();
+        self.started_at_ns = Some(at_ns);
+        self.send(Step::Resumed, &Message::Resumed { at_ns })?;
+        self.resumed_sent = true;
+        Ok(())
     }
 
-    /// After a failure: tells the source (best effort) and closes both connections.
+    /// After a failure: tells the source (best effort) and closes both connections. Once
+    /// the guest started here, an `Abort` goes out only after `Resumed` did: a source
+    /// that reads an `Abort` where it waits for `Resumed` takes it to mean that nothing
+    /// runs here, and runs the guest again.
     fn fail(&mut self, error: Error) -> Error {
-        abort_and_close(
-            &mut self.writer,
-            self.main.as_ref(),
-            self.urgent.as_deref(),
-            &error,
-        );
-        if self.started {
+        if self.started_at_ns.is_none() || self.resumed_sent {
+            abort_and_close(
+                &mut self.writer,
+                self.main.as_ref(),
+                self.urgent.as_deref(),
+                &error,
+            );
+        } else {
+            self.main.shutdown();
+            if let Some(u) = &self.urgent {
+                u.shutdown();
+            }
+        }
+        if self.started_at_ns.is_some() {
             Error::AfterSwitchOver {
                 source: Box::new(error),
             }

@@ -1,7 +1,9 @@
 //! The post-copy pager: the VMM's fault path calls it for an absent page, and it asks
 //! the source on the urgent connection. It also keeps the books on what arrived: which
 //! installed pages had been asked for (demand) and how long they took, and it ends the
-//! urgent connection with the destination's `Complete` once every page is in.
+//! urgent connection with the destination's `Complete` once every page is in. After a
+//! break, a resumed urgent connection takes the old one's place and every request still
+//! unanswered is sent again on it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,8 +47,7 @@ impl UrgentPager {
             .requested
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&gpa)
-            .copied();
+            .remove(&gpa);
         match asked {
             Some(t) => {
                 self.demand.fetch_add(1, Ordering::Relaxed);
@@ -89,6 +90,25 @@ impl UrgentPager {
         .send(&mut w)
         .and_then(|()| w.flush());
         w.get_mut().shutdown();
+    }
+
+    /// A resumed urgent connection replaces the broken one; the requests not answered
+    /// yet go out again on it (the source forgot them with the old connection).
+    pub(crate) fn reconnect(&self, urgent: Box<dyn Channel>) {
+        let mut w = self.urgent.lock().unwrap_or_else(|e| e.into_inner());
+        *w = FrameWriter::new(urgent);
+        let mut again: Vec<Gpa> = self
+            .requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        again.sort_unstable();
+        for gpa in again {
+            let _ = Message::PageRequest { gpa }.send(&mut w);
+        }
+        let _ = w.flush();
     }
 
     /// Ends the urgent connection (after a failure).

@@ -4,16 +4,20 @@
 //! ```text
 //! Handshake ─▶ DirtyLog ─▶ Round(0) ─▶ Round(n)… ─▶ Pause ─▶ StopAndCopy ─▶ SwitchOver
 //!      (post-copy: DirtyLog ─▶ Pause ─▶ SwitchOver)                            │
-//!   Done ◀─ Complete ◀─ AwaitResumed (pre-copy) ◀──────────────────────────────┘
+//!                               AwaitResumed ◀─[Start]─ AwaitReady ◀───────────┘
+//!   Done ◀─ Complete ◀─ AwaitResumed (pre-copy)
 //!   Done ◀─ Postcopy ◀─ AwaitResumed (post-copy, hybrid)
 //! ```
 //!
-//! The session remembers whether it paused the guest and whether the destination
-//! confirmed it runs it, which decides what a failure does (see `Session::fail`).
+//! The session remembers whether it paused the guest, whether it handed it over (sent
+//! `Start`) and whether the destination confirmed it runs it, which decides what a
+//! failure does (see `Session::fail`): once handed over, a broken connection is waited
+//! out and resumed ([`recover`]), never answered by running the guest here again.
 
 mod missing;
 mod postcopy;
 mod precopy;
+mod recover;
 
 use std::time::Instant;
 
@@ -24,31 +28,40 @@ use missing::Missing;
 
 use crate::bitmap::PageBitmap;
 use crate::clock::monotonic_ns;
+use crate::error::PeerError;
 use crate::error::{Error, HostCall, Step};
 use crate::host::{Paused, Phase, Progress, SourceVm};
 use crate::pages::{abort_and_close, expect, layout_of, memory_hash, PageSender};
 use crate::report::MigrationReport;
+use crate::wire::auth::{Auth, Session as SessionId};
+use crate::wire::conn::Conn;
 use crate::wire::frame::FrameWriter;
-use crate::wire::message::{Hello, Layout, Message, MessageReader, SwitchOver, PROTOCOL_VERSION};
+use crate::wire::message::{
+    Hello, Joining, Layout, Message, MessageReader, SwitchOver, PROTOCOL_VERSION,
+};
 use crate::wire::transport::{Channel, Connector};
 use crate::{MigrationRequest, Mode, Timeouts, Verify};
 
-/// Migrates the guest of `vm` to `req.to` with the default timeouts. Returns when the
-/// migration has ended; see [`migrate_over`].
+/// How a source sends.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub timeouts: Timeouts,
+    /// How every connection authenticates.
+    pub auth: Auth,
+}
+
+/// Migrates the guest of `vm` to `req.to` with `options`. Returns when the migration
+/// has ended; see [`migrate_with`].
 pub fn migrate(
     vm: &dyn SourceVm,
     req: &MigrationRequest,
+    options: &Options,
     progress: &dyn Progress,
 ) -> Result<MigrationReport, Error> {
-    migrate_over(vm, req, &req.to, &Timeouts::default(), progress)
+    migrate_with(vm, req, &req.to, options, progress)
 }
 
-/// Migrates the guest of `vm` over connections from `connector`.
-///
-/// On success the guest runs on the destination and stays paused here. On failure,
-/// [`Error::guest_at`] says where it runs: before `pause` it never stopped; between
-/// `pause` and the destination's `Resumed` this function has called `resume`; after
-/// `Resumed` the error is [`Error::AfterSwitchOver`] and the guest is the destination's.
+/// Migrates the guest of `vm` over connections from `connector`, unauthenticated.
 pub fn migrate_over(
     vm: &dyn SourceVm,
     req: &MigrationRequest,
@@ -56,30 +69,51 @@ pub fn migrate_over(
     timeouts: &Timeouts,
     progress: &dyn Progress,
 ) -> Result<MigrationReport, Error> {
-    let t0 = Instant::now();
-    let layout = layout_of(vm.pages())?;
-    let main = connector
-        .connect(timeouts.connect, timeouts.io)
-        .map_err(Error::wire(Step::Connect, timeouts.io))?;
-    let clone = |c: &dyn Channel| {
-        c.try_clone()
-            .map_err(|e| Error::wire(Step::Connect, timeouts.io)(e.into()))
+    let options = Options {
+        timeouts: *timeouts,
+        auth: Auth::None,
     };
+    migrate_with(vm, req, connector, &options, progress)
+}
+
+/// Migrates the guest of `vm` over connections from `connector`.
+///
+/// On success the guest runs on the destination and stays paused here. On failure,
+/// [`Error::guest_at`] says where it runs: before `pause` it never stopped; between
+/// `pause` and `Start` (or a destination's explicit refusal after it) this function has
+/// called `resume`; after `Start` the error is [`Error::AfterSwitchOver`] and the guest
+/// is the destination's. A connection that breaks after `Start` is resumed when
+/// [`SourceVm::handover_paused`] says where to.
+pub fn migrate_with(
+    vm: &dyn SourceVm,
+    req: &MigrationRequest,
+    connector: &dyn Connector,
+    options: &Options,
+    progress: &dyn Progress,
+) -> Result<MigrationReport, Error> {
+    let t0 = Instant::now();
+    let timeouts = &options.timeouts;
+    let layout = layout_of(vm.pages())?;
+    let main = open(connector, &options.auth, layout, timeouts, Step::Connect)?;
     let mut s = Session {
         vm,
         req,
         connector,
         timeouts,
+        auth: &options.auth,
         progress,
         layout,
-        writer: FrameWriter::new(clone(main.as_ref())?),
-        reader: MessageReader::new(clone(main.as_ref())?, layout),
-        main,
+        writer: main.writer,
+        reader: main.reader,
+        main: main.channel,
         urgent: None,
+        urgent_conn: None,
+        session: None,
         sender: PageSender::new(vm.pages(), &layout),
         convergence: precopy::Convergence::default(),
         logging: false,
         paused_at_ns: None,
+        committed: false,
         resumed: false,
         report: MigrationReport {
             mode: req.mode.name().to_string(),
@@ -101,6 +135,26 @@ pub fn migrate_over(
         }
         Err(e) => Err(s.fail(e)),
     }
+}
+
+/// One connection to the destination from `connector`, authenticated.
+fn open(
+    connector: &dyn Connector,
+    auth: &Auth,
+    layout: Layout,
+    timeouts: &Timeouts,
+    step: Step,
+) -> Result<Conn, Error> {
+    let io = timeouts.io;
+    let channel = connector
+        .connect(timeouts.connect, io)
+        .map_err(Error::wire(step, io))?;
+    let channel = auth
+        .wrap_client(channel, &connector.server_name())
+        .map_err(|source| Error::Auth { step, source })?;
+    let mut conn = Conn::new(channel, layout, io).map_err(|e| Error::wire(step, io)(e.into()))?;
+    auth.client(&mut conn, step)?;
+    Ok(conn)
 }
 
 /// Which pages a pre-copy round sends.
@@ -128,7 +182,11 @@ pub(crate) enum State {
         pages: Vec<u64>,
     },
     SwitchOver(Box<SwitchOver>),
-    /// Waiting for the destination to say it runs the guest; `missing` for post-copy.
+    /// Waiting for the destination to be ready to run the guest; `missing` for post-copy.
+    AwaitReady {
+        missing: Option<PageBitmap>,
+    },
+    /// Handed over: waiting for the destination to say it runs the guest.
     AwaitResumed {
         missing: Option<PageBitmap>,
     },
@@ -144,19 +202,26 @@ pub(crate) struct Session<'a> {
     req: &'a MigrationRequest,
     connector: &'a dyn Connector,
     timeouts: &'a Timeouts,
+    auth: &'a Auth,
     progress: &'a dyn Progress,
     layout: Layout,
     /// A handle on the main connection, to shut it down.
     main: Box<dyn Channel>,
     writer: FrameWriter<Box<dyn Channel>>,
     reader: MessageReader<Box<dyn Channel>>,
-    /// Post-copy: the urgent connection, once open.
+    /// Post-copy: a handle on the urgent connection, once open, to shut it down.
     urgent: Option<Box<dyn Channel>>,
+    /// Post-copy: the urgent connection's reader and writer, until the push takes them.
+    urgent_conn: Option<Conn>,
+    /// The destination's name for this migration (its HelloAck).
+    session: Option<SessionId>,
     sender: PageSender<'a>,
     convergence: precopy::Convergence,
     logging: bool,
     /// Set once the vCPUs stopped.
     paused_at_ns: Option<u64>,
+    /// Set once `Start` went out: the guest is the destination's, whatever fails next.
+    committed: bool,
     /// Set once the destination confirmed it runs the guest.
     resumed: bool,
     report: MigrationReport,
@@ -166,7 +231,11 @@ impl Session<'_> {
     fn run(&mut self) -> Result<(), Error> {
         let mut state = State::Handshake;
         while !matches!(state, State::Done) {
-            state = self.step(state)?;
+            state = match self.step(state) {
+                Ok(next) => next,
+                Err(e) if self.in_doubt(&e) => self.recover(e)?,
+                Err(e) => return Err(e),
+            };
         }
         Ok(())
     }
@@ -180,6 +249,7 @@ impl Session<'_> {
             State::Pause { pending } => self.pause(pending),
             State::StopAndCopy { paused, pages } => self.stop_and_copy(paused, pages),
             State::SwitchOver(sw) => self.switch_over(*sw),
+            State::AwaitReady { missing } => self.await_ready(missing),
             State::AwaitResumed { missing } => self.await_resumed(missing),
             State::Postcopy { missing } => {
                 postcopy::run(self, missing)?;
@@ -210,6 +280,7 @@ impl Session<'_> {
             page_size: self.layout.page_size,
             vcpus: self.vm.vcpus(),
             mode: self.req.mode,
+            session: None,
         };
         self.send(Step::Handshake, &Message::Hello(hello.clone()))?;
         let theirs = expect(
@@ -228,6 +299,14 @@ impl Session<'_> {
                 step: Step::Handshake,
                 source,
             })?;
+        self.session = Some(theirs.session.ok_or(Error::Peer {
+            step: Step::Handshake,
+            source: PeerError::Unexpected {
+                index: self.reader.last_index(),
+                expected: "a HelloAck that names the session",
+                got: crate::FrameKind::HelloAck,
+            },
+        })?);
         Ok(State::DirtyLog)
     }
 
@@ -295,24 +374,38 @@ impl Session<'_> {
         Ok(match self.req.mode {
             Mode::Precopy => State::StopAndCopy { paused, pages },
             Mode::Postcopy => {
-                self.postcopy_switch_over(paused, PageBitmap::full(self.layout.pages()))
+                self.postcopy_switch_over(paused, PageBitmap::full(self.layout.pages()))?
             }
             Mode::Hybrid => {
                 let mut missing = PageBitmap::empty(self.layout.pages());
                 pages.into_iter().for_each(|p| missing.set(p));
-                self.postcopy_switch_over(paused, missing)
+                self.postcopy_switch_over(paused, missing)?
             }
         })
     }
 
-    fn postcopy_switch_over(&mut self, paused: Paused, missing: PageBitmap) -> State {
+    fn postcopy_switch_over(
+        &mut self,
+        paused: Paused,
+        missing: PageBitmap,
+    ) -> Result<State, Error> {
         self.report.push_order = self.req.push_order.name().to_string();
-        State::SwitchOver(Box::new(SwitchOver {
+        // The guest is stopped: its pages are final, whichever way they travel.
+        let hash = match self.req.verify {
+            Some(Verify::MemoryHash) => Some(crate::pages::digest_pages(
+                self.vm.pages(),
+                &self.layout,
+                0..self.layout.pages(),
+            )?),
+            None => None,
+        };
+        self.report.memory_hash = hash;
+        Ok(State::SwitchOver(Box::new(SwitchOver {
             state: paused.state,
             paused_at_ns: self.paused_at_ns.unwrap_or_default(),
-            memory_hash: None,
+            memory_hash: hash,
             missing: Some(missing),
-        }))
+        })))
     }
 
     fn stop_and_copy(&mut self, paused: Paused, pages: Vec<u64>) -> Result<State, Error> {
@@ -336,13 +429,49 @@ impl Session<'_> {
         self.send(Step::SwitchOver, &Message::SwitchOver(Box::new(sw)))?;
         if missing.is_some() {
             // The urgent channel: a second connection, for demand requests and their
-            // pages only (the destination accepts it before it starts the guest).
-            let urgent = self
-                .connector
-                .connect(self.timeouts.connect, self.timeouts.io)
-                .map_err(Error::wire(Step::UrgentConnect, self.timeouts.io))?;
-            self.urgent = Some(urgent);
+            // pages only (the destination takes it before it is ready).
+            self.join_urgent(self.connector)?;
         }
+        Ok(State::AwaitReady { missing })
+    }
+
+    /// Opens the urgent connection and joins it to this migration.
+    fn join_urgent(&mut self, connector: &dyn Connector) -> Result<(), Error> {
+        let step = Step::UrgentConnect;
+        let mut urgent = open(connector, self.auth, self.layout, self.timeouts, step)?;
+        urgent.send(step, &self.join(Joining::Urgent))?;
+        self.urgent = Some(
+            urgent
+                .channel
+                .try_clone()
+                .map_err(|e| Error::wire(step, self.timeouts.io)(e.into()))?,
+        );
+        self.urgent_conn = Some(urgent);
+        Ok(())
+    }
+
+    fn join(&self, channel: Joining) -> Message<'static> {
+        Message::Join {
+            session: self.session.unwrap_or(SessionId([0; SessionId::LEN])),
+            channel,
+        }
+    }
+
+    /// The destination is ready: hand the guest over. From `Start` on, the source never
+    /// runs it again.
+    fn await_ready(&mut self, missing: Option<PageBitmap>) -> Result<State, Error> {
+        expect(
+            &mut self.reader,
+            Step::Resumed,
+            self.timeouts.io,
+            "the destination's Ready",
+            |m| match m {
+                Message::Ready => Ok(()),
+                other => Err(other.kind()),
+            },
+        )?;
+        self.committed = true;
+        self.send(Step::Start, &Message::Start)?;
         Ok(State::AwaitResumed { missing })
     }
 
@@ -357,13 +486,25 @@ impl Session<'_> {
                 other => Err(other.kind()),
             },
         )?;
-        self.resumed = true;
-        let paused_at = self.paused_at_ns.unwrap_or(at_ns);
-        self.report.downtime_ms = at_ns.saturating_sub(paused_at) as f64 / 1e6;
+        self.resumed_at(at_ns);
         Ok(match missing {
             None => State::Complete,
             Some(missing) => State::Postcopy { missing },
         })
+    }
+
+    /// The destination runs the guest since `at_ns`.
+    fn resumed_at(&mut self, at_ns: u64) {
+        self.resumed = true;
+        let paused_at = self.paused_at_ns.unwrap_or(at_ns);
+        self.report.downtime_ms = at_ns.saturating_sub(paused_at) as f64 / 1e6;
+    }
+
+    /// Whether `e` leaves the guest's whereabouts to a resumed connection: it was handed
+    /// over, the network (not the destination) failed, and there is something left to
+    /// learn or send (a pre-copy destination that confirmed it runs the guest has all).
+    fn in_doubt(&self, e: &Error) -> bool {
+        self.committed && e.is_recoverable() && (self.req.mode != Mode::Precopy || !self.resumed)
     }
 
     /// After a failure: tells the peer (best effort), closes, and puts the guest where it
@@ -375,7 +516,16 @@ impl Session<'_> {
             self.urgent.as_deref(),
             &error,
         );
-        if self.resumed {
+        // An Abort where `Resumed` was due: the destination did not start the guest.
+        let refused = !self.resumed
+            && matches!(
+                error.root(),
+                Error::Peer {
+                    source: PeerError::Aborted { .. },
+                    ..
+                }
+            );
+        if self.resumed || (self.committed && !refused) {
             return Error::AfterSwitchOver {
                 source: Box::new(error),
             };

@@ -59,14 +59,13 @@ pub(super) fn run(s: &mut Session, missing: PageBitmap) -> Result<(), Error> {
         c.try_clone()
             .map_err(|e| Error::wire(Step::Urgent, io)(WireError::Io(e)))
     };
-    let Some(urgent) = s.urgent.as_deref() else {
+    let Some(conn) = s.urgent_conn.take() else {
         return Err(Error::wire(Step::Urgent, io)(WireError::Io(
             std::io::ErrorKind::NotConnected.into(),
         )));
     };
-    let reader = MessageReader::new(cloned(urgent)?, s.layout);
-    let writer = FrameWriter::new(cloned(urgent)?);
-    let urgent = cloned(urgent)?;
+    let (reader, writer) = (conn.reader, conn.writer);
+    let urgent = cloned(conn.channel.as_ref())?;
     let shared = Shared {
         missing: Mutex::new(Missing::new(missing, s.layout.page_size)),
         last_request: AtomicU64::new(u64::MAX),
@@ -107,8 +106,9 @@ pub(super) fn run(s: &mut Session, missing: PageBitmap) -> Result<(), Error> {
     });
     let pushed = pushed?;
     let urgent_end = urgent_end?;
-    s.report.pages_pushed = pushed;
-    s.report.pages_demand = shared.demand.load(Ordering::Relaxed);
+    // Added up: a resumed migration pushes again what was lacking.
+    s.report.pages_pushed += pushed;
+    s.report.pages_demand += shared.demand.load(Ordering::Relaxed);
     if let Some(d) = urgent_end.stats {
         s.report.demand_fault_us_p50 = d.us_p50;
         s.report.demand_fault_us_p99 = d.us_p99;

@@ -13,8 +13,9 @@ use super::{hello, pair, quick, request, timeouts, Peer, MIB};
 use crate::bitmap::PageBitmap;
 use crate::error::{Error, GuestAt, HostCall, PeerError, Step, WireError};
 use crate::host::VmState;
+use crate::wire::auth::Session;
 use crate::wire::frame::{Frame, FrameKind, FrameWriter, HEADER_LEN, MAGIC};
-use crate::wire::message::{Layout, Message, SwitchOver};
+use crate::wire::message::{Joining, Layout, Message, SwitchOver};
 use crate::wire::transport::{Connector, MemoryNet};
 use crate::{destination, Mode, Timeouts};
 
@@ -51,9 +52,20 @@ fn against(
     })
 }
 
-fn handshake(peer: &mut Peer, mode: Mode) {
+/// Hello and HelloAck; the session the destination named.
+fn handshake(peer: &mut Peer, mode: Mode) -> Session {
     peer.send(&Message::Hello(hello(&SMALL, mode)));
-    assert!(matches!(peer.recv(), Message::HelloAck(_)));
+    match peer.recv() {
+        Message::HelloAck(h) => h.session.expect("a HelloAck names the session"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// After the switch-over: the destination's Ready, the source's Start, its Resumed.
+fn hand_over(peer: &mut Peer) {
+    assert_eq!(peer.recv(), Message::Ready);
+    peer.send(&Message::Start);
+    assert!(matches!(peer.recv(), Message::Resumed { .. }));
 }
 
 fn raw(bytes: &[u8]) -> impl FnOnce(&mut Peer) + '_ {
@@ -415,7 +427,7 @@ fn the_memory_hash_is_checked_before_the_guest_is_restored() {
         handshake(&mut peer, Mode::Precopy);
         peer.send(&Message::RoundEnd { round: 0 });
         peer.send(&switch_over(Some(zeros), None));
-        assert!(matches!(peer.recv(), Message::Resumed { .. }));
+        hand_over(&mut peer);
         peer.send(&Message::Complete { demand: None });
     });
     r.unwrap();
@@ -428,7 +440,7 @@ fn a_source_gone_after_resumed_leaves_the_guest_running_here() {
     let (r, _) = against(&dst, &quick(), |_, mut peer| {
         handshake(&mut peer, Mode::Precopy);
         peer.send(&switch_over(None, None));
-        assert!(matches!(peer.recv(), Message::Resumed { .. }));
+        hand_over(&mut peer);
         std::thread::sleep(Duration::from_millis(2500));
     });
     let e = r.unwrap_err();
@@ -492,13 +504,18 @@ fn a_failing_page_write_aborts_the_migration_on_both_ends() {
 /// Hello, the post-copy SwitchOver with every page missing, the urgent connection,
 /// Resumed; returns the urgent connection.
 fn into_postcopy(net: &MemoryNet, peer: &mut Peer) -> Peer {
-    handshake(peer, Mode::Postcopy);
+    let session = handshake(peer, Mode::Postcopy);
     peer.send(&switch_over(None, Some(PageBitmap::full(SMALL.pages()))));
     let u = net
         .connect(Duration::from_secs(1), Duration::from_secs(5))
         .unwrap();
-    assert!(matches!(peer.recv(), Message::Resumed { .. }));
-    Peer::new(u, SMALL)
+    let mut urgent = Peer::new(u, SMALL);
+    urgent.send(&Message::Join {
+        session,
+        channel: Joining::Urgent,
+    });
+    hand_over(peer);
+    urgent
 }
 
 fn page(byte: u8) -> Vec<u8> {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use guest_mm::{Gpa, GpaRange, Installed, PageContent, Pager, SIZE_4K};
 
 use crate::bitmap::PageBitmap;
-use crate::host::{DestinationVm, GuestPages, HostError, Paused, SourceVm, VmState};
+use crate::host::{DestinationVm, GuestPages, HostError, IncomingEvent, Paused, SourceVm, VmState};
+use crate::wire::transport::Uri;
 
 /// The host calls made, in order (page reads and writes are not listed).
 #[derive(Default)]
@@ -214,6 +215,10 @@ pub struct FakeSource {
     pub mailbox: GpaRange,
     /// Page reads after the pause sleep this long.
     pub read_delay_after_pause: Duration,
+    /// Where each call of `handover_paused` says to resume (none left: give up).
+    pub resumes: Mutex<Vec<Uri>>,
+    /// What each `handover_paused` was told.
+    pub paused_by: Mutex<Vec<String>>,
 }
 
 impl FakeSource {
@@ -230,6 +235,8 @@ impl FakeSource {
             tick: AtomicU64::new(0),
             mailbox: GpaRange::new(Gpa(0x1000), Gpa(0x1800)),
             read_delay_after_pause: Duration::ZERO,
+            resumes: Mutex::default(),
+            paused_by: Mutex::default(),
         }
     }
 
@@ -303,6 +310,14 @@ impl SourceVm for FakeSource {
         self.paused.store(false, Ordering::Relaxed);
         Ok(())
     }
+    fn handover_paused(&self, why: &crate::Error) -> Option<Uri> {
+        self.ram.calls.record("handover_paused");
+        self.paused_by.lock().unwrap().push(why.to_string());
+        self.resumes.lock().unwrap().pop()
+    }
+    fn handover_resumed(&self) {
+        self.ram.calls.record("handover_resumed");
+    }
 }
 
 /// A destination VM.
@@ -310,6 +325,8 @@ pub struct FakeDestination {
     pub ram: FakeRam,
     vcpus: u32,
     pub restored: Mutex<Option<VmState>>,
+    /// What `note` was told: "refused", "paused N", "resumed".
+    pub events: Mutex<Vec<String>>,
     started: Mutex<bool>,
     started_cv: Condvar,
 }
@@ -320,6 +337,7 @@ impl FakeDestination {
             ram: FakeRam::new(size, page_size, backing),
             vcpus: 1,
             restored: Mutex::default(),
+            events: Mutex::default(),
             started: Mutex::new(false),
             started_cv: Condvar::new(),
         }
@@ -358,5 +376,12 @@ impl DestinationVm for FakeDestination {
         *self.started.lock().unwrap() = true;
         self.started_cv.notify_all();
         Ok(())
+    }
+    fn note(&self, event: IncomingEvent<'_>) {
+        self.events.lock().unwrap().push(match event {
+            IncomingEvent::Refused { .. } => "refused".to_string(),
+            IncomingEvent::Paused { lacking, .. } => format!("paused {lacking}"),
+            IncomingEvent::Resumed => "resumed".to_string(),
+        });
     }
 }

@@ -4,9 +4,13 @@
 
 mod destination_errors;
 mod fakes;
+mod fuzz_replay;
 mod net;
+mod recovery;
+mod safety;
 mod source_errors;
 mod success;
+mod tls;
 
 use std::time::Duration;
 
@@ -29,6 +33,7 @@ pub fn timeouts() -> Timeouts {
         accept: Duration::from_secs(10),
         urgent_accept: Duration::from_secs(10),
         confirm: Duration::from_secs(10),
+        recover: Duration::from_secs(2),
     }
 }
 
@@ -41,6 +46,7 @@ pub fn quick() -> Timeouts {
         accept: Duration::from_secs(5),
         urgent_accept: Duration::from_secs(2),
         confirm: Duration::from_millis(1500),
+        recover: Duration::from_secs(1),
     }
 }
 
@@ -77,6 +83,15 @@ pub fn hello(layout: &Layout, mode: Mode) -> Hello {
         page_size: layout.page_size,
         vcpus: 1,
         mode,
+        session: None,
+    }
+}
+
+/// The HelloAck a destination with `layout` and one vCPU answers (with a session).
+pub fn hello_ack(layout: &Layout, mode: Mode) -> Hello {
+    Hello {
+        session: Some(crate::Session::random().unwrap()),
+        ..hello(layout, mode)
     }
 }
 

@@ -190,7 +190,7 @@ fn over_a_real_unix_socket_with_the_default_timeouts() {
         let (s, d) = std::thread::scope(|scope| {
             let d = scope.spawn(|| destination::receive(&listener, &dst, &timeouts()));
             (
-                source::migrate(&src, &req, &crate::NoProgress),
+                source::migrate(&src, &req, &source::Options::default(), &crate::NoProgress),
                 d.join().unwrap(),
             )
         });

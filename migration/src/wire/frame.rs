@@ -36,10 +36,15 @@ pub enum FrameKind {
     Abort = 8,
     Resumed = 9,
     ZeroPage = 10,
+    Auth = 11,
+    Join = 12,
+    Ready = 13,
+    Start = 14,
+    Lacking = 15,
 }
 
 impl FrameKind {
-    pub const ALL: [FrameKind; 10] = [
+    pub const ALL: [FrameKind; 15] = [
         FrameKind::Hello,
         FrameKind::HelloAck,
         FrameKind::Page,
@@ -50,6 +55,11 @@ impl FrameKind {
         FrameKind::Abort,
         FrameKind::Resumed,
         FrameKind::ZeroPage,
+        FrameKind::Auth,
+        FrameKind::Join,
+        FrameKind::Ready,
+        FrameKind::Start,
+        FrameKind::Lacking,
     ];
 
     pub fn from_u8(v: u8) -> Option<FrameKind> {

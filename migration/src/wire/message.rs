@@ -16,6 +16,10 @@
 //! | Resumed | CLOCK_MONOTONIC ns u64 |
 //! | Complete | nothing (source), or [`DemandStats`] as u64 + 3 × f64 (destination) |
 //! | Abort | the reason, UTF-8 |
+//! | Auth | step u8 (1 challenge, 2 answer, 3 proof), then nonce [32] and/or MAC [32] |
+//! | Join | channel u8 (1 urgent, 2 resume), session [16] |
+//! | Ready, Start | nothing |
+//! | Lacking | CLOCK_MONOTONIC ns the guest started here u64 (0: not started), bitmap words u64… |
 
 use std::io::{Read, Write};
 
@@ -25,11 +29,13 @@ use serde::{Deserialize, Serialize};
 use crate::bitmap::PageBitmap;
 use crate::error::{LayoutMismatch, WireError};
 use crate::host::VmState;
+use crate::wire::auth::{AuthStep, Session, NONCE_LEN};
 use crate::wire::frame::{Frame, FrameBounds, FrameKind, FrameReader, FrameWriter};
 use crate::Mode;
 
-/// Version 3: typed binary payloads (RoundEnd, SwitchOver's bitmap, Complete's figures).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4: authenticated connections, a session the urgent and resumed connections
+/// join, the Ready/Start hand-over and post-copy recovery (Lacking).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Hello, HelloAck and Abort payloads: small JSON or text.
 pub const MAX_SMALL: u64 = 64 << 10;
 /// The VM state in a SwitchOver (vCPU registers, devices, the run's info).
@@ -73,6 +79,10 @@ impl Layout {
             FrameKind::RoundEnd => 4,
             FrameKind::SwitchOver => 4 + MAX_VM_STATE + 1 + bitmap,
             FrameKind::Complete => DEMAND_STATS_LEN as u64,
+            FrameKind::Auth => 1 + 2 * NONCE_LEN as u64,
+            FrameKind::Join => 1 + Session::LEN as u64,
+            FrameKind::Ready | FrameKind::Start => 0,
+            FrameKind::Lacking => 8 + bitmap,
         })
     }
 
@@ -101,6 +111,10 @@ pub struct Hello {
     pub page_size: u64,
     pub vcpus: u32,
     pub mode: Mode,
+    /// The destination's HelloAck: the migration's session, which its urgent connection
+    /// and any resumed connection name when they join (the source sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Session>,
 }
 
 impl Hello {
@@ -199,6 +213,33 @@ pub enum Message<'a> {
     Abort {
         reason: String,
     },
+    /// Authenticating the connection with the migration key ([`crate::wire::auth`]).
+    Auth(AuthStep),
+    /// The first message of a connection that joins the migration `session` in progress.
+    Join {
+        session: Session,
+        channel: Joining,
+    },
+    /// Destination: restored (and, in post-copy, paging) and ready to run the guest.
+    Ready,
+    /// Source: run it. From here the guest is the destination's, and the source never
+    /// runs it again, whatever fails.
+    Start,
+    /// Destination, on a resumed connection: when it started the guest (if it did) and
+    /// the backing pages it still lacks.
+    Lacking {
+        started_at_ns: Option<u64>,
+        pages: PageBitmap,
+    },
+}
+
+/// Which connection a [`Message::Join`] opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Joining {
+    /// Post-copy's urgent connection.
+    Urgent,
+    /// A new main connection after the old one broke (post-copy recovery).
+    Resume,
 }
 
 impl<'a> Message<'a> {
@@ -222,6 +263,11 @@ impl<'a> Message<'a> {
             Message::PageRequest { .. } => FrameKind::PageRequest,
             Message::Complete { .. } => FrameKind::Complete,
             Message::Abort { .. } => FrameKind::Abort,
+            Message::Auth(_) => FrameKind::Auth,
+            Message::Join { .. } => FrameKind::Join,
+            Message::Ready => FrameKind::Ready,
+            Message::Start => FrameKind::Start,
+            Message::Lacking { .. } => FrameKind::Lacking,
         }
     }
 
@@ -280,6 +326,27 @@ impl<'a> Message<'a> {
                     end -= 1;
                 }
                 reason.as_bytes()[..end].to_vec()
+            }
+            Message::Auth(step) => step.encode(),
+            Message::Join { session, channel } => {
+                let mut out = vec![match channel {
+                    Joining::Urgent => 1,
+                    Joining::Resume => 2,
+                }];
+                out.extend_from_slice(&session.0);
+                out
+            }
+            Message::Ready | Message::Start => Vec::new(),
+            Message::Lacking {
+                started_at_ns,
+                pages,
+            } => {
+                let mut out = started_at_ns.unwrap_or(0).to_le_bytes().to_vec();
+                pages
+                    .words()
+                    .iter()
+                    .for_each(|w| out.extend_from_slice(&w.to_le_bytes()));
+                out
             }
         })
     }
@@ -371,11 +438,7 @@ fn decode_switch_over(p: &[u8], layout: &Layout) -> Result<SwitchOver, Refused> 
             if !words.len().is_multiple_of(8) {
                 return malformed(format!("a bitmap of {} bytes", words.len()));
             }
-            let words = words
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(exact::<8>(c).unwrap_or_default()))
-                .collect();
-            Some(PageBitmap::from_words(words, layout.pages())?)
+            Some(bitmap_of(words, layout)?)
         }
         flag => {
             return malformed(format!(
@@ -442,7 +505,58 @@ fn decode<'a>(frame: &'a Frame, layout: &Layout) -> Result<Message<'a>, Refused>
         FrameKind::Abort => Message::Abort {
             reason: String::from_utf8_lossy(p).into_owned(),
         },
+        FrameKind::Auth => Message::Auth(AuthStep::decode(p).ok_or_else(|| {
+            Refused::Malformed(format!("an authentication step of {} bytes", p.len()))
+        })?),
+        FrameKind::Join => {
+            let b = exact::<{ 1 + Session::LEN }>(p)?;
+            let channel = match b[0] {
+                1 => Joining::Urgent,
+                2 => Joining::Resume,
+                other => return malformed(format!("join of unknown channel {other}")),
+            };
+            let mut session = [0u8; Session::LEN];
+            session.copy_from_slice(&b[1..]);
+            Message::Join {
+                session: Session(session),
+                channel,
+            }
+        }
+        FrameKind::Ready | FrameKind::Start => {
+            exact::<0>(p)?;
+            if frame.kind == FrameKind::Ready {
+                Message::Ready
+            } else {
+                Message::Start
+            }
+        }
+        FrameKind::Lacking => {
+            let at = u64_of(p.get(..8).unwrap_or(p))?;
+            Message::Lacking {
+                started_at_ns: (at != 0).then_some(at),
+                pages: bitmap_of(&p[8..], layout)?,
+            }
+        }
     })
+}
+
+/// A bitmap of guest RAM's backing pages from its little-endian words, refused unless it
+/// has exactly the words the layout needs and no bit beyond the last page.
+fn bitmap_of(words: &[u8], layout: &Layout) -> Result<PageBitmap, Refused> {
+    let expected = PageBitmap::words_for(layout.pages());
+    if words.len() != 8 * expected {
+        return malformed(format!(
+            "a bitmap of {} bytes ({} words), expected {expected} words for {} pages",
+            words.len(),
+            words.len() / 8,
+            layout.pages()
+        ));
+    }
+    let words = words
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(exact::<8>(c).unwrap_or_default()))
+        .collect();
+    Ok(PageBitmap::from_words(words, layout.pages())?)
 }
 
 fn to_json<T: Serialize>(kind: FrameKind, v: &T) -> Result<Vec<u8>, WireError> {
@@ -500,6 +614,7 @@ mod tests {
             page_size: 4096,
             vcpus: 2,
             mode: Mode::Precopy,
+            session: None,
         }
     }
 
@@ -638,7 +753,7 @@ mod tests {
         assert!(matches!(
             e,
             WireError::Version {
-                ours: 3,
+                ours: PROTOCOL_VERSION,
                 theirs: 99
             }
         ));

@@ -8,6 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -33,12 +34,20 @@ pub trait Channel: Read + Write + Send {
 pub trait Connector: Sync {
     /// One connection, retrying for up to `wait` (the peer may still be starting).
     fn connect(&self, wait: Duration, io_timeout: Duration) -> Result<Box<dyn Channel>, WireError>;
+    /// The name TLS checks the destination's certificate against.
+    fn server_name(&self) -> String {
+        "localhost".into()
+    }
 }
 
 /// Takes connections from a source (the destination's side).
 pub trait Acceptor: Sync {
     /// One connection within `wait`, else [`WireError::AcceptTimeout`].
     fn accept(&self, wait: Duration, io_timeout: Duration) -> Result<Box<dyn Channel>, WireError>;
+    /// Wakes an `accept` that is waiting (now or next): it returns `AcceptTimeout` at
+    /// once, and its caller looks again at why it waits. Acceptors whose waits are short
+    /// anyway need not.
+    fn interrupt(&self) {}
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +124,18 @@ impl Uri {
 }
 
 impl Connector for Uri {
+    fn server_name(&self) -> String {
+        match self {
+            Uri::Tcp(addr) => addr
+                .rsplit_once(':')
+                .map_or(addr.as_str(), |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            Uri::Unix(_) => "localhost".into(),
+        }
+    }
+
     fn connect(&self, wait: Duration, io_timeout: Duration) -> Result<Box<dyn Channel>, WireError> {
         let deadline = Instant::now() + wait;
         loop {
@@ -219,7 +240,14 @@ impl Listener {
         };
         Ok(match uri {
             Uri::Tcp(a) => Listener::Tcp(TcpListener::bind(a.as_str()).map_err(listen)?),
-            Uri::Unix(p) => Listener::Unix(bind_unix(p).map_err(listen)?, p.clone()),
+            Uri::Unix(p) => {
+                let l = bind_unix(p).map_err(listen)?;
+                // Only its owner may connect (root, for a VMM): a local user cannot even
+                // knock. (A connection in the instant before this still meets the door.)
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(listen)?;
+                Listener::Unix(l, p.clone())
+            }
         })
     }
 
@@ -384,6 +412,8 @@ mod tests {
         assert!(stale.exists(), "a dropped std listener leaves its file");
         let l = Listener::bind(&Uri::Unix(stale.clone())).unwrap();
         assert!(UnixStream::connect(&stale).is_ok());
+        let mode = std::fs::metadata(&stale).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a migration socket only its owner may open");
         drop(l);
         // Not a socket: never removed.
         let file = dir.join("file");

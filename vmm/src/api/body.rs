@@ -92,6 +92,7 @@ const SEND_FIELDS: &[&str] = &[
     "mode",
     "push_order",
     "verify",
+    "action",
 ];
 
 const RECEIVE_FIELDS: &[&str] = &["receiver_url", "tls_dir", "memory_mode", "zone_updates"];
@@ -203,7 +204,7 @@ fn refuse_unsupported_send(f: &Fields) -> Result<(), BodyError> {
     if f.get("tls_dir").is_some() {
         return Err(BodyError::Unsupported {
             field: "tls_dir",
-            why: "this hugevisor has no TLS for migration; leave tls_dir out",
+            why: "hugevisor takes migration TLS from the command line of both runs (--tls-cert, --tls-key, --tls-ca), not from the call; leave tls_dir out",
         });
     }
     if let Some(s) = f.str("timeout_strategy")? {
@@ -291,16 +292,20 @@ pub fn send_migration(body: &[u8], flavour: SendFlavour) -> Result<SendMigration
         ),
         None => None,
     };
-    if verify.is_some() && mode != migration::Mode::Precopy {
-        return Err(invalid(
-            "verify",
-            format!(
-                "memory-hash checks a pre-copy switch-over; {mode} has none (leave verify out)"
-            ),
-        ));
-    }
+    // hugevisor's: the resume of a migration paused after the hand-over.
+    let action = match f.str("action")? {
+        None | Some("start") => migration::Action::Start,
+        Some("resume") => migration::Action::Resume,
+        Some(other) => {
+            return Err(invalid(
+                "action",
+                format!("{other:?} is not an action (start, resume)"),
+            ))
+        }
+    };
     Ok(SendMigration {
         request: migration::MigrationRequest {
+            action,
             downtime,
             verify,
             push_order,
@@ -316,7 +321,7 @@ pub fn receive_migration(body: &[u8]) -> Result<ReceiveMigration, BodyError> {
     if f.get("tls_dir").is_some() {
         return Err(BodyError::Unsupported {
             field: "tls_dir",
-            why: "this hugevisor has no TLS for migration; leave tls_dir out",
+            why: "hugevisor takes migration TLS from the command line of both runs (--tls-cert, --tls-key, --tls-ca), not from the call; leave tls_dir out",
         });
     }
     match f.get("zone_updates") {
@@ -494,8 +499,8 @@ mod tests {
                 "verify",
             ),
             (
-                r#"{"destination_url": "unix:/m", "mode": "postcopy", "verify": "memory-hash"}"#,
-                "verify",
+                r#"{"destination_url": "unix:/m", "action": "restart"}"#,
+                "action",
             ),
             (
                 r#"{"destination_url": "unix:/m", "destnation_url": "x"}"#,

@@ -105,13 +105,20 @@ pub enum MigrateRefusal {
     Failed(#[from] migration::Error),
     #[error("the migration failed after pausing the guest and could not resume it: the guest runs nowhere, and the source's run ends with the error")]
     Unresumed,
+    #[error("no migration to resume: the VM is {0} (only a postcopy-paused migration resumes)")]
+    NothingToResume(&'static str),
+    #[error("the migration is paused after the hand-over ({0}): the guest is the destination's and stays stopped here; resume it with `hugevisor migrate --resume --to URI`")]
+    Paused(String),
 }
 
 impl MigrateRefusal {
     /// 409 for a VM in the wrong state; 500 for a migration that was tried and failed.
     pub fn status(&self) -> u16 {
         match self {
-            MigrateRefusal::AlreadyMigrating | MigrateRefusal::NotRunning(_) => 409,
+            MigrateRefusal::AlreadyMigrating
+            | MigrateRefusal::NotRunning(_)
+            | MigrateRefusal::NothingToResume(_)
+            | MigrateRefusal::Paused(_) => 409,
             _ => 500,
         }
     }

@@ -4,16 +4,9 @@
 //! controller's thread, as every event does.
 
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
 
-use migration::MigrationReport;
-
-use super::{Controller, Event, Outgoing, PauseCause, RunState};
-use crate::api::{
-    ApiCall, MigrateRefusal, ReceiveMigration, ReceiveRefusal, SendMigration, StateRefusal,
-};
-use crate::migration_host::Sending;
-use crate::progress::Tracker;
+use super::{Controller, PauseCause, RunState};
+use crate::api::{ApiCall, ReceiveMigration, ReceiveRefusal, StateRefusal};
 use crate::status::{MigrationView, Snapshot};
 
 /// What a shutdown call ends.
@@ -99,57 +92,8 @@ impl Controller<'_> {
             }
             _ => {}
         }
-        self.limits.shutdown_requested = true;
+        self.request_shutdown();
         Ok(())
-    }
-
-    /// `vm.send-migration`: the guest goes to the destination, the answer when it ended.
-    fn on_migrate(
-        &mut self,
-        req: SendMigration,
-        reply: Sender<std::result::Result<MigrationReport, MigrateRefusal>>,
-    ) {
-        if self.state != RunState::Running {
-            let why = match self.state {
-                RunState::Migrating | RunState::Paused(PauseCause::SwitchOver) => {
-                    MigrateRefusal::AlreadyMigrating
-                }
-                s => MigrateRefusal::NotRunning(s.name()),
-            };
-            let _ = reply.send(Err(why));
-            return;
-        }
-        let tx = self.events_tx.clone();
-        let progress = Arc::new(Tracker::new());
-        let (mode, destination) = (req.request.mode, req.request.to.clone());
-        let spawned = crate::migration_host::start_sending(
-            self.memory.clone(),
-            self.vm.clone(),
-            self.cfg.vcpus,
-            Sending {
-                request: req.request,
-                timeout: req.timeout,
-                progress: progress.clone(),
-            },
-            move |r| {
-                let _ = tx.send(Event::Source(r));
-            },
-        );
-        match spawned {
-            Ok(()) => {
-                self.state = RunState::Migrating;
-                self.outgoing = Some(Outgoing {
-                    reply,
-                    max_pass_at_pause: Vec::new(),
-                    mode,
-                    destination,
-                    progress,
-                });
-            }
-            Err(e) => {
-                let _ = reply.send(Err(MigrateRefusal::Start(e)));
-            }
-        }
     }
 
     /// `vm.receive-migration`: a VMM waiting for a guest listens where it is told.
@@ -190,6 +134,8 @@ impl Controller<'_> {
             (None, Some(phase)) => Some(MigrationView::Destination {
                 mode: self.incoming.as_ref().map(|i| i.mode.as_str()),
                 phase: phase.name(),
+                refused_connections: self.refused_connections,
+                lacking_pages: self.lacking_pages,
             }),
             (None, None) => None,
         };

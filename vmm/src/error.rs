@@ -39,7 +39,7 @@ pub enum Error {
     #[error("{failures} host-side mapping changes (zap or userfaultfd re-registration after a NUMA move) failed; guest memory may not be protected")]
     HostMapping { failures: u64 },
     #[error("live migration: {0}")]
-    Migration(#[from] migration::Error),
+    Migration(#[source] migration::Error),
     #[error(transparent)]
     Snapshot(#[from] migration::snapshot::SnapshotError),
     #[error(transparent)]
@@ -107,6 +107,17 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<migration::Error> for Error {
+    /// A restore's failure comes back through the migration's destination path; it is a
+    /// snapshot's error, not a live migration's.
+    fn from(e: migration::Error) -> Error {
+        match e {
+            migration::Error::Snapshot(s) => Error::Snapshot(*s),
+            e => Error::Migration(e),
+        }
+    }
+}
 
 /// A request that cannot be run as asked (flags or API fields); nothing was built.
 #[derive(Debug, thiserror::Error)]

@@ -303,6 +303,13 @@ impl Controller<'_> {
                 );
                 return Ok(());
             }
+            // A lazy restore that cannot serve a page (the snapshot changed): no page will
+            // come, so the vCPUs waiting for one cannot finish their pass; the run ends
+            // now (the vCPUs are kicked), naming the page.
+            Err(e) if matches!(self.cfg.guest, crate::config::GuestSource::Restore { .. }) => {
+                self.fatal = Some(e.into());
+                return Ok(());
+            }
             // Post-copy: pages are missing. Stop the guest, fail the run at its end.
             Err(e) => {
                 self.fatal = Some(e.into());

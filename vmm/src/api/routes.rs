@@ -311,7 +311,9 @@ mod tests {
     #[test]
     fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
         assert_eq!(find("GET", "/api/v1/vm.info").unwrap(), Endpoint::VmInfo);
-        assert_eq!(find("GET", "/api/v1/vm.snapshot").unwrap_err().status, 404);
+        // vm.snapshot is served now (PUT): a path still unknown is 404, a GET of it 405.
+        assert_eq!(find("GET", "/api/v1/vm.resize").unwrap_err().status, 404);
+        assert_eq!(find("GET", "/api/v1/vm.snapshot").unwrap_err().status, 405);
         assert_eq!(find("GET", "/vm.info").unwrap_err().status, 404);
         let a = find("DELETE", "/api/v1/vm.pause").unwrap_err();
         assert_eq!((a.status, a.allow.as_deref()), (405, Some("PUT")));

@@ -20,6 +20,8 @@ use tests::{have_hugetlb, have_kvm, heavy, hugevisor, run};
 struct Guest<'a> {
     memory: &'a str,
     backing: &'a str,
+    /// How the snapshotted run boots its guest (beyond the built-in image's fast path).
+    boot: Vec<String>,
 }
 
 impl Guest<'_> {
@@ -47,6 +49,7 @@ impl Guest<'_> {
 fn snapshot_mid_run(g: &Guest, dir: &Path, scratch_dir: &Path) -> (Value, u64) {
     let api = scratch_dir.join("src.sock");
     let mut args = g.args();
+    args.extend(g.boot.iter().cloned());
     args.extend(
         [
             "--workload",
@@ -121,7 +124,11 @@ fn restore(g: &Guest, dir: &Path, mode: &str, passes_before: u64) -> Value {
 fn snapshot_and_restore(backing: &str, memory: &str) -> (Value, Value, Value) {
     let dir = scratch(&format!("snap-{backing}-{memory}"));
     let snap = dir.join("snap");
-    let g = Guest { memory, backing };
+    let g = Guest {
+        memory,
+        backing,
+        boot: Vec::new(),
+    };
     let (report, passes) = snapshot_mid_run(&g, &snap, &dir);
     let copy = restore(&g, &snap, "copy", passes);
     let lazy = restore(&g, &snap, "lazy", passes);
@@ -192,6 +199,7 @@ fn lazy_shmem_restore_of_1g_ends_pmd_mapped() {
     let g = Guest {
         memory: "1G",
         backing: "shmem",
+        boot: Vec::new(),
     };
     let (_, passes) = snapshot_mid_run(&g, &snap, &dir);
     let lazy = restore(&g, &snap, "lazy", passes);
@@ -200,6 +208,30 @@ fn lazy_shmem_restore_of_1g_ends_pmd_mapped() {
         pmd * 100 >= 95 * (1u64 << 30),
         "a lazy shmem restore collapses regions as they fill: {pmd} of 1 GiB PMD-mapped; {lazy}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_guest_booted_by_pvh_snapshots_and_restores() {
+    if !have_kvm() {
+        return;
+    }
+    let _heavy = heavy();
+    let dir = scratch("snap-pvh");
+    let image = dir.join("image.elf");
+    let r = run(&["guest-image", "--out", image.to_str().unwrap()]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let g = Guest {
+        memory: "64M",
+        backing: "shmem",
+        boot: vec!["--kernel".into(), image.display().to_string()],
+    };
+    let snap = dir.join("snap");
+    let (_, passes) = snapshot_mid_run(&g, &snap, &dir);
+    for mode in ["copy", "lazy"] {
+        let j = restore(&g, &snap, mode, passes);
+        assert_eq!(j["entry"], "pvh (restored from a snapshot)", "{j}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -423,3 +423,62 @@ fn a_memory_file_changed_under_a_restore_stops_it_naming_the_page() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_paused_guest_is_snapshotted_at_once_and_stays_paused() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = scratch("snap-paused");
+    let (api, snap) = (dir.join("api.sock"), dir.join("snap"));
+    let child = spawn(&[
+        "run",
+        "--memory",
+        "32M",
+        "--vcpus",
+        "2",
+        "--workload",
+        "verify",
+        "--duration",
+        RUN_BOUND,
+        "--console",
+        "off",
+        "--json",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    wait_for(&api);
+    wait_for_passes(&api, 4);
+    // Cloud Hypervisor's order: pause, snapshot, resume.
+    tests::api::pause(&api).unwrap();
+    let out = hugevisor()
+        .args([
+            "snapshot",
+            "--json",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--to",
+        ])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["hot_pages"], 0,
+        "a paused guest writes nothing: {report}"
+    );
+    assert_eq!(tests::peers::vm_info(&api)["run_state"], "paused");
+    tests::api::resume(&api).unwrap();
+    tests::peers::end_run(&api);
+    let (code, j, err) = finish(child);
+    assert_eq!((code, &j["outcome"]), (0, &Value::from("ok")), "{err} {j}");
+    let (code, err) = restore_into(&snap, "32M", "shmem", "2", "lazy");
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

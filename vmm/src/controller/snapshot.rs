@@ -1,7 +1,9 @@
 //! The controller's snapshots (`vm.snapshot`, `--snapshot-at`): watch the dirty log for
 //! the hot-set period while the guest runs, then pause the vCPUs in place, capture the
 //! whole VM state as a migration's switch-over would, write both files, and resume or
-//! stop the guest. The writing runs on the controller's thread: the guest is paused for
+//! stop the guest. A guest `vm.pause` stopped (Cloud Hypervisor's order: pause, snapshot,
+//! resume) is written at once, with no hot set (a paused guest writes nothing), and stays
+//! paused unless `then` is stop. The writing runs on the controller's thread: the guest is paused for
 //! it anyway, and no other call may change the run meanwhile.
 
 use migration::snapshot::{HotSet, SnapshotReport};
@@ -34,7 +36,7 @@ impl Controller<'_> {
     pub(super) fn on_snapshot(&mut self, request: SnapshotRequest, reply: SnapshotReply) {
         let refusal = match self.state {
             _ if self.snapshot.is_some() => Some(SnapshotRefusal::AlreadySnapshotting),
-            RunState::Running => None,
+            RunState::Running | RunState::Paused(PauseCause::Api) => None,
             RunState::Migrating | RunState::Paused(PauseCause::SwitchOver) => {
                 Some(SnapshotRefusal::Migrating)
             }
@@ -46,7 +48,8 @@ impl Controller<'_> {
             }
             return;
         }
-        let logging = !request.hot_period.is_zero();
+        let paused = self.state == RunState::Paused(PauseCause::Api);
+        let logging = !request.hot_period.is_zero() && !paused;
         if logging {
             let slot = self.memory.memslot();
             // The first take clears what was logged before: the hot set starts now.
@@ -62,8 +65,13 @@ impl Controller<'_> {
                 return;
             }
         }
+        let watch = if logging {
+            request.hot_period
+        } else {
+            Default::default()
+        };
         self.snapshot = Some(PendingSnapshot {
-            due_ns: monotonic_ns() + request.hot_period.as_nanos() as u64,
+            due_ns: monotonic_ns() + watch.as_nanos() as u64,
             request,
             reply,
             logging,
@@ -92,10 +100,9 @@ impl Controller<'_> {
         let Some(p) = self.snapshot.take() else {
             return Ok(());
         };
-        let result = if self.state == RunState::Running {
-            self.take_snapshot(&p)
-        } else {
-            Err(SnapshotRefusal::GuestFinished)
+        let result = match self.state {
+            RunState::Running | RunState::Paused(PauseCause::Api) => self.take_snapshot(&p),
+            _ => Err(SnapshotRefusal::GuestFinished),
         };
         if p.logging {
             self.stop_hot_log();
@@ -139,7 +146,11 @@ impl Controller<'_> {
         }
         Ok(HotSet {
             pages,
-            period_ms: p.request.hot_period.as_millis() as u64,
+            period_ms: if p.logging {
+                p.request.hot_period.as_millis() as u64
+            } else {
+                0
+            },
         })
     }
 
@@ -153,13 +164,19 @@ impl Controller<'_> {
         let Some(vcpus) = &self.vcpus else {
             return Err(SnapshotRefusal::GuestFinished);
         };
-        vcpus.pause().map_err(failed)?;
+        let was_running = self.state == RunState::Running;
+        if was_running {
+            vcpus.pause().map_err(failed)?;
+        }
         let written = self.write_paused(p, hot);
         let Some(vcpus) = &self.vcpus else {
             return Err(SnapshotRefusal::GuestFinished);
         };
-        // Whatever happened, the guest runs on (a failed snapshot changed nothing).
-        vcpus.resume().map_err(failed)?;
+        // Whatever happened, the guest is as it was (a failed snapshot changed nothing);
+        // `then: stop` resumes a user-paused one to finish its pass.
+        if was_running {
+            vcpus.resume().map_err(failed)?;
+        }
         if written.is_ok() && p.request.then == AfterSnapshot::Stop {
             self.request_stop(monotonic_ns());
         }

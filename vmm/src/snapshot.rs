@@ -76,6 +76,8 @@ pub enum SnapshotRefusal {
     Migrating,
     #[error("the guest finished before its snapshot was taken")]
     GuestFinished,
+    #[error("the guest's memory is still arriving (post-copy or a lazy restore); snapshot it once vm.info says the incoming phase is complete")]
+    MemoryArriving,
     #[error("taking the snapshot: {0}")]
     Failed(#[source] Error),
 }

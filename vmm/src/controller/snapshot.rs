@@ -10,7 +10,7 @@ use migration::snapshot::{HotSet, SnapshotReport};
 use migration::{PageBitmap, VmState};
 use std::sync::mpsc::Sender;
 
-use super::{Controller, PauseCause, RunState};
+use super::{Controller, IncomingPhase, PauseCause, RunState};
 use crate::error::{Error, Result};
 use crate::migration_host::{MigratedState, RunInfo};
 use crate::snapshot::{AfterSnapshot, SnapshotRefusal, SnapshotRequest};
@@ -36,6 +36,8 @@ impl Controller<'_> {
     pub(super) fn on_snapshot(&mut self, request: SnapshotRequest, reply: SnapshotReply) {
         let refusal = match self.state {
             _ if self.snapshot.is_some() => Some(SnapshotRefusal::AlreadySnapshotting),
+            // Absent pages read as whatever the page cache holds: never snapshot them.
+            _ if self.memory_arriving() => Some(SnapshotRefusal::MemoryArriving),
             RunState::Running | RunState::Paused(PauseCause::Api) => None,
             RunState::Migrating | RunState::Paused(PauseCause::SwitchOver) => {
                 Some(SnapshotRefusal::Migrating)
@@ -87,7 +89,10 @@ impl Controller<'_> {
             .as_ref()
             .filter(|_| !self.snapshot_at_taken)
         {
-            if self.state == RunState::Running && now >= self.launch_ns + at.after.as_nanos() as u64
+            // A lazily restored guest is snapshotted once every page is in.
+            if self.state == RunState::Running
+                && !self.memory_arriving()
+                && now >= self.launch_ns + at.after.as_nanos() as u64
             {
                 self.snapshot_at_taken = true;
                 let request = at.request.clone();
@@ -120,6 +125,14 @@ impl Controller<'_> {
             ),
         }
         Ok(())
+    }
+
+    /// Whether pages are still absent here (a post-copy destination, a lazy restore).
+    fn memory_arriving(&self) -> bool {
+        matches!(
+            self.incoming_phase,
+            Some(IncomingPhase::Receiving | IncomingPhase::Postcopy)
+        )
     }
 
     fn stop_hot_log(&self) {

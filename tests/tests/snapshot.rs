@@ -202,7 +202,48 @@ fn lazy_shmem_restore_of_1g_ends_pmd_mapped() {
         boot: Vec::new(),
     };
     let (_, passes) = snapshot_mid_run(&g, &snap, &dir);
-    let lazy = restore(&g, &snap, "lazy", passes);
+    let api = dir.join("dst.sock");
+    let mut args = g.args();
+    args.extend(
+        [
+            "--duration",
+            RUN_BOUND,
+            "--restore-mode",
+            "lazy",
+            "--api-socket",
+        ]
+        .map(String::from),
+    );
+    args.push(api.display().to_string());
+    args.extend(["--restore".to_string(), snap.display().to_string()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = spawn(&argv);
+    // While pages are still absent, a snapshot would read them from the page cache: refused.
+    tests::peers::wait_until(&mut child, &api, "the lazy restore running", |i| {
+        i["incoming"]["phase"] == "postcopy" && i["run_state"] == "running"
+    });
+    let body = serde_json::json!({ "destination_url": dir.join("again").display().to_string() });
+    let a = tests::api::call(
+        &api,
+        tests::api::Method::Put,
+        "/api/v1/vm.snapshot",
+        Some(&body),
+    )
+    .unwrap();
+    assert_eq!(a.status, 409, "{:?}", a.body);
+    assert!(
+        a.body["error"].as_str().unwrap().contains("still arriving"),
+        "{:?}",
+        a.body
+    );
+    tests::peers::wait_until(&mut child, &api, "every page in and more passes", |i| {
+        incoming_settled(i) && i["passes"].as_u64().unwrap_or(0) > passes + 4
+    });
+    tests::peers::end_run(&api);
+    let (code, lazy, err) = finish(child);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lazy["outcome"], "ok", "{lazy}");
+    assert_eq!(lazy["integrity_errors"], 0, "{lazy}");
     let pmd = lazy["pmd_mapped_bytes"].as_u64().unwrap();
     assert!(
         pmd * 100 >= 95 * (1u64 << 30),

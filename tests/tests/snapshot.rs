@@ -421,6 +421,15 @@ fn bad_snapshots_are_refused_in_one_line_before_the_guest_runs() {
     );
     refused(&snap, "32M", "hugetlb-2m", "1", "lazy", &["backing shmem"]);
     refused(&snap, "32M", "shmem", "2", "copy", &["1 vCPUs"]);
+    // Lazy restores fill pages through a second view: anon RAM has none.
+    refused(
+        &snap,
+        "32M",
+        "anon",
+        "1",
+        "lazy",
+        &["needs file-backed RAM", "copy"],
+    );
     // The memory file cut short.
     let m = dir.join("memory-truncated");
     copy_snapshot(&snap, &m);

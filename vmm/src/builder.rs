@@ -225,7 +225,9 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
     let (topology, memory_cfg) = check(cfg)?;
     // A snapshot that cannot be restored into this guest is refused before the host is touched.
     let snapshot = match &cfg.guest {
-        GuestSource::Restore { dir, mode } => Some((crate::snapshot::open(dir, cfg)?, *mode)),
+        GuestSource::Restore { dir, mode } => {
+            Some((crate::snapshot::open(dir, *mode, cfg)?, *mode))
+        }
         _ => None,
     };
     // Host capabilities first, so a missing KVM leaves nothing behind.

@@ -144,6 +144,8 @@ pub enum ConfigError {
     CorruptionNeedsMailbox,
     #[error("KVM device path {path} contains NUL", path = .0.display())]
     NulInPath(PathBuf),
+    #[error("--restore-mode lazy needs file-backed RAM (--backing shmem, hugetlb-2m or hugetlb-1g): pages are filled through a second view of it; restore anon RAM with --restore-mode copy")]
+    LazyRestoreNeedsFileRam,
     #[error("--incoming {uri}: a tcp listener accepts anyone who reaches its port; give both ends --tls-cert/--tls-key/--tls-ca or --migration-key FILE, or pass --insecure to listen without authentication")]
     UnauthenticatedTcp { uri: String },
 }

@@ -94,7 +94,12 @@ impl SnapshotRefusal {
 
 /// Opens the snapshot in `dir` and checks it fits the run's guest (memory, backing,
 /// vCPUs): every refusal is one line, before the host is touched.
-pub fn open(dir: &Path, cfg: &RunConfig) -> Result<Snapshot> {
+pub fn open(dir: &Path, mode: RestoreMode, cfg: &RunConfig) -> Result<Snapshot> {
+    if mode == RestoreMode::Lazy
+        && cfg.ram.backing.view_layout() != guest_mm::ViewLayout::GuestAndStaging
+    {
+        return Err(crate::error::ConfigError::LazyRestoreNeedsFileRam.into());
+    }
     let snap = Snapshot::open(dir)?;
     snap.check_target(&Target {
         memory_bytes: cfg.ram.size,

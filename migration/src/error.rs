@@ -315,6 +315,9 @@ pub enum Error {
         source: Box<Error>,
         resume: HostError,
     },
+    /// A restore from a snapshot (a migration whose source is a directory) failed.
+    #[error(transparent)]
+    Snapshot(Box<crate::snapshot::SnapshotError>),
 }
 
 impl Error {
@@ -329,6 +332,7 @@ impl Error {
             | Error::MemoryHash { step, .. }
             | Error::PostcopyIncomplete { step, .. }
             | Error::Panicked { step, .. } => *step,
+            Error::Snapshot(_) => Step::Restore,
             Error::AfterSwitchOver { source }
             | Error::ResumeFailed { source, .. }
             | Error::Unrecovered { source, .. } => source.step(),
@@ -367,6 +371,11 @@ impl Error {
         match self {
             Error::AfterSwitchOver { .. } => GuestAt::Destination,
             Error::ResumeFailed { .. } => GuestAt::PausedOnSource,
+            Error::Snapshot(e)
+                if matches!(**e, crate::snapshot::SnapshotError::AfterStart { .. }) =>
+            {
+                GuestAt::Destination
+            }
             _ => GuestAt::Source,
         }
     }
@@ -433,4 +442,6 @@ pub enum ParseError {
     PushOrder(String),
     #[error("unknown verify {0:?}; the only check is memory-hash")]
     Verify(String),
+    #[error("restore mode {0:?}: choose copy or lazy")]
+    RestoreMode(String),
 }

@@ -72,6 +72,7 @@
 //! - [`host`]: the traits the VMM implements.
 //! - [`source`], [`destination`]: the two state machines.
 //! - [`report`]: what each end reports.
+//! - [`snapshot`]: a migration to a file and restores from it (copy, lazy).
 
 use std::time::Duration;
 
@@ -86,6 +87,7 @@ pub mod fuzzing;
 pub mod host;
 mod pages;
 pub mod report;
+pub mod snapshot;
 pub mod source;
 pub mod wire;
 

@@ -36,6 +36,12 @@ pub enum Start {
     Incoming(migration::Listener),
     /// Received once a `vm.receive-migration` call says where to listen.
     AwaitReceive,
+    /// Restored from this snapshot (opened and checked against the guest's layout before
+    /// anything was built); the vCPUs come with its state.
+    Restore(
+        Box<migration::snapshot::Snapshot>,
+        migration::snapshot::RestoreMode,
+    ),
 }
 
 /// A built VM, not running yet.
@@ -120,7 +126,9 @@ fn memory_config(cfg: &RunConfig, topology: Option<&Topology>) -> MemoryConfig {
         ram,
         vcpus,
         origin: match cfg.guest {
-            GuestSource::Incoming(_) | GuestSource::ApiReceive => GuestOrigin::MigrationDestination,
+            GuestSource::Incoming(_) | GuestSource::ApiReceive | GuestSource::Restore { .. } => {
+                GuestOrigin::MigrationDestination
+            }
             GuestSource::Boot => GuestOrigin::Booted,
         },
         fault_path: FaultPathNeed::Derived,
@@ -170,9 +178,11 @@ fn load_guest(
     let Some(k) = cfg.kernel.as_ref().filter(|_| !cfg.guest.is_migration()) else {
         return Ok(Guest::Builtin(match cfg.guest {
             // The image (and everything else) arrives with the guest's memory.
-            GuestSource::Incoming(_) | GuestSource::ApiReceive => boot::LoadedImage {
-                info: guest_image::image_info(guest_image::IMAGE)?,
-            },
+            GuestSource::Incoming(_) | GuestSource::ApiReceive | GuestSource::Restore { .. } => {
+                boot::LoadedImage {
+                    info: guest_image::image_info(guest_image::IMAGE)?,
+                }
+            }
             GuestSource::Boot => {
                 let image = boot::load_image(staging, guest_image::IMAGE, size)?;
                 let cmdline = guest_params(cfg, topology).cmdline();
@@ -213,6 +223,13 @@ fn load_guest(
 /// Builds the VM `cfg` asks for.
 pub fn build(cfg: &RunConfig) -> Result<Vmm> {
     let (topology, memory_cfg) = check(cfg)?;
+    // A snapshot that cannot be restored into this guest is refused before the host is touched.
+    let snapshot = match &cfg.guest {
+        GuestSource::Restore { dir, mode } => {
+            Some((crate::snapshot::open(dir, *mode, cfg)?, *mode))
+        }
+        _ => None,
+    };
     // Host capabilities first, so a missing KVM leaves nothing behind.
     let kvm = open_kvm(&cfg.kvm_device)?;
     install_kick_handler()?;
@@ -234,6 +251,10 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
         None => None,
     };
     let start = match (&cfg.guest, &guest) {
+        (GuestSource::Restore { .. }, _) => match snapshot {
+            Some((snap, mode)) => Start::Restore(Box::new(snap), mode),
+            None => Start::AwaitReceive,
+        },
         (GuestSource::Incoming(uri), _) => {
             let listener = migration::Listener::bind(uri).map_err(Error::Listen)?;
             if matches!(uri, migration::Uri::Tcp(_)) && !cfg.migration_auth.is_some() {
@@ -254,6 +275,9 @@ pub fn build(cfg: &RunConfig) -> Result<Vmm> {
         ),
     };
     let (entry, mailbox) = match &guest {
+        Guest::Builtin(image) if matches!(cfg.guest, GuestSource::Restore { .. }) => {
+            ("snapshot restore", Mailbox::new(image.info.mailbox))
+        }
         Guest::Builtin(image) if cfg.guest.is_migration() => {
             ("incoming migration", Mailbox::new(image.info.mailbox))
         }

@@ -14,6 +14,8 @@ use crate::console::ConsoleMode;
 use crate::run::{CorruptionTest, MemmapListing, Outcome, RunConfig, RunLimit};
 use crate::vstate::vm::{DirtyLogMethod, DEFAULT_KVM_DEVICE};
 
+mod snapshot;
+
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;
 /// Exit status: bad input or a host/VMM problem (message on stderr).
@@ -47,6 +49,8 @@ enum Command {
     Migrate(MigrateArgs),
     /// Write the ACPI tables a `run --kernel` with the same options gives its guest.
     AcpiTables(AcpiTablesArgs),
+    /// Snapshot a running VM (through its control API) into a directory, for `run --restore`.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +250,8 @@ pub struct RunArgs {
     /// resume (`hugevisor migrate --resume`) before it ends naming the pages it lacks.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     recovery_timeout: Duration,
+    #[command(flatten)]
+    snapshot: snapshot::RunSnapshotArgs,
 }
 
 /// A guest hugevisor did not build (`run --kernel`, `acpi-tables`).
@@ -383,6 +389,9 @@ impl RunArgs {
     /// Where the guest comes from: `--incoming`, or nothing to boot (`--api-socket` and no
     /// `--workload` or `--kernel`: wait for `vm.receive-migration`), or a guest booted here.
     fn guest_source(&self) -> Result<GuestSource, String> {
+        if let Some(restore) = self.snapshot.guest_source() {
+            return Ok(restore);
+        }
         Ok(match (&self.incoming, &self.api_socket, self.workload) {
             (Some(uri), _, _) => GuestSource::Incoming(uri.clone()),
             (None, Some(_), None) if self.kernel.kernel.is_none() => {
@@ -457,6 +466,7 @@ impl RunArgs {
                 Exposure::AuthenticatedOnly
             },
             recovery_timeout: self.recovery_timeout,
+            snapshot_at: self.snapshot.snapshot_at(),
         })
     }
 }
@@ -622,6 +632,7 @@ pub fn main(process_start_ns: u64) -> i32 {
         Command::Caps(a) => crate::caps::cmd_caps(a.json, &a.kvm_device),
         Command::Migrate(a) => cmd_migrate(a),
         Command::AcpiTables(a) => cmd_acpi_tables(a),
+        Command::Snapshot(a) => snapshot::cmd_snapshot(a),
     }
 }
 

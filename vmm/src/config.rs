@@ -32,6 +32,12 @@ pub enum GuestSource {
     /// Received where a `vm.receive-migration` call says: a VMM started with
     /// `--api-socket` and no guest (no `--workload`, no `--incoming`) waits for one.
     ApiReceive,
+    /// Restored from a snapshot directory (`--restore DIR --restore-mode copy|lazy`): a
+    /// migration destination whose source is the directory.
+    Restore {
+        dir: PathBuf,
+        mode: migration::snapshot::RestoreMode,
+    },
 }
 
 impl GuestSource {
@@ -92,6 +98,8 @@ pub struct RunConfig {
     pub exposure: Exposure,
     /// Destination: how long a broken post-copy waits for its source to resume.
     pub recovery_timeout: Duration,
+    /// Take a snapshot this long into the run (`--snapshot-at D --to DIR`).
+    pub snapshot_at: Option<SnapshotAt>,
 }
 
 /// Whether an unauthenticated migration listener may be reachable over the network.
@@ -101,6 +109,14 @@ pub enum Exposure {
     AuthenticatedOnly,
     /// `--insecure`: anyone who reaches the port may hand this destination a guest.
     Insecure,
+}
+
+/// A snapshot the run takes by itself, for scripted experiments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotAt {
+    /// From the guest's start here.
+    pub after: Duration,
+    pub request: crate::snapshot::SnapshotRequest,
 }
 
 /// Whether the run report includes the second-stage table's memory map.

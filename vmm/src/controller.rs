@@ -42,6 +42,7 @@ use crate::vstate::vm::Vm;
 
 mod calls;
 mod handover;
+mod snapshot;
 use guest_image::clock::monotonic_ns;
 use guest_mm::GuestMemory;
 use migration::{IncomingReport, MigrationReport};
@@ -238,6 +239,10 @@ pub struct Controller<'a> {
     fatal: Option<Error>,
     /// A `vm.receive-migration` call, answered when the migration ends here.
     receive_reply: Option<Sender<std::result::Result<(), ReceiveRefusal>>>,
+    /// A snapshot waiting for its hot-set period to end.
+    snapshot: Option<snapshot::PendingSnapshot>,
+    /// `--snapshot-at` has been taken (once per run).
+    snapshot_at_taken: bool,
     /// Where a destination listens for its guest (until it arrives).
     receiving_on: Option<migration::Uri>,
     _api: Option<crate::api::ApiServer>,
@@ -281,6 +286,8 @@ impl<'a> Controller<'a> {
             signal: None,
             fatal: None,
             receive_reply: None,
+            snapshot: None,
+            snapshot_at_taken: false,
             receiving_on: None,
             _api: api,
         };
@@ -292,6 +299,7 @@ impl<'a> Controller<'a> {
             Start::Boot(vcpus) => c.start_guest(vcpus)?,
             Start::Incoming(listener) => c.receive_on(listener)?,
             Start::AwaitReceive => c.state = RunState::Waiting,
+            Start::Restore(snap, mode) => c.restore_from(*snap, mode)?,
         }
         Ok(c)
     }
@@ -316,6 +324,29 @@ impl<'a> Controller<'a> {
             self.vm.clone(),
             self.cfg.vcpus,
             options,
+            move |e| {
+                let _ = tx.send(Event::Incoming(e));
+            },
+        )?;
+        self.state = RunState::Receiving;
+        self.incoming_phase = Some(IncomingPhase::Receiving);
+        Ok(())
+    }
+
+    /// Restores the guest from a snapshot, on a thread of its own (a destination whose
+    /// source is the snapshot directory).
+    fn restore_from(
+        &mut self,
+        snap: migration::snapshot::Snapshot,
+        mode: migration::snapshot::RestoreMode,
+    ) -> Result<()> {
+        let tx = self.events_tx.clone();
+        crate::snapshot::start_restoring(
+            snap,
+            mode,
+            self.memory.clone(),
+            self.vm.clone(),
+            self.cfg.vcpus,
             move |e| {
                 let _ = tx.send(Event::Incoming(e));
             },
@@ -508,6 +539,9 @@ impl<'a> Controller<'a> {
         {
             self.corrupt_one_page()?;
         }
+        if self.limits.stop_requested_at.is_none() {
+            self.poll_snapshot(now)?;
+        }
         // One vCPU's failure ends the run for all.
         if self.ended.iter().any(Option::is_some) && self.limits.stop_requested_at.is_none() {
             let failed = (0..self.cfg.vcpus as usize).any(|i| {
@@ -650,6 +684,9 @@ impl<'a> Controller<'a> {
             }
             Event::Api(ApiCall::Receive(_, reply)) => {
                 let _ = reply.send(Err(ReceiveRefusal::NotWaiting(RunState::Stopping.name())));
+            }
+            Event::Api(ApiCall::Snapshot(_, reply)) => {
+                let _ = reply.send(Err(crate::snapshot::SnapshotRefusal::GuestFinished));
             }
             _ => {}
         }

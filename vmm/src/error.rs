@@ -39,7 +39,9 @@ pub enum Error {
     #[error("{failures} host-side mapping changes (zap or userfaultfd re-registration after a NUMA move) failed; guest memory may not be protected")]
     HostMapping { failures: u64 },
     #[error("live migration: {0}")]
-    Migration(#[from] migration::Error),
+    Migration(#[source] migration::Error),
+    #[error(transparent)]
+    Snapshot(#[from] migration::snapshot::SnapshotError),
     #[error(transparent)]
     Kernel(#[from] crate::boot::kernel::KernelError),
     #[error("the ACPI tables end at {end:#x}, beyond the area reserved for them (1 MiB); use fewer vCPUs or NUMA nodes")]
@@ -106,6 +108,17 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl From<migration::Error> for Error {
+    /// A restore's failure comes back through the migration's destination path; it is a
+    /// snapshot's error, not a live migration's.
+    fn from(e: migration::Error) -> Error {
+        match e {
+            migration::Error::Snapshot(s) => Error::Snapshot(*s),
+            e => Error::Migration(e),
+        }
+    }
+}
+
 /// A request that cannot be run as asked (flags or API fields); nothing was built.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -131,6 +144,8 @@ pub enum ConfigError {
     CorruptionNeedsMailbox,
     #[error("KVM device path {path} contains NUL", path = .0.display())]
     NulInPath(PathBuf),
+    #[error("--restore-mode lazy needs file-backed RAM (--backing shmem, hugetlb-2m or hugetlb-1g): pages are filled through a second view of it; restore anon RAM with --restore-mode copy")]
+    LazyRestoreNeedsFileRam,
     #[error("--incoming {uri}: a tcp listener accepts anyone who reaches its port; give both ends --tls-cert/--tls-key/--tls-ca or --migration-key FILE, or pass --insecure to listen without authentication")]
     UnauthenticatedTcp { uri: String },
 }

@@ -12,6 +12,7 @@
 //! - entering the guest image (tables, registers): [`boot`]
 //! - the port-I/O devices (COM1, i8042, ACPI power-off): [`devices`]
 //! - what a migration asks of the VM (the `migration` crate's traits): [`migration_host`]
+//! - snapshots (the request, opening one for a run, the restore thread): [`snapshot`]
 //! - the run report: [`report`]; the workload-specific NUMA placement: [`placement`]
 //! - the control API: [`api`]; what `vm.info` and `vm.counters` say: [`status`]
 //! - guest memory (backings, views, the second-stage table, the fault path, collapse and
@@ -35,6 +36,7 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod signals;
+pub mod snapshot;
 pub mod status;
 pub mod vstate;
 

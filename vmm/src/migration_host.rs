@@ -316,6 +316,29 @@ impl DestinationVm for DestinationHost {
     }
 }
 
+/// The destination VM for a restore (`crate::snapshot`), and how to tell the controller
+/// the restore's end.
+pub(crate) fn destination(
+    memory: Arc<GuestMemory>,
+    vm: Arc<Vm>,
+    vcpus: u32,
+    controller: impl Fn(DestinationEvent) + Send + Sync + 'static,
+) -> (
+    impl DestinationVm + 'static,
+    impl Fn(DestinationEvent) + Send + 'static,
+) {
+    let controller: Arc<dyn Fn(DestinationEvent) + Send + Sync> = Arc::new(controller);
+    let tell = controller.clone();
+    let host = DestinationHost {
+        memory,
+        vm,
+        vcpus,
+        restored: Mutex::new(None),
+        controller: Box::new(move |e| controller(e)),
+    };
+    (host, move |e| tell(e))
+}
+
 /// Receives the guest on `listener` (bound before the run starts, so that the source
 /// finds it) on a thread of its own; `controller` gets the arrival and, last, the end.
 pub fn start_receiving(

@@ -8,6 +8,7 @@ mod fuzz_replay;
 mod net;
 mod recovery;
 mod safety;
+mod snapshot;
 mod source_errors;
 mod success;
 mod tls;

@@ -212,7 +212,7 @@ fn qemu_migration_row(
 
 /// Writes the guest image of the hugevisor under measurement to `path`, so QEMU boots the
 /// very image that build runs.
-fn write_guest_image(hv: &Hugevisor, path: &Path) -> Result<(), BenchError> {
+pub(super) fn write_guest_image(hv: &Hugevisor, path: &Path) -> Result<(), BenchError> {
     let what = format!("hugevisor guest-image --out {}", path.display());
     let out = hv
         .command()

@@ -8,7 +8,8 @@
 //!   ([`memory`]);
 //! - `numa`: balancing on emulated nodes ([`numa`]);
 //! - `migration`: every mode on shmem and hugetlb-2m, beside loopback, userfaultfd and
-//!   QEMU baselines ([`migration`], [`qemu`]).
+//!   QEMU baselines ([`migration`], [`qemu`]);
+//! - `restore`: snapshot restores (copy, lazy, lazy with the hot set) per backing ([`restore`]).
 
 mod baselines;
 mod error;
@@ -17,6 +18,7 @@ mod migration;
 mod numa;
 mod plot;
 mod qemu;
+mod restore;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,6 +52,8 @@ enum BenchKind {
     Numa(numa::NumaBenchArgs),
     /// Live migration per mode and backing, beside raw loopback and userfaultfd baselines.
     Migration(migration::MigrationBenchArgs),
+    /// Snapshot restores per backing: copy, lazy, lazy with the hot set.
+    Restore(restore::RestoreBenchArgs),
 }
 
 /// Whether every measurement of a bench produced its figures.
@@ -148,6 +152,7 @@ pub fn main() -> i32 {
         BenchKind::Memory(a) => memory::bench_memory(&hv, a),
         BenchKind::Numa(a) => numa::bench_numa(&hv, a),
         BenchKind::Migration(a) => migration::bench_migration(&hv, a),
+        BenchKind::Restore(a) => restore::bench_restore(&hv, a),
     });
     match result {
         Ok(Completion::AllMeasured) => 0,

@@ -214,8 +214,10 @@ impl Peer {
         let qmp_path = case.dir.join(format!("qmp-{role_name}.sock"));
         let _ = std::fs::remove_file(&qmp_path);
         let mut backend = format!("memory-backend-memfd,id=mem,size={},share=on", case.memory);
-        if case.backing == "hugetlb-2m" {
-            backend.push_str(",hugetlb=on,hugetlbsize=2M");
+        match case.backing {
+            "hugetlb-2m" => backend.push_str(",hugetlb=on,hugetlbsize=2M"),
+            "hugetlb-1g" => backend.push_str(",hugetlb=on,hugetlbsize=1G"),
+            _ => {}
         }
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "kvm", "-M"])
@@ -393,6 +395,87 @@ pub fn measure(case: &QemuCase) -> Result<QemuResult, QemuError> {
             .filter(|l| l.contains("INTEGRITY ERROR"))
             .count() as u64,
         destination_lines: dst_lines.len(),
+    })
+}
+
+/// What QEMU's save to a file and `-incoming` from it measured.
+#[derive(Debug, Default)]
+pub struct QemuRestore {
+    /// The saved stream's size.
+    pub file_bytes: u64,
+    /// From the fork of the restoring QEMU to its guest running (`query-status`): QEMU
+    /// loads all of RAM before the guest's first instruction.
+    pub to_running_ms: f64,
+}
+
+/// Waits until `q`'s migration completed.
+fn wait_completed(q: &mut Qmp) -> Result<(), QemuError> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let m = q.execute("query-migrate", json!({}))?;
+        match m["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(QemuError::Migration {
+                    status: m["status"].as_str().unwrap_or("").to_string(),
+                    reason: m["error-desc"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                        .to_string(),
+                })
+            }
+            _ if Instant::now() > deadline => return Err(QemuError::MigrationTimeout),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// Runs the guest under QEMU until it is warm, stops it, saves it to a file
+/// (`migrate exec:cat > FILE`), then starts a second QEMU with `-incoming` from that file
+/// and times it to its guest running.
+pub fn save_and_restore(case: &QemuCase) -> Result<QemuRestore, QemuError> {
+    let file = case.dir.join("qemu-saved");
+    let mut src = Peer::spawn(case, Role::Source)?;
+    let mut sq = Qmp::connect(&src.qmp_path)?;
+    src.wait_for_line(" warm", Duration::from_secs(120))?;
+    std::thread::sleep(case.warmup);
+    sq.execute("stop", json!({}))?;
+    sq.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 64u64 << 30 }),
+    )?;
+    let uri = format!("exec:cat > {}", file.display());
+    sq.execute("migrate", json!({ "uri": uri }))?;
+    wait_completed(&mut sq)?;
+    drop(src);
+    let file_bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let fork = Instant::now();
+    let dst = Peer::spawn(case, Role::Destination)?;
+    let mut dq = Qmp::connect(&dst.qmp_path)?;
+    let uri = format!("exec:cat {}", file.display());
+    dq.execute("migrate-incoming", json!({ "uri": uri }))?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let st = dq.execute("query-status", json!({}))?;
+        if st["running"] == true {
+            break;
+        }
+        if st["status"] == "paused" {
+            // The source was stopped, so the loaded guest stays paused: start it (refused
+            // while the load is still going on, hence tried until it runs).
+            let _ = dq.execute("cont", json!({}));
+        }
+        if Instant::now() > deadline {
+            return Err(QemuError::MigrationTimeout);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let to_running_ms = fork.elapsed().as_secs_f64() * 1000.0;
+    drop(dst);
+    let _ = std::fs::remove_file(&file);
+    Ok(QemuRestore {
+        file_bytes,
+        to_running_ms,
     })
 }
 

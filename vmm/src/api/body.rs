@@ -345,9 +345,69 @@ pub fn receive_migration(body: &[u8]) -> Result<ReceiveMigration, BodyError> {
     })
 }
 
+const SNAPSHOT_FIELDS: &[&str] = &["destination_url", "then", "hot_set_ms"];
+
+/// Longest hot-set period taken: a minute (the guest runs logged meanwhile).
+const MAX_HOT_SET_MS: u64 = 60_000;
+
+/// Parses a `vm.snapshot` body: Cloud Hypervisor's `destination_url` (`file:///DIR`, or
+/// a path), hugevisor's `then` (resume, the default, or stop) and `hot_set_ms` (how long
+/// the dirty log watches the guest first; 0: no hot set).
+pub fn snapshot(body: &[u8]) -> Result<crate::snapshot::SnapshotRequest, BodyError> {
+    let f = Fields::parse(body, SNAPSHOT_FIELDS)?;
+    let url = f.str("destination_url")?.ok_or(BodyError::Missing {
+        field: "destination_url",
+    })?;
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if path.is_empty() || url.contains("://") && !url.starts_with("file://") {
+        return Err(invalid(
+            "destination_url",
+            format!("{url:?} is not file:///DIR or a directory path"),
+        ));
+    }
+    let then = match f.str("then")? {
+        None => crate::snapshot::AfterSnapshot::Resume,
+        Some(s) => s
+            .parse()
+            .map_err(|e: crate::snapshot::AfterSnapshotParseError| {
+                invalid("then", e.to_string())
+            })?,
+    };
+    let hot_period = f
+        .count("hot_set_ms", 0, MAX_HOT_SET_MS)?
+        .map_or(crate::snapshot::DEFAULT_HOT_PERIOD, Duration::from_millis);
+    Ok(crate::snapshot::SnapshotRequest {
+        to: path.into(),
+        then,
+        hot_period,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_bodies_name_their_field() {
+        let s = snapshot(br#"{"destination_url": "file:///tmp/snap"}"#).unwrap();
+        assert_eq!(s.to, std::path::PathBuf::from("/tmp/snap"));
+        assert_eq!(s.then, crate::snapshot::AfterSnapshot::Resume);
+        let s = snapshot(br#"{"destination_url": "/d", "then": "stop", "hot_set_ms": 0}"#).unwrap();
+        assert_eq!(s.then, crate::snapshot::AfterSnapshot::Stop);
+        assert!(s.hot_period.is_zero());
+        for (body, field) in [
+            (r#"{}"#, "destination_url"),
+            (r#"{"destination_url": "tcp://x"}"#, "destination_url"),
+            (r#"{"destination_url": "/d", "then": "pause"}"#, "then"),
+            (
+                r#"{"destination_url": "/d", "hot_set_ms": -1}"#,
+                "hot_set_ms",
+            ),
+        ] {
+            let e = snapshot(body.as_bytes()).unwrap_err();
+            assert_eq!(e.field(), Some(field), "{body}: {e}");
+        }
+    }
 
     fn send(body: &str) -> Result<SendMigration, BodyError> {
         send_migration(body.as_bytes(), SendFlavour::CloudHypervisor)

@@ -50,6 +50,12 @@ pub enum ApiCall {
     ),
     /// `vm.receive-migration`: answered when the guest has arrived, every page of it.
     Receive(ReceiveMigration, Sender<Result<(), ReceiveRefusal>>),
+    /// `vm.snapshot`: answered when the snapshot is written (and the guest resumed or
+    /// stopping).
+    Snapshot(
+        crate::snapshot::SnapshotRequest,
+        Sender<Result<migration::snapshot::SnapshotReport, crate::snapshot::SnapshotRefusal>>,
+    ),
 }
 
 /// Why a pause, resume or shutdown was not done (409 unless the vCPUs failed).

@@ -52,6 +52,7 @@ pub enum Endpoint {
     VmReceiveMigration,
     /// hugevisor's own, older name for `vm.send-migration`; answers with the report.
     VmMigrate,
+    VmSnapshot,
 }
 
 pub struct Route {
@@ -85,6 +86,7 @@ pub const ROUTES: &[Route] = &[
         Endpoint::VmReceiveMigration,
     ),
     route("/vm.migrate", Method::Put, Endpoint::VmMigrate),
+    route("/vm.snapshot", Method::Put, Endpoint::VmSnapshot),
 ];
 
 /// The route for `method` on `path`, or the answer that there is none.
@@ -132,6 +134,7 @@ pub fn serve(endpoint: Endpoint, request: &Request, calls: &Sender<ApiCall>) -> 
         Endpoint::VmSendMigration => migrate(calls, &request.body, SendFlavour::CloudHypervisor),
         Endpoint::VmMigrate => migrate(calls, &request.body, SendFlavour::Legacy),
         Endpoint::VmReceiveMigration => receive(calls, &request.body),
+        Endpoint::VmSnapshot => snapshot(calls, &request.body),
     }
 }
 
@@ -141,7 +144,7 @@ fn ping() -> Value {
         "build_version": concat!("hugevisor ", env!("CARGO_PKG_VERSION")),
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
-        "features": ["precopy", "postcopy", "hybrid", "dirty-ring", "collapse", "numa"],
+        "features": ["precopy", "postcopy", "hybrid", "dirty-ring", "collapse", "numa", "snapshot"],
     })
 }
 
@@ -235,6 +238,25 @@ fn receive(calls: &Sender<ApiCall>, raw: &[u8]) -> Answer {
     }
 }
 
+/// `vm.snapshot`: 200 with the snapshot's report once it is written.
+fn snapshot(calls: &Sender<ApiCall>, raw: &[u8]) -> Answer {
+    let req = match body::snapshot(raw) {
+        Ok(r) => r,
+        Err(e) => return bad_body(&e),
+    };
+    let Some(rx) = send(calls, |tx| ApiCall::Snapshot(req, tx)) else {
+        return vm_gone();
+    };
+    match rx.recv() {
+        Ok(Ok(report)) => match serde_json::to_value(&report) {
+            Ok(v) => Answer::json(200, v),
+            Err(e) => Answer::error(500, &format!("encoding the report: {e}"), None),
+        },
+        Ok(Err(refusal)) => Answer::error(refusal.status(), &refusal.to_string(), None),
+        Err(_) => Answer::error(500, "the VM ended before its snapshot was written", None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,7 +311,9 @@ mod tests {
     #[test]
     fn unknown_paths_are_404_and_wrong_methods_405_with_allow() {
         assert_eq!(find("GET", "/api/v1/vm.info").unwrap(), Endpoint::VmInfo);
-        assert_eq!(find("GET", "/api/v1/vm.snapshot").unwrap_err().status, 404);
+        // vm.snapshot is served now (PUT): a path still unknown is 404, a GET of it 405.
+        assert_eq!(find("GET", "/api/v1/vm.resize").unwrap_err().status, 404);
+        assert_eq!(find("GET", "/api/v1/vm.snapshot").unwrap_err().status, 405);
         assert_eq!(find("GET", "/vm.info").unwrap_err().status, 404);
         let a = find("DELETE", "/api/v1/vm.pause").unwrap_err();
         assert_eq!((a.status, a.allow.as_deref()), (405, Some("PUT")));

@@ -42,6 +42,7 @@ impl Controller<'_> {
             }
             ApiCall::Migrate(req, reply) => self.on_migrate(*req, reply),
             ApiCall::Receive(req, reply) => self.on_receive(req, reply),
+            ApiCall::Snapshot(req, reply) => self.on_snapshot(req, Some(reply)),
         }
     }
 

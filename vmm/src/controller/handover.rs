@@ -210,14 +210,21 @@ impl Controller<'_> {
 
     /// A destination's guest is here: run it (the end of the downtime).
     pub(super) fn on_arrival(&mut self, arrival: Arrival) {
-        self.source_elapsed_ns = arrival.run.elapsed_ns;
+        let restored = matches!(self.cfg.guest, crate::config::GuestSource::Restore { .. });
+        // A restore is a new run of the guest: its --duration counts from here.
+        self.source_elapsed_ns = if restored { 0 } else { arrival.run.elapsed_ns };
         self.workload = arrival.run.workload.clone();
         if self.cfg.limit == RunLimit::FromSource {
             self.limits.duration = arrival.run.duration_ns.map(Duration::from_nanos);
         }
         // The guest says where its mailbox is (a guest hugevisor did not build has none).
         self.mailbox = arrival.run.mailbox.map_or_else(Mailbox::none, Mailbox::new);
-        self.entry = format!("{} (arrived by migration)", arrival.run.entry);
+        let how = if restored {
+            "restored from a snapshot"
+        } else {
+            "arrived by migration"
+        };
+        self.entry = format!("{} ({how})", arrival.run.entry);
         self.receiving_on = None;
         let answer = self
             .start_guest(arrival.vcpus)
@@ -294,6 +301,13 @@ impl Controller<'_> {
                 eprintln!(
                     "hugevisor: warning: the source did not complete the hand-over cleanly: {e}"
                 );
+                return Ok(());
+            }
+            // A lazy restore that cannot serve a page (the snapshot changed): no page will
+            // come, so the vCPUs waiting for one cannot finish their pass; the run ends
+            // now (the vCPUs are kicked), naming the page.
+            Err(e) if matches!(self.cfg.guest, crate::config::GuestSource::Restore { .. }) => {
+                self.fatal = Some(e.into());
                 return Ok(());
             }
             // Post-copy: pages are missing. Stop the guest, fail the run at its end.

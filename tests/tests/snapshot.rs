@@ -236,6 +236,22 @@ fn lazy_shmem_restore_of_1g_ends_pmd_mapped() {
         "{:?}",
         a.body
     );
+    // So would a live migration of it.
+    let body =
+        serde_json::json!({ "destination_url": format!("unix:{}", dir.join("m.sock").display()) });
+    let a = tests::api::call(
+        &api,
+        tests::api::Method::Put,
+        "/api/v1/vm.send-migration",
+        Some(&body),
+    )
+    .unwrap();
+    assert_eq!(a.status, 409, "{:?}", a.body);
+    assert!(
+        a.body["error"].as_str().unwrap().contains("still arriving"),
+        "{:?}",
+        a.body
+    );
     tests::peers::wait_until(&mut child, &api, "every page in and more passes", |i| {
         incoming_settled(i) && i["passes"].as_u64().unwrap_or(0) > passes + 4
     });

@@ -105,6 +105,8 @@ pub enum MigrateRefusal {
     Failed(#[from] migration::Error),
     #[error("the migration failed after pausing the guest and could not resume it: the guest runs nowhere, and the source's run ends with the error")]
     Unresumed,
+    #[error("the guest's memory is still arriving (a post-copy migration or a lazy restore fills it): migrate it once every page is in (vm.info: memory.accounting.absent_bytes = 0)")]
+    MemoryArriving,
     #[error("no migration to resume: the VM is {0} (only a postcopy-paused migration resumes)")]
     NothingToResume(&'static str),
     #[error("the migration is paused after the hand-over ({0}): the guest is the destination's and stays stopped here; resume it with `hugevisor migrate --resume --to URI`")]
@@ -118,6 +120,7 @@ impl MigrateRefusal {
             MigrateRefusal::AlreadyMigrating
             | MigrateRefusal::NotRunning(_)
             | MigrateRefusal::NothingToResume(_)
+            | MigrateRefusal::MemoryArriving
             | MigrateRefusal::Paused(_) => 409,
             _ => 500,
         }

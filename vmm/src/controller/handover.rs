@@ -50,6 +50,12 @@ impl Controller<'_> {
             let _ = reply.send(Err(why));
             return;
         }
+        // A post-copy destination (or a lazy restore) whose pages are still arriving
+        // would send the absent ones as the page cache's zeros.
+        if self.memory_arriving() {
+            let _ = reply.send(Err(MigrateRefusal::MemoryArriving));
+            return;
+        }
         let tx = self.events_tx.clone();
         let progress = Arc::new(Tracker::new());
         let (mode, destination) = (req.request.mode, req.request.to.clone());

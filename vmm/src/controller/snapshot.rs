@@ -128,7 +128,7 @@ impl Controller<'_> {
     }
 
     /// Whether pages are still absent here (a post-copy destination, a lazy restore).
-    fn memory_arriving(&self) -> bool {
+    pub(super) fn memory_arriving(&self) -> bool {
         matches!(
             self.incoming_phase,
             Some(IncomingPhase::Receiving | IncomingPhase::Postcopy)

@@ -265,10 +265,12 @@ fn numa02_converges_within_three_scans_at_the_default_scan_and_then_backs_off() 
     // Each of vCPU 0's and vCPU 1's regions moved once: no region moved twice.
     let moved = n["regions_moved"].as_u64().unwrap();
     assert!((28..=REGIONS).contains(&moved), "{moved} region moves: {n}");
-    // After convergence every scan was local, and each doubled the period.
+    // After convergence every private hint fault was local (a region held as shared —
+    // the image's, or where the partitions meet — may take a remote one whichever vCPU
+    // touches it first), and each scan doubled the period.
     let log = n["scan_log"].as_array().unwrap();
     let last = log.last().unwrap();
-    assert_eq!(last["remote"], 0, "{n}");
+    assert_eq!(last["remote"], last["shared_remote"], "{n}");
     assert!(
         last["next_period_ms"].as_u64() > last["period_ms"].as_u64(),
         "{n}"
@@ -276,7 +278,7 @@ fn numa02_converges_within_three_scans_at_the_default_scan_and_then_backs_off() 
     for v in n["locality_per_vcpu"].as_array().unwrap() {
         assert!(v.as_f64().unwrap() >= 95.0, "{n}");
     }
-    assert!(n["local_share_pct"].as_f64() == Some(100.0), "{n}");
+    assert!(n["local_share_pct"].as_f64() >= Some(95.0), "{n}");
     // Hint-resolved regions were made huge again (the collapse engine, on fill).
     assert!(r.u64("pmd_mapped_bytes") > 0, "{j}");
 }

@@ -100,7 +100,7 @@ pub use host::{
     DestinationVm, GuestPages, HostError, IncomingEvent, NoProgress, Paused, Phase, Progress,
     SourceVm, VmState,
 };
-pub use report::{IncomingReport, MigrationReport};
+pub use report::{Converged, IncomingReport, MigrationReport};
 pub use wire::auth::{Auth, Key, Session};
 pub use wire::frame::{is_zero, Frame, FrameKind, FrameReader, FrameWriter};
 pub use wire::message::{
@@ -119,6 +119,9 @@ pub enum Mode {
     Postcopy,
     /// Three pre-copy rounds, then post-copy.
     Hybrid,
+    /// Pre-copy until the rounds stop converging, then post-copy of what is left (where
+    /// pre-copy would throttle the vCPUs instead).
+    Auto,
 }
 
 impl Mode {
@@ -127,6 +130,7 @@ impl Mode {
             Mode::Precopy => "precopy",
             Mode::Postcopy => "postcopy",
             Mode::Hybrid => "hybrid",
+            Mode::Auto => "auto",
         }
     }
 }
@@ -140,7 +144,7 @@ impl std::fmt::Display for Mode {
 impl std::str::FromStr for Mode {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Mode, ParseError> {
-        [Mode::Precopy, Mode::Postcopy, Mode::Hybrid]
+        [Mode::Precopy, Mode::Postcopy, Mode::Hybrid, Mode::Auto]
             .into_iter()
             .find(|m| m.name() == s)
             .ok_or_else(|| ParseError::Mode(s.to_string()))

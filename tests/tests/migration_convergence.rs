@@ -127,6 +127,35 @@ fn busy_precopy_keeps_the_default_budget_and_says_how_on_hugetlb_2m() {
     precopy_case("hugetlb-2m");
 }
 
+#[test]
+fn precopy_that_cannot_converge_throttles_and_says_whether_it_kept_its_budget() {
+    if !have_kvm() {
+        return;
+    }
+    let _heavy = tests::heavy();
+    if !have_hugetlb(2048, 256) {
+        return;
+    }
+    // 1 ms is less than one 2 MiB page takes on the wire, and the guest writes at least
+    // its own counters each pass: the rounds cannot converge, however held back it is.
+    let (report, _, dj) = migrate_verify("hugetlb-2m", "256M", &["--downtime-ms", "1"]);
+    let how = report["converged_by"].as_str().unwrap();
+    assert!(["throttle", "over-budget"].contains(&how), "{report}");
+    assert!(
+        report["throttle_percent"].as_u64().unwrap() >= 20,
+        "{report}"
+    );
+    assert_eq!(report["downtime_budget_ms"], 1.0, "{report}");
+    // Kept or not, measured and said.
+    assert_eq!(
+        report["budget_met"].as_bool().unwrap(),
+        report["downtime_ms"].as_f64().unwrap() <= 1.0,
+        "{report}"
+    );
+    // The guest runs on at full speed on the destination.
+    assert!(dj["passes"].as_u64().unwrap() > 0, "{dj}");
+}
+
 fn auto_case(backing: &str) {
     let (report, _, dj) = migrate_verify(
         backing,

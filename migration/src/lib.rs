@@ -16,8 +16,11 @@
 //! **Pre-copy**: the source turns KVM dirty logging on. Round 0 sends every backing page
 //! (`→ Page`, or `→ ZeroPage` for one that is all zeros), then `→ RoundEnd{0}`. Each next
 //! round sends the pages written since the last, then `→ RoundEnd{n}`, until what is left
-//! fits the downtime budget at the rate the last round measured, or the dirty set stopped
-//! shrinking for two rounds, or 20 rounds were sent. Then the source pauses its vCPUs,
+//! fits the downtime budget at the rate the last round measured. Rounds that stop
+//! converging (the dirty set did not shrink for two rounds, or 20 rounds) throttle the
+//! vCPUs through [`SourceVm::throttle`] until what is left fits, or switch to post-copy
+//! (`Mode::Auto`, as hybrid from there), or — where neither helps — end over budget, as
+//! the report says ([`Converged`]). Then the source pauses its vCPUs,
 //! sends the last dirty pages and the pages the VMM itself wrote (the mailbox, not in the
 //! dirty log), optionally hashes guest RAM (CRC-32), and sends `→ SwitchOver` (the VM
 //! state, its CLOCK_MONOTONIC pause time, the hash). The destination checks the hash (a

@@ -86,6 +86,8 @@ pub enum HostCall {
     TakeDirtyLog,
     Pause,
     Resume,
+    /// Throttling the vCPUs to the percentage (auto-converge).
+    Throttle(u32),
     ReadPage(Gpa),
     WritePage(Gpa),
     InstallPage(Gpa),
@@ -103,6 +105,7 @@ impl std::fmt::Display for HostCall {
             HostCall::TakeDirtyLog => f.write_str("taking the dirty log"),
             HostCall::Pause => f.write_str("pausing the vCPUs"),
             HostCall::Resume => f.write_str("resuming the vCPUs"),
+            HostCall::Throttle(p) => write!(f, "throttling the vCPUs to {p} % held back"),
             HostCall::ReadPage(gpa) => write!(f, "reading the page at GPA {gpa}"),
             HostCall::WritePage(gpa) => write!(f, "writing the page at GPA {gpa}"),
             HostCall::InstallPage(gpa) => write!(f, "installing the page at GPA {gpa}"),

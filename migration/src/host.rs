@@ -70,6 +70,18 @@ pub trait SourceVm: Send + Sync {
     fn pause(&self) -> Result<Paused, HostError>;
     /// The migration failed after `pause`: the guest runs here again.
     fn resume(&self) -> Result<(), HostError>;
+    /// Whether [`SourceVm::throttle`] can slow the vCPUs down (auto-converge). A VM that
+    /// cannot leaves a pre-copy that does not converge to stop over its budget, saying so.
+    fn can_throttle(&self) -> bool {
+        false
+    }
+    /// Lets the vCPUs run only `100 - percent` % of the time (0: full speed again), so that
+    /// the guest dirties memory slower than the wire sends it. Called with 0 when the
+    /// migration ends, whichever way.
+    fn throttle(&self, percent: u32) -> Result<(), HostError> {
+        let _ = percent;
+        Ok(())
+    }
     /// The guest was handed over (`Start` sent) and a connection broke: in post-copy, or
     /// before a pre-copy destination confirmed it runs the guest. The source keeps what
     /// the destination may lack and never runs the guest again. Blocks until the VMM is

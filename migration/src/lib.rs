@@ -16,8 +16,11 @@
 //! **Pre-copy**: the source turns KVM dirty logging on. Round 0 sends every backing page
 //! (`→ Page`, or `→ ZeroPage` for one that is all zeros), then `→ RoundEnd{0}`. Each next
 //! round sends the pages written since the last, then `→ RoundEnd{n}`, until what is left
-//! fits the downtime budget at the rate the last round measured, or the dirty set stopped
-//! shrinking for two rounds, or 20 rounds were sent. Then the source pauses its vCPUs,
+//! fits the downtime budget at the rate the last round measured. Rounds that stop
+//! converging (the dirty set did not shrink for two rounds, or 20 rounds) throttle the
+//! vCPUs through [`SourceVm::throttle`] until what is left fits, or switch to post-copy
+//! (`Mode::Auto`, as hybrid from there), or — where neither helps — end over budget, as
+//! the report says ([`Converged`]). Then the source pauses its vCPUs,
 //! sends the last dirty pages and the pages the VMM itself wrote (the mailbox, not in the
 //! dirty log), optionally hashes guest RAM (CRC-32), and sends `→ SwitchOver` (the VM
 //! state, its CLOCK_MONOTONIC pause time, the hash). The destination checks the hash (a
@@ -102,7 +105,7 @@ pub use host::{
     DestinationVm, GuestPages, HostError, IncomingEvent, NoProgress, Paused, Phase, Progress,
     SourceVm, VmState,
 };
-pub use report::{IncomingReport, MigrationReport};
+pub use report::{Converged, IncomingReport, MigrationReport};
 pub use wire::auth::{Auth, Key, Session};
 pub use wire::frame::{is_zero, Frame, FrameKind, FrameReader, FrameWriter};
 pub use wire::message::{
@@ -121,6 +124,9 @@ pub enum Mode {
     Postcopy,
     /// Three pre-copy rounds, then post-copy.
     Hybrid,
+    /// Pre-copy until the rounds stop converging, then post-copy of what is left (where
+    /// pre-copy would throttle the vCPUs instead).
+    Auto,
 }
 
 impl Mode {
@@ -129,6 +135,7 @@ impl Mode {
             Mode::Precopy => "precopy",
             Mode::Postcopy => "postcopy",
             Mode::Hybrid => "hybrid",
+            Mode::Auto => "auto",
         }
     }
 }
@@ -142,7 +149,7 @@ impl std::fmt::Display for Mode {
 impl std::str::FromStr for Mode {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Mode, ParseError> {
-        [Mode::Precopy, Mode::Postcopy, Mode::Hybrid]
+        [Mode::Precopy, Mode::Postcopy, Mode::Hybrid, Mode::Auto]
             .into_iter()
             .find(|m| m.name() == s)
             .ok_or_else(|| ParseError::Mode(s.to_string()))

@@ -35,6 +35,52 @@ pub struct MigrationReport {
     /// Times a broken connection was resumed after the hand-over.
     #[serde(default)]
     pub recoveries: u32,
+    /// Pre-copy and auto: the downtime asked for (`--downtime-ms`).
+    #[serde(default)]
+    pub downtime_budget_ms: f64,
+    /// Pre-copy and auto: the downtime the last round's rate predicted for what was left
+    /// at the pause (the stop-and-copy's bytes over that rate).
+    #[serde(default)]
+    pub expected_downtime_ms: f64,
+    /// How the rounds ended: see [`Converged`].
+    #[serde(default)]
+    pub converged_by: Converged,
+    /// The highest share of time the vCPUs were held back (auto-converge), in percent.
+    #[serde(default)]
+    pub throttle_percent: u32,
+    /// Whether the measured downtime kept within the budget (pre-copy and auto).
+    #[serde(default)]
+    pub budget_met: Option<bool>,
+}
+
+/// How a pre-copy (or auto) migration reached its switch-over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Converged {
+    /// Not a question for this mode (post-copy, hybrid).
+    #[default]
+    NotApplicable,
+    /// What was left fit the budget without help.
+    Rounds,
+    /// It fit after the vCPUs were throttled (auto-converge).
+    Throttle,
+    /// The rounds stopped converging and the migration switched to post-copy (auto).
+    Postcopy,
+    /// The rounds stopped converging and nothing could make them: the source stopped and
+    /// copied anyway, over its budget (`expected_downtime_ms` says by how much).
+    OverBudget,
+}
+
+impl Converged {
+    pub fn name(self) -> &'static str {
+        match self {
+            Converged::NotApplicable => "n/a",
+            Converged::Rounds => "rounds",
+            Converged::Throttle => "throttle",
+            Converged::Postcopy => "postcopy",
+            Converged::OverBudget => "over-budget",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -315,10 +315,13 @@ struct MigrateArgs {
     #[arg(long, value_parser = parse_uri)]
     to: migration::Uri,
     /// precopy, postcopy (userfaultfd on the destination; pages on demand plus background
-    /// push) or hybrid (three pre-copy rounds, then post-copy).
+    /// push), hybrid (three pre-copy rounds, then post-copy) or auto (pre-copy until the
+    /// rounds stop converging, then post-copy; pre-copy throttles the vCPUs instead).
     #[arg(long, default_value = "precopy", value_parser = parse_mode)]
     mode: migration::Mode,
-    /// Pre-copy stops when what is left would take this long to send.
+    /// Pre-copy stops when what is left would take this long to send; rounds that stop
+    /// converging throttle the vCPUs (auto mode: switch to post-copy), and a migration
+    /// that still cannot keep it says so.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     downtime_ms: u64,
     /// Cancel the migration (the guest keeps running here) if it has not switched over
@@ -580,14 +583,25 @@ fn cmd_migrate(args: &MigrateArgs) -> i32 {
             if args.json {
                 println!("{report}");
             } else {
+                if report["budget_met"] == false {
+                    eprintln!(
+                        "hugevisor: warning: the downtime ({:.1} ms) exceeded its budget of {} ms (rounds ended: {}, {:.1} ms expected)",
+                        report["downtime_ms"].as_f64().unwrap_or(0.0),
+                        report["downtime_budget_ms"],
+                        report["converged_by"].as_str().unwrap_or("?"),
+                        report["expected_downtime_ms"].as_f64().unwrap_or(0.0),
+                    );
+                }
                 println!(
-                    "migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} bytes sent, {} pre-copy rounds; dirty {} fetched {} times in {:.2} ms",
+                    "migrated ({}) to {}: {:.0} ms total, {:.1} ms downtime, {} bytes sent, {} pre-copy rounds (ended by {}, {}% throttle); dirty {} fetched {} times in {:.2} ms",
                     report["mode"].as_str().unwrap_or("?"),
                     report["to"].as_str().unwrap_or("?"),
                     report["total_ms"].as_f64().unwrap_or(0.0),
                     report["downtime_ms"].as_f64().unwrap_or(0.0),
                     report["bytes_sent"],
                     report["precopy_rounds"],
+                    report["converged_by"].as_str().unwrap_or("?"),
+                    report["throttle_percent"],
                     report["dirty_log"].as_str().unwrap_or("?"),
                     report["dirty_log_takes"],
                     report["dirty_log_ms"].as_f64().unwrap_or(0.0)

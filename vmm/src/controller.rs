@@ -472,6 +472,9 @@ impl<'a> Controller<'a> {
             Event::Source(SourceRequest::Resume(reply)) => {
                 let _ = reply.send(self.resume_after_failed_migration());
             }
+            Event::Source(SourceRequest::Throttle(percent, reply)) => {
+                let _ = reply.send(self.vcpus.as_ref().map_or(Ok(()), |v| v.throttle(percent)));
+            }
             Event::Source(SourceRequest::Done(result)) => self.on_migration_done(result),
             Event::Source(SourceRequest::HandoverPaused(why, resume)) => {
                 eprintln!("hugevisor: warning: the migration is paused after the hand-over ({why}); the guest stays stopped here: resume it with `hugevisor migrate --resume --to URI`");
@@ -663,7 +666,8 @@ impl<'a> Controller<'a> {
             Event::Source(SourceRequest::Pause(reply)) => {
                 let _ = reply.send(Err(Error::GuestFinished));
             }
-            Event::Source(SourceRequest::Resume(reply)) => {
+            Event::Source(SourceRequest::Resume(reply))
+            | Event::Source(SourceRequest::Throttle(_, reply)) => {
                 let _ = reply.send(Err(Error::GuestFinished));
             }
             Event::Api(ApiCall::Info(reply)) => {

@@ -88,6 +88,8 @@ pub enum Error {
         index: usize,
         source: std::io::Error,
     },
+    #[error("starting the thread that throttles the vCPUs (auto-converge): {source}; the migration goes on unthrottled only if asked again")]
+    ThrottleThread { source: std::io::Error },
     #[error("the guest did not finish within the timeout of {0:?} (raise --timeout, or check the guest console)")]
     Timeout(std::time::Duration),
     #[error("installing the vCPU kick signal handler failed: {source}")]

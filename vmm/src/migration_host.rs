@@ -74,6 +74,8 @@ pub enum SourceRequest {
     Pause(Sender<Result<Paused>>),
     /// The migration failed after the pause: run the guest here again.
     Resume(Sender<Result<()>>),
+    /// Keep the vCPUs out of the guest this share of the time, in percent (0: full speed).
+    Throttle(u32, Sender<Result<()>>),
     /// The guest was handed over and a connection broke (`postcopy-paused`): answer
     /// with where to resume, when asked to (`None`: give up).
     HandoverPaused(String, Sender<Option<Uri>>),
@@ -179,6 +181,16 @@ impl SourceVm for SourceHost {
 
     fn resume(&self) -> std::result::Result<(), HostError> {
         ask(&*self.controller, SourceRequest::Resume)
+    }
+
+    fn can_throttle(&self) -> bool {
+        true
+    }
+
+    fn throttle(&self, percent: u32) -> std::result::Result<(), HostError> {
+        ask(&*self.controller, |reply| {
+            SourceRequest::Throttle(percent, reply)
+        })
     }
 
     fn handover_paused(&self, why: &migration::Error) -> Option<Uri> {

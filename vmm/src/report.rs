@@ -356,6 +356,21 @@ impl std::fmt::Display for RunReport {
                 m.pages_precopy,
                 m.precopy_rounds
             )?;
+            if let Some(met) = m.budget_met {
+                writeln!(
+                    f,
+                    "  downtime budget {:.0} ms {}: expected {:.1} ms, measured {:.1} ms; rounds ended by {}{}",
+                    m.downtime_budget_ms,
+                    if met { "kept" } else { "EXCEEDED" },
+                    m.expected_downtime_ms,
+                    m.downtime_ms,
+                    m.converged_by.name(),
+                    match m.throttle_percent {
+                        0 => String::new(),
+                        p => format!(" (vCPUs throttled up to {p} %)"),
+                    }
+                )?;
+            }
         }
         if let Some(entries) = self.dirty_ring_entries {
             writeln!(

@@ -32,7 +32,7 @@ use crate::error::PeerError;
 use crate::error::{Error, HostCall, Step};
 use crate::host::{Paused, Phase, Progress, SourceVm};
 use crate::pages::{abort_and_close, expect, layout_of, memory_hash, PageSender};
-use crate::report::MigrationReport;
+use crate::report::{Converged, MigrationReport};
 use crate::wire::auth::{Auth, Session as SessionId};
 use crate::wire::conn::Conn;
 use crate::wire::frame::FrameWriter;
@@ -119,10 +119,19 @@ pub fn migrate_with(
             mode: req.mode.name().to_string(),
             to: req.to.to_string(),
             granularity_bytes: layout.page_size,
+            downtime_budget_ms: match req.mode {
+                Mode::Precopy | Mode::Auto => req.downtime.as_secs_f64() * 1000.0,
+                Mode::Postcopy | Mode::Hybrid => 0.0,
+            },
             ..Default::default()
         },
     };
     let result = s.run();
+    if s.convergence.throttle > 0 {
+        // Full speed again: for a guest that stays here, and for a paused one it is
+        // harmless. A failure only leaves the guest slower; the migration is over.
+        let _ = vm.throttle(0);
+    }
     if s.logging {
         vm.stop_dirty_log();
     }
@@ -318,7 +327,7 @@ impl Session<'_> {
         // What was written before logging began is in round 0 (or missing) anyway.
         self.take_dirty(Step::DirtyLog)?;
         Ok(match self.req.mode {
-            Mode::Precopy | Mode::Hybrid => State::Round {
+            Mode::Precopy | Mode::Hybrid | Mode::Auto => State::Round {
                 n: 0,
                 pages: RoundPages::All,
             },
@@ -371,12 +380,14 @@ impl Session<'_> {
         let mut pages: Vec<u64> = pending.into_iter().chain(last).chain(written).collect();
         pages.sort_unstable();
         pages.dedup();
+        let switch_to_postcopy = self.report.converged_by == Converged::Postcopy;
         Ok(match self.req.mode {
             Mode::Precopy => State::StopAndCopy { paused, pages },
+            Mode::Auto if !switch_to_postcopy => State::StopAndCopy { paused, pages },
             Mode::Postcopy => {
                 self.postcopy_switch_over(paused, PageBitmap::full(self.layout.pages()))?
             }
-            Mode::Hybrid => {
+            Mode::Hybrid | Mode::Auto => {
                 let mut missing = PageBitmap::empty(self.layout.pages());
                 pages.into_iter().for_each(|p| missing.set(p));
                 self.postcopy_switch_over(paused, missing)?
@@ -498,13 +509,27 @@ impl Session<'_> {
         self.resumed = true;
         let paused_at = self.paused_at_ns.unwrap_or(at_ns);
         self.report.downtime_ms = at_ns.saturating_sub(paused_at) as f64 / 1e6;
+        if matches!(self.req.mode, Mode::Precopy | Mode::Auto) {
+            self.report.budget_met =
+                Some(self.report.downtime_ms <= self.report.downtime_budget_ms);
+        }
     }
 
     /// Whether `e` leaves the guest's whereabouts to a resumed connection: it was handed
     /// over, the network (not the destination) failed, and there is something left to
     /// learn or send (a pre-copy destination that confirmed it runs the guest has all).
     fn in_doubt(&self, e: &Error) -> bool {
-        self.committed && e.is_recoverable() && (self.req.mode != Mode::Precopy || !self.resumed)
+        self.committed && e.is_recoverable() && (self.postcopy() || !self.resumed)
+    }
+
+    /// Whether pages travel after the switch-over: post-copy, hybrid, and an auto
+    /// migration whose rounds did not converge.
+    fn postcopy(&self) -> bool {
+        match self.req.mode {
+            Mode::Precopy => false,
+            Mode::Postcopy | Mode::Hybrid => true,
+            Mode::Auto => self.report.converged_by == Converged::Postcopy,
+        }
     }
 
     /// After a failure: tells the peer (best effort), closes, and puts the guest where it

@@ -1,21 +1,36 @@
-//! Pre-copy rounds: when to send another round and when to stop and copy.
+//! Pre-copy rounds: when to send another round, when to help the rounds converge, and
+//! when to stop and copy.
 //!
 //! Round 0 sends every page. After each round the pages written meanwhile are the next
 //! round's, until what is left fits the downtime budget at the rate the last round was
-//! sent, or the dirty set stops shrinking (by a tenth) for two rounds — a guest that
-//! writes faster than the wire would otherwise never converge — or 20 rounds were sent.
+//! sent. A guest that writes faster than the wire never gets there: when the dirty set
+//! stops shrinking (by a tenth) for two rounds, or after 20 rounds, the source
+//! - with `--mode auto`, switches to post-copy of what is left;
+//! - otherwise throttles the vCPUs (auto-converge, as QEMU does: 20 % held back, 10 more
+//!   each round that still does not fit, at most 99 %) and goes on, up to 20 more
+//!   rounds;
+//! - and where neither helps (a VM that cannot throttle, or 99 % that is not enough),
+//!   stops and copies anyway, over its budget — and the report says so.
+//!
 //! Hybrid sends exactly three rounds.
 
 use std::time::Instant;
 
 use super::{RoundPages, Session, State};
-use crate::error::{Error, Step};
+use crate::error::{Error, HostCall, Step};
 use crate::host::Phase;
+use crate::report::Converged;
 use crate::wire::message::Message;
 use crate::Mode;
 
 pub(crate) const MAX_ROUNDS: u32 = 20;
 pub(crate) const HYBRID_ROUNDS: u32 = 3;
+/// Rounds allowed on top of [`MAX_ROUNDS`] once the vCPUs are throttled.
+const THROTTLED_ROUNDS: u32 = 20;
+/// QEMU's `cpu-throttle-initial`, `cpu-throttle-increment` and its maximum.
+const THROTTLE_FIRST: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
 
 /// What the rounds so far say about convergence.
 pub(crate) struct Convergence {
@@ -25,6 +40,8 @@ pub(crate) struct Convergence {
     stalled: u32,
     /// Pages the previous round sent.
     previous: u64,
+    /// The share of time the vCPUs are held back now, in percent.
+    pub(crate) throttle: u32,
 }
 
 impl Default for Convergence {
@@ -33,8 +50,16 @@ impl Default for Convergence {
             rate: 0.0,
             stalled: 0,
             previous: u64::MAX,
+            throttle: 0,
         }
     }
+}
+
+/// What follows a round.
+enum Next {
+    Round,
+    /// Stop the vCPUs; the rounds ended as the report's `converged_by` says.
+    Pause(Converged),
 }
 
 impl Session<'_> {
@@ -53,34 +78,70 @@ impl Session<'_> {
             (sent * self.layout.page_size) as f64 / start.elapsed().as_secs_f64().max(1e-6);
         self.report.precopy_rounds = n + 1;
         let dirty = self.take_dirty(step)?;
-        let another = match self.req.mode {
-            Mode::Hybrid => n + 1 < HYBRID_ROUNDS,
-            _ => self.converging(n + 1, dirty.len() as u64),
+        let next = match self.req.mode {
+            Mode::Hybrid if n + 1 < HYBRID_ROUNDS => Next::Round,
+            Mode::Hybrid => Next::Pause(Converged::NotApplicable),
+            _ => self.converging(n + 1, dirty.len() as u64, step)?,
         };
-        Ok(if another {
-            State::Round {
+        Ok(match next {
+            Next::Round => State::Round {
                 n: n + 1,
                 pages: RoundPages::Dirty(dirty),
+            },
+            Next::Pause(how) => {
+                self.report.converged_by = how;
+                State::Pause { pending: dirty }
             }
-        } else {
-            State::Pause { pending: dirty }
         })
     }
 
-    /// Whether another round is worth it, after `rounds` rounds with `dirty` pages left.
-    fn converging(&mut self, rounds: u32, dirty: u64) -> bool {
+    /// What comes after `rounds` rounds with `dirty` pages left: another round (perhaps
+    /// with the vCPUs throttled harder), or the pause.
+    fn converging(&mut self, rounds: u32, dirty: u64, step: Step) -> Result<Next, Error> {
+        let can_throttle = self.vm.can_throttle();
         let c = &mut self.convergence;
         let left = (dirty * self.layout.page_size) as f64;
-        let budget = self.req.downtime.as_secs_f64();
-        let another = rounds < MAX_ROUNDS && c.stalled < 2 && left / c.rate > budget;
-        if another {
-            if dirty * 10 >= c.previous.saturating_mul(9) {
-                c.stalled += 1;
+        let expected = left / c.rate;
+        self.report.expected_downtime_ms = expected * 1000.0;
+        if expected <= self.req.downtime.as_secs_f64() {
+            return Ok(Next::Pause(if c.throttle > 0 {
+                Converged::Throttle
             } else {
-                c.stalled = 0;
-            }
-            c.previous = dirty;
+                Converged::Rounds
+            }));
         }
-        another
+        let limit = match c.throttle {
+            0 => MAX_ROUNDS,
+            _ => MAX_ROUNDS + THROTTLED_ROUNDS,
+        };
+        let stuck = rounds >= limit || c.stalled >= 2;
+        if dirty * 10 >= c.previous.saturating_mul(9) {
+            c.stalled += 1;
+        } else {
+            c.stalled = 0;
+        }
+        c.previous = dirty;
+        let raise = match c.throttle {
+            // Throttled already: each round that still does not fit holds them back more.
+            t if t > 0 && t < THROTTLE_MAX && rounds < limit => {
+                Some((t + THROTTLE_STEP).min(THROTTLE_MAX))
+            }
+            0 if stuck && self.req.mode == Mode::Precopy && can_throttle => Some(THROTTLE_FIRST),
+            _ => None,
+        };
+        if let Some(percent) = raise {
+            c.throttle = percent;
+            c.stalled = 0;
+            self.report.throttle_percent = percent;
+            self.vm
+                .throttle(percent)
+                .map_err(Error::host(step, HostCall::Throttle(percent)))?;
+            return Ok(Next::Round);
+        }
+        Ok(match (stuck, self.req.mode) {
+            (false, _) => Next::Round,
+            (true, Mode::Auto) => Next::Pause(Converged::Postcopy),
+            (true, _) => Next::Pause(Converged::OverBudget),
+        })
     }
 }

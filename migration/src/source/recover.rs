@@ -8,7 +8,6 @@ use super::{open, Session, State};
 use crate::error::{Error, PeerError, Step};
 use crate::wire::message::{Joining, Message};
 use crate::wire::transport::{Connector, Uri};
-use crate::Mode;
 
 impl Session<'_> {
     /// After `why` broke the migration in doubt: waits for the VMM's resume, reconnects,
@@ -64,7 +63,7 @@ impl Session<'_> {
         })??;
         self.report.bytes_sent += self.writer.bytes;
         (self.main, self.writer, self.reader) = (main.channel, main.writer, main.reader);
-        let postcopy = self.req.mode != Mode::Precopy;
+        let postcopy = self.postcopy();
         if postcopy {
             self.join_urgent(connector)?;
         }

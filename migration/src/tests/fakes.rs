@@ -219,6 +219,10 @@ pub struct FakeSource {
     pub resumes: Mutex<Vec<Uri>>,
     /// What each `handover_paused` was told.
     pub paused_by: Mutex<Vec<String>>,
+    /// Whether `throttle` works; a throttled guest writes that much less per burst.
+    pub throttleable: bool,
+    /// Every `throttle` call's percentage, in order.
+    pub throttles: Mutex<Vec<u32>>,
 }
 
 impl FakeSource {
@@ -237,6 +241,8 @@ impl FakeSource {
             read_delay_after_pause: Duration::ZERO,
             resumes: Mutex::default(),
             paused_by: Mutex::default(),
+            throttleable: false,
+            throttles: Mutex::default(),
         }
     }
 
@@ -249,7 +255,8 @@ impl FakeSource {
         let pages = self.ram.size() / SIZE_4K;
         let mut dirty = self.dirty.lock().unwrap();
         let mut b = self.ram.bytes.lock().unwrap();
-        for _ in 0..self.dirty_per_take {
+        let held_back = u64::from(self.throttles.lock().unwrap().last().copied().unwrap_or(0));
+        for _ in 0..self.dirty_per_take * (100 - held_back) / 100 {
             let t = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
             let page = (t * 37) % pages;
             let at = (page * SIZE_4K + (t * 8) % SIZE_4K) as usize;
@@ -308,6 +315,14 @@ impl SourceVm for FakeSource {
         self.ram.faults.check("resume")?;
         *self.ram.read_delay.lock().unwrap() = Duration::ZERO;
         self.paused.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+    fn can_throttle(&self) -> bool {
+        self.throttleable
+    }
+    fn throttle(&self, percent: u32) -> Result<(), HostError> {
+        self.ram.faults.check("throttle")?;
+        self.throttles.lock().unwrap().push(percent);
         Ok(())
     }
     fn handover_paused(&self, why: &crate::Error) -> Option<Uri> {

@@ -2,6 +2,7 @@
 //! each step failing on either end (a peer that dies, stalls or sends garbage, a host
 //! call that fails).
 
+mod convergence;
 mod destination_errors;
 mod fakes;
 mod fuzz_replay;

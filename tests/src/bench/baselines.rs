@@ -1,6 +1,8 @@
 //! Host baselines measured in the same run as the VMM, so a figure has something to be
 //! compared with: a raw userfaultfd MINOR round trip (the floor under every fault the VMM
-//! resolves) and loopback TCP throughput (the floor under a migration's wire time).
+//! resolves), loopback TCP throughput (the floor under a migration's wire time) and how
+//! fast a fresh guest RAM of a backing can be populated (the floor under a destination's
+//! receive).
 
 use std::io::{Read, Write};
 
@@ -44,4 +46,14 @@ pub fn loopback_tcp_bytes_per_sec() -> Result<f64, BenchError> {
         .map_err(|_| BenchError::ThreadPanicked("loopback reader"))?
         .map_err(io("reading"))?;
     Ok(got as f64 * 1e9 / (monotonic_ns() - t) as f64)
+}
+
+/// Bytes/s at which a fresh guest RAM of `backing` (as `hugevisor run --backing` names
+/// it) and `size` takes a non-zero pattern through its staging view (guest-mm's probe).
+pub fn populate_bytes_per_sec(backing: &str, size: &str) -> Result<f64, BenchError> {
+    let backing = backing
+        .parse::<guest_mm::BackingKind>()
+        .map_err(BenchError::BaselineRam)?;
+    let size = guest_mm::size::parse_size(size).map_err(BenchError::BaselineRam)?;
+    guest_mm::probe::populate_bytes_per_sec(backing, size).map_err(BenchError::BaselineRam)
 }

@@ -43,7 +43,7 @@ pub enum BenchError {
     #[error("rendering the locality plot: {0}")]
     Plot(#[source] png::EncodingError),
     #[error(
-        "the raw userfaultfd baseline: {0} (run `hugevisor caps` to see what this host offers)"
+        "a host baseline (raw userfaultfd, populating a backing): {0} (run `hugevisor caps` to see what this host offers)"
     )]
     BaselineRam(#[source] guest_mm::Error),
     #[error("loopback TCP baseline: {what}: {source}")]

@@ -176,6 +176,15 @@ impl Controller<'_> {
             Ok(mut report) => {
                 report.dirty_log = self.vm.dirty_log_method().name().to_string();
                 (report.dirty_log_takes, report.dirty_log_ms) = self.vm.dirty_log_cost();
+                if report.budget_met == Some(false) {
+                    eprintln!(
+                        "hugevisor: warning: the migration's downtime ({:.1} ms) exceeded its budget of {:.0} ms (rounds ended by {}, {:.1} ms expected): raise --downtime-ms, or migrate with --mode auto",
+                        report.downtime_ms,
+                        report.downtime_budget_ms,
+                        report.converged_by.name(),
+                        report.expected_downtime_ms
+                    );
+                }
                 reply(Ok(report.clone()));
                 self.migrated = Some(report);
                 self.state = RunState::Migrated;

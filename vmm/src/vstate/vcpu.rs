@@ -10,7 +10,7 @@
 //! being respawned. When the guest ends (exit port, halt, a failure) the thread stays,
 //! answering events, until the VMM finishes it ([`VcpuSet`] in `vcpu_set.rs`).
 
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -329,15 +329,18 @@ impl Vcpu {
         let mut counts = Counts::default();
         let mut line = LineBuffer::default();
         let mut state = VcpuRunState::Running;
+        // An event that arrived during a throttle's wait.
+        let mut pending = None;
         let end = loop {
-            let event = match state {
-                VcpuRunState::Running => match events.try_recv() {
+            let event = match (pending.take(), &state) {
+                (Some(e), _) => Some(e),
+                (None, VcpuRunState::Running) => match events.try_recv() {
                     Ok(e) => Some(e),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Disconnected) => Some(VcpuEvent::Finish),
                 },
                 // Paused or ended: nothing to do until the VMM says.
-                VcpuRunState::Paused | VcpuRunState::Ended(_) => {
+                (None, VcpuRunState::Paused | VcpuRunState::Ended(_)) => {
                     Some(events.recv().unwrap_or(VcpuEvent::Finish))
                 }
             };
@@ -348,11 +351,21 @@ impl Vcpu {
                     line.flush(&console);
                 }
                 match self.on_event(event, &mut state) {
-                    Some(answer) => {
+                    Reaction::Answer(answer) => {
                         let _ = answers.send(answer);
                         continue;
                     }
-                    None => break state,
+                    // Out of the guest for `wait`, or until the next event.
+                    Reaction::StayOut(wait) => {
+                        pending = match events.recv_timeout(wait) {
+                            Ok(e) => Some(e),
+                            Err(RecvTimeoutError::Timeout) => None,
+                            Err(RecvTimeoutError::Disconnected) => Some(VcpuEvent::Finish),
+                        };
+                        continue;
+                    }
+                    Reaction::Ignore => continue,
+                    Reaction::End => break state,
                 }
             }
             match self.run_once(&mut line, &console, &mut counts) {
@@ -385,10 +398,13 @@ impl Vcpu {
         }
     }
 
-    /// The state change `event` asks for; `None` ends the thread.
-    fn on_event(&self, event: VcpuEvent, state: &mut VcpuRunState) -> Option<VcpuAnswer> {
-        Some(match (event, &*state) {
-            (VcpuEvent::Finish, _) => return None,
+    /// The state change `event` asks for, and what the thread does next.
+    fn on_event(&self, event: VcpuEvent, state: &mut VcpuRunState) -> Reaction {
+        Reaction::Answer(match (event, &*state) {
+            (VcpuEvent::Finish, _) => return Reaction::End,
+            (VcpuEvent::Throttle(wait), VcpuRunState::Running) => return Reaction::StayOut(wait),
+            // Not running anyway (a throttle sent just before a pause, say).
+            (VcpuEvent::Throttle(_), _) => return Reaction::Ignore,
             (VcpuEvent::Pause, VcpuRunState::Running) => {
                 *state = VcpuRunState::Paused;
                 VcpuAnswer::Paused
@@ -409,6 +425,17 @@ impl Vcpu {
             (VcpuEvent::SaveState, _) => VcpuAnswer::State(Box::new(self.save())),
         })
     }
+}
+
+/// What a vCPU thread does after an event.
+enum Reaction {
+    Answer(VcpuAnswer),
+    /// A throttle: no answer, no guest for this long.
+    StayOut(std::time::Duration),
+    /// No answer, nothing changes.
+    Ignore,
+    /// The thread ends.
+    End,
 }
 
 #[derive(Default)]
@@ -491,6 +518,9 @@ pub enum VcpuEvent {
     SaveState,
     /// End the thread.
     Finish,
+    /// Stay out of the guest this long, then run on (auto-converge; unanswered). Any other
+    /// event ends the wait at once; a vCPU that is not running ignores it.
+    Throttle(std::time::Duration),
 }
 
 /// What a vCPU thread answers.

@@ -8,8 +8,14 @@
 //! `KVM_RUN` is lost, the next one is not.
 //!
 //! The set is shared by the controller (which finishes it) and a migration source (which
-//! pauses and resumes it); one lock orders their calls.
+//! pauses, resumes and throttles it); one lock orders their calls.
+//!
+//! Throttling (a pre-copy's auto-converge, as QEMU's `cpu_throttle`): a thread of the
+//! set's sends every vCPU, once a period, a `Throttle` event that keeps it out of the
+//! guest for `percent` % of the period, and kicks it; the vCPU runs the rest of the
+//! period ([`RUN_SLICE`]). A vCPU that is paused ignores it.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -29,6 +35,8 @@ const KICK_EVERY: Duration = Duration::from_millis(2);
 /// How long a vCPU may take to answer before the set gives up on it. A vCPU answers as
 /// soon as `KVM_RUN` returns (microseconds); this bounds a stuck kernel, not a slow host.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// A throttled vCPU runs this long each period (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
+const RUN_SLICE: Duration = Duration::from_millis(10);
 
 /// Called on each vCPU thread before it first enters the guest, with the vCPU's index
 /// (the fault path maps fault thread ids to vCPUs).
@@ -71,9 +79,66 @@ impl VcpuThread {
     }
 }
 
+type Threads = Arc<Mutex<Vec<VcpuThread>>>;
+
+fn lock(threads: &Mutex<Vec<VcpuThread>>) -> MutexGuard<'_, Vec<VcpuThread>> {
+    // The vector is only pushed to and drained; a panic elsewhere leaves it usable.
+    threads.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The thread that throttles the vCPUs, while one runs.
+struct Throttler {
+    /// The share of each period the vCPUs stay out of the guest; 0 ends the thread.
+    percent: Arc<AtomicU32>,
+    handle: JoinHandle<()>,
+}
+
+impl Throttler {
+    fn start(threads: Threads, percent: u32) -> Result<Throttler> {
+        let share = Arc::new(AtomicU32::new(percent));
+        let percent = share.clone();
+        let handle = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || loop {
+                let p = percent.load(Ordering::Acquire).min(99);
+                if p == 0 {
+                    return;
+                }
+                // Run RUN_SLICE, stay out p % of the period.
+                let period = RUN_SLICE * 100 / (100 - p);
+                let out = period - RUN_SLICE;
+                {
+                    let threads = lock(&threads);
+                    if threads.is_empty() {
+                        return;
+                    }
+                    for t in threads.iter() {
+                        // Under the lock: no thread is joined while it is kicked.
+                        if t.events.send(VcpuEvent::Throttle(out)).is_ok() {
+                            let _ = t.handle.kill(kick_signal());
+                        }
+                    }
+                }
+                std::thread::park_timeout(period);
+            })
+            .map_err(|source| Error::ThrottleThread { source })?;
+        Ok(Throttler {
+            percent: share,
+            handle,
+        })
+    }
+
+    fn stop(self) {
+        self.percent.store(0, Ordering::Release);
+        self.handle.thread().unpark();
+        let _ = self.handle.join();
+    }
+}
+
 /// The running vCPUs of a VM.
 pub struct VcpuSet {
-    threads: Mutex<Vec<VcpuThread>>,
+    threads: Threads,
+    throttler: Mutex<Option<Throttler>>,
 }
 
 impl VcpuSet {
@@ -89,7 +154,8 @@ impl VcpuSet {
         // process.
         install_kick_handler()?;
         let set = VcpuSet {
-            threads: Mutex::new(Vec::with_capacity(vcpus.len())),
+            threads: Arc::new(Mutex::new(Vec::with_capacity(vcpus.len()))),
+            throttler: Mutex::new(None),
         };
         for vcpu in vcpus {
             let index = vcpu.index();
@@ -119,8 +185,27 @@ impl VcpuSet {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<VcpuThread>> {
-        // The vector is only pushed to and drained; a panic elsewhere leaves it usable.
-        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.threads)
+    }
+
+    /// Keeps every running vCPU out of the guest `percent` % of the time (at most 99);
+    /// 0 lets them run at full speed again.
+    pub fn throttle(&self, percent: u32) -> Result<()> {
+        let mut throttler = self.throttler.lock().unwrap_or_else(|e| e.into_inner());
+        match (throttler.as_ref(), percent) {
+            (Some(t), p) if p > 0 => {
+                t.percent.store(p, Ordering::Release);
+                t.handle.thread().unpark();
+            }
+            (None, 0) => {}
+            (None, p) => *throttler = Some(Throttler::start(self.threads.clone(), p)?),
+            (Some(_), _) => {
+                if let Some(t) = throttler.take() {
+                    t.stop();
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -173,6 +258,7 @@ impl VcpuSet {
     /// Ends every vCPU thread and returns how each ended, in index order. Idempotent:
     /// a second call returns nothing.
     pub fn finish(&self) -> Vec<VcpuOutcome> {
+        let _ = self.throttle(0);
         let threads: Vec<VcpuThread> = self.lock().drain(..).collect();
         for t in &threads {
             // A vCPU that does not answer is still joined below: closing its channel and

@@ -3,7 +3,7 @@
 //!
 //! Round 0 sends every page. After each round the pages written meanwhile are the next
 //! round's, until what is left fits the downtime budget at the rate the last round was
-//! sent. A guest that writes faster than the wire never gets there: when the dirty set
+//! sent, with an allowance for the switch-over itself. A guest that writes faster than the wire never gets there: when the dirty set
 //! stops shrinking (by a tenth) for two rounds, or after 20 rounds, the source
 //! - with `--mode auto`, switches to post-copy of what is left;
 //! - otherwise throttles the vCPUs (auto-converge, as QEMU does: 20 % held back, 10 more
@@ -31,6 +31,11 @@ const THROTTLED_ROUNDS: u32 = 20;
 const THROTTLE_FIRST: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
+/// What the switch-over costs beside the last pages (pausing the vCPUs, their state,
+/// the destination's restore and start): ~10–15 ms measured on a loaded 2-core host with
+/// 2 vCPUs. Counted in the expected downtime, at most half the budget, so that a 50 ms
+/// budget is kept rather than missed by the switch itself.
+const SWITCH_ALLOWANCE_S: f64 = 0.015;
 
 /// What the rounds so far say about convergence.
 pub(crate) struct Convergence {
@@ -101,9 +106,10 @@ impl Session<'_> {
         let can_throttle = self.vm.can_throttle();
         let c = &mut self.convergence;
         let left = (dirty * self.layout.page_size) as f64;
-        let expected = left / c.rate;
+        let budget = self.req.downtime.as_secs_f64();
+        let expected = left / c.rate + SWITCH_ALLOWANCE_S.min(budget / 2.0);
         self.report.expected_downtime_ms = expected * 1000.0;
-        if expected <= self.req.downtime.as_secs_f64() {
+        if expected <= budget {
             return Ok(Next::Pause(if c.throttle > 0 {
                 Converged::Throttle
             } else {

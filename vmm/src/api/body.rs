@@ -256,9 +256,12 @@ pub fn send_migration(body: &[u8], flavour: SendFlavour) -> Result<SendMigration
             let mode: migration::Mode = s
                 .parse()
                 .map_err(|e: migration::ParseError| invalid("mode", e.to_string()))?;
-            // Hybrid is post-copy after three pre-copy rounds.
+            // Hybrid is post-copy after three pre-copy rounds; auto is pre-copy that may
+            // end as post-copy.
             let agrees = |ch: migration::Mode| {
-                ch == mode || (ch == migration::Mode::Postcopy && mode == migration::Mode::Hybrid)
+                ch == mode
+                    || (ch == migration::Mode::Postcopy && mode == migration::Mode::Hybrid)
+                    || mode == migration::Mode::Auto
             };
             if ch.is_some_and(|ch| !agrees(ch)) {
                 return Err(invalid(
@@ -433,6 +436,14 @@ mod tests {
             s.request.push_order,
             migration::PushOrder::FewestMissingFirst
         );
+        for ch in [
+            "",
+            r#", "memory_mode": "Precopy""#,
+            r#", "memory_mode": "Postcopy""#,
+        ] {
+            let body = format!(r#"{{"destination_url": "unix:/m", "mode": "auto"{ch}}}"#);
+            assert_eq!(send(&body).unwrap().request.mode, migration::Mode::Auto);
+        }
         let old = send_migration(
             br#"{"to": "unix:/m", "mode": "precopy", "downtime_ms": 50, "verify": "memory-hash"}"#,
             SendFlavour::Legacy,

@@ -234,6 +234,7 @@ static void integrity_error(const struct part *pt, u64 gpa, u64 expected, u64 fo
     }
     WRITE_ONCE(s->integrity_errors, n + 1);
     if (n < 4) {
+        console_take();
         serial_puts("hvguest: vcpu ");
         serial_put_dec(pt->cpu);
         serial_puts(": INTEGRITY ERROR gpa=");
@@ -243,6 +244,7 @@ static void integrity_error(const struct part *pt, u64 gpa, u64 expected, u64 fo
         serial_puts(" found=");
         serial_put_hex(found);
         serial_puts("\n");
+        console_give();
     }
 }
 
@@ -398,9 +400,11 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     u64 end = si && si->magic == HVM_START_MAGIC ? data_end(si) : 0;
     if (cpu >= HV_MAX_VCPUS || !parse_cmdline(cmdline, &p, cpu) || cpu >= p.vcpus ||
         end <= HV_DATA_START) {
+        console_take();
         serial_puts("hvguest: bad parameters (command line: ");
         serial_puts(cmdline);
         serial_puts(")\n");
+        console_give();
         WRITE_ONCE(slot->state, HV_STATE_BAD_PARAMS);
         finish(HV_EXIT_BAD_PARAMS);
     }
@@ -422,6 +426,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
     WRITE_ONCE(slot->part_end, pt.start + (pt.npages << 12));
     WRITE_ONCE(slot->node, p.node);
     if (cpu == 0) {
+        console_take();
         serial_puts("hvguest: start");
         serial_puts(" cmdline=\"");
         serial_puts(cmdline);
@@ -429,6 +434,7 @@ void __attribute__((noreturn)) user_main(u64 cpu, const struct hvm_start_info *s
         serial_kv("vcpus", p.vcpus);
         serial_kv("data_mib", (total << 12) >> 20);
         serial_puts("\n");
+        console_give();
     }
 
     if (p.workload == W_FAULT) {

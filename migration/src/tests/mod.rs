@@ -27,14 +27,15 @@ use fakes::{FakeDestination, FakeSource};
 
 pub const MIB: u64 = 1 << 20;
 
-/// Waits long enough for a loaded 2-core machine.
+/// Waits long enough for a loaded 2-core machine (a clean-clone CI run beside two busy
+/// loops saw a 10 s wait run out); every wait ends on its event when the peer is there.
 pub fn timeouts() -> Timeouts {
     Timeouts {
         connect: Duration::from_secs(2),
-        io: Duration::from_secs(10),
-        accept: Duration::from_secs(10),
-        urgent_accept: Duration::from_secs(10),
-        confirm: Duration::from_secs(10),
+        io: Duration::from_secs(30),
+        accept: Duration::from_secs(30),
+        urgent_accept: Duration::from_secs(30),
+        confirm: Duration::from_secs(30),
         recover: Duration::from_secs(2),
     }
 }

@@ -106,6 +106,8 @@ pub enum Error {
     OutsideRam { gpa: Gpa, len: u64, size: u64 },
     #[error("a backing page is {page:#x} bytes at a {page:#x}-aligned address; got {len:#x} bytes at {gpa}")]
     NotABackingPage { gpa: Gpa, len: u64, page: u64 },
+    #[error("an extent is 1 to 64 whole backing pages of {page:#x} bytes inside one 2 MiB region (or one huge page); got {len:#x} bytes at {gpa}")]
+    NotAnExtent { gpa: Gpa, len: u64, page: u64 },
     #[error("NUMA: node {node} is beyond the 1024 nodes mbind supports")]
     NodeBeyondMbind { node: u16 },
     #[error("NUMA: mbind of {len:#x} bytes to node(s) {nodes:?}: {source}{}", mbind_hint(*.host_max))]

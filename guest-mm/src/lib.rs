@@ -52,5 +52,8 @@ pub use guest_view::Registration;
 pub use host::HostPaths;
 pub use memory::{FaultPathKind, GuestMemory, MemoryReport, MemoryStats, Memslot};
 pub use numa::{Balancing, NumaReport};
-pub use page::{Installed, PageContent, Pager};
+pub use page::{
+    extent_max_pages, Installed, InstalledPages, PageContent, Pager, EXTENT_MAX_BYTES,
+    EXTENT_MAX_PAGES,
+};
 pub use ram::{smaps::RssSplit, GuestRam, MovedCache, View};

@@ -14,14 +14,14 @@ use std::time::Duration;
 use serde::Serialize;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::addr::{Gpa, GpaRange};
+use crate::addr::{Gpa, GpaRange, SIZE_2M};
 use crate::collapse::{CollapseEngine, CollapseFailure, CollapseReport, CollapseStatus};
 use crate::config::{BackingKind, FaultPathNeed, MemoryConfig, NumaLayout, ViewLayout};
 use crate::error::Error;
 use crate::fault::{FaultContext, FaultReport, FaultStats, FaultThread, VcpuThreads};
 use crate::guest_view::{GuestView, Registration};
 use crate::numa::{NumaEngine, NumaReport};
-use crate::page::{Installed, PageContent, Pager};
+use crate::page::{Installed, InstalledPages, PageContent, Pager};
 use crate::periodic::Periodic;
 use crate::ram::{smaps::RssSplit, GuestRam, MovedCache, View};
 use crate::stage::{Accounting, Change, Run, SecondStage};
@@ -314,6 +314,95 @@ impl GuestMemory {
         }
     }
 
+    /// Checks that `len` bytes at `gpa` are one extent: whole backing pages, at most
+    /// [`crate::EXTENT_MAX_PAGES`] of them, inside one region (or one huge page), inside RAM.
+    fn check_extent(&self, gpa: Gpa, len: u64) -> Result<GpaRange, Error> {
+        let page = self.page_size();
+        let pages = len / page;
+        let range = GpaRange::new(gpa, gpa.add(len));
+        let one_region =
+            len <= page || gpa.align_down(SIZE_2M) == Gpa(range.end.0 - 1).align_down(SIZE_2M);
+        if len == 0
+            || !len.is_multiple_of(page)
+            || !gpa.is_aligned(page)
+            || pages > crate::page::extent_max_pages(page)
+            || !one_region
+        {
+            return Err(Error::NotAnExtent { gpa, len, page });
+        }
+        match gpa.checked_add(len) {
+            Some(end) if end.0 <= self.size() => Ok(range),
+            _ => Err(Error::OutsideRam {
+                gpa,
+                len,
+                size: self.size(),
+            }),
+        }
+    }
+
+    /// Reads the extent at `gpa` (`buf.len()` bytes) through the staging view (a migration
+    /// source sending it as one frame).
+    pub fn read_pages(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), Error> {
+        self.check_extent(gpa, buf.len() as u64)?;
+        self.staging()
+            .read_slice(buf, gpa.into())
+            .map_err(|source| Error::Staging {
+                what: "reading",
+                gpa,
+                source,
+            })
+    }
+
+    /// Writes an arriving extent before the guest runs here (pre-copy receive): one
+    /// `pwrite` on shmem, one copy through the staging view otherwise
+    /// ([`GuestRam::write_bytes`]).
+    pub fn write_pages(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), Error> {
+        self.check_extent(gpa, bytes.len() as u64)?;
+        self.ram.write_bytes(gpa, bytes)
+    }
+
+    /// Pre-copy receive: the extent of `pages` backing pages at `gpa` is all zeros. Punched
+    /// out of the memfd where there is one (a page never written here costs nothing),
+    /// written as zeros otherwise.
+    pub fn zero_pages(&self, gpa: Gpa, pages: u64) -> Result<(), Error> {
+        let page = self.page_size();
+        let range = self.check_extent(gpa, pages.saturating_mul(page))?;
+        if self.ram.punch_hole(range)? {
+            return Ok(());
+        }
+        (0..pages).try_for_each(|i| self.write_staging(gpa.add(i * page), PageContent::Zero))
+    }
+
+    /// Post-copy: an arriving extent. Under one hold of the table lock, each stretch of
+    /// pages still absent is written (as [`GuestMemory::write_pages`]) and CONTINUEd into
+    /// the guest view with one ioctl (waking the vCPUs waiting on any of them) and marked
+    /// present; pages no longer absent are duplicates, left alone. Then NUMA placement
+    /// and the collapse engine hear of the new pages. Returns which pages were new.
+    pub fn install_pages(&self, gpa: Gpa, bytes: &[u8]) -> Result<InstalledPages, Error> {
+        let range = self.check_extent(gpa, bytes.len() as u64)?;
+        let page = self.page_size();
+        if let Some(n) = &self.numa {
+            n.before_install(gpa);
+        }
+        let new = self.stage.fill_extent(range, page, |stretch| {
+            let at = (stretch.start.0 - gpa.0) as usize;
+            self.ram
+                .write_bytes(stretch.start, &bytes[at..at + stretch.len() as usize])?;
+            self.view.continue_range(stretch).map(|_| ())
+        })?;
+        for i in (0..range.len() / page).filter(|&i| new.is_new(i)) {
+            if let Some(n) = &self.numa {
+                n.after_install(gpa.add(i * page));
+            }
+        }
+        if new.count() > 0 {
+            if let Some(c) = &self.collapse {
+                c.filled(gpa);
+            }
+        }
+        Ok(new)
+    }
+
     /// Reads the backing page at `gpa` through the staging view (a migration source).
     pub fn read_page(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), Error> {
         self.check_page(gpa, buf.len() as u64)?;
@@ -349,7 +438,7 @@ impl GuestMemory {
                 })
         };
         match page {
-            PageContent::Bytes(b) => write(b, gpa),
+            PageContent::Bytes(b) => self.ram.write_bytes(gpa, b),
             PageContent::Zero => {
                 let mut off = 0;
                 while off < self.page_size() {

@@ -21,6 +21,9 @@ pub enum Step {
     DirtyLog,
     /// A pre-copy round (0 sends every page).
     Round(u32),
+    /// Pre-copy channel `k` (`--channels`; 0 is the main connection): its set-up and the
+    /// pages it carries.
+    Channel(u32),
     /// Source: stopping the vCPUs.
     Pause,
     /// Source: the last dirty pages and the VMM-written pages, after the pause.
@@ -59,6 +62,7 @@ impl std::fmt::Display for Step {
             Step::Handshake => f.write_str("migration handshake"),
             Step::DirtyLog => f.write_str("migration dirty logging"),
             Step::Round(n) => write!(f, "pre-copy round {n}"),
+            Step::Channel(k) => write!(f, "pre-copy channel {k}"),
             Step::Pause => f.write_str("migration pause"),
             Step::StopAndCopy => f.write_str("migration stop-and-copy"),
             Step::Verify => f.write_str("migration memory-hash check"),

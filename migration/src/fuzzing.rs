@@ -80,12 +80,25 @@ pub fn wire(data: &[u8]) {
 /// out-of-tree fuzzing's finding).
 fn same_after_round_trip(m: &Message<'_>, layout: &Layout) {
     match m {
-        Message::Page { gpa, .. } | Message::ZeroPage { gpa } | Message::PageRequest { gpa } => {
-            let end = gpa.0.checked_add(layout.page_size);
+        Message::Page { gpa, .. }
+        | Message::ZeroPage { gpa, .. }
+        | Message::PageRequest { gpa } => {
+            let len = match m {
+                Message::Page { data, .. } => data.len() as u64,
+                Message::ZeroPage { pages, .. } => u64::from(*pages) * layout.page_size,
+                _ => layout.page_size,
+            };
+            let end = gpa.0.checked_add(len);
+            let last = end.map(|e| e - 1);
             assert!(
                 gpa.0.is_multiple_of(layout.page_size)
-                    && end.is_some_and(|e| e <= layout.memory_bytes),
-                "a page at {gpa} passed for a guest of {layout:?}"
+                    && len > 0
+                    && len <= layout.extent_max_pages() * layout.page_size
+                    && end.is_some_and(|e| e <= layout.memory_bytes)
+                    && (len == layout.page_size
+                        || last
+                            .is_some_and(|l| l / guest_mm::SIZE_2M == gpa.0 / guest_mm::SIZE_2M)),
+                "an extent of {len:#x} bytes at {gpa} passed for a guest of {layout:?}"
             );
         }
         Message::SwitchOver(sw) => {
@@ -219,6 +232,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         vcpus: 1,
         mode: Mode::Precopy,
         session: None,
+        channels: 1,
     };
     let record = |out: &mut Vec<u8>, stream: u8, m: &Message| {
         let f = m.to_frame().expect("seed messages encode");

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use guest_mm::{Gpa, GpaRange, Installed, PageContent, Pager};
+use guest_mm::{Gpa, GpaRange, Installed, InstalledPages, PageContent, Pager};
 use serde::{Deserialize, Serialize};
 
 use crate::wire::transport::Uri;
@@ -29,12 +29,50 @@ pub trait GuestPages: Send + Sync {
     fn read_page(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), HostError>;
     /// Pre-copy receive: writes an arriving page while no vCPU runs.
     fn write_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<(), HostError>;
+    /// Reads the extent at `gpa` (`buf` is whole backing pages, inside one region) into
+    /// `buf`. Page by page unless the VMM does better.
+    fn read_pages(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), HostError> {
+        let ps = self.page_size() as usize;
+        for (i, page) in buf.chunks_mut(ps).enumerate() {
+            self.read_page(gpa.add((i * ps) as u64), page)?;
+        }
+        Ok(())
+    }
+    /// Pre-copy receive: writes an arriving extent while no vCPU runs.
+    fn write_pages(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), HostError> {
+        let ps = self.page_size() as usize;
+        for (i, page) in bytes.chunks(ps).enumerate() {
+            self.write_page(gpa.add((i * ps) as u64), PageContent::Bytes(page))?;
+        }
+        Ok(())
+    }
+    /// Pre-copy receive: the extent of `pages` backing pages at `gpa` is all zeros.
+    fn zero_pages(&self, gpa: Gpa, pages: u64) -> Result<(), HostError> {
+        for i in 0..pages {
+            self.write_page(gpa.add(i * self.page_size()), PageContent::Zero)?;
+        }
+        Ok(())
+    }
     /// Post-copy: marks `absent` not-here-yet; a vCPU touching one of them calls `pager`.
     /// Returns how many backing pages are absent now: the migration installs that many.
     fn begin_postcopy(&self, absent: &[GpaRange], pager: Arc<dyn Pager>) -> Result<u64, HostError>;
     /// Post-copy: installs an arriving page if it is still absent (a duplicate never
     /// overwrites what the guest wrote since).
     fn install_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<Installed, HostError>;
+    /// Post-copy: installs an arriving extent, each page only if it is still absent;
+    /// says which pages were new. Page by page unless the VMM does better (one CONTINUE
+    /// over each stretch of absent pages).
+    fn install_pages(&self, gpa: Gpa, bytes: &[u8]) -> Result<InstalledPages, HostError> {
+        let ps = self.page_size() as usize;
+        let mut new = 0u64;
+        for (i, page) in bytes.chunks(ps).enumerate().take(64) {
+            let at = gpa.add((i * ps) as u64);
+            if self.install_page(at, PageContent::Bytes(page))? == Installed::New {
+                new |= 1 << i;
+            }
+        }
+        Ok(InstalledPages(new))
+    }
     /// Post-copy: every page is in; stop paging (e.g. unregister userfaultfd).
     fn end_postcopy(&self) -> Result<(), HostError>;
     /// The guest runs here after a migration (e.g. a collapse sweep).
@@ -178,6 +216,22 @@ impl GuestPages for guest_mm::GuestMemory {
 
     fn write_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<(), HostError> {
         Ok(guest_mm::GuestMemory::write_page(self, gpa, page)?)
+    }
+
+    fn read_pages(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), HostError> {
+        Ok(guest_mm::GuestMemory::read_pages(self, gpa, buf)?)
+    }
+
+    fn write_pages(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), HostError> {
+        Ok(guest_mm::GuestMemory::write_pages(self, gpa, bytes)?)
+    }
+
+    fn zero_pages(&self, gpa: Gpa, pages: u64) -> Result<(), HostError> {
+        Ok(guest_mm::GuestMemory::zero_pages(self, gpa, pages)?)
+    }
+
+    fn install_pages(&self, gpa: Gpa, bytes: &[u8]) -> Result<InstalledPages, HostError> {
+        Ok(guest_mm::GuestMemory::install_pages(self, gpa, bytes)?)
     }
 
     fn begin_postcopy(&self, absent: &[GpaRange], pager: Arc<dyn Pager>) -> Result<u64, HostError> {

@@ -243,6 +243,18 @@ pub struct MigrationRequest {
     /// Post-copy: the order of the background push.
     #[serde(default)]
     pub push_order: PushOrder,
+    /// Connections the pre-copy rounds' pages travel on, each with a thread at both ends
+    /// (QEMU's multifd, Cloud Hypervisor's `connections`): 1 to [`MAX_CHANNELS`]. A
+    /// region's pages always take the same one, so a page's copies arrive in order.
+    #[serde(default = "one_channel")]
+    pub channels: u32,
+}
+
+/// The most pre-copy channels a migration may ask for.
+pub const MAX_CHANNELS: u32 = 16;
+
+fn one_channel() -> u32 {
+    1
 }
 
 impl MigrationRequest {
@@ -255,6 +267,7 @@ impl MigrationRequest {
             downtime: default_downtime(),
             verify: None,
             push_order: PushOrder::default(),
+            channels: 1,
         }
     }
 }

@@ -10,7 +10,6 @@ use crate::error::{Error, HostCall, PeerError, Step};
 use crate::host::GuestPages;
 use crate::wire::frame::{is_zero, FrameKind, FrameWriter};
 use crate::wire::message::{Layout, Message, MessageReader};
-use guest_mm::PageContent;
 
 /// The guest's layout, or a host error if the VMM reports one that cannot be.
 pub(crate) fn layout_of(pages: &dyn GuestPages) -> Result<Layout, Error> {
@@ -26,7 +25,32 @@ pub(crate) fn layout_of(pages: &dyn GuestPages) -> Result<Layout, Error> {
     })
 }
 
-/// Reads pages and writes them as page frames (zero pages as their address only).
+/// Groups backing page numbers (ascending) into extents, `(first page, pages)`: runs of
+/// consecutive pages, at most [`Layout::extent_max_pages`] long, never across a region.
+pub(crate) fn extents(
+    pages: impl IntoIterator<Item = u64>,
+    layout: &Layout,
+) -> impl Iterator<Item = (u64, u64)> {
+    let max = layout.extent_max_pages();
+    let per_region = (guest_mm::SIZE_2M / layout.page_size).max(1);
+    let mut pages = pages.into_iter().peekable();
+    std::iter::from_fn(move || {
+        let first = pages.next()?;
+        let mut n = 1;
+        while n < max {
+            let next = first + n;
+            if next.is_multiple_of(per_region) || pages.peek() != Some(&next) {
+                break;
+            }
+            pages.next();
+            n += 1;
+        }
+        Some((first, n))
+    })
+}
+
+/// Reads extents and writes them as page frames: each stretch of non-zero pages as one
+/// `Page` frame, each stretch of zero pages as one `ZeroPage` (its address and count).
 pub(crate) struct PageSender<'a> {
     pages: &'a dyn GuestPages,
     page_size: u64,
@@ -38,7 +62,7 @@ impl<'a> PageSender<'a> {
         PageSender {
             pages,
             page_size: layout.page_size,
-            buf: vec![0; layout.page_size as usize],
+            buf: vec![0; (layout.extent_max_pages() * layout.page_size) as usize],
         }
     }
 
@@ -50,18 +74,48 @@ impl<'a> PageSender<'a> {
         step: Step,
         io_timeout: Duration,
     ) -> Result<(), Error> {
-        let gpa = Gpa(page * self.page_size);
+        self.send_extent(w, (page, 1), step, io_timeout)
+    }
+
+    /// Sends the extent of `pages` backing pages from page number `first` (one of
+    /// [`extents`]).
+    pub(crate) fn send_extent<W: Write>(
+        &mut self,
+        w: &mut FrameWriter<W>,
+        (first, pages): (u64, u64),
+        step: Step,
+        io_timeout: Duration,
+    ) -> Result<(), Error> {
+        let ps = self.page_size as usize;
+        let gpa = Gpa(first * self.page_size);
+        let buf = &mut self.buf[..pages as usize * ps];
         self.pages
-            .read_page(gpa, &mut self.buf)
+            .read_pages(gpa, buf)
             .map_err(Error::host(step, HostCall::ReadPage(gpa)))?;
-        let content = if is_zero(&self.buf) {
-            PageContent::Zero
-        } else {
-            PageContent::Bytes(&self.buf)
-        };
-        Message::page(gpa, content)
-            .send(w)
-            .map_err(Error::wire(step, io_timeout))
+        let zero = |i: usize| is_zero(&buf[i * ps..(i + 1) * ps]);
+        let n = pages as usize;
+        let mut i = 0;
+        while i < n {
+            let z = zero(i);
+            let mut j = i + 1;
+            while j < n && zero(j) == z {
+                j += 1;
+            }
+            let at = gpa.add((i * ps) as u64);
+            let m = match z {
+                true => Message::ZeroPage {
+                    gpa: at,
+                    pages: (j - i) as u32,
+                },
+                false => Message::Page {
+                    gpa: at,
+                    data: &buf[i * ps..j * ps],
+                },
+            };
+            m.send(w).map_err(Error::wire(step, io_timeout))?;
+            i = j;
+        }
+        Ok(())
     }
 }
 

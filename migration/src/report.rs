@@ -16,6 +16,10 @@ pub struct MigrationReport {
     pub pages_precopy: u64,
     pub pages_pushed: u64,
     pub pages_demand: u64,
+    /// Post-copy: pages sent on the urgent channel right after a demanded one (the rest
+    /// of its extent: the next pages in its region), unasked.
+    #[serde(default)]
+    pub pages_prefetched: u64,
     pub demand_fault_us_p50: f64,
     pub demand_fault_us_p99: f64,
     pub demand_fault_us_max: f64,
@@ -23,6 +27,9 @@ pub struct MigrationReport {
     /// Post-copy: the background push order used.
     #[serde(default)]
     pub push_order: String,
+    /// Connections the pre-copy rounds used (`--channels`).
+    #[serde(default)]
+    pub channels: u32,
     /// Bytes per page frame: the backing page size (4 KiB shmem, 2 MiB/1 GiB hugetlb).
     pub granularity_bytes: u64,
     /// CRC-32 of guest RAM at the switch-over, checked by the destination, if asked.

@@ -353,6 +353,7 @@ fn hello(version: u32) -> Hello {
         vcpus: 1,
         mode: Mode::Precopy,
         session: None,
+        channels: 1,
     }
 }
 

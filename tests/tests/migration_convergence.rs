@@ -156,14 +156,29 @@ fn precopy_that_cannot_converge_throttles_and_says_whether_it_kept_its_budget() 
     assert!(dj["passes"].as_u64().unwrap() > 0, "{dj}");
 }
 
-fn auto_case(backing: &str) {
+fn auto_case(backing: &str, channels: &str) {
     let (report, _, dj) = migrate_verify(
         backing,
         "256M",
-        &["--mode", "auto", "--verify", "memory-hash"],
+        &[
+            "--mode",
+            "auto",
+            "--verify",
+            "memory-hash",
+            "--channels",
+            channels,
+        ],
     );
-    let what = format!("auto on {backing}");
+    let what = format!("auto over {channels} channel(s) on {backing}");
     assert_eq!(report["mode"], "auto", "{what}: {report}");
+    assert_eq!(
+        report["channels"]
+            .as_u64()
+            .map(|n| n.to_string())
+            .as_deref(),
+        Some(channels),
+        "{what}: {report}"
+    );
     // Auto never throttles: it switches to post-copy when the rounds stop converging
     // (or, on a host quick enough, the rounds converged by themselves).
     assert_eq!(report["throttle_percent"], 0, "{what}: {report}");
@@ -190,7 +205,7 @@ fn auto_migrates_a_busy_guest_with_equal_memory_on_shmem() {
         return;
     }
     let _heavy = tests::heavy();
-    auto_case("shmem");
+    auto_case("shmem", "1");
 }
 
 #[test]
@@ -202,5 +217,29 @@ fn auto_migrates_a_busy_guest_with_equal_memory_on_hugetlb_2m() {
     if !have_hugetlb(2048, 256) {
         return;
     }
-    auto_case("hugetlb-2m");
+    auto_case("hugetlb-2m", "1");
+}
+
+/// `--channels 4`: the rounds' pages over four connections (a region's pages always on
+/// the same one), with auto's switch to post-copy if the rounds stop converging; the
+/// destination's memory hash equals the source's and the guest finds no error.
+#[test]
+fn four_channels_migrate_a_busy_guest_with_equal_memory_on_shmem() {
+    if !have_kvm() {
+        return;
+    }
+    let _heavy = tests::heavy();
+    auto_case("shmem", "4");
+}
+
+#[test]
+fn four_channels_migrate_a_busy_guest_with_equal_memory_on_hugetlb_2m() {
+    if !have_kvm() {
+        return;
+    }
+    let _heavy = tests::heavy();
+    if !have_hugetlb(2048, 256) {
+        return;
+    }
+    auto_case("hugetlb-2m", "4");
 }

@@ -359,6 +359,7 @@ fn hello(mode: Mode) -> Hello {
         vcpus: 1,
         mode,
         session: None,
+        channels: 1,
     }
 }
 

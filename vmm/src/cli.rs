@@ -332,6 +332,11 @@ struct MigrateArgs {
     /// fewest-missing-first (complete the 2 MiB regions the guest touched first).
     #[arg(long, default_value = "sequential", value_parser = parse_push_order)]
     push_order: migration::PushOrder,
+    /// Connections the pre-copy rounds send pages on, each with a thread at both ends
+    /// (QEMU's multifd, Cloud Hypervisor's `connections`); a region's pages always take
+    /// the same one. Post-copy's push and demand pages keep to their two connections.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=migration::MAX_CHANNELS as i64))]
+    channels: u32,
     /// Print the migration report as JSON.
     #[arg(long)]
     json: bool,
@@ -571,6 +576,7 @@ fn cmd_migrate(args: &MigrateArgs) -> i32 {
         "downtime_ms": args.downtime_ms,
         "timeout_s": args.timeout_s,
         "push_order": args.push_order.name(),
+        "connections": args.channels,
     });
     if let Some(migration::Verify::MemoryHash) = args.verify {
         body["verify"] = "memory-hash".into();

@@ -475,7 +475,7 @@ impl<'a> Controller<'a> {
             Event::Source(SourceRequest::Throttle(percent, reply)) => {
                 let _ = reply.send(self.vcpus.as_ref().map_or(Ok(()), |v| v.throttle(percent)));
             }
-            Event::Source(SourceRequest::Done(result)) => self.on_migration_done(result),
+            Event::Source(SourceRequest::Done(result)) => self.on_migration_done(*result),
             Event::Source(SourceRequest::HandoverPaused(why, resume)) => {
                 eprintln!("hugevisor: warning: the migration is paused after the hand-over ({why}); the guest stays stopped here: resume it with `hugevisor migrate --resume --to URI`");
                 self.state = RunState::PostcopyPaused;

@@ -82,7 +82,7 @@ pub enum SourceRequest {
     /// A resumed migration goes on.
     HandoverResumed,
     /// The migration ended.
-    Done(std::result::Result<migration::MigrationReport, migration::Error>),
+    Done(Box<std::result::Result<migration::MigrationReport, migration::Error>>),
 }
 
 /// What the destination side tells the controller.
@@ -245,7 +245,7 @@ pub fn start_sending(
         .name("migrate".into())
         .spawn(move || {
             let r = migration::source::migrate(&host, &request, &options, &*progress);
-            (host.controller)(SourceRequest::Done(r));
+            (host.controller)(SourceRequest::Done(Box::new(r)));
         })
         .map(drop)
         .map_err(|source| Error::Io {

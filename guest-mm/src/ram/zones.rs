@@ -84,6 +84,15 @@ impl Zones {
         self.memfds.get(zone as usize).map(|f| f.as_fd())
     }
 
+    /// Guest RAM's memfd when it is the only zone (no emulated nodes): every GPA is at the
+    /// same offset in it.
+    pub(crate) fn single_memfd(&self) -> Option<BorrowedFd<'_>> {
+        match self.memfds.len() {
+            1 if !self.anon => self.fd(0),
+            _ => None,
+        }
+    }
+
     pub(crate) fn nodes(&self) -> std::sync::MutexGuard<'_, Vec<u16>> {
         self.region_nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -96,7 +105,7 @@ impl Zones {
             .unwrap_or(0)
     }
 
-    /// Frees `range` of `zone` (the old copy after an emulated move).
+    /// Frees `range` of `zone` (the old copy after an emulated move, zero pages arriving).
     pub(crate) fn punch(&self, zone: u16, range: GpaRange) -> Result<(), Error> {
         let Some(fd) = self.fd(zone) else {
             return Err(Error::EmulatedNeedsStaging);
@@ -111,7 +120,7 @@ impl Zones {
             )
         };
         if r != 0 {
-            return Err(os("fallocate(PUNCH_HOLE) of the old node's copy"));
+            return Err(os("fallocate(PUNCH_HOLE) of a range of guest RAM's memfd"));
         }
         Ok(())
     }

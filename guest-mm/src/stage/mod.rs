@@ -325,6 +325,48 @@ impl SecondStage {
         Ok(true)
     }
 
+    /// Post-copy: the content of the extent `range` (backing pages of `page`) has
+    /// arrived. Under one hold of the table lock, runs `install` once for each stretch of
+    /// pages that are still absent (write, CONTINUE) and marks them present; pages that are
+    /// not absent are duplicates, left alone. Returns which pages were installed (bit `i`:
+    /// page `i` of the extent; at most 64 pages).
+    pub fn fill_extent<E>(
+        &self,
+        range: GpaRange,
+        page: u64,
+        mut install: impl FnMut(GpaRange) -> Result<(), E>,
+    ) -> Result<crate::page::InstalledPages, E> {
+        let pages = (range.len() / page).min(64);
+        let mut t = self.lock();
+        let mut new = 0u64;
+        for i in 0..pages {
+            if let Lookup::Fault(_, FaultCause::Absent) =
+                t.lookup(range.start.add(i * page), Intent::Internal)
+            {
+                new |= 1 << i;
+            }
+        }
+        let mut i = 0;
+        while i < pages {
+            if new & (1 << i) == 0 {
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < pages && new & (1 << i) != 0 {
+                i += 1;
+            }
+            let stretch = GpaRange::new(range.start.add(first * page), range.start.add(i * page));
+            install(stretch)?;
+            let span = GpaRange::new(
+                t.zap_span(stretch.start).start,
+                t.zap_span(Gpa(stretch.end.0 - 1)).end,
+            );
+            t.set_state(span, &[PageState::Absent], PageState::Present);
+        }
+        Ok(crate::page::InstalledPages(new))
+    }
+
     pub fn accounting(&self) -> Accounting {
         self.lock().accounting()
     }

@@ -56,19 +56,69 @@ impl Install<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .clear(gpa.0 / self.page_size);
         if done == Installed::New {
-            if let Some(d) = &self.digest {
-                let bytes = match page {
-                    PageContent::Bytes(b) => b,
-                    PageContent::Zero => &self.zero_page,
-                };
-                d.fetch_add(crate::pages::page_digest(gpa, bytes), Ordering::AcqRel);
+            let bytes = match page {
+                PageContent::Bytes(b) => b,
+                PageContent::Zero => &self.zero_page,
+            };
+            self.installed_new(gpa, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// An arriving extent: each page still absent is installed (one CONTINUE per stretch
+    /// of them), duplicates are left alone.
+    fn install_extent(&self, gpa: Gpa, data: &[u8], step: Step) -> Result<(), Error> {
+        let ps = self.page_size as usize;
+        if data.len() == ps {
+            return self.install(gpa, PageContent::Bytes(data), step);
+        }
+        let new = self
+            .pages
+            .install_pages(gpa, data)
+            .map_err(Error::host(step, HostCall::InstallPage(gpa)))?;
+        {
+            let mut lacking = self.lacking.lock().unwrap_or_else(|e| e.into_inner());
+            let first = gpa.0 / self.page_size;
+            (0..(data.len() / ps) as u64).for_each(|i| {
+                lacking.clear(first + i);
+            });
+        }
+        for (i, page) in data.chunks(ps).enumerate() {
+            if new.is_new(i as u64) {
+                self.installed_new(gpa.add((i * ps) as u64), page)?;
             }
-            self.pager.installed(gpa);
-            if self.installed.fetch_add(1, Ordering::AcqRel) + 1 == self.target {
-                // The last page: the hash is checked before the source hears it is done.
-                self.check_hash()?;
-                self.pager.complete();
-            }
+        }
+        Ok(())
+    }
+
+    /// An extent of `pages` zero pages: a single page as [`Install::install`] does, more
+    /// from a buffer of zeros (only 4 KiB pages come more than one to an extent).
+    fn install_zeros(&self, gpa: Gpa, pages: u64, step: Step) -> Result<(), Error> {
+        static ZEROS: [u8; guest_mm::EXTENT_MAX_BYTES as usize] =
+            [0; guest_mm::EXTENT_MAX_BYTES as usize];
+        let len = pages * self.page_size;
+        match pages {
+            1 => self.install(gpa, PageContent::Zero, step),
+            _ => match ZEROS.get(..len as usize) {
+                Some(zeros) => self.install_extent(gpa, zeros, step),
+                None => (0..pages).try_for_each(|i| {
+                    self.install(gpa.add(i * self.page_size), PageContent::Zero, step)
+                }),
+            },
+        }
+    }
+
+    /// Books a page that was absent and is installed now: the hash, the pager's record,
+    /// the count (the last page checks the hash and completes).
+    fn installed_new(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), Error> {
+        if let Some(d) = &self.digest {
+            d.fetch_add(crate::pages::page_digest(gpa, bytes), Ordering::AcqRel);
+        }
+        self.pager.installed(gpa);
+        if self.installed.fetch_add(1, Ordering::AcqRel) + 1 == self.target {
+            // The last page: the hash is checked before the source hears it is done.
+            self.check_hash()?;
+            self.pager.complete();
         }
         Ok(())
     }
@@ -332,8 +382,8 @@ fn receive<R: std::io::Read>(
             Err(e) => return Err(wire(e)),
         };
         match r.decode(&frame).map_err(wire)? {
-            Message::Page { gpa, data } => ctx.install(gpa, PageContent::Bytes(data), step)?,
-            Message::ZeroPage { gpa } => ctx.install(gpa, PageContent::Zero, step)?,
+            Message::Page { gpa, data } => ctx.install_extent(gpa, data, step)?,
+            Message::ZeroPage { gpa, pages } => ctx.install_zeros(gpa, pages.into(), step)?,
             Message::Complete { demand: None } if conn == Connection::Main => {
                 *ctx.push_ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 return Ok(());
@@ -355,6 +405,7 @@ fn receive<R: std::io::Read>(
                 ))
             }
         }
+        r.recycle(frame);
     }
 }
 

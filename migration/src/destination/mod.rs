@@ -14,6 +14,7 @@
 //! over: a connection that breaks then is waited out ([`recover`]) — the source comes back
 //! on a resumed connection, or the destination ends saying what it never received.
 
+mod channels;
 mod door;
 mod install;
 mod pager;
@@ -31,10 +32,11 @@ use crate::report::IncomingReport;
 use crate::wire::auth::Auth;
 use crate::wire::conn::Conn;
 use crate::wire::frame::FrameWriter;
-use crate::wire::message::{Hello, Layout, Message, MessageReader, SwitchOver, PROTOCOL_VERSION};
+use crate::wire::message::{
+    Hello, Joining, Layout, Message, MessageReader, SwitchOver, PROTOCOL_VERSION,
+};
 use crate::wire::transport::{Acceptor, Channel};
 use crate::Timeouts;
-use guest_mm::PageContent;
 
 use door::Door;
 use pager::UrgentPager;
@@ -83,6 +85,7 @@ pub fn receive_with(
     let timeouts = &options.timeouts;
     let door = Door::new(acceptor, &options.auth, vm, layout, *timeouts)?;
     let (main, theirs) = door.main(options.strangers)?;
+    let lanes = channels::Channels::default();
     let result = std::thread::scope(|scope| {
         let doorman = scope.spawn(|| door.serve(scope));
         let Conn {
@@ -94,6 +97,8 @@ pub fn receive_with(
         let mut r = Receiver {
             vm,
             door: &door,
+            channels: &lanes,
+            channel_handles: Vec::new(),
             timeouts,
             layout,
             writer,
@@ -106,9 +111,10 @@ pub fn receive_with(
             resumed_sent: false,
             report: IncomingReport::default(),
         };
-        let result = match r.run(theirs) {
+        let result = match r.run(theirs, scope) {
             Ok(()) => Ok(r.report.clone()),
-            Err(e) => Err(r.fail(e)),
+            // A channel that failed shut the main connection down: its error is the cause.
+            Err(e) => Err(r.fail(lanes.failure().unwrap_or(e))),
         };
         door.close();
         let _ = doorman.join();
@@ -118,6 +124,14 @@ pub fn receive_with(
         report.refused_connections = door.refused();
         report
     })
+}
+
+/// What an arriving extent holds.
+#[derive(Clone, Copy, Debug)]
+enum Extent<'a> {
+    Bytes(&'a [u8]),
+    /// This many zero pages.
+    Zeros(u64),
 }
 
 /// Where the destination is, on the main connection.
@@ -159,6 +173,10 @@ impl ReceiveState {
 pub(crate) struct Receiver<'a> {
     vm: &'a dyn DestinationVm,
     door: &'a Door<'a>,
+    /// The pre-copy channels beyond the main connection: how their threads ended.
+    channels: &'a channels::Channels,
+    /// Handles on those channels, to end them when the migration fails.
+    channel_handles: Vec<Box<dyn Channel>>,
     timeouts: &'a Timeouts,
     layout: Layout,
     /// A handle on the main connection, to shut it down.
@@ -177,9 +195,12 @@ pub(crate) struct Receiver<'a> {
     report: IncomingReport,
 }
 
-impl Receiver<'_> {
-    fn run(&mut self, theirs: Hello) -> Result<(), Error> {
-        let mut state = self.hello(theirs)?;
+impl<'a> Receiver<'a> {
+    fn run<'s>(&mut self, theirs: Hello, scope: &'s std::thread::Scope<'s, '_>) -> Result<(), Error>
+    where
+        'a: 's,
+    {
+        let mut state = self.hello(theirs, scope)?;
         loop {
             state = match state {
                 ReceiveState::Done => return Ok(()),
@@ -221,7 +242,9 @@ impl Receiver<'_> {
             .reader
             .decode(&frame)
             .map_err(Error::wire(waiting.step(), self.timeouts.io))?;
-        self.step(waiting, msg)
+        let next = self.step(waiting, msg);
+        self.reader.recycle(frame);
+        next
     }
 
     /// The state after `msg` arrived in `state`.
@@ -232,15 +255,17 @@ impl Receiver<'_> {
                 Err(Error::peer(state.step(), PeerError::Aborted { reason }))
             }
             (S::Precopy { round }, Message::Page { gpa, data }) => {
-                self.write_page(round, gpa, PageContent::Bytes(data))
+                self.write_pages(round, gpa, Extent::Bytes(data))
             }
-            (S::Precopy { round }, Message::ZeroPage { gpa }) => {
-                self.write_page(round, gpa, PageContent::Zero)
+            (S::Precopy { round }, Message::ZeroPage { gpa, pages }) => {
+                self.write_pages(round, gpa, Extent::Zeros(pages.into()))
             }
             (S::Precopy { round }, Message::RoundEnd { round: r }) if r == round => {
                 Ok(S::Precopy { round: round + 1 })
             }
             (S::Precopy { .. }, Message::SwitchOver(sw)) => {
+                // Every channel's pages are in before the switch-over is acted on.
+                self.report.pages += self.channels.wait()?;
                 self.report.receive_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
                 self.report.bytes = self.reader.bytes();
                 match sw.missing {
@@ -273,7 +298,14 @@ impl Receiver<'_> {
             .map_err(wire)
     }
 
-    fn hello(&mut self, theirs: Hello) -> Result<ReceiveState, Error> {
+    fn hello<'s>(
+        &mut self,
+        theirs: Hello,
+        scope: &'s std::thread::Scope<'s, '_>,
+    ) -> Result<ReceiveState, Error>
+    where
+        'a: 's,
+    {
         let pages = self.vm.pages();
         let ours = Hello {
             version: PROTOCOL_VERSION,
@@ -283,6 +315,7 @@ impl Receiver<'_> {
             vcpus: self.vm.vcpus(),
             mode: theirs.mode,
             session: None,
+            channels: theirs.channels,
         };
         ours.check_compatible(&theirs)
             .map_err(|source| Error::Layout {
@@ -295,20 +328,59 @@ impl Receiver<'_> {
             ..ours
         };
         self.send(Step::Handshake, &Message::HelloAck(ack))?;
+        self.open_channels(theirs.channels, scope)?;
         Ok(ReceiveState::Precopy { round: 0 })
     }
 
-    fn write_page(
+    /// Takes the source's other pre-copy channels as they join, each read on a thread.
+    fn open_channels<'s>(
+        &mut self,
+        channels: u32,
+        scope: &'s std::thread::Scope<'s, '_>,
+    ) -> Result<(), Error>
+    where
+        'a: 's,
+    {
+        let io = self.timeouts.io;
+        for k in 1..channels {
+            let step = Step::Channel(k);
+            let wait = self.timeouts.urgent_accept;
+            let conn = self
+                .door
+                .joined(Joining::Channel, wait)
+                .ok_or(Error::Peer {
+                    step,
+                    source: PeerError::Timeout { waited: wait },
+                })?;
+            let cloned = |c: &dyn Channel| {
+                c.try_clone()
+                    .map_err(|e| Error::wire(step, io)(crate::error::WireError::Io(e)))
+            };
+            self.channel_handles.push(cloned(conn.channel.as_ref())?);
+            let main = cloned(self.main.as_ref())?;
+            let (pages, lanes) = (self.vm.pages(), self.channels);
+            lanes.started();
+            scope.spawn(move || channels::receive(k, pages, conn, main, lanes));
+        }
+        Ok(())
+    }
+
+    /// Writes an arriving extent in place: the guest does not run here yet.
+    fn write_pages(
         &mut self,
         round: u32,
         gpa: guest_mm::Gpa,
-        page: PageContent<'_>,
+        extent: Extent<'_>,
     ) -> Result<ReceiveState, Error> {
-        self.vm
-            .pages()
-            .write_page(gpa, page)
-            .map_err(Error::host(Step::Round(round), HostCall::WritePage(gpa)))?;
-        self.report.pages += 1;
+        let pages = self.vm.pages();
+        let written = match extent {
+            Extent::Bytes(data) => pages
+                .write_pages(gpa, data)
+                .map(|()| data.len() as u64 / self.layout.page_size),
+            Extent::Zeros(n) => pages.zero_pages(gpa, n).map(|()| n),
+        };
+        self.report.pages +=
+            written.map_err(Error::host(Step::Round(round), HostCall::WritePage(gpa)))?;
         Ok(ReceiveState::Precopy { round })
     }
 
@@ -355,6 +427,9 @@ impl Receiver<'_> {
     /// that reads an `Abort` where it waits for `Resumed` takes it to mean that nothing
     /// runs here, and runs the guest again.
     fn fail(&mut self, error: Error) -> Error {
+        for c in &self.channel_handles {
+            c.shutdown();
+        }
         if self.started_at_ns.is_none() || self.resumed_sent {
             abort_and_close(
                 &mut self.writer,

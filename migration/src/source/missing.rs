@@ -60,6 +60,20 @@ impl Missing {
         had
     }
 
+    /// Claims the extent from page `p`: `p` and the missing pages right after it, up to
+    /// `max` pages, inside `p`'s region. Returns how many (0: `p` was sent already).
+    pub fn take_extent(&mut self, p: u64, max: u64) -> u64 {
+        let mut n = 0;
+        while n < max.max(1) {
+            let q = p + n;
+            if (n > 0 && q.is_multiple_of(self.per_region)) || !self.take(q) {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
     /// The region with the fewest pages still missing (but some), lowest address first.
     pub fn fewest_missing_region(&self) -> Option<u64> {
         self.per_region_missing
@@ -99,6 +113,27 @@ mod tests {
         // 2 MiB pages: one per region.
         let m = Missing::new(PageBitmap::from_words(vec![0b101], 3).unwrap(), 2 << 20);
         assert_eq!(m.fewest_missing_region(), Some(0));
+    }
+
+    #[test]
+    fn an_extent_takes_missing_pages_up_to_a_gap_its_size_or_the_region_end() {
+        let mut m = Missing::new(PageBitmap::full(3 * 512), 4096);
+        assert!(m.take(10));
+        assert_eq!(m.take_extent(0, 64), 10, "up to the page sent already");
+        assert_eq!(
+            m.take_extent(10, 64),
+            0,
+            "a page sent already starts nothing"
+        );
+        assert_eq!(m.take_extent(11, 64), 64, "at most max");
+        assert_eq!(m.take_extent(500, 64), 12, "never into the next region");
+        assert_eq!(m.take_extent(512, 1), 1);
+        assert_eq!(
+            m.fewest_missing_region(),
+            Some(0),
+            "425 missing against 511 and 512"
+        );
+        assert_eq!(m.take_extent(3 * 512, 64), 0, "beyond the end");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::clock::monotonic_ns;
 use crate::error::PeerError;
 use crate::error::{Error, HostCall, Step};
 use crate::host::{Paused, Phase, Progress, SourceVm};
-use crate::pages::{abort_and_close, expect, layout_of, memory_hash, PageSender};
+use crate::pages::{abort_and_close, expect, extents, layout_of, memory_hash, PageSender};
 use crate::report::{Converged, MigrationReport};
 use crate::wire::auth::{Auth, Session as SessionId};
 use crate::wire::conn::Conn;
@@ -108,6 +108,7 @@ pub fn migrate_with(
         main: main.channel,
         urgent: None,
         urgent_conn: None,
+        channels: Vec::new(),
         session: None,
         sender: PageSender::new(vm.pages(), &layout),
         convergence: precopy::Convergence::default(),
@@ -119,6 +120,7 @@ pub fn migrate_with(
             mode: req.mode.name().to_string(),
             to: req.to.to_string(),
             granularity_bytes: layout.page_size,
+            channels: req.channels.clamp(1, crate::MAX_CHANNELS),
             downtime_budget_ms: match req.mode {
                 Mode::Precopy | Mode::Auto => req.downtime.as_secs_f64() * 1000.0,
                 Mode::Postcopy | Mode::Hybrid => 0.0,
@@ -140,6 +142,7 @@ pub fn migrate_with(
         Ok(()) => {
             s.report.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
             s.report.bytes_sent += s.writer.bytes;
+            s.report.bytes_sent += s.channels.iter().map(|c| c.writer.bytes).sum::<u64>();
             Ok(s.report)
         }
         Err(e) => Err(s.fail(e)),
@@ -222,6 +225,9 @@ pub(crate) struct Session<'a> {
     urgent: Option<Box<dyn Channel>>,
     /// Post-copy: the urgent connection's reader and writer, until the push takes them.
     urgent_conn: Option<Conn>,
+    /// The pre-copy channels beyond the main connection (`--channels`), until the
+    /// switch-over ends them.
+    channels: Vec<Conn>,
     /// The destination's name for this migration (its HelloAck).
     session: Option<SessionId>,
     sender: PageSender<'a>,
@@ -290,6 +296,7 @@ impl Session<'_> {
             vcpus: self.vm.vcpus(),
             mode: self.req.mode,
             session: None,
+            channels: self.report.channels,
         };
         self.send(Step::Handshake, &Message::Hello(hello.clone()))?;
         let theirs = expect(
@@ -316,6 +323,12 @@ impl Session<'_> {
                 got: crate::FrameKind::HelloAck,
             },
         })?);
+        for k in 1..self.report.channels {
+            let step = Step::Channel(k);
+            let mut conn = open(self.connector, self.auth, self.layout, self.timeouts, step)?;
+            conn.send(step, &self.join(Joining::Channel))?;
+            self.channels.push(conn);
+        }
         Ok(State::DirtyLog)
     }
 
@@ -348,7 +361,9 @@ impl Session<'_> {
         Ok(pages)
     }
 
-    /// Sends `pages`, telling the progress display every 256; returns how many.
+    /// Sends `pages` (ascending) as extents, telling the progress display every 256
+    /// pages or so; returns how many pages. With pre-copy channels, each channel sends
+    /// the extents of its regions on a thread of its own.
     fn send_pages(
         &mut self,
         pages: impl Iterator<Item = u64>,
@@ -356,16 +371,104 @@ impl Session<'_> {
         phase: Phase,
     ) -> Result<u64, Error> {
         self.progress.update(phase, self.writer.bytes);
-        let mut n = 0;
-        for p in pages {
+        if !self.channels.is_empty() {
+            let n = self.send_on_channels(pages, step)?;
+            self.progress.update(phase, self.writer.bytes);
+            return Ok(n);
+        }
+        let (mut n, mut told) = (0, 0);
+        for extent in extents(pages, &self.layout) {
             self.sender
-                .send(&mut self.writer, p, step, self.timeouts.io)?;
-            n += 1;
-            if n % 256 == 0 {
+                .send_extent(&mut self.writer, extent, step, self.timeouts.io)?;
+            n += extent.1;
+            if n - told >= 256 {
+                told = n;
                 self.progress.update(phase, self.writer.bytes);
             }
         }
         Ok(n)
+    }
+
+    /// Sends `pages` over every pre-copy channel, region `r` on channel `r % channels`
+    /// (so that the copies of one page arrive in the order they were sent); returns how
+    /// many pages.
+    fn send_on_channels(
+        &mut self,
+        pages: impl Iterator<Item = u64>,
+        step: Step,
+    ) -> Result<u64, Error> {
+        let lanes = self.channels.len() + 1;
+        let per_region = (guest_mm::SIZE_2M / self.layout.page_size).max(1);
+        let mut shares: Vec<Vec<(u64, u64)>> = vec![Vec::new(); lanes];
+        for e in extents(pages, &self.layout) {
+            shares[((e.0 / per_region) % lanes as u64) as usize].push(e);
+        }
+        let (layout, io, pages) = (self.layout, self.timeouts.io, self.vm.pages());
+        let Session {
+            channels,
+            writer,
+            sender,
+            ..
+        } = self;
+        let Some((main_share, rest)) = shares.split_first() else {
+            return Ok(0);
+        };
+        std::thread::scope(|scope| {
+            let others: Vec<_> = channels
+                .iter_mut()
+                .zip(rest)
+                .enumerate()
+                .map(|(i, (conn, share))| {
+                    scope.spawn(move || {
+                        let step = Step::Channel(i as u32 + 1);
+                        let mut sender = PageSender::new(pages, &layout);
+                        for &e in share {
+                            sender.send_extent(&mut conn.writer, e, step, io)?;
+                        }
+                        conn.writer.flush().map_err(Error::wire(step, io))?;
+                        Ok(share.iter().map(|e| e.1).sum::<u64>())
+                    })
+                })
+                .collect();
+            let mut sent = 0;
+            let mut first_error = None;
+            for &e in main_share {
+                if let Err(err) = sender.send_extent(writer, e, step, io) {
+                    first_error = Some(err);
+                    break;
+                }
+                sent += e.1;
+            }
+            for h in others {
+                let r = h.join().unwrap_or(Err(Error::Panicked {
+                    step,
+                    what: "pre-copy channel",
+                }));
+                match r {
+                    Ok(n) => sent += n,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            match first_error {
+                None => Ok(sent),
+                Some(e) => Err(e),
+            }
+        })
+    }
+
+    /// The rounds are over: every pre-copy channel ends with `Complete` (the destination
+    /// has all their pages before it acts on the SwitchOver that follows on the main
+    /// connection).
+    fn end_channels(&mut self) -> Result<(), Error> {
+        for (i, conn) in self.channels.iter_mut().enumerate() {
+            conn.send(
+                Step::Channel(i as u32 + 1),
+                &Message::Complete { demand: None },
+            )?;
+        }
+        Ok(())
     }
 
     fn pause(&mut self, pending: Vec<u64>) -> Result<State, Error> {
@@ -436,6 +539,7 @@ impl Session<'_> {
     }
 
     fn switch_over(&mut self, sw: SwitchOver) -> Result<State, Error> {
+        self.end_channels()?;
         let missing = sw.missing.clone();
         self.send(Step::SwitchOver, &Message::SwitchOver(Box::new(sw)))?;
         if missing.is_some() {
@@ -535,6 +639,9 @@ impl Session<'_> {
     /// After a failure: tells the peer (best effort), closes, and puts the guest where it
     /// belongs — resumed here if it was paused and the destination never ran it.
     fn fail(&mut self, error: Error) -> Error {
+        for c in &self.channels {
+            c.channel.shutdown();
+        }
         abort_and_close(
             &mut self.writer,
             self.main.as_ref(),

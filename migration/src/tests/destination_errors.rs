@@ -234,9 +234,13 @@ fn garbage_during_pre_copy_names_the_frame_and_never_starts_the_guest() {
         (frame_bytes(&page_frame(wrapping, 4096)), |e| {
             e.to_string().contains("outside guest RAM")
         }),
-        (msg(Message::ZeroPage { gpa: Gpa(wrapping) }), |e| {
-            e.to_string().contains("outside guest RAM")
-        }),
+        (
+            msg(Message::ZeroPage {
+                gpa: Gpa(wrapping),
+                pages: 1,
+            }),
+            |e| e.to_string().contains("outside guest RAM"),
+        ),
         (frame_bytes(&page_frame(0, 100)), |e| {
             matches!(
                 e,
@@ -251,7 +255,7 @@ fn garbage_during_pre_copy_names_the_frame_and_never_starts_the_guest() {
                 e,
                 Error::Wire {
                     step: Step::Round(0),
-                    source: WireError::TooLarge { max: 4104, .. }
+                    source: WireError::TooLarge { max: 262_152, .. }
                 }
             )
         }),
@@ -682,7 +686,10 @@ fn post_copy_ends_when_every_page_is_in_and_a_duplicate_changes_nothing() {
         for p in (0..SMALL.pages()).filter(|&p| p != 3) {
             let data = page(p as u8 + 1);
             let content = if p % 2 == 0 {
-                Message::ZeroPage { gpa: Gpa(p * 4096) }
+                Message::ZeroPage {
+                    gpa: Gpa(p * 4096),
+                    pages: 1,
+                }
             } else {
                 Message::Page {
                     gpa: Gpa(p * 4096),

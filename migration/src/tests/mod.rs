@@ -87,6 +87,7 @@ pub fn hello(layout: &Layout, mode: Mode) -> Hello {
         vcpus: 1,
         mode,
         session: None,
+        channels: 1,
     }
 }
 

@@ -268,6 +268,9 @@ fn a_third_connection_during_a_migration_is_refused_and_the_migration_completes(
     let (s, d) = (s.unwrap(), d.unwrap());
     same_memory(&src, &dst);
     assert_eq!(d.refused_connections, 3, "{d:?}");
-    assert_eq!(s.pages_pushed + s.pages_demand, LAYOUT.pages());
+    assert_eq!(
+        s.pages_pushed + s.pages_demand + s.pages_prefetched,
+        LAYOUT.pages()
+    );
     assert_eq!(src.ram.calls.count("resume"), 0);
 }

@@ -77,7 +77,7 @@ fn postcopy_pages_on_demand_first_and_pushes_on_from_the_request() {
     src.read_delay_after_pause = Duration::from_millis(2);
     let dst = FakeDestination::new(MIB, 4096, "shmem");
     let req = request(Mode::Postcopy);
-    let (s, d, pos, installs) = std::thread::scope(|scope| {
+    let (s, d, pos) = std::thread::scope(|scope| {
         let vcpu = scope.spawn(|| {
             assert!(dst.wait_started(Duration::from_secs(10)));
             let pager = dst.ram.pager().expect("begin_postcopy before start");
@@ -85,26 +85,33 @@ fn postcopy_pages_on_demand_first_and_pushes_on_from_the_request() {
             let wait = Duration::from_secs(10);
             let pos = dst.ram.wait_installed(200, wait).unwrap();
             dst.ram.wait_installed(202, wait).unwrap();
-            (pos, dst.ram.installs.lock().unwrap().clone())
+            pos
         });
         let (s, d) = pair(&src, &dst, &req, &TestNet::new(), &timeouts());
-        let (pos, installs) = vcpu.join().unwrap();
-        (s, d, pos, installs)
+        let pos = vcpu.join().unwrap();
+        (s, d, pos)
     });
     let (s, d) = (s.unwrap(), d.unwrap());
     assert_same_guest(&src, &dst);
+    let installs = dst.ram.installs.lock().unwrap().clone();
     // It overtook the push: at most a batch of pushed pages (64 of 4 KiB) came first.
     assert!(pos < 64, "the demanded page came first (install #{pos})");
-    // The push went on from the request: what arrived between 200 and 201 had been
-    // pushed (or batched) before the request was seen, and 202 follows 201.
+    // The rest of its extent (201..=215) came behind it on the urgent channel, unasked
+    // (prefetch): what arrived in between had been pushed before the request was seen.
     let next = installs.iter().position(|&p| p == 201).unwrap();
     assert!(
         next > pos && installs[pos + 1..next].iter().all(|&p| p < 200),
         "{installs:?}"
     );
-    assert_eq!(installs[next + 1], 202, "{installs:?}");
+    assert_eq!(installs[next..next + 15], (201..216).collect::<Vec<_>>());
+    // The push went on from the request: the first pushed page past it is 216.
+    let pushed_after = installs
+        .iter()
+        .find(|&&p| p > 200 && !(201..216).contains(&p));
+    assert_eq!(pushed_after, Some(&216), "{installs:?}");
     assert_eq!((s.pages_demand, d.pages_demand), (1, 1), "{s:?} {d:?}");
-    assert_eq!((s.pages_pushed, d.pages_pushed), (255, 255));
+    assert_eq!(s.pages_prefetched, 15);
+    assert_eq!((s.pages_pushed, d.pages_pushed), (240, 255));
     assert!(s.demand_fault_us_max >= 1000.0, "{s:?}");
     assert_eq!(s.demand_fault_us_max, d.demand_fault_us_max);
     assert_eq!(s.precopy_rounds, 0);

@@ -113,6 +113,23 @@ fn timeout_or_io(e: std::io::Error) -> WireError {
     }
 }
 
+/// `write_all` over several slices (std's `write_all_vectored` is not stable).
+fn write_all_vectored<W: Write>(
+    w: &mut W,
+    mut slices: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    std::io::IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Writes frames, counting them and their bytes.
 pub struct FrameWriter<W: Write> {
     inner: W,
@@ -163,11 +180,16 @@ impl<W: Write> FrameWriter<W> {
                 self.write_batch()?;
             }
         } else {
-            self.write_batch()?;
-            self.inner.write_all(&header).map_err(timeout_or_io)?;
-            for p in parts {
-                self.inner.write_all(p).map_err(timeout_or_io)?;
+            // A large extent or a huge page: the batch, the header and the data in one
+            // vectored write, the data from where it is.
+            let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(parts.len() + 2);
+            if !self.batch.is_empty() {
+                slices.push(std::io::IoSlice::new(&self.batch));
             }
+            slices.push(std::io::IoSlice::new(&header));
+            slices.extend(parts.iter().map(|p| std::io::IoSlice::new(p)));
+            write_all_vectored(&mut self.inner, &mut slices).map_err(timeout_or_io)?;
+            self.batch.clear();
         }
         self.frames += 1;
         self.bytes += (HEADER_LEN + total) as u64;
@@ -228,6 +250,9 @@ impl FrameBounds {
 pub struct FrameReader<R: Read> {
     inner: std::io::BufReader<R>,
     bounds: FrameBounds,
+    /// A payload buffer handed back by [`FrameReader::recycle`], for the next frame: a
+    /// stream of page frames allocates nothing per frame.
+    spare: Vec<u8>,
     pub frames: u64,
     pub bytes: u64,
 }
@@ -242,6 +267,7 @@ impl<R: Read> FrameReader<R> {
         FrameReader {
             inner: std::io::BufReader::with_capacity(WRITE_BATCH, inner),
             bounds,
+            spare: Vec::new(),
             frames: 0,
             bytes: 0,
         }
@@ -309,7 +335,9 @@ impl<R: Read> FrameReader<R> {
             });
         }
         let expected = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-        let mut payload = vec![0u8; len as usize];
+        let mut payload = std::mem::take(&mut self.spare);
+        payload.clear();
+        payload.resize(len as usize, 0);
         self.fill(&mut payload, "payload", false)?;
         let computed = crc(header[4], len, &[&payload]);
         if computed != expected {
@@ -323,6 +351,13 @@ impl<R: Read> FrameReader<R> {
         self.frames += 1;
         self.bytes += (HEADER_LEN + payload.len()) as u64;
         Ok(Frame { kind, payload })
+    }
+
+    /// Hands a received frame's buffer back, for the next frame's payload.
+    pub fn recycle(&mut self, frame: Frame) {
+        if frame.payload.capacity() > self.spare.capacity() {
+            self.spare = frame.payload;
+        }
     }
 }
 

@@ -9,15 +9,16 @@
 //! | message | payload |
 //! |---|---|
 //! | Hello, HelloAck | JSON [`Hello`] |
-//! | Page | gpa u64, then exactly one backing page |
-//! | ZeroPage, PageRequest | gpa u64 |
+//! | Page | gpa u64, then an extent: 1 to 64 whole backing pages inside one 2 MiB region (one huge page) |
+//! | ZeroPage | gpa u64, pages u32: an extent of zero pages |
+//! | PageRequest | gpa u64 |
 //! | RoundEnd | round u32 |
 //! | SwitchOver | state length u32, JSON of the state, missing flag u8, bitmap words u64… |
 //! | Resumed | CLOCK_MONOTONIC ns u64 |
 //! | Complete | nothing (source), or [`DemandStats`] as u64 + 3 × f64 (destination) |
 //! | Abort | the reason, UTF-8 |
 //! | Auth | step u8 (1 challenge, 2 answer, 3 proof), then nonce [32] and/or MAC [32] |
-//! | Join | channel u8 (1 urgent, 2 resume), session [16] |
+//! | Join | channel u8 (1 urgent, 2 resume, 3 pre-copy channel), session [16] |
 //! | Ready, Start | nothing |
 //! | Lacking | CLOCK_MONOTONIC ns the guest started here u64 (0: not started), bitmap words u64… |
 
@@ -33,9 +34,11 @@ use crate::wire::auth::{AuthStep, Session, NONCE_LEN};
 use crate::wire::frame::{Frame, FrameBounds, FrameKind, FrameReader, FrameWriter};
 use crate::Mode;
 
-/// Version 4: authenticated connections, a session the urgent and resumed connections
-/// join, the Ready/Start hand-over and post-copy recovery (Lacking).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version 5: page frames carry extents (up to 64 contiguous backing pages), and extra
+/// pre-copy channels join a session. Version 4: authenticated connections, a session the
+/// urgent and resumed connections join, the Ready/Start hand-over and post-copy recovery
+/// (Lacking).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Hello, HelloAck and Abort payloads: small JSON or text.
 pub const MAX_SMALL: u64 = 64 << 10;
 /// The VM state in a SwitchOver (vCPU registers, devices, the run's info).
@@ -74,8 +77,9 @@ impl Layout {
         let bitmap = 8 * PageBitmap::words_for(self.pages()) as u64;
         FrameBounds::from_fn(|k| match k {
             FrameKind::Hello | FrameKind::HelloAck | FrameKind::Abort => MAX_SMALL,
-            FrameKind::Page => 8 + self.page_size,
-            FrameKind::ZeroPage | FrameKind::PageRequest | FrameKind::Resumed => 8,
+            FrameKind::Page => 8 + self.extent_max_pages() * self.page_size,
+            FrameKind::ZeroPage => 12,
+            FrameKind::PageRequest | FrameKind::Resumed => 8,
             FrameKind::RoundEnd => 4,
             FrameKind::SwitchOver => 4 + MAX_VM_STATE + 1 + bitmap,
             FrameKind::Complete => DEMAND_STATS_LEN as u64,
@@ -84,6 +88,34 @@ impl Layout {
             FrameKind::Ready | FrameKind::Start => 0,
             FrameKind::Lacking => 8 + bitmap,
         })
+    }
+
+    /// The most backing pages of one extent (one page frame) for this guest.
+    pub fn extent_max_pages(&self) -> u64 {
+        guest_mm::extent_max_pages(self.page_size)
+    }
+
+    /// `gpa` if it starts an extent of `pages` backing pages: 1 to the most, inside one
+    /// 2 MiB region (or one huge page), inside guest RAM.
+    fn extent_at(&self, gpa: u64, pages: u64) -> Result<Gpa, Refused> {
+        let start = self.page_at(gpa)?;
+        let len = pages.saturating_mul(self.page_size);
+        let last = gpa.saturating_add(len.saturating_sub(1));
+        let one_region = pages == 1 || gpa / guest_mm::SIZE_2M == last / guest_mm::SIZE_2M;
+        if pages == 0 || pages > self.extent_max_pages() || !one_region {
+            return Err(Refused::Malformed(format!(
+                "an extent of {pages} pages at GPA {gpa:#x}: 1 to {} pages of {:#x} inside one 2 MiB region",
+                self.extent_max_pages(),
+                self.page_size
+            )));
+        }
+        if last >= self.memory_bytes {
+            return Err(Refused::Malformed(format!(
+                "an extent of {pages} pages at GPA {gpa:#x} ends outside guest RAM ({:#x} bytes)",
+                self.memory_bytes
+            )));
+        }
+        Ok(start)
     }
 
     /// `gpa` if it starts a backing page inside guest RAM.
@@ -115,6 +147,14 @@ pub struct Hello {
     /// and any resumed connection name when they join (the source sends none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<Session>,
+    /// Pre-copy channels (`--channels`): connections the rounds' pages travel on, the main
+    /// one included; the others join the session after the HelloAck.
+    #[serde(default = "one_channel")]
+    pub channels: u32,
+}
+
+fn one_channel() -> u32 {
+    1
 }
 
 impl Hello {
@@ -139,6 +179,13 @@ impl Hello {
         }
         if theirs.vcpus != self.vcpus {
             diffs.push(format!("vCPUs {} vs {}", theirs.vcpus, self.vcpus));
+        }
+        if !(1..=crate::MAX_CHANNELS).contains(&theirs.channels) {
+            diffs.push(format!(
+                "{} pre-copy channels (1 to {} are possible)",
+                theirs.channels,
+                crate::MAX_CHANNELS
+            ));
         }
         if diffs.is_empty() {
             Ok(())
@@ -185,12 +232,15 @@ pub struct DemandStats {
 pub enum Message<'a> {
     Hello(Hello),
     HelloAck(Hello),
+    /// An extent of backing pages at `gpa` (`data` is whole pages).
     Page {
         gpa: Gpa,
         data: &'a [u8],
     },
+    /// An extent of `pages` zero pages at `gpa`.
     ZeroPage {
         gpa: Gpa,
+        pages: u32,
     },
     /// The end of pre-copy round `round`.
     RoundEnd {
@@ -240,6 +290,8 @@ pub enum Joining {
     Urgent,
     /// A new main connection after the old one broke (post-copy recovery).
     Resume,
+    /// One more pre-copy channel (`--channels`).
+    Channel,
 }
 
 impl<'a> Message<'a> {
@@ -247,7 +299,7 @@ impl<'a> Message<'a> {
     pub fn page(gpa: Gpa, content: PageContent<'a>) -> Message<'a> {
         match content {
             PageContent::Bytes(data) => Message::Page { gpa, data },
-            PageContent::Zero => Message::ZeroPage { gpa },
+            PageContent::Zero => Message::ZeroPage { gpa, pages: 1 },
         }
     }
 
@@ -276,9 +328,14 @@ impl<'a> Message<'a> {
         let kind = self.kind();
         Ok(match self {
             Message::Hello(h) | Message::HelloAck(h) => to_json(kind, h)?,
-            Message::Page { gpa, .. }
-            | Message::ZeroPage { gpa }
-            | Message::PageRequest { gpa } => gpa.0.to_le_bytes().to_vec(),
+            Message::Page { gpa, .. } | Message::PageRequest { gpa } => {
+                gpa.0.to_le_bytes().to_vec()
+            }
+            Message::ZeroPage { gpa, pages } => {
+                let mut out = gpa.0.to_le_bytes().to_vec();
+                out.extend_from_slice(&pages.to_le_bytes());
+                out
+            }
             Message::RoundEnd { round } => round.to_le_bytes().to_vec(),
             Message::Resumed { at_ns } => at_ns.to_le_bytes().to_vec(),
             Message::SwitchOver(s) => {
@@ -332,6 +389,7 @@ impl<'a> Message<'a> {
                 let mut out = vec![match channel {
                     Joining::Urgent => 1,
                     Joining::Resume => 2,
+                    Joining::Channel => 3,
                 }];
                 out.extend_from_slice(&session.0);
                 out
@@ -476,21 +534,29 @@ fn decode<'a>(frame: &'a Frame, layout: &Layout) -> Result<Message<'a>, Refused>
         FrameKind::Hello => Message::Hello(decode_hello(p)?),
         FrameKind::HelloAck => Message::HelloAck(decode_hello(p)?),
         FrameKind::Page => {
-            if p.len() as u64 != 8 + layout.page_size {
+            let data = p.get(8..).unwrap_or_default();
+            if data.is_empty() || !(data.len() as u64).is_multiple_of(layout.page_size) {
                 return malformed(format!(
-                    "a page frame of {} bytes, expected 8 + {}",
+                    "a page frame of {} bytes, expected 8 + a multiple of {}",
                     p.len(),
                     layout.page_size
                 ));
             }
+            let pages = data.len() as u64 / layout.page_size;
             Message::Page {
-                gpa: layout.page_at(u64_of(&p[..8])?)?,
-                data: &p[8..],
+                gpa: layout.extent_at(u64_of(&p[..8])?, pages)?,
+                data,
             }
         }
-        FrameKind::ZeroPage => Message::ZeroPage {
-            gpa: layout.page_at(u64_of(p)?)?,
-        },
+        FrameKind::ZeroPage => {
+            let b = exact::<12>(p)?;
+            let gpa = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+            let pages = u32::from_le_bytes(b[8..].try_into().unwrap_or_default());
+            Message::ZeroPage {
+                gpa: layout.extent_at(gpa, pages.into())?,
+                pages,
+            }
+        }
         FrameKind::PageRequest => Message::PageRequest {
             gpa: layout.page_at(u64_of(p)?)?,
         },
@@ -513,6 +579,7 @@ fn decode<'a>(frame: &'a Frame, layout: &Layout) -> Result<Message<'a>, Refused>
             let channel = match b[0] {
                 1 => Joining::Urgent,
                 2 => Joining::Resume,
+                3 => Joining::Channel,
                 other => return malformed(format!("join of unknown channel {other}")),
             };
             let mut session = [0u8; Session::LEN];
@@ -587,6 +654,11 @@ impl<R: Read> MessageReader<R> {
         Message::decode(frame, self.frames.frames.saturating_sub(1), &self.layout)
     }
 
+    /// Hands a received frame's buffer back (see [`FrameReader::recycle`]).
+    pub fn recycle(&mut self, frame: Frame) {
+        self.frames.recycle(frame)
+    }
+
     /// Index of the last frame received.
     pub fn last_index(&self) -> u64 {
         self.frames.frames.saturating_sub(1)
@@ -615,6 +687,7 @@ mod tests {
             vcpus: 2,
             mode: Mode::Precopy,
             session: None,
+            channels: 1,
         }
     }
 
@@ -632,6 +705,7 @@ mod tests {
     #[test]
     fn every_message_round_trips() {
         let page = vec![7u8; 4096];
+        let extent = vec![9u8; 4 * 4096];
         let mut missing = PageBitmap::empty(LAYOUT.pages());
         missing.set(3);
         missing.set(LAYOUT.pages() - 1);
@@ -642,7 +716,18 @@ mod tests {
                 gpa: Gpa(0x5000),
                 data: &page,
             },
-            Message::ZeroPage { gpa: Gpa(0x7000) },
+            Message::ZeroPage {
+                gpa: Gpa(0x7000),
+                pages: 1,
+            },
+            Message::ZeroPage {
+                gpa: Gpa(0x8000),
+                pages: 8,
+            },
+            Message::Page {
+                gpa: Gpa(0x1000),
+                data: &extent,
+            },
             Message::RoundEnd { round: 4 },
             Message::SwitchOver(Box::new(SwitchOver {
                 state: VmState(serde_json::json!({"vcpus": [1, 2]})),
@@ -674,11 +759,11 @@ mod tests {
         for m in &messages {
             assert_eq!(&round_trip(m), m);
         }
-        // A zero page travels as its address only.
+        // A zero page travels as its address and count only.
         let f = Message::page(Gpa(0x7000), PageContent::Zero)
             .to_frame()
             .unwrap();
-        assert_eq!(f.payload.len(), 8);
+        assert_eq!(f.payload.len(), 12);
     }
 
     fn refused(kind: FrameKind, payload: Vec<u8>) -> String {
@@ -696,18 +781,28 @@ mod tests {
             p.resize(8 + len, 1);
             p
         };
-        assert!(refused(FrameKind::Page, page(0, 100)).contains("8 + 4096"));
+        assert!(refused(FrameKind::Page, page(0, 100)).contains("8 + a multiple of 4096"));
+        assert!(refused(FrameKind::Page, page(0, 65 * 4096)).contains("1 to 64 pages"));
+        assert!(
+            refused(FrameKind::Page, page((2 << 20) - 4096, 2 * 4096)).contains("one 2 MiB region"),
+            "an extent across a region"
+        );
         assert!(refused(FrameKind::Page, page(64 << 20, 4096)).contains("outside guest RAM"));
         assert!(refused(FrameKind::Page, page(0x1001, 4096)).contains("outside"));
         // A GPA that wraps when the page is added.
         let wrap = u64::MAX - 0xfff;
         assert!(refused(FrameKind::Page, page(wrap, 4096)).contains("outside"));
-        assert!(refused(FrameKind::ZeroPage, wrap.to_le_bytes().to_vec()).contains("outside"));
+        let zeros = |gpa: u64, pages: u32| {
+            [gpa.to_le_bytes().to_vec(), pages.to_le_bytes().to_vec()].concat()
+        };
+        assert!(refused(FrameKind::ZeroPage, zeros(wrap, 1)).contains("outside"));
+        assert!(refused(FrameKind::ZeroPage, zeros(0, 0)).contains("1 to 64 pages"));
+        assert!(refused(FrameKind::ZeroPage, zeros(0, 513)).contains("1 to 64 pages"));
         assert!(
             refused(FrameKind::PageRequest, (64u64 << 20).to_le_bytes().to_vec())
                 .contains("outside")
         );
-        assert!(refused(FrameKind::ZeroPage, vec![0; 7]).contains("expected 8"));
+        assert!(refused(FrameKind::ZeroPage, vec![0; 7]).contains("expected 12"));
         assert!(refused(FrameKind::Resumed, vec![0; 9]).contains("expected 8"));
         assert!(refused(FrameKind::RoundEnd, vec![]).contains("expected 4"));
         assert!(refused(FrameKind::Complete, vec![0; 31]).contains("expected 32"));
@@ -783,7 +878,18 @@ mod tests {
         assert!(Layout::new(4096 * 3, 8192).is_none());
         assert!(Layout::new(1 << 20, 3000).is_none());
         let b = LAYOUT.bounds();
-        assert_eq!(b.max(FrameKind::Page), 8 + 4096);
+        assert_eq!(
+            b.max(FrameKind::Page),
+            8 + 64 * 4096,
+            "an extent of 64 pages"
+        );
+        assert_eq!(b.max(FrameKind::ZeroPage), 12);
+        let huge = Layout::new(1 << 30, 2 << 20).unwrap();
+        assert_eq!(
+            huge.bounds().max(FrameKind::Page),
+            8 + (2 << 20),
+            "one huge page"
+        );
         assert_eq!(b.max(FrameKind::PageRequest), 8);
         assert_eq!(b.max(FrameKind::SwitchOver), 4 + MAX_VM_STATE + 1 + 8 * 256);
     }

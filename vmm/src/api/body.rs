@@ -3,8 +3,8 @@
 //!
 //! `vm.send-migration` and `vm.receive-migration` take Cloud Hypervisor's bodies
 //! (`SendMigrationData`, `ReceiveMigrationData` in its OpenAPI document). Where Cloud
-//! Hypervisor offers what hugevisor does not (`local`, TLS, several connections, a
-//! timeout that forces the switch-over), a body that asks for it is refused naming the
+//! Hypervisor offers what hugevisor does not (`local`, TLS in the call, a timeout that
+//! forces the switch-over), a body that asks for it is refused naming the
 //! difference rather than served otherwise. hugevisor's own fields — `mode` (with
 //! `hybrid`), `push_order`, `verify` — are extra properties with defaults. The legacy
 //! `vm.migrate` takes the same body and also its old field name `to`.
@@ -195,12 +195,6 @@ fn refuse_unsupported_send(f: &Fields) -> Result<(), BodyError> {
             why: "a hugevisor source ends its run once the guest is the destination's (leave preserve_source out, or false)",
         });
     }
-    if f.count("connections", 1, 128)?.is_some_and(|n| n != 1) {
-        return Err(BodyError::Unsupported {
-            field: "connections",
-            why: "hugevisor migrates over one connection (plus post-copy's urgent one); give 1 or leave it out",
-        });
-    }
     if f.get("tls_dir").is_some() {
         return Err(BodyError::Unsupported {
             field: "tls_dir",
@@ -295,6 +289,10 @@ pub fn send_migration(body: &[u8], flavour: SendFlavour) -> Result<SendMigration
         ),
         None => None,
     };
+    // Cloud Hypervisor's multi-connection: hugevisor's pre-copy channels.
+    let channels = f
+        .count("connections", 1, migration::MAX_CHANNELS.into())?
+        .map_or(1, |n| n as u32);
     // hugevisor's: the resume of a migration paused after the hand-over.
     let action = match f.str("action")? {
         None | Some("start") => migration::Action::Start,
@@ -312,6 +310,7 @@ pub fn send_migration(body: &[u8], flavour: SendFlavour) -> Result<SendMigration
             downtime,
             verify,
             push_order,
+            channels,
             ..migration::MigrationRequest::new(to, mode)
         },
         timeout,
@@ -430,6 +429,8 @@ mod tests {
 
     #[test]
     fn hugevisor_fields_are_extra_and_the_old_body_still_parses() {
+        let s = send(r#"{"destination_url": "unix:/m", "connections": 4}"#).unwrap();
+        assert_eq!(s.request.channels, 4, "connections are pre-copy channels");
         let s = send(r#"{"destination_url": "unix:/m", "mode": "hybrid", "push_order": "fewest-missing-first", "memory_mode": "Postcopy"}"#).unwrap();
         assert_eq!(s.request.mode, migration::Mode::Hybrid);
         assert_eq!(
@@ -486,7 +487,7 @@ mod tests {
             ),
             (r#"{"destination_url": "unix:/m", "local": true}"#, "local"),
             (
-                r#"{"destination_url": "unix:/m", "connections": 4}"#,
+                r#"{"destination_url": "unix:/m", "connections": 17}"#,
                 "connections",
             ),
             (

@@ -14,7 +14,13 @@
 //! otherwise `← HelloAck` (its own Hello).
 //!
 //! **Pre-copy**: the source turns KVM dirty logging on. Round 0 sends every backing page
-//! (`→ Page`, or `→ ZeroPage` for one that is all zeros), then `→ RoundEnd{0}`. Each next
+//! as extents (`→ Page` carrying up to 64 contiguous pages inside one region, or one huge
+//! page; `→ ZeroPage{gpa, pages}` for a stretch of zero pages), then `→ RoundEnd{0}`.
+//! With `channels` > 1 the source opens that many more connections after the HelloAck
+//! (`→ Join{session, channel}`), sends region `r`'s pages on channel `r % channels` on a
+//! thread each, and ends each of them with `→ Complete` before the SwitchOver; the
+//! destination writes what each channel brings on a thread of its own and acts on the
+//! SwitchOver only once every channel has ended. Each next
 //! round sends the pages written since the last, then `→ RoundEnd{n}`, until what is left
 //! fits the downtime budget at the rate the last round measured. Rounds that stop
 //! converging (the dirty set did not shrink for two rounds, or 20 rounds) throttle the
@@ -35,7 +41,8 @@
 //! `← PageRequest` on the urgent connection and its `→ Page` comes back there; the source
 //! pushes every other missing page on the main connection (in address order from the
 //! last request, or region by region with the fewest pages missing first) and ends it
-//! with `→ Complete`. Each page is sent once, on one of the two. When every page is in,
+//! with `→ Complete`. Each page is sent once, on one of the two; a demanded 4 KiB page
+//! brings the next 15 pages of its region behind it (prefetch). When every page is in,
 //! the destination sends `← Complete{demand-fault figures}` on the urgent connection and
 //! leaves post-copy; the source waits up to 60 s after its last push for that. The urgent
 //! connection may be silent as long as the guest asks for nothing; the main one may not.

@@ -56,6 +56,29 @@ fn precopy_rounds_until_the_dirty_set_stops_shrinking_then_hands_over() {
 }
 
 #[test]
+fn precopy_over_four_channels_ends_with_every_page_and_its_last_copy() {
+    // 16 MiB: 8 regions over 4 channels; the fake dirties pages every round, so the
+    // same pages travel again, each time on its region's channel.
+    let src = FakeSource::new(16 * MIB, 4096, "shmem");
+    let dst = FakeDestination::new(16 * MIB, 4096, "shmem");
+    let mut req = request(Mode::Precopy);
+    req.downtime = Duration::ZERO;
+    req.verify = Some(Verify::MemoryHash);
+    req.channels = 4;
+    let (s, d) = pair(&src, &dst, &req, &TestNet::new(), &timeouts());
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_same_guest(&src, &dst);
+    assert_eq!(s.channels, 4, "{s:?}");
+    assert!(s.precopy_rounds >= 2, "{s:?}");
+    assert_eq!(
+        d.pages, s.pages_precopy,
+        "every channel's pages are counted"
+    );
+    assert_eq!(d.memory_hash, s.memory_hash);
+    assert_eq!(dst.calls(), ["restore", "start", "resumed_after_migration"]);
+}
+
+#[test]
 fn precopy_stops_after_round_0_when_the_rest_fits_the_budget() {
     let src = FakeSource::new(4 * MIB, 4096, "shmem");
     let dst = FakeDestination::new(4 * MIB, 4096, "shmem");

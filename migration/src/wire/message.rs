@@ -870,6 +870,16 @@ mod tests {
             "{e}"
         );
         assert!(ours.check_compatible(&hello()).is_ok());
+        let e = ours
+            .check_compatible(&Hello {
+                channels: 17,
+                ..hello()
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("17 pre-copy channels (1 to 16"),
+            "{e}"
+        );
     }
 
     #[test]

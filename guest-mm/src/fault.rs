@@ -213,6 +213,8 @@ impl FaultThread {
         let thread = std::thread::Builder::new()
             .name("uffd-fault".into())
             .spawn(move || {
+                // Every vCPU fault waits on this thread.
+                let _ = crate::host::favour_this_thread();
                 let r = uffd::run_until_stopped(&uffd, &stop2, |ev| handle_event(&ctx, ev));
                 if let Err(e) = r {
                     ctx.stats.error(format!("fault thread: {e}"));

@@ -361,16 +361,20 @@ impl GuestMemory {
         self.ram.write_bytes(gpa, bytes)
     }
 
-    /// Pre-copy receive: the extent of `pages` backing pages at `gpa` is all zeros. Punched
-    /// out of the memfd where there is one (a page never written here costs nothing),
-    /// written as zeros otherwise.
+    /// Pre-copy receive: the extent of `pages` backing pages at `gpa` is all zeros. Written
+    /// as zeros (one `pwrite` on shmem), never punched out: a hole in a present page would
+    /// later raise a MISSING fault the fault path cannot CONTINUE (hybrid registers
+    /// MISSING|MINOR after the rounds; UFFDIO_CONTINUE of a hole is EFAULT).
     pub fn zero_pages(&self, gpa: Gpa, pages: u64) -> Result<(), Error> {
+        static ZEROS: [u8; crate::page::EXTENT_MAX_BYTES as usize] =
+            [0; crate::page::EXTENT_MAX_BYTES as usize];
         let page = self.page_size();
         let range = self.check_extent(gpa, pages.saturating_mul(page))?;
-        if self.ram.punch_hole(range)? {
-            return Ok(());
+        match ZEROS.get(..range.len() as usize) {
+            Some(zeros) => self.ram.write_bytes(gpa, zeros),
+            None => (0..pages)
+                .try_for_each(|i| self.write_staging(gpa.add(i * page), PageContent::Zero)),
         }
-        (0..pages).try_for_each(|i| self.write_staging(gpa.add(i * page), PageContent::Zero))
     }
 
     /// Post-copy: an arriving extent. Under one hold of the table lock, each stretch of

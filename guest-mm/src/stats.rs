@@ -51,6 +51,32 @@ impl LatencyHistogram {
         self.count
     }
 
+    /// The histogram in power-of-two buckets, for a report: `(upper edge µs, count)` for
+    /// every non-empty bucket, the edges 1, 2, 4 … 8192 µs, then 10 ms (the 1 µs buckets'
+    /// end) and the overflow bucket, whose edge is the largest value seen.
+    pub fn log2_buckets(&self) -> Vec<(f64, u64)> {
+        let mut out: Vec<(f64, u64)> = Vec::new();
+        let mut upper = 1usize;
+        let mut n = 0;
+        for (us, &c) in self.buckets.iter().enumerate().take(HIST_BUCKETS) {
+            while us >= upper {
+                if n > 0 {
+                    out.push((upper as f64, n));
+                }
+                n = 0;
+                upper = (upper * 2).min(HIST_BUCKETS);
+            }
+            n += c;
+        }
+        if n > 0 {
+            out.push((upper as f64, n));
+        }
+        if self.buckets[HIST_BUCKETS] > 0 {
+            out.push((self.max_us(), self.buckets[HIST_BUCKETS]));
+        }
+        out
+    }
+
     pub fn max_us(&self) -> f64 {
         self.max_ns as f64 / 1000.0
     }
@@ -59,6 +85,21 @@ impl LatencyHistogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log2_buckets_add_up_and_name_their_upper_edges() {
+        let mut h = LatencyHistogram::default();
+        for ns in [500, 1_500, 3_000, 3_900, 700_000, 20_000_000] {
+            h.record(ns);
+        }
+        let b = h.log2_buckets();
+        assert_eq!(
+            b,
+            vec![(1.0, 1), (2.0, 1), (4.0, 2), (1024.0, 1), (20_000.0, 1)],
+            "0 µs in the first, 1 µs in [1, 2), 3 µs twice in [2, 4), 700 µs in [512, 1024), 20 ms beyond the end"
+        );
+        assert_eq!(b.iter().map(|x| x.1).sum::<u64>(), h.count());
+    }
 
     #[test]
     fn histogram_percentiles() {

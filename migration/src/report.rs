@@ -109,6 +109,9 @@ pub struct IncomingReport {
     pub demand_fault_us_max: f64,
     /// Post-copy: switch-over to the last page.
     pub postcopy_ms: Option<f64>,
+    /// Post-copy: each demand fault's time, stage by stage (see [`DemandBreakdown`]).
+    #[serde(default)]
+    pub demand_breakdown: Option<Box<DemandBreakdown>>,
     /// Filled by the VMM: the guest's passes (all vCPUs) before the switch, and those it
     /// made here.
     pub passes_at_switch: u64,
@@ -122,4 +125,45 @@ pub struct IncomingReport {
     /// The memory hash this end computed and found equal to the source's (`verify`).
     #[serde(default)]
     pub memory_hash: Option<u32>,
+}
+
+/// Where a post-copy destination's demand faults spent their time, stage by stage. The
+/// clock starts when the fault path asks the pager for the page (the fault thread has
+/// read the vCPU's userfaultfd event and found the page absent).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DemandBreakdown {
+    /// Asked → the `PageRequest` written to the urgent connection.
+    pub request_sent: StageLatency,
+    /// Sent → the page's frame read and checked here: the source's turn-around and the
+    /// wire both ways.
+    pub page_arrived: StageLatency,
+    /// Arrived → installed (written, CONTINUEd, marked present). UFFDIO_CONTINUE wakes
+    /// the faulting vCPU as it maps the page, so this is also when the vCPU is resumed —
+    /// runnable; when the scheduler then runs it is the kernel's, and not seen from here.
+    pub installed_resumed: StageLatency,
+    /// Asked → installed: the whole demand fault as the VMM sees it.
+    pub total: StageLatency,
+}
+
+/// One stage's latencies: percentiles and a histogram.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageLatency {
+    pub count: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// `[upper edge µs, faults]` per non-empty power-of-two bucket (1, 2, 4 … µs).
+    pub histogram: Vec<(f64, u64)>,
+}
+
+impl StageLatency {
+    pub fn of(h: &guest_mm::stats::LatencyHistogram) -> StageLatency {
+        StageLatency {
+            count: h.count(),
+            p50_us: h.percentile_us(50.0),
+            p99_us: h.percentile_us(99.0),
+            max_us: h.max_us(),
+            histogram: h.log2_buckets(),
+        }
+    }
 }

@@ -740,7 +740,7 @@ fn hostile_frames_to_a_waiting_destination_are_refused_within_the_layout() {
         h
     };
     for (kind, len, said) in [
-        (FrameKind::Page, 1u32 << 30, "4104-byte limit"),
+        (FrameKind::Page, 1u32 << 30, "262152-byte limit"),
         // A SwitchOver with a 100 M-word missing-pages bitmap.
         (FrameKind::SwitchOver, 800_000_000, "-byte limit"),
     ] {

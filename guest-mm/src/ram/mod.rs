@@ -294,17 +294,6 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Makes `range` read as zeros before any vCPU runs on it by punching it out of the
-    /// memfd (nothing to allocate, and what was there is freed). Returns false, doing
-    /// nothing, where there is no single memfd to punch (anon, emulated NUMA zones).
-    pub fn punch_hole(&self, range: GpaRange) -> Result<bool, Error> {
-        if self.zones.single_memfd().is_none() {
-            return Ok(false);
-        }
-        self.zones.punch(0, range)?;
-        Ok(true)
-    }
-
     /// Guest RAM's memfd (zone 0); None for anon.
     #[cfg(test)]
     pub(crate) fn memfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

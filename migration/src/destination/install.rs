@@ -24,6 +24,14 @@ use crate::wire::message::{Joining, Message, MessageReader, SwitchOver};
 use crate::wire::transport::Channel;
 use crate::Timeouts;
 
+/// Where and when an extent arrived: the step its errors name, and when its frame was
+/// read and checked (a demand fault's "page arrived").
+#[derive(Clone, Copy)]
+struct Got {
+    step: Step,
+    at: Instant,
+}
+
 /// What both receivers share.
 struct Install<'a> {
     pages: &'a dyn GuestPages,
@@ -46,7 +54,8 @@ struct Install<'a> {
 }
 
 impl Install<'_> {
-    fn install(&self, gpa: Gpa, page: PageContent<'_>, step: Step) -> Result<(), Error> {
+    fn install(&self, gpa: Gpa, page: PageContent<'_>, got: Got) -> Result<(), Error> {
+        let step = got.step;
         let done = self
             .pages
             .install_page(gpa, page)
@@ -60,17 +69,18 @@ impl Install<'_> {
                 PageContent::Bytes(b) => b,
                 PageContent::Zero => &self.zero_page,
             };
-            self.installed_new(gpa, bytes)?;
+            self.installed_new(gpa, bytes, got)?;
         }
         Ok(())
     }
 
     /// An arriving extent: each page still absent is installed (one CONTINUE per stretch
     /// of them), duplicates are left alone.
-    fn install_extent(&self, gpa: Gpa, data: &[u8], step: Step) -> Result<(), Error> {
+    fn install_extent(&self, gpa: Gpa, data: &[u8], got: Got) -> Result<(), Error> {
+        let step = got.step;
         let ps = self.page_size as usize;
         if data.len() == ps {
-            return self.install(gpa, PageContent::Bytes(data), step);
+            return self.install(gpa, PageContent::Bytes(data), got);
         }
         let new = self
             .pages
@@ -85,7 +95,7 @@ impl Install<'_> {
         }
         for (i, page) in data.chunks(ps).enumerate() {
             if new.is_new(i as u64) {
-                self.installed_new(gpa.add((i * ps) as u64), page)?;
+                self.installed_new(gpa.add((i * ps) as u64), page, got)?;
             }
         }
         Ok(())
@@ -93,16 +103,16 @@ impl Install<'_> {
 
     /// An extent of `pages` zero pages: a single page as [`Install::install`] does, more
     /// from a buffer of zeros (only 4 KiB pages come more than one to an extent).
-    fn install_zeros(&self, gpa: Gpa, pages: u64, step: Step) -> Result<(), Error> {
+    fn install_zeros(&self, gpa: Gpa, pages: u64, got: Got) -> Result<(), Error> {
         static ZEROS: [u8; guest_mm::EXTENT_MAX_BYTES as usize] =
             [0; guest_mm::EXTENT_MAX_BYTES as usize];
         let len = pages * self.page_size;
         match pages {
-            1 => self.install(gpa, PageContent::Zero, step),
+            1 => self.install(gpa, PageContent::Zero, got),
             _ => match ZEROS.get(..len as usize) {
-                Some(zeros) => self.install_extent(gpa, zeros, step),
+                Some(zeros) => self.install_extent(gpa, zeros, got),
                 None => (0..pages).try_for_each(|i| {
-                    self.install(gpa.add(i * self.page_size), PageContent::Zero, step)
+                    self.install(gpa.add(i * self.page_size), PageContent::Zero, got)
                 }),
             },
         }
@@ -110,11 +120,11 @@ impl Install<'_> {
 
     /// Books a page that was absent and is installed now: the hash, the pager's record,
     /// the count (the last page checks the hash and completes).
-    fn installed_new(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), Error> {
+    fn installed_new(&self, gpa: Gpa, bytes: &[u8], got: Got) -> Result<(), Error> {
         if let Some(d) = &self.digest {
             d.fetch_add(crate::pages::page_digest(gpa, bytes), Ordering::AcqRel);
         }
-        self.pager.installed(gpa);
+        self.pager.installed(gpa, got.at);
         if self.installed.fetch_add(1, Ordering::AcqRel) + 1 == self.target {
             // The last page: the hash is checked before the source hears it is done.
             self.check_hash()?;
@@ -267,6 +277,7 @@ impl Receiver<'_> {
         self.report.demand_fault_us_p50 = stats.us_p50;
         self.report.demand_fault_us_p99 = stats.us_p99;
         self.report.demand_fault_us_max = stats.us_max;
+        self.report.demand_breakdown = Some(Box::new(pager.breakdown()));
         self.report.postcopy_ms = Some(switched.elapsed().as_secs_f64() * 1000.0);
         Ok(())
     }
@@ -299,6 +310,8 @@ impl Receiver<'_> {
         let (m, u) = std::thread::scope(|scope| {
             let timeouts = &timeouts;
             let urgent = scope.spawn(move || {
+                // Faulting vCPUs wait on it: it wins the CPU over them when a page lands.
+                let _ = guest_mm::host::favour_this_thread();
                 let r = receive(ctx, urgent_reader, Connection::Urgent, timeouts);
                 if r.is_err() {
                     ctx.stop.store(true, Ordering::Relaxed);
@@ -381,9 +394,13 @@ fn receive<R: std::io::Read>(
             }
             Err(e) => return Err(wire(e)),
         };
+        let got = Got {
+            step,
+            at: Instant::now(),
+        };
         match r.decode(&frame).map_err(wire)? {
-            Message::Page { gpa, data } => ctx.install_extent(gpa, data, step)?,
-            Message::ZeroPage { gpa, pages } => ctx.install_zeros(gpa, pages.into(), step)?,
+            Message::Page { gpa, data } => ctx.install_extent(gpa, data, got)?,
+            Message::ZeroPage { gpa, pages } => ctx.install_zeros(gpa, pages.into(), got)?,
             Message::Complete { demand: None } if conn == Connection::Main => {
                 *ctx.push_ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 return Ok(());

@@ -20,12 +20,32 @@ use crate::wire::transport::Channel;
 pub(crate) struct UrgentPager {
     urgent: Mutex<FrameWriter<Box<dyn Channel>>>,
     layout: Layout,
-    /// When each page was first asked for.
-    requested: Mutex<HashMap<Gpa, Instant>>,
-    latency: Mutex<LatencyHistogram>,
+    /// Each page asked for and not installed yet: when, and when its request went out.
+    requested: Mutex<HashMap<Gpa, Asked>>,
+    latency: Mutex<Stages>,
     demand: AtomicU64,
     pushed: AtomicU64,
     completed: AtomicBool,
+}
+
+/// A page asked for.
+#[derive(Clone, Copy)]
+struct Asked {
+    at: Instant,
+    sent: Option<Instant>,
+}
+
+/// The demand faults' latencies, whole and stage by stage.
+#[derive(Default)]
+struct Stages {
+    total: LatencyHistogram,
+    request_sent: LatencyHistogram,
+    page_arrived: LatencyHistogram,
+    installed_resumed: LatencyHistogram,
+}
+
+fn ns(from: Instant, to: Instant) -> u64 {
+    to.saturating_duration_since(from).as_nanos() as u64
 }
 
 impl UrgentPager {
@@ -41,20 +61,25 @@ impl UrgentPager {
         }
     }
 
-    /// The page at `gpa` was installed (it was absent).
-    pub(crate) fn installed(&self, gpa: Gpa) {
+    /// The page at `gpa` was installed (it was absent); its frame was read at `arrived`.
+    pub(crate) fn installed(&self, gpa: Gpa, arrived: Instant) {
         let asked = self
             .requested
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&gpa);
         match asked {
-            Some(t) => {
+            Some(a) => {
+                let now = Instant::now();
                 self.demand.fetch_add(1, Ordering::Relaxed);
-                self.latency
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .record(t.elapsed().as_nanos() as u64);
+                let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+                l.total.record(ns(a.at, now));
+                // A page pushed before its request went out arrived "before" it: its
+                // wire stage is 0, its install stage counts from the request.
+                let sent = a.sent.unwrap_or(a.at).max(a.at);
+                l.request_sent.record(ns(a.at, sent));
+                l.page_arrived.record(ns(sent, arrived));
+                l.installed_resumed.record(ns(arrived.max(sent), now));
             }
             None => {
                 self.pushed.fetch_add(1, Ordering::Relaxed);
@@ -62,8 +87,20 @@ impl UrgentPager {
         }
     }
 
+    pub(crate) fn breakdown(&self) -> crate::report::DemandBreakdown {
+        use crate::report::StageLatency;
+        let l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        crate::report::DemandBreakdown {
+            request_sent: StageLatency::of(&l.request_sent),
+            page_arrived: StageLatency::of(&l.page_arrived),
+            installed_resumed: StageLatency::of(&l.installed_resumed),
+            total: StageLatency::of(&l.total),
+        }
+    }
+
     pub(crate) fn stats(&self) -> DemandStats {
-        let h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let h = &l.total;
         DemandStats {
             pages: self.demand.load(Ordering::Relaxed),
             us_p50: h.percentile_us(50.0),
@@ -132,13 +169,30 @@ impl Pager for UrgentPager {
             if req.contains_key(&page) {
                 return;
             }
-            req.insert(page, Instant::now());
+            req.insert(
+                page,
+                Asked {
+                    at: Instant::now(),
+                    sent: None,
+                },
+            );
         }
         // A failed write shows on the main connection (the source is gone) soon enough;
         // the vCPU waits for the page either way.
-        let mut w = self.urgent.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = Message::PageRequest { gpa: page }
-            .send(&mut w)
-            .and_then(|()| w.flush());
+        {
+            let mut w = self.urgent.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = Message::PageRequest { gpa: page }
+                .send(&mut w)
+                .and_then(|()| w.flush());
+        }
+        let sent = Instant::now();
+        if let Some(a) = self
+            .requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&page)
+        {
+            a.sent = Some(sent);
+        }
     }
 }

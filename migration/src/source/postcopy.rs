@@ -85,6 +85,8 @@ pub(super) fn run(s: &mut Session, missing: PageBitmap) -> Result<(), Error> {
     let (layout, timeouts) = (s.layout, *s.timeouts);
     let (pushed, urgent_end) = std::thread::scope(|scope| {
         let handle = scope.spawn(|| {
+            // Demand requests never wait behind the push (or anything else) for the CPU.
+            let _ = guest_mm::host::favour_this_thread();
             let sender = PageSender::new(pages, &layout);
             let r = serve_urgent(&shared, reader, writer, sender, &layout, &timeouts);
             if r.is_err() {

@@ -286,9 +286,10 @@ fn failing_source_host_calls_before_the_pause_leave_the_guest_running() {
 
 #[test]
 fn a_failure_after_the_pause_resumes_the_guest_on_the_source() {
-    // Round 0 reads 1024 pages; the stop-and-copy's third read fails.
+    // Round 0 reads 1024 pages, round 1 the 8 dirtied meanwhile; the stop-and-copy's
+    // third read fails.
     let (src, dst) = fakes();
-    src.ram.faults.fail("read_page", 1024 + 2);
+    src.ram.faults.fail("read_page", 1024 + 8 + 2);
     let (s, d) = pair(
         &src,
         &dst,
@@ -310,11 +311,12 @@ fn a_failure_after_the_pause_resumes_the_guest_on_the_source() {
     );
     resumed_once(&src);
     assert_eq!(s.guest_at(), GuestAt::Source);
+    // The destination is past rounds 0 and 1, waiting for round 2 or the switch-over.
     assert!(
         matches!(
             d,
             Error::Peer {
-                step: Step::Round(1),
+                step: Step::Round(2),
                 source: PeerError::Aborted { .. }
             }
         ),
@@ -324,7 +326,7 @@ fn a_failure_after_the_pause_resumes_the_guest_on_the_source() {
 
     // And when resuming fails too, the error says the guest is stuck.
     let (src, dst) = fakes();
-    src.ram.faults.fail("read_page", 1024 + 2);
+    src.ram.faults.fail("read_page", 1024 + 8 + 2);
     src.ram.faults.fail("resume", 0);
     let (s, _) = pair(
         &src,
@@ -449,7 +451,7 @@ fn the_source_dying_around_the_switch_over() {
         matches!(
             d,
             Error::Peer {
-                step: Step::Round(1),
+                step: Step::Round(2),
                 source: PeerError::Closed
             }
         ),
@@ -467,7 +469,7 @@ fn the_source_dying_around_the_switch_over() {
         matches!(
             d,
             Error::Peer {
-                step: Step::Round(1),
+                step: Step::Round(2),
                 source: PeerError::Timeout { .. } | PeerError::Closed
             }
         ),

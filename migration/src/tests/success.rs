@@ -79,7 +79,7 @@ fn precopy_over_four_channels_ends_with_every_page_and_its_last_copy() {
 }
 
 #[test]
-fn precopy_stops_after_round_0_when_the_rest_fits_the_budget() {
+fn precopy_stops_after_the_first_round_of_dirty_pages_when_the_rest_fits_the_budget() {
     let src = FakeSource::new(4 * MIB, 4096, "shmem");
     let dst = FakeDestination::new(4 * MIB, 4096, "shmem");
     let (s, _) = pair(
@@ -89,7 +89,9 @@ fn precopy_stops_after_round_0_when_the_rest_fits_the_budget() {
         &TestNet::new(),
         &timeouts(),
     );
-    assert_eq!(s.unwrap().precopy_rounds, 1);
+    // Round 0's rate (memory in order) does not say what scattered pages cost: round 1
+    // sends the dirty ones while the guest runs and measures that.
+    assert_eq!(s.unwrap().precopy_rounds, 2);
     assert_same_guest(&src, &dst);
 }
 

@@ -264,4 +264,9 @@ impl Channel for TlsChannel {
     fn shutdown(&self) {
         lock(&self.0.raw).shutdown();
     }
+
+    /// What the socket holds (TLS records: a little more than the plaintext).
+    fn unsent_bytes(&self) -> u64 {
+        lock(&self.0.raw).unsent_bytes()
+    }
 }

@@ -28,6 +28,12 @@ pub trait Channel: Read + Write + Send {
     fn set_io_timeout(&self, t: Duration) -> std::io::Result<()>;
     /// Ends the connection both ways, for every handle: a blocked read returns.
     fn shutdown(&self);
+    /// Bytes written but still in this end's socket buffer (not yet taken by the peer):
+    /// a sender that times its writes adds them to what is left, or it would count a
+    /// full buffer as sent. 0 where the transport cannot tell.
+    fn unsent_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Opens connections to a destination (the source's side).
@@ -222,6 +228,22 @@ impl Channel for Stream {
                 s.set_read_timeout(Some(t))?;
                 s.set_write_timeout(Some(t))
             }
+        }
+    }
+
+    fn unsent_bytes(&self) -> u64 {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        };
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) on a socket we own writes one c_int, to a local
+        // that outlives the call.
+        let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued as *mut libc::c_int) };
+        match r {
+            0 => queued.max(0) as u64,
+            _ => 0,
         }
     }
 

@@ -57,3 +57,19 @@ pub fn populate_bytes_per_sec(backing: &str, size: &str) -> Result<f64, BenchErr
     let size = guest_mm::size::parse_size(size).map_err(BenchError::BaselineRam)?;
     guest_mm::probe::populate_bytes_per_sec(backing, size).map_err(BenchError::BaselineRam)
 }
+
+/// Touches `bytes` of anonymous host memory once, all of it held at the same time (so
+/// that each page is a different one), then frees it: the host pages the measured runs
+/// get next have been used once already.
+pub fn warm_host_memory(bytes: u64) {
+    const CHUNK: usize = 1 << 30;
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    let mut left = bytes as usize;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        held.push(vec![1u8; n]);
+        left -= n;
+    }
+    std::hint::black_box(&held);
+    drop(held);
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::baselines::{
-    loopback_tcp_bytes_per_sec, populate_bytes_per_sec, raw_minor_round_trip_us,
+    loopback_tcp_bytes_per_sec, populate_bytes_per_sec, raw_minor_round_trip_us, warm_host_memory,
 };
 use super::error::BenchError;
 use super::qemu;
@@ -32,6 +32,11 @@ pub struct MigrationBenchArgs {
     /// Measure QEMU (`-M microvm`, same image, memory and backing) beside hugevisor.
     #[arg(long, value_enum, default_value_t = QemuBaseline::On)]
     qemu: QemuBaseline,
+    /// Touch this much host memory once before measuring (0: do not): on a machine that
+    /// is itself a guest, the first use of each host page costs several times any later
+    /// one (2.6 s/GiB seen here), and would be charged to whichever row met it first.
+    #[arg(long, default_value = "8G")]
+    warm_host: String,
 }
 
 /// Whether `bench migration` measures the QEMU baseline.
@@ -44,8 +49,23 @@ enum QemuBaseline {
 /// What one hugevisor row migrates: (backing, workload, mode).
 type Case<'a> = (&'a str, &'a str, &'a str);
 
-/// The destination's settings of one hugevisor row: (collapse, push order).
-type Variant<'a> = (&'a str, &'a str);
+/// The settings of one hugevisor row beside its case.
+#[derive(Clone, Copy)]
+struct Variant<'a> {
+    /// The destination's `--collapse`.
+    collapse: &'a str,
+    push_order: &'a str,
+    /// Pre-copy channels (`connections`).
+    channels: u32,
+}
+
+impl Variant<'_> {
+    const DEFAULT: Variant<'static> = Variant {
+        collapse: "on-fill",
+        push_order: "sequential",
+        channels: 1,
+    };
+}
 
 /// Migrate a warm guest: every vCPU past its first pass (4 KiB first touches take seconds
 /// per GiB here), then one more second of steady passes. Gives up at once if the source
@@ -73,7 +93,11 @@ fn hugevisor_migration_row(
     hv: &Hugevisor,
     args: &MigrationBenchArgs,
     (backing, workload, mode): Case,
-    (collapse, push_order): Variant,
+    Variant {
+        collapse,
+        push_order,
+        channels,
+    }: Variant,
     dir: &Path,
 ) -> Value {
     let api_path = dir.join(format!("api-{backing}-{workload}-{mode}.sock"));
@@ -107,7 +131,7 @@ fn hugevisor_migration_row(
             .stderr(Stdio::piped())
             .spawn()
     };
-    let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode, "collapse": collapse, "push_order": push_order });
+    let id = serde_json::json!({ "vmm": "hugevisor", "backing": backing, "workload": workload, "mode": mode, "collapse": collapse, "push_order": push_order, "channels": channels });
     let (dst, mut src) = match (
         spawn(&["--incoming", &mig, "--collapse", collapse]),
         spawn(&["--api-socket", &api_path.to_string_lossy()]),
@@ -116,8 +140,7 @@ fn hugevisor_migration_row(
         _ => return with_error(id, "spawning the migration peers".into()),
     };
     wait_until_warm(&api_path, args.vcpus, &mut src);
-    let body =
-        serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50, "push_order": push_order });
+    let body = serde_json::json!({ "to": mig, "mode": mode, "downtime_ms": 50, "push_order": push_order, "connections": channels });
     let report = api::call(
         &api_path,
         api::Method::Put,
@@ -156,6 +179,7 @@ fn hugevisor_figures(mut row: Value, r: &Value, dj: &Value) -> Value {
         row[k] = r[k].clone();
     }
     row["guest_stall_ms"] = dj["guest_stall_ms"].clone();
+    row["demand_breakdown"] = dj["incoming"]["demand_breakdown"].clone();
     row["integrity_errors"] = dj["integrity_errors"].clone();
     row["collapses"] = dj["collapses"].clone();
     row["collapse_ms_total"] = dj["collapse_ms_total"].clone();
@@ -243,6 +267,13 @@ pub fn bench_migration(
     hv: &Hugevisor,
     args: &MigrationBenchArgs,
 ) -> Result<Completion, BenchError> {
+    let warm = guest_mm::size::parse_size(&args.warm_host).map_err(BenchError::BaselineRam)?;
+    if warm > 0 {
+        eprintln!("bench: touching {} of host memory once ...", args.warm_host);
+        let t = Instant::now();
+        warm_host_memory(warm);
+        eprintln!("bench: ... in {:.1} s", t.elapsed().as_secs_f64());
+    }
     eprintln!("bench: baselines ...");
     let tcp = loopback_tcp_bytes_per_sec().unwrap_or(0.0);
     let minor = raw_minor_round_trip_us(2000).unwrap_or(0.0);
@@ -275,18 +306,42 @@ pub fn bench_migration(
             for mode in ["precopy", "postcopy", "hybrid", "auto"] {
                 eprintln!("bench: hugevisor {mode} of {workload} on {backing} ...");
                 let case = (backing, workload, mode);
-                let default = ("on-fill", "sequential");
-                rows.push(hugevisor_migration_row(hv, args, case, default, &dir));
+                rows.push(hugevisor_migration_row(
+                    hv,
+                    args,
+                    case,
+                    Variant::DEFAULT,
+                    &dir,
+                ));
                 // What collapse on fill buys a post-copy destination, and whether the
                 // push order helps it (shmem: hugetlb is huge already).
                 if backing == "shmem" && mode == "postcopy" {
-                    for variant in [("on-fill", "fewest-missing-first"), ("off", "sequential")] {
+                    let others = [
+                        Variant {
+                            push_order: "fewest-missing-first",
+                            ..Variant::DEFAULT
+                        },
+                        Variant {
+                            collapse: "off",
+                            ..Variant::DEFAULT
+                        },
+                    ];
+                    for v in others {
                         eprintln!(
                             "bench: hugevisor {mode} of {workload} on {backing}, collapse {}, push {} ...",
-                            variant.0, variant.1
+                            v.collapse, v.push_order
                         );
-                        rows.push(hugevisor_migration_row(hv, args, case, variant, &dir));
+                        rows.push(hugevisor_migration_row(hv, args, case, v, &dir));
                     }
+                }
+                // What several pre-copy channels buy.
+                if mode == "precopy" {
+                    let v = Variant {
+                        channels: 4,
+                        ..Variant::DEFAULT
+                    };
+                    eprintln!("bench: hugevisor {mode} of {workload} on {backing}, 4 channels ...");
+                    rows.push(hugevisor_migration_row(hv, args, case, v, &dir));
                 }
             }
             if with_qemu {
@@ -325,6 +380,8 @@ pub fn bench_migration(
     println!();
     print_rows(&rows);
     println!();
+    print_demand_rows(&rows);
+    println!();
     print_collapse_rows(&rows);
     Ok(Completion::AllMeasured)
 }
@@ -346,13 +403,59 @@ fn add_floor(r: &mut Value, tcp: f64, fill: f64) {
 }
 
 /// The main table: one line per row.
+/// Post-copy rows' demand faults, stage by stage (p50 / p99 µs), and the whole fault's
+/// histogram (power-of-two buckets: `≤edge µs: faults`).
+fn print_demand_rows(rows: &[Value]) {
+    println!("| backing | workload | mode | collapse, push | faults | request sent | page arrived | installed, resumed | total | total's histogram |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let b = &r["demand_breakdown"];
+        if b.is_null() || b["total"]["count"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
+        let stage = |k: &str| {
+            format!(
+                "{:.0} / {:.0}",
+                b[k]["p50_us"].as_f64().unwrap_or(0.0),
+                b[k]["p99_us"].as_f64().unwrap_or(0.0)
+            )
+        };
+        let hist = b["total"]["histogram"]
+            .as_array()
+            .map(|h| {
+                h.iter()
+                    .map(|e| format!("≤{}: {}", e[0], e[1]))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let text = |k: &str| r[k].as_str().unwrap_or("");
+        println!(
+            "| {} | {} | {} | {}, {} | {} | {} | {} | {} | {} | {hist} |",
+            text("backing"),
+            text("workload"),
+            text("mode"),
+            text("collapse"),
+            text("push_order"),
+            b["total"]["count"],
+            stage("request_sent"),
+            stage("page_arrived"),
+            stage("installed_resumed"),
+            stage("total"),
+        );
+    }
+}
+
 fn print_rows(rows: &[Value]) {
     println!("| vmm | backing | workload | mode | total ms | floor ms | total ÷ floor | downtime ms (budget 50: ended by) | guest stall ms | MiB sent | rounds | demand pages | demand µs p50/p99/max | integrity errors | collapse | PMD-mapped % | passes after switch | last-pass MiB/s |");
     println!(
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     );
     for r in rows {
-        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        let s = |k: &str| match (k, r["channels"].as_u64()) {
+            ("mode", Some(n)) if n > 1 => format!("{} ×{n} channels", r[k].as_str().unwrap_or("")),
+            _ => r[k].as_str().unwrap_or("").to_string(),
+        };
         if let Some(e) = r.get("error") {
             println!(
                 "| {} | {} | {} | {} | error: {} | | | | | | | | | | | | | |",

@@ -54,6 +54,6 @@ pub use memory::{FaultPathKind, GuestMemory, MemoryReport, MemoryStats, Memslot}
 pub use numa::{Balancing, NumaReport};
 pub use page::{
     extent_max_pages, Installed, InstalledPages, PageContent, Pager, EXTENT_MAX_BYTES,
-    EXTENT_MAX_PAGES,
+    EXTENT_MAX_PAGES, ZERO_EXTENT,
 };
 pub use ram::{smaps::RssSplit, GuestRam, MovedCache, View};

@@ -344,13 +344,7 @@ impl GuestMemory {
     /// source sending it as one frame).
     pub fn read_pages(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), Error> {
         self.check_extent(gpa, buf.len() as u64)?;
-        self.staging()
-            .read_slice(buf, gpa.into())
-            .map_err(|source| Error::Staging {
-                what: "reading",
-                gpa,
-                source,
-            })
+        self.read_staging(gpa, buf)
     }
 
     /// Writes an arriving extent before the guest runs here (pre-copy receive): one
@@ -366,11 +360,9 @@ impl GuestMemory {
     /// later raise a MISSING fault the fault path cannot CONTINUE (hybrid registers
     /// MISSING|MINOR after the rounds; UFFDIO_CONTINUE of a hole is EFAULT).
     pub fn zero_pages(&self, gpa: Gpa, pages: u64) -> Result<(), Error> {
-        static ZEROS: [u8; crate::page::EXTENT_MAX_BYTES as usize] =
-            [0; crate::page::EXTENT_MAX_BYTES as usize];
         let page = self.page_size();
         let range = self.check_extent(gpa, pages.saturating_mul(page))?;
-        match ZEROS.get(..range.len() as usize) {
+        match crate::page::ZERO_EXTENT.get(..range.len() as usize) {
             Some(zeros) => self.ram.write_bytes(gpa, zeros),
             None => (0..pages)
                 .try_for_each(|i| self.write_staging(gpa.add(i * page), PageContent::Zero)),
@@ -410,6 +402,10 @@ impl GuestMemory {
     /// Reads the backing page at `gpa` through the staging view (a migration source).
     pub fn read_page(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), Error> {
         self.check_page(gpa, buf.len() as u64)?;
+        self.read_staging(gpa, buf)
+    }
+
+    fn read_staging(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), Error> {
         self.staging()
             .read_slice(buf, gpa.into())
             .map_err(|source| Error::Staging {

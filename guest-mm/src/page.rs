@@ -33,6 +33,10 @@ pub const EXTENT_MAX_PAGES: u64 = 64;
 /// page).
 pub const EXTENT_MAX_BYTES: u64 = EXTENT_MAX_PAGES * crate::addr::SIZE_4K;
 
+/// The bytes of a largest extent of 4 KiB zero pages: what a zero extent is written (or
+/// installed) from.
+pub static ZERO_EXTENT: [u8; EXTENT_MAX_BYTES as usize] = [0; EXTENT_MAX_BYTES as usize];
+
 /// The largest extent for backing pages of `page_size`: 64 pages of 4 KiB, one huge page.
 pub fn extent_max_pages(page_size: u64) -> u64 {
     (EXTENT_MAX_BYTES / page_size).max(1)

@@ -104,12 +104,10 @@ impl Install<'_> {
     /// An extent of `pages` zero pages: a single page as [`Install::install`] does, more
     /// from a buffer of zeros (only 4 KiB pages come more than one to an extent).
     fn install_zeros(&self, gpa: Gpa, pages: u64, got: Got) -> Result<(), Error> {
-        static ZEROS: [u8; guest_mm::EXTENT_MAX_BYTES as usize] =
-            [0; guest_mm::EXTENT_MAX_BYTES as usize];
         let len = pages * self.page_size;
         match pages {
             1 => self.install(gpa, PageContent::Zero, got),
-            _ => match ZEROS.get(..len as usize) {
+            _ => match guest_mm::ZERO_EXTENT.get(..len as usize) {
                 Some(zeros) => self.install_extent(gpa, zeros, got),
                 None => (0..pages).try_for_each(|i| {
                     self.install(gpa.add(i * self.page_size), PageContent::Zero, got)

@@ -354,9 +354,11 @@ fn messages_out_of_turn_during_pre_copy_are_refused() {
 #[test]
 fn a_silent_or_absent_source_is_waited_for_a_bounded_time() {
     let dst = small();
-    let (r, took) = against(&dst, &quick(), |_, mut peer| {
+    // The source says nothing more and never closes: only the destination's timeout
+    // ends this.
+    let (r, _) = against(&dst, &quick(), |_, mut peer| {
         handshake(&mut peer, Mode::Precopy);
-        std::thread::sleep(Duration::from_millis(2500));
+        peer.silent_until_closed();
     });
     let e = r.unwrap_err();
     assert!(
@@ -370,7 +372,6 @@ fn a_silent_or_absent_source_is_waited_for_a_bounded_time() {
         "{e}"
     );
     assert!(e.to_string().contains("did not answer"), "{e}");
-    assert!(took < Duration::from_millis(2500), "{took:?}");
 
     // Nobody connects.
     let t = Timeouts {

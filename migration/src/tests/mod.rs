@@ -133,4 +133,10 @@ impl Peer {
     pub fn rest(&mut self) -> Vec<crate::FrameKind> {
         std::iter::from_fn(|| self.r.recv().ok().map(|f| f.kind)).collect()
     }
+
+    /// Says nothing until the other end gives up and closes the connection (an event,
+    /// not a guess at how long its timeout takes on a busy host).
+    pub fn silent_until_closed(&mut self) {
+        while let Err(crate::error::WireError::Silent) | Ok(_) = self.r.recv() {}
+    }
 }

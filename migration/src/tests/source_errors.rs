@@ -97,10 +97,8 @@ fn the_destination_refuses_another_layout_and_the_guest_stays() {
 
 #[test]
 fn a_destination_that_never_answers_times_out_in_the_handshake() {
-    let (src, e, took) = against(
-        |_peer| std::thread::sleep(Duration::from_millis(2500)),
-        &quick(),
-    );
+    // The peer never answers and never closes: only the source's own timeout ends this.
+    let (src, e, _) = against(|mut peer| peer.silent_until_closed(), &quick());
     assert!(
         matches!(
             e,
@@ -112,7 +110,6 @@ fn a_destination_that_never_answers_times_out_in_the_handshake() {
         "{e}"
     );
     assert!(e.to_string().contains("did not answer"), "{e}");
-    assert!(took < Duration::from_millis(2500), "{took:?}");
     assert!(src.calls().is_empty());
 }
 

@@ -34,6 +34,10 @@ pub trait Channel: Read + Write + Send {
     fn unsent_bytes(&self) -> u64 {
         0
     }
+    /// Asks this end's socket buffers to hold at most about `bytes` each way, from now
+    /// on (best effort). Post-copy's push sets it on the main connection
+    /// ([`crate::wire::message::Layout::postcopy_buffer`]).
+    fn limit_buffers(&self, _bytes: usize) {}
 }
 
 /// Opens connections to a destination (the source's side).
@@ -188,12 +192,18 @@ impl Stream {
     /// Asks for [`SOCKET_BUFFER`] each way; best effort (a smaller buffer is slower,
     /// not wrong).
     fn set_buffers(&self) {
+        self.buffers(SOCKET_BUFFER);
+    }
+
+    /// Asks for `bytes` of socket buffer each way (the kernel doubles it for its own
+    /// bookkeeping, and caps it at `wmem_max`/`rmem_max`); best effort.
+    fn buffers(&self, bytes: usize) {
         use std::os::fd::AsRawFd;
         let fd = match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
         };
-        let size = SOCKET_BUFFER as libc::c_int;
+        let size = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
         for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
             // SAFETY: setsockopt on a socket we own, with a c_int option value that
             // lives across the call and its exact size.
@@ -245,6 +255,10 @@ impl Channel for Stream {
             0 => queued.max(0) as u64,
             _ => 0,
         }
+    }
+
+    fn limit_buffers(&self, bytes: usize) {
+        self.buffers(bytes);
     }
 
     fn shutdown(&self) {

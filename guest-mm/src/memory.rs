@@ -16,13 +16,14 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::addr::{Gpa, GpaRange, SIZE_2M};
 use crate::collapse::{CollapseEngine, CollapseFailure, CollapseReport, CollapseStatus};
-use crate::config::{BackingKind, FaultPathNeed, MemoryConfig, NumaLayout, ViewLayout};
+use crate::config::{BackingKind, FaultPathNeed, MemoryConfig, NumaLayout, Prefault, ViewLayout};
 use crate::error::Error;
 use crate::fault::{FaultContext, FaultReport, FaultStats, FaultThread, VcpuThreads};
 use crate::guest_view::{GuestView, Registration};
 use crate::numa::{NumaEngine, NumaReport};
 use crate::page::{Installed, InstalledPages, PageContent, Pager};
 use crate::periodic::Periodic;
+use crate::ram::populate::{PopulateEnd, Populator};
 use crate::ram::{smaps::RssSplit, GuestRam, MovedCache, View};
 use crate::stage::{Accounting, Change, Run, SecondStage};
 use crate::stress::StressZapper;
@@ -92,6 +93,8 @@ struct Running {
     fault: Option<FaultThread>,
     numa: Vec<Periodic>,
     stress: Option<StressZapper>,
+    /// A migration destination on hugetlb populating its RAM ([`GuestMemory::prepare_incoming`]).
+    populate: Option<Populator>,
     fault_path: FaultPathKind,
     report: Option<MemoryReport>,
 }
@@ -179,6 +182,7 @@ impl GuestMemory {
                 fault: None,
                 numa: Vec::new(),
                 stress: None,
+                populate: None,
                 fault_path,
                 report: None,
             }),
@@ -451,6 +455,39 @@ impl GuestMemory {
         }
     }
 
+    /// A migration destination, before its source connects: hugetlb RAM is populated
+    /// on a thread of its own (the first touch of a huge page zeroes it, and hugetlbfs
+    /// cannot be written without that; see [`crate::ram::populate`]), so that the pages
+    /// arriving later are copied, not zeroed and copied, on the receive path. Nothing to
+    /// do for other backings (shmem is written with `pwrite`, which skips the zeroing) or
+    /// RAM populated already. Returns whether a population started.
+    pub fn prepare_incoming(&self) -> Result<bool, Error> {
+        let hugetlb = matches!(
+            self.ram.backing(),
+            BackingKind::Hugetlb2M | BackingKind::Hugetlb1G
+        );
+        let populated =
+            self.cfg.ram.prefault == Prefault::Populate || self.cfg.ram.numa.emulated_zones();
+        let mut r = self.running();
+        if !hugetlb || populated || r.populate.is_some() {
+            return Ok(false);
+        }
+        r.populate = Some(
+            Populator::start(self.ram.clone()).map_err(|source| Error::Os {
+                op: "spawning the thread that populates hugetlb RAM",
+                source,
+            })?,
+        );
+        Ok(true)
+    }
+
+    /// Waits for the population [`GuestMemory::prepare_incoming`] started to end and says
+    /// how it did; None if none started (or it was waited for already).
+    pub fn wait_populated(&self) -> Option<PopulateEnd> {
+        let p = self.running().populate.take()?;
+        Some(p.wait())
+    }
+
     /// Post-copy destination, before any vCPU runs: marks `absent` absent in the table,
     /// registers the guest view MISSING|MINOR, remembers `pager` (asked for every absent
     /// page a vCPU touches) and starts the fault thread. Returns the number of absent
@@ -606,6 +643,9 @@ impl GuestMemory {
         r.numa.drain(..).for_each(Periodic::stop);
         let numa = self.numa.as_ref().map(|n| n.report());
         let faults = r.fault.take().map(FaultThread::stop);
+        if let Some(p) = r.populate.take() {
+            p.stop();
+        }
         let report = MemoryReport {
             fault_path: r.fault_path.describe(),
             faults,

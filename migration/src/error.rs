@@ -86,6 +86,8 @@ impl std::fmt::Display for Step {
 pub enum HostCall {
     /// The guest's size and backing page (they do not form a layout).
     Layout,
+    /// Destination: getting guest RAM ready before the source connects.
+    PrepareIncoming,
     StartDirtyLog,
     TakeDirtyLog,
     Pause,
@@ -105,6 +107,7 @@ impl std::fmt::Display for HostCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HostCall::Layout => f.write_str("reading the guest layout"),
+            HostCall::PrepareIncoming => f.write_str("getting guest RAM ready for the pages"),
             HostCall::StartDirtyLog => f.write_str("starting the dirty log"),
             HostCall::TakeDirtyLog => f.write_str("taking the dirty log"),
             HostCall::Pause => f.write_str("pausing the vCPUs"),

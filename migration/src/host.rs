@@ -73,6 +73,11 @@ pub trait GuestPages: Send + Sync {
         }
         Ok(InstalledPages(new))
     }
+    /// Destination, before the source connects: get RAM ready for the pages to come
+    /// (hugevisor populates hugetlb RAM in the background). Nothing by default.
+    fn prepare_incoming(&self) -> Result<(), HostError> {
+        Ok(())
+    }
     /// Post-copy: every page is in; stop paging (e.g. unregister userfaultfd).
     fn end_postcopy(&self) -> Result<(), HostError>;
     /// The guest runs here after a migration (e.g. a collapse sweep).
@@ -240,6 +245,11 @@ impl GuestPages for guest_mm::GuestMemory {
 
     fn install_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<Installed, HostError> {
         Ok(guest_mm::GuestMemory::install_page(self, gpa, page)?)
+    }
+
+    fn prepare_incoming(&self) -> Result<(), HostError> {
+        guest_mm::GuestMemory::prepare_incoming(self)?;
+        Ok(())
     }
 
     fn end_postcopy(&self) -> Result<(), HostError> {

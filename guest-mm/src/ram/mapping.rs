@@ -132,6 +132,20 @@ impl Mapping {
         Ok(())
     }
 
+    /// Allocates the pages of `range` for writing, as a write of each would
+    /// (MADV_POPULATE_WRITE); pages already there keep their content.
+    pub(crate) fn populate_range(&self, range: GpaRange) -> Result<(), Error> {
+        let Some((p, len)) = self.part(range) else {
+            return Ok(());
+        };
+        // SAFETY: the range lies inside this live mapping (part clamps it); POPULATE_WRITE
+        // only faults pages in and never changes the content of one that is there.
+        if unsafe { libc::madvise(p, len, libc::MADV_POPULATE_WRITE) } != 0 {
+            return Err(os("madvise(MADV_POPULATE_WRITE)"));
+        }
+        Ok(())
+    }
+
     /// Allocates every page of the mapping for writing. MADV_POPULATE_WRITE (Linux 5.14)
     /// first; on EINVAL (an older kernel that does not know the advice) one byte of each
     /// `page`-sized page is written instead. Only used on freshly made, zero-filled views.

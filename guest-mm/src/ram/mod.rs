@@ -12,6 +12,7 @@
 //! nodes; [`smaps`] reads back what the kernel made of it all.
 
 pub(crate) mod mapping;
+pub mod populate;
 pub mod smaps;
 pub mod zones;
 
@@ -220,6 +221,12 @@ impl GuestRam {
 
     pub fn page_size(&self) -> u64 {
         self.backing.page_size()
+    }
+
+    /// Allocates the backing pages of `range` through the staging view (see
+    /// [`populate`]); pages already there keep their content.
+    pub(crate) fn populate_staging(&self, range: GpaRange) -> Result<(), Error> {
+        self.staging_mapping().populate_range(range)
     }
 
     pub fn view_layout(&self) -> ViewLayout {

@@ -249,3 +249,67 @@ fn staging_writes_do_not_map_the_guest_view_and_populate_maps_it() {
         assert_eq!(ram.guest_view_rss_bytes().unwrap(), size, "{backing}");
     }
 }
+
+#[test]
+fn an_incoming_vm_on_hugetlb_populates_its_staging_view_and_keeps_what_arrived() {
+    use crate::config::MemoryConfig;
+    use crate::memory::GuestMemory;
+    use crate::ram::populate::PopulateEnd;
+    use crate::PageContent;
+    let size = 16 << 20;
+    let shmem = GuestMemory::create(&MemoryConfig {
+        ram: cfg(size, BackingKind::Shmem),
+        vcpus: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    // shmem is written with pwrite, which does not zero first: nothing to do.
+    assert!(!shmem.prepare_incoming().unwrap());
+    assert_eq!(shmem.wait_populated(), None);
+    if !pool_ok(SIZE_2M, size / SIZE_2M) {
+        return;
+    }
+    let mem = GuestMemory::create(&MemoryConfig {
+        ram: cfg(size, BackingKind::Hugetlb2M),
+        vcpus: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    // A page that arrived before (or while) RAM is populated keeps its content.
+    let page = vec![0x5a_u8; SIZE_2M as usize];
+    mem.write_page(Gpa(4 << 20), PageContent::Bytes(&page))
+        .unwrap();
+    assert!(mem.prepare_incoming().unwrap());
+    assert!(!mem.prepare_incoming().unwrap(), "one population at a time");
+    assert_eq!(mem.wait_populated(), Some(PopulateEnd::Complete));
+    let mut back = vec![0u8; SIZE_2M as usize];
+    mem.read_page(Gpa(4 << 20), &mut back).unwrap();
+    assert!(back == page, "populating changed a page that was there");
+    // Every page is allocated, through the staging view only: the guest view stays
+    // unmapped (post-copy needs its faults).
+    assert_eq!(mem.huge_mapped_bytes(View::Staging).unwrap(), size);
+    assert_eq!(mem.huge_mapped_bytes(View::Guest).unwrap(), 0);
+    mem.read_page(Gpa(8 << 20), &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn a_population_stops_when_asked() {
+    if !pool_ok(SIZE_2M, 8) {
+        return;
+    }
+    let ram =
+        std::sync::Arc::new(GuestRam::create(&cfg(16 << 20, BackingKind::Hugetlb2M)).unwrap());
+    let p = crate::ram::populate::Populator::start(ram.clone()).unwrap();
+    // Stopped at once or after some chunks, or complete: never an error, never hung.
+    let end = p.stop();
+    assert!(
+        matches!(
+            end,
+            crate::ram::populate::PopulateEnd::Complete
+                | crate::ram::populate::PopulateEnd::Stopped { .. }
+        ),
+        "{end:?}"
+    );
+    assert_eq!(ram.guest_view_rss_bytes().unwrap(), 0);
+}

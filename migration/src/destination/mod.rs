@@ -70,7 +70,7 @@ pub fn receive(
 /// `vm`. Returns when the migration is complete: pre-copy, at the source's `Complete`;
 /// post-copy, when every page is installed and the urgent connection is done.
 ///
-/// Calls, in order: `write_page`… → `restore` → (post-copy: `begin_postcopy`) → `start`
+/// Calls, in order: `prepare_incoming` → `write_page`… → `restore` → (post-copy: `begin_postcopy`) → `start`
 /// → `resumed_after_migration` → (post-copy: `install_page`… → `end_postcopy`). An error
 /// after `start` is [`Error::AfterSwitchOver`]: in pre-copy the guest has all its memory
 /// (only the source's `Complete` went missing); in post-copy pages are missing and
@@ -82,6 +82,9 @@ pub fn receive_with(
 ) -> Result<IncomingReport, Error> {
     let t0 = Instant::now();
     let layout = layout_of(vm.pages())?;
+    vm.pages()
+        .prepare_incoming()
+        .map_err(Error::host(Step::Connect, HostCall::PrepareIncoming))?;
     let timeouts = &options.timeouts;
     let door = Door::new(acceptor, &options.auth, vm, layout, *timeouts)?;
     let (main, theirs) = door.main(options.strangers)?;

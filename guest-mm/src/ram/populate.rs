@@ -1,0 +1,86 @@
+//! Populating a destination's hugetlb RAM while it waits for its source.
+//!
+//! The first touch of a hugetlb page zeroes it whole (2 MiB or 1 GiB), and hugetlbfs has
+//! no `pwrite` that could fill a page without zeroing it first (shmem has: its receive
+//! path writes with `pwrite` and skips the zeroing). On a migration destination that
+//! zeroing sat on the receive thread's path, in the rounds and in the stop-and-copy:
+//! a 1 GiB pre-copy of a busy guest took 1.6–1.8 s with it and 0.8–1.0 s with the RAM
+//! populated beforehand (clear_page was the receiving thread's largest cost). So an
+//! incoming VM on hugetlb populates its staging view on a thread of its own, from the
+//! start of RAM upwards (the order round 0 arrives in), in chunks between which it can
+//! be stopped. Populating never changes a page that is there already, so it may run
+//! beside the receive path; the guest view is left alone (post-copy needs its
+//! mappings absent).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::GuestRam;
+use crate::addr::{Gpa, GpaRange};
+
+/// Populated per step: small enough to stop soon, large enough to be cheap.
+const CHUNK: u64 = 64 << 20;
+
+/// How a population ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PopulateEnd {
+    /// Every page of guest RAM is allocated.
+    Complete,
+    /// Stopped (the VM is going away) after this many bytes.
+    Stopped { bytes: u64 },
+    /// The host refused (e.g. the hugetlb pool ran short) after this many bytes; the
+    /// receive path then allocates the rest itself, or reports the shortage.
+    Failed { bytes: u64, why: String },
+}
+
+/// The populating thread.
+pub(crate) struct Populator {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<PopulateEnd>,
+}
+
+impl Populator {
+    /// Starts populating `ram`'s staging view.
+    pub(crate) fn start(ram: Arc<GuestRam>) -> std::io::Result<Populator> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("populate".into())
+            .spawn(move || populate(&ram, &flag))?;
+        Ok(Populator { stop, handle })
+    }
+
+    /// Waits for it to end.
+    pub(crate) fn wait(self) -> PopulateEnd {
+        self.handle.join().unwrap_or(PopulateEnd::Failed {
+            bytes: 0,
+            why: "the populating thread panicked".into(),
+        })
+    }
+
+    /// Stops it at its next chunk and says how it ended.
+    pub(crate) fn stop(self) -> PopulateEnd {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wait()
+    }
+}
+
+fn populate(ram: &GuestRam, stop: &AtomicBool) -> PopulateEnd {
+    let chunk = CHUNK.max(ram.page_size());
+    let mut at = 0;
+    while at < ram.size() {
+        if stop.load(Ordering::Relaxed) {
+            return PopulateEnd::Stopped { bytes: at };
+        }
+        let end = (at + chunk).min(ram.size());
+        if let Err(e) = ram.populate_staging(GpaRange::new(Gpa(at), Gpa(end))) {
+            return PopulateEnd::Failed {
+                bytes: at,
+                why: e.to_string(),
+            };
+        }
+        at = end;
+    }
+    PopulateEnd::Complete
+}

@@ -177,9 +177,28 @@ fn slit(nodes: u32) -> Vec<u8> {
     bytes(&s)
 }
 
+/// Whether the tables describe guest NUMA nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NumaTables {
+    /// SRAT and SLIT: the run has `--numa`.
+    Describe,
+    /// Neither: one node, as without ACPI NUMA.
+    Omit,
+}
+
+impl NumaTables {
+    /// What a run with `numa` (its `--numa`, if any) needs.
+    pub fn for_run<T>(numa: Option<&T>) -> NumaTables {
+        match numa {
+            Some(_) => NumaTables::Describe,
+            None => NumaTables::Omit,
+        }
+    }
+}
+
 /// The tables for `topo`'s vCPUs and nodes and `ram` bytes of RAM; the SRAT and SLIT
-/// only when `numa` (the run has `--numa`).
-pub fn build(topo: &CpuTopology, ram: u64, numa: bool) -> AcpiTables {
+/// only when `numa` says so.
+pub fn build(topo: &CpuTopology, ram: u64, numa: NumaTables) -> AcpiTables {
     let mut next = layout::ACPI_GPA + 64; // after the RSDP
     let mut place = |name: &'static str, bytes: Vec<u8>| {
         let gpa = next;
@@ -190,7 +209,7 @@ pub fn build(topo: &CpuTopology, ram: u64, numa: bool) -> AcpiTables {
     let fadt = place("facp.dat", fadt(dsdt.gpa));
     let madt = place("apic.dat", madt(topo.vcpus));
     let mut tables = vec![dsdt, fadt, madt];
-    if numa {
+    if numa == NumaTables::Describe {
         tables.push(place("srat.dat", srat(topo, ram)));
         tables.push(place("slit.dat", slit(topo.nodes())));
     }
@@ -258,7 +277,7 @@ mod tests {
             vcpus: 4,
             vcpu_nodes: vec![0, 0, 1, 1],
         };
-        let t = build(&topo, 256 << 20, true);
+        let t = build(&topo, 256 << 20, NumaTables::Describe);
         for table in &t.tables {
             let len = if table.name == "rsdp.dat" {
                 36

@@ -203,7 +203,7 @@ fn load_guest(
         (None, None) => String::new(),
     };
     kernel::check_cmdline(&cmdline, loaded.cmdline_max)?;
-    let tables = acpi::build(cpus, size, cfg.numa.is_some());
+    let tables = acpi::build(cpus, size, acpi::NumaTables::for_run(cfg.numa.as_ref()));
     tables.write(staging)?;
     params::write_gdt(staging)?;
     match (loaded.entry, loaded.setup) {

@@ -248,9 +248,18 @@ pub fn probe(kvm_device: &Path) -> Vec<Item> {
     v
 }
 
-pub fn cmd_caps(json: bool, kvm_device: &Path) -> i32 {
+/// How `hugevisor caps` prints what it found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// One JSON array (`--json`).
+    Json,
+    /// A line per capability, with its fix.
+    Text,
+}
+
+pub fn cmd_caps(output: Output, kvm_device: &Path) -> i32 {
     let items = probe(kvm_device);
-    if json {
+    if output == Output::Json {
         match serde_json::to_string_pretty(&items) {
             Ok(s) => println!("{s}"),
             Err(e) => return crate::cli::fail(&format!("serializing: {e}")),

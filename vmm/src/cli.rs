@@ -78,7 +78,11 @@ fn cmd_acpi_tables(args: &AcpiTablesArgs) -> i32 {
         vcpus: cfg.vcpus,
         vcpu_nodes: topology.map(|t| t.vcpu_nodes).unwrap_or_default(),
     };
-    let tables = crate::acpi::build(&cpus, cfg.ram.size, cfg.numa.is_some());
+    let tables = crate::acpi::build(
+        &cpus,
+        cfg.ram.size,
+        crate::acpi::NumaTables::for_run(cfg.numa.as_ref()),
+    );
     match tables.write_dir(&args.out) {
         Ok(files) => {
             for f in files {
@@ -649,7 +653,13 @@ pub fn main(process_start_ns: u64) -> i32 {
     match &cli.command {
         Command::Run(a) => cmd_run(a, process_start_ns),
         Command::GuestImage(a) => cmd_guest_image(a),
-        Command::Caps(a) => crate::caps::cmd_caps(a.json, &a.kvm_device),
+        Command::Caps(a) => {
+            let output = match a.json {
+                true => crate::caps::Output::Json,
+                false => crate::caps::Output::Text,
+            };
+            crate::caps::cmd_caps(output, &a.kvm_device)
+        }
         Command::Migrate(a) => cmd_migrate(a),
         Command::AcpiTables(a) => cmd_acpi_tables(a),
         Command::Snapshot(a) => snapshot::cmd_snapshot(a),

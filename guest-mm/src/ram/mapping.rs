@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crate::addr::{GpaRange, SIZE_2M, SIZE_4K};
 use crate::collapse::CollapseFailure;
+use crate::config::ThpMode;
 use crate::error::{os, Error};
 
 /// An mmap this crate owns; unmapped on drop. Offsets are bytes from its start, which
@@ -118,11 +119,10 @@ impl Mapping {
     }
 
     /// The thp hint for the whole mapping (HUGEPAGE or NOHUGEPAGE).
-    pub(crate) fn advise_thp(&self, huge: bool) -> Result<(), Error> {
-        let (advice, op) = if huge {
-            (libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)")
-        } else {
-            (libc::MADV_NOHUGEPAGE, "madvise(MADV_NOHUGEPAGE)")
+    pub(crate) fn advise_thp(&self, thp: ThpMode) -> Result<(), Error> {
+        let (advice, op) = match thp {
+            ThpMode::Madvise => (libc::MADV_HUGEPAGE, "madvise(MADV_HUGEPAGE)"),
+            ThpMode::Off => (libc::MADV_NOHUGEPAGE, "madvise(MADV_NOHUGEPAGE)"),
         };
         // SAFETY: the range is exactly this live mapping; these advice values change how
         // it may be mapped, never its content.

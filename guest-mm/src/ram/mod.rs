@@ -23,7 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegio
 use crate::addr::{Gpa, GpaRange, SIZE_2M};
 use crate::collapse::CollapseFailure;
 use crate::config::{
-    BackingKind, NodeBackendKind, NumaLayout, Prefault, RamConfig, ThpMode, ViewLayout, MAX_RAM,
+    BackingKind, NodeBackendKind, NumaLayout, Prefault, RamConfig, ViewLayout, MAX_RAM,
 };
 use crate::error::Error;
 use crate::size::format_size;
@@ -89,7 +89,7 @@ impl GuestRam {
             }
             None => {
                 let m = Mapping::new(len, Source::Anonymous, align)?;
-                m.advise_thp(cfg.thp == ThpMode::Madvise)?;
+                m.advise_thp(cfg.thp)?;
                 (None, m, None)
             }
         };

@@ -3,6 +3,7 @@
 use std::os::fd::AsRawFd;
 
 use super::*;
+use crate::config::ThpMode;
 use crate::host::HostPaths;
 use vm_memory::Bytes;
 

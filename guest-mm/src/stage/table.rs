@@ -49,6 +49,14 @@ impl Default for Table {
     }
 }
 
+/// Where a subtable sits, for its accounting: inside a piecewise huge page (whose leaves
+/// are one logical mapping, counted at the top) or not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Within {
+    Plain,
+    Piecewise,
+}
+
 impl Table {
     fn new(shift: u32, piecewise: Option<HugePiecewise>) -> Table {
         Table {
@@ -575,11 +583,12 @@ impl Table {
 
     pub fn accounting(&self) -> Accounting {
         let mut a = Accounting::default();
-        self.account_at(&mut a, false);
+        self.account_at(&mut a, Within::Plain);
         a
     }
 
-    fn account_at(&self, a: &mut Accounting, inside_piecewise: bool) {
+    fn account_at(&self, a: &mut Accounting, within: Within) {
+        let inside_piecewise = within == Within::Piecewise;
         let piecewise_here = self.piecewise.is_some() && !inside_piecewise;
         let mut any_content = false;
         for e in &self.entries {
@@ -607,7 +616,13 @@ impl Table {
                         }
                     }
                 }
-                Entry::Table(t) => t.account_at(a, inside_piecewise || piecewise_here),
+                Entry::Table(t) => t.account_at(
+                    a,
+                    match inside_piecewise || piecewise_here {
+                        true => Within::Piecewise,
+                        false => Within::Plain,
+                    },
+                ),
             }
         }
         if piecewise_here {

@@ -17,7 +17,15 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-fn flat(selector: u16, type_: u8, long: bool) -> kvm_segment {
+/// Which kind of flat segment: a 64-bit code segment (L set) or a 32-bit one (D/B set).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Width {
+    Long,
+    Bits32,
+}
+
+fn flat(selector: u16, type_: u8, width: Width) -> kvm_segment {
+    let long = width == Width::Long;
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -40,11 +48,11 @@ pub fn sregs(base: &kvm_sregs, entry: KernelEntry) -> kvm_sregs {
     let mut s = *base;
     let long = matches!(entry, KernelEntry::Linux64 { .. });
     s.cs = if long {
-        flat(SEL_CODE64, 0xb, true)
+        flat(SEL_CODE64, 0xb, Width::Long)
     } else {
-        flat(SEL_CODE32, 0xb, false)
+        flat(SEL_CODE32, 0xb, Width::Bits32)
     };
-    let data = flat(SEL_DATA, 0x3, false);
+    let data = flat(SEL_DATA, 0x3, Width::Bits32);
     (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
     s.tr = kvm_segment {
         base: 0,

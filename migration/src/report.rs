@@ -58,6 +58,22 @@ pub struct MigrationReport {
     /// Whether the measured downtime kept within the budget (pre-copy and auto).
     #[serde(default)]
     pub budget_met: Option<bool>,
+    /// Where the downtime went, step by step on the source's clock.
+    #[serde(default)]
+    pub downtime_steps: DowntimeSteps,
+}
+
+/// The switch-over's steps as the source timed them, in milliseconds: stopping the
+/// vCPUs, the last pages (the final dirty log, the stop-and-copy, the memory hash),
+/// SwitchOver sent until the destination's Ready (its restore), and Start sent until
+/// its Resumed. Together about the downtime (which ends when the destination resumed,
+/// on its clock).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DowntimeSteps {
+    pub pause_ms: f64,
+    pub last_pages_ms: f64,
+    pub restore_ms: f64,
+    pub start_ms: f64,
 }
 
 /// How a pre-copy (or auto) migration reached its switch-over.

@@ -114,6 +114,8 @@ pub fn migrate_with(
         convergence: precopy::Convergence::default(),
         logging: false,
         paused_at_ns: None,
+        lap: Instant::now(),
+        favoured: None,
         committed: false,
         resumed: false,
         report: MigrationReport {
@@ -235,6 +237,11 @@ pub(crate) struct Session<'a> {
     logging: bool,
     /// Set once the vCPUs stopped.
     paused_at_ns: Option<u64>,
+    /// When the switch-over's current step began (the report's `downtime_steps`).
+    lap: Instant,
+    /// From the pause until the destination resumed: this thread wins the CPU over the
+    /// host's other threads (the guest waits on it).
+    favoured: Option<guest_mm::host::Favoured>,
     /// Set once `Start` went out: the guest is the destination's, whatever fails next.
     committed: bool,
     /// Set once the destination confirmed it runs the guest.
@@ -473,11 +480,14 @@ impl Session<'_> {
 
     fn pause(&mut self, pending: Vec<u64>) -> Result<State, Error> {
         self.progress.update(Phase::StopAndCopy, self.writer.bytes);
+        self.favoured = guest_mm::host::Favoured::now();
+        self.lap();
         let paused = self
             .vm
             .pause()
             .map_err(Error::host(Step::Pause, HostCall::Pause))?;
         self.paused_at_ns = Some(monotonic_ns());
+        self.report.downtime_steps.pause_ms = self.lap();
         let last = self.take_dirty(Step::StopAndCopy)?;
         let written = vmm_written_pages(&paused.vmm_written, &self.layout);
         let mut pages: Vec<u64> = pending.into_iter().chain(last).chain(written).collect();
@@ -540,6 +550,7 @@ impl Session<'_> {
 
     fn switch_over(&mut self, sw: SwitchOver) -> Result<State, Error> {
         self.end_channels()?;
+        self.report.downtime_steps.last_pages_ms = self.lap();
         let missing = sw.missing.clone();
         self.send(Step::SwitchOver, &Message::SwitchOver(Box::new(sw)))?;
         if missing.is_some() {
@@ -585,6 +596,7 @@ impl Session<'_> {
                 other => Err(other.kind()),
             },
         )?;
+        self.report.downtime_steps.restore_ms = self.lap();
         self.committed = true;
         self.send(Step::Start, &Message::Start)?;
         Ok(State::AwaitResumed { missing })
@@ -601,11 +613,21 @@ impl Session<'_> {
                 other => Err(other.kind()),
             },
         )?;
+        self.report.downtime_steps.start_ms = self.lap();
+        self.favoured = None;
         self.resumed_at(at_ns);
         Ok(match missing {
             None => State::Complete,
             Some(missing) => State::Postcopy { missing },
         })
+    }
+
+    /// Milliseconds since the last lap, and a new lap from now.
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = now.duration_since(self.lap).as_secs_f64() * 1000.0;
+        self.lap = now;
+        ms
     }
 
     /// The destination runs the guest since `at_ns`.

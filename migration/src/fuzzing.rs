@@ -233,6 +233,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         mode: Mode::Precopy,
         session: None,
         channels: 1,
+        boot_id: None,
     };
     let record = |out: &mut Vec<u8>, stream: u8, m: &Message| {
         let f = m.to_frame().expect("seed messages encode");

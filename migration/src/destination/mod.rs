@@ -323,6 +323,7 @@ impl<'a> Receiver<'a> {
             mode: theirs.mode,
             session: None,
             channels: theirs.channels,
+            boot_id: crate::clock::boot_id(),
         };
         ours.check_compatible(&theirs)
             .map_err(|source| Error::Layout {

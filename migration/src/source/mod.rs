@@ -115,6 +115,7 @@ pub fn migrate_with(
         logging: false,
         paused_at_ns: None,
         lap: Instant::now(),
+        shared_clock: false,
         favoured: None,
         committed: false,
         resumed: false,
@@ -239,6 +240,9 @@ pub(crate) struct Session<'a> {
     paused_at_ns: Option<u64>,
     /// When the switch-over's current step began (the report's `downtime_steps`).
     lap: Instant,
+    /// Whether the destination runs on this boot of this host (its HelloAck's boot id):
+    /// then its resume time is on this end's CLOCK_MONOTONIC.
+    shared_clock: bool,
     /// From the pause until the destination resumed: this thread wins the CPU over the
     /// host's other threads (the guest waits on it).
     favoured: Option<guest_mm::host::Favoured>,
@@ -304,6 +308,7 @@ impl Session<'_> {
             mode: self.req.mode,
             session: None,
             channels: self.report.channels,
+            boot_id: crate::clock::boot_id(),
         };
         self.send(Step::Handshake, &Message::Hello(hello.clone()))?;
         let theirs = expect(
@@ -322,6 +327,7 @@ impl Session<'_> {
                 step: Step::Handshake,
                 source,
             })?;
+        self.shared_clock = hello.boot_id.is_some() && hello.boot_id == theirs.boot_id;
         self.session = Some(theirs.session.ok_or(Error::Peer {
             step: Step::Handshake,
             source: PeerError::Unexpected {
@@ -630,11 +636,17 @@ impl Session<'_> {
         ms
     }
 
-    /// The destination runs the guest since `at_ns`.
+    /// The destination runs the guest since `at_ns` (on its CLOCK_MONOTONIC). On this
+    /// host that is set against the pause; from another host's clock it means nothing,
+    /// and the downtime is the source's own: from the pause until `Resumed` arrived
+    /// (one message's latency more).
     fn resumed_at(&mut self, at_ns: u64) {
         self.resumed = true;
-        let paused_at = self.paused_at_ns.unwrap_or(at_ns);
-        self.report.downtime_ms = at_ns.saturating_sub(paused_at) as f64 / 1e6;
+        self.report.downtime_ms = match (self.shared_clock, self.paused_at_ns) {
+            (true, Some(paused_at)) => at_ns.saturating_sub(paused_at) as f64 / 1e6,
+            (false, Some(paused_at)) => monotonic_ns().saturating_sub(paused_at) as f64 / 1e6,
+            (_, None) => 0.0,
+        };
         if matches!(self.req.mode, Mode::Precopy | Mode::Auto) {
             self.report.budget_met =
                 Some(self.report.downtime_ms <= self.report.downtime_budget_ms);

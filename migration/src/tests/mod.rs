@@ -88,6 +88,7 @@ pub fn hello(layout: &Layout, mode: Mode) -> Hello {
         mode,
         session: None,
         channels: 1,
+        boot_id: None,
     }
 }
 

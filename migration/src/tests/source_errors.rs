@@ -730,3 +730,43 @@ fn a_source_garbling_its_stream_is_refused_and_keeps_its_guest() {
         );
     }
 }
+
+/// A destination on another host: its resume time is on a clock of its own, and the
+/// source times the downtime itself (a same-host pair compares the two clocks).
+#[test]
+fn a_destination_on_another_boot_leaves_the_downtime_to_the_source_clock() {
+    let src = FakeSource::new(4 * MIB, 4096, "shmem");
+    let net = MemoryNet::new();
+    let report = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let c = net.accept(Duration::from_secs(5), timeouts().io).unwrap();
+            let mut peer = Peer::new(c, LAYOUT);
+            assert!(matches!(peer.recv(), Message::Hello(_)));
+            peer.send(&Message::HelloAck(crate::wire::message::Hello {
+                boot_id: Some("another host's boot".into()),
+                ..super::hello_ack(&LAYOUT, Mode::Precopy)
+            }));
+            while !matches!(peer.recv(), Message::SwitchOver(_)) {}
+            peer.send(&Message::Ready);
+            assert!(matches!(peer.recv(), Message::Start));
+            // 1 ns after that host booted: meaningless against the source's clock.
+            peer.send(&Message::Resumed { at_ns: 1 });
+            assert!(matches!(peer.recv(), Message::Complete { .. }));
+        });
+        source::migrate_over(
+            &src,
+            &request(Mode::Precopy),
+            &net,
+            &timeouts(),
+            &NoProgress,
+        )
+    })
+    .unwrap();
+    assert!(report.downtime_ms > 0.0, "{report:?}");
+    assert!(report.downtime_ms <= report.total_ms, "{report:?}");
+    let steps = report.downtime_steps;
+    assert!(
+        steps.last_pages_ms + steps.restore_ms + steps.start_ms <= report.downtime_ms + 1.0,
+        "{report:?}"
+    );
+}

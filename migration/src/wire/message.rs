@@ -160,6 +160,11 @@ pub struct Hello {
     /// one included; the others join the session after the HelloAck.
     #[serde(default = "one_channel")]
     pub channels: u32,
+    /// The sender's host boot (`/proc/sys/kernel/random/boot_id`): two ends on one boot
+    /// of one host share CLOCK_MONOTONIC, so the destination's resume time can be set
+    /// against the source's pause time (the downtime); elsewhere the source times it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 fn one_channel() -> u32 {
@@ -697,6 +702,7 @@ mod tests {
             mode: Mode::Precopy,
             session: None,
             channels: 1,
+            boot_id: None,
         }
     }
 

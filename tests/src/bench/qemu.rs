@@ -219,6 +219,13 @@ impl Peer {
             "hugetlb-1g" => backend.push_str(",hugetlb=on,hugetlbsize=1G"),
             _ => {}
         }
+        // A pre-copy destination with its RAM allocated before the pages come, as
+        // hugevisor's hugetlb destination populates while it waits (a fair peer: without
+        // it each first write zeroes a page). Not for postcopy-ram, which discards the
+        // destination's RAM before it starts.
+        if role == Role::Destination && case.mode == QemuMode::Precopy {
+            backend.push_str(",prealloc=on");
+        }
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "kvm", "-M"])
             .arg("microvm,x-option-roms=off,rtc=off,memory-backend=mem")

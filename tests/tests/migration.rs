@@ -354,6 +354,7 @@ fn hello(version: u32) -> Hello {
         mode: Mode::Precopy,
         session: None,
         channels: 1,
+        boot_id: None,
     }
 }
 

@@ -360,6 +360,7 @@ fn hello(mode: Mode) -> Hello {
         mode,
         session: None,
         channels: 1,
+        boot_id: None,
     }
 }
 

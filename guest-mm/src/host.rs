@@ -24,47 +24,6 @@ pub fn favour_this_thread() -> std::io::Result<()> {
     }
 }
 
-/// The calling thread favoured as [`favour_this_thread`] does, until this drops: then its
-/// nice value is what it was. For a stretch the guest waits on from a thread that
-/// otherwise must not win over the vCPUs: a migration's switch-over, while the vCPUs
-/// are stopped (a busy host once stretched a 29 ms stop-and-copy to 78 ms). Drop it on
-/// the thread that made it.
-pub struct Favoured {
-    tid: libc::pid_t,
-    was: i32,
-}
-
-impl Favoured {
-    /// Best effort: None where the thread's priority could not be read or raised.
-    pub fn now() -> Option<Favoured> {
-        // SAFETY: gettid has no arguments and cannot fail.
-        let tid = unsafe { libc::gettid() };
-        // getpriority may return -1 as a value: errno tells an error apart.
-        // SAFETY: __errno_location points at this thread's errno; getpriority takes no
-        // memory.
-        let was = unsafe {
-            *libc::__errno_location() = 0;
-            libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t)
-        };
-        // SAFETY: reading this thread's errno.
-        if was == -1 && unsafe { *libc::__errno_location() } != 0 {
-            return None;
-        }
-        if was <= FAVOURED_NICE {
-            return None;
-        }
-        favour_this_thread().ok()?;
-        Some(Favoured { tid, was })
-    }
-}
-
-impl Drop for Favoured {
-    fn drop(&mut self) {
-        // SAFETY: setpriority on a thread id of this process; no memory is passed.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid as libc::id_t, self.was) };
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostPaths {
     pub proc_root: PathBuf,

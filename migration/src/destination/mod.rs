@@ -112,7 +112,6 @@ pub fn receive_with(
             ready: false,
             started_at_ns: None,
             resumed_sent: false,
-            favoured: None,
             report: IncomingReport::default(),
         };
         let result = match r.run(theirs, scope) {
@@ -196,9 +195,6 @@ pub(crate) struct Receiver<'a> {
     started_at_ns: Option<u64>,
     /// `Resumed` went out: the source knows the guest runs here.
     resumed_sent: bool,
-    /// Pre-copy, from the SwitchOver until `Resumed` went out: this thread wins the CPU
-    /// (the guest is stopped until it starts it).
-    favoured: Option<guest_mm::host::Favoured>,
     report: IncomingReport,
 }
 
@@ -394,8 +390,6 @@ impl<'a> Receiver<'a> {
 
     /// Pre-copy switch-over: every page is here.
     fn switch_over(&mut self, sw: SwitchOver) -> Result<ReceiveState, Error> {
-        // The guest is stopped until this end starts it: win the CPU until then.
-        self.favoured = guest_mm::host::Favoured::now();
         if let Some(there) = sw.memory_hash {
             let here = memory_hash(self.vm.pages(), &self.layout)?;
             if here != there {
@@ -429,7 +423,6 @@ impl<'a> Receiver<'a> {
         self.started_at_ns = Some(at_ns);
         self.send(Step::Resumed, &Message::Resumed { at_ns })?;
         self.resumed_sent = true;
-        self.favoured = None;
         Ok(())
     }
 

@@ -116,7 +116,6 @@ pub fn migrate_with(
         paused_at_ns: None,
         lap: Instant::now(),
         shared_clock: false,
-        favoured: None,
         committed: false,
         resumed: false,
         report: MigrationReport {
@@ -243,9 +242,6 @@ pub(crate) struct Session<'a> {
     /// Whether the destination runs on this boot of this host (its HelloAck's boot id):
     /// then its resume time is on this end's CLOCK_MONOTONIC.
     shared_clock: bool,
-    /// From the pause until the destination resumed: this thread wins the CPU over the
-    /// host's other threads (the guest waits on it).
-    favoured: Option<guest_mm::host::Favoured>,
     /// Set once `Start` went out: the guest is the destination's, whatever fails next.
     committed: bool,
     /// Set once the destination confirmed it runs the guest.
@@ -486,7 +482,6 @@ impl Session<'_> {
 
     fn pause(&mut self, pending: Vec<u64>) -> Result<State, Error> {
         self.progress.update(Phase::StopAndCopy, self.writer.bytes);
-        self.favoured = guest_mm::host::Favoured::now();
         self.lap();
         let paused = self
             .vm
@@ -620,7 +615,6 @@ impl Session<'_> {
             },
         )?;
         self.report.downtime_steps.start_ms = self.lap();
-        self.favoured = None;
         self.resumed_at(at_ns);
         Ok(match missing {
             None => State::Complete,

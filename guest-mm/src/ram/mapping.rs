@@ -30,6 +30,15 @@ pub(crate) enum Source<'a> {
 
 const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 
+/// The advice [`Mapping::advise_part`] gives a part of a mapping.
+#[derive(Clone, Copy)]
+enum Advice {
+    /// Allocate the pages for writing (MADV_POPULATE_WRITE).
+    PopulateWrite,
+    /// Drop the page-table entries (MADV_DONTNEED).
+    DontNeed,
+}
+
 impl Mapping {
     /// A read/write mapping of `len` bytes starting on an `align` boundary.
     pub(crate) fn new(len: usize, source: Source<'_>, align: usize) -> Result<Self, Error> {
@@ -135,13 +144,27 @@ impl Mapping {
     /// Allocates the pages of `range` for writing, as a write of each would
     /// (MADV_POPULATE_WRITE); pages already there keep their content.
     pub(crate) fn populate_range(&self, range: GpaRange) -> Result<(), Error> {
+        // POPULATE_WRITE only faults pages in and never changes the content of one that
+        // is there.
+        self.advise_part(range, Advice::PopulateWrite)
+    }
+
+    /// `madvise(advice)` over the part of the mapping in `range` (nothing if none).
+    fn advise_part(&self, range: GpaRange, advice: Advice) -> Result<(), Error> {
         let Some((p, len)) = self.part(range) else {
             return Ok(());
         };
-        // SAFETY: the range lies inside this live mapping (part clamps it); POPULATE_WRITE
-        // only faults pages in and never changes the content of one that is there.
-        if unsafe { libc::madvise(p, len, libc::MADV_POPULATE_WRITE) } != 0 {
-            return Err(os("madvise(MADV_POPULATE_WRITE)"));
+        let (flag, op) = match advice {
+            Advice::PopulateWrite => (libc::MADV_POPULATE_WRITE, "madvise(MADV_POPULATE_WRITE)"),
+            Advice::DontNeed => (
+                libc::MADV_DONTNEED,
+                "madvise(MADV_DONTNEED) of the guest view",
+            ),
+        };
+        // SAFETY: [p, p+len) lies inside this live mapping (`part` clamps); the advice is
+        // one of `Advice`'s, whose callers say why it keeps the content they need.
+        if unsafe { libc::madvise(p, len, flag) } != 0 {
+            return Err(os(op));
         }
         Ok(())
     }
@@ -179,15 +202,8 @@ impl Mapping {
     /// notifier drops KVM's entries. Never call this on anonymous RAM: it would discard
     /// the content.
     pub(crate) fn zap(&self, range: GpaRange) -> Result<(), Error> {
-        let Some((p, len)) = self.part(range) else {
-            return Ok(());
-        };
-        // SAFETY: [p, p+len) lies inside this live mapping (`part` clamps); on the shared
-        // file mappings this is used on, DONTNEED keeps the page cache.
-        if unsafe { libc::madvise(p, len, libc::MADV_DONTNEED) } != 0 {
-            return Err(os("madvise(MADV_DONTNEED) of the guest view"));
-        }
-        Ok(())
+        // On the shared file mappings this is used on, DONTNEED keeps the page cache.
+        self.advise_part(range, Advice::DontNeed)
     }
 
     /// `madvise(MADV_COLLAPSE)` of the 2 MiB region at `region`.

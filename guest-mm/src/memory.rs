@@ -462,10 +462,7 @@ impl GuestMemory {
     /// do for other backings (shmem is written with `pwrite`, which skips the zeroing) or
     /// RAM populated already. Returns whether a population started.
     pub fn prepare_incoming(&self) -> Result<bool, Error> {
-        let hugetlb = matches!(
-            self.ram.backing(),
-            BackingKind::Hugetlb2M | BackingKind::Hugetlb1G
-        );
+        let hugetlb = self.ram.backing().hugetlb_page().is_some();
         let populated =
             self.cfg.ram.prefault == Prefault::Populate || self.cfg.ram.numa.emulated_zones();
         let mut r = self.running();

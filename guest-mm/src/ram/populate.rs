@@ -4,7 +4,7 @@
 //! no `pwrite` that could fill a page without zeroing it first (shmem has: its receive
 //! path writes with `pwrite` and skips the zeroing). On a migration destination that
 //! zeroing sat on the receive thread's path, in the rounds and in the stop-and-copy:
-//! a 1 GiB pre-copy of a busy guest took 1.6–1.8 s with it and 0.8–1.0 s with the RAM
+//! a 1 GiB pre-copy of a busy guest took 1.6–1.8 s with it and 1.0–1.4 s with the RAM
 //! populated beforehand (clear_page was the receiving thread's largest cost). So an
 //! incoming VM on hugetlb populates its staging view on a thread of its own, from the
 //! start of RAM upwards (the order round 0 arrives in), in chunks between which it can
@@ -18,12 +18,13 @@ use std::thread::JoinHandle;
 
 use super::GuestRam;
 use crate::addr::{Gpa, GpaRange};
+use crate::error::Error;
 
 /// Populated per step: small enough to stop soon, large enough to be cheap.
 const CHUNK: u64 = 64 << 20;
 
 /// How a population ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum PopulateEnd {
     /// Every page of guest RAM is allocated.
     Complete,
@@ -31,7 +32,9 @@ pub enum PopulateEnd {
     Stopped { bytes: u64 },
     /// The host refused (e.g. the hugetlb pool ran short) after this many bytes; the
     /// receive path then allocates the rest itself, or reports the shortage.
-    Failed { bytes: u64, why: String },
+    Failed { bytes: u64, source: Error },
+    /// The populating thread panicked.
+    Panicked,
 }
 
 /// The populating thread.
@@ -53,10 +56,7 @@ impl Populator {
 
     /// Waits for it to end.
     pub(crate) fn wait(self) -> PopulateEnd {
-        self.handle.join().unwrap_or(PopulateEnd::Failed {
-            bytes: 0,
-            why: "the populating thread panicked".into(),
-        })
+        self.handle.join().unwrap_or(PopulateEnd::Panicked)
     }
 
     /// Stops it at its next chunk and says how it ended.
@@ -74,11 +74,8 @@ fn populate(ram: &GuestRam, stop: &AtomicBool) -> PopulateEnd {
             return PopulateEnd::Stopped { bytes: at };
         }
         let end = (at + chunk).min(ram.size());
-        if let Err(e) = ram.populate_staging(GpaRange::new(Gpa(at), Gpa(end))) {
-            return PopulateEnd::Failed {
-                bytes: at,
-                why: e.to_string(),
-            };
+        if let Err(source) = ram.populate_staging(GpaRange::new(Gpa(at), Gpa(end))) {
+            return PopulateEnd::Failed { bytes: at, source };
         }
         at = end;
     }

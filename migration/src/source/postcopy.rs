@@ -146,7 +146,7 @@ fn push(s: &mut Session, shared: &Shared) -> Result<u64, Error> {
                     cursor = hint;
                 }
                 let p = cursor % pages;
-                match shared.take_extent(p, push_extent_pages(&s.layout)) {
+                match shared.take_extent(p, s.layout.extent_max_pages()) {
                     0 => {
                         cursor = p + 1;
                         idle += 1;
@@ -171,7 +171,7 @@ fn push(s: &mut Session, shared: &Shared) -> Result<u64, Error> {
                 if shared.stopped() {
                     return Ok(pushed);
                 }
-                match shared.take_extent(p, push_extent_pages(&s.layout)) {
+                match shared.take_extent(p, s.layout.extent_max_pages()) {
                     0 => p += 1,
                     n => {
                         push_extent(s, (p, n), &mut pushed)?;
@@ -193,13 +193,6 @@ fn push_extent(s: &mut Session, extent: (u64, u64), pushed: &mut u64) -> Result<
         s.progress.update(Phase::Push, s.writer.bytes);
     }
     Ok(())
-}
-
-/// The longest extent the push sends: 16 pages of 4 KiB (64 KiB), a huge page whole. The
-/// destination holds its table lock while it writes and CONTINUEs an extent, and an
-/// urgent install waits for it: shorter extents keep that wait short.
-fn push_extent_pages(layout: &Layout) -> u64 {
-    layout.extent_max_pages().min(16)
 }
 
 /// How many pages a demanded one brings along: up to 15 more 4 KiB pages (64 KiB in

@@ -301,8 +301,6 @@ impl Receiver<'_> {
         }
         ctx.stop.store(false, Ordering::Relaxed);
         *ctx.push_ended.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        // A demanded page the push claimed waits behind what the main connection holds.
-        self.main.limit_buffers(self.layout.postcopy_buffer());
         let main = self.main.try_clone().map_err(|e| {
             Error::wire(Step::Push, self.timeouts.io)(crate::error::WireError::Io(e))
         })?;

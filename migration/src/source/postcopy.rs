@@ -73,7 +73,6 @@ pub(super) fn run(s: &mut Session, missing: PageBitmap) -> Result<(), Error> {
     };
     let (reader, writer) = (conn.reader, conn.writer);
     let urgent = cloned(conn.channel.as_ref())?;
-    s.main.limit_buffers(s.layout.postcopy_buffer());
     let shared = Shared {
         missing: Mutex::new(Missing::new(missing, s.layout.page_size)),
         last_request: AtomicU64::new(u64::MAX),

@@ -110,6 +110,20 @@ impl PageBitmap {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// The first page in the set at or after `from`.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        if from >= self.pages {
+            return None;
+        }
+        let first = (from / 64) as usize;
+        let head = self.words.get(first)? & (u64::MAX << (from % 64));
+        std::iter::once(head)
+            .chain(self.words.get(first + 1..)?.iter().copied())
+            .enumerate()
+            .find(|&(_, w)| w != 0)
+            .map(|(i, w)| (first + i) as u64 * 64 + u64::from(w.trailing_zeros()))
+    }
+
     /// The pages in the set, in address order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.words.iter().enumerate().flat_map(|(i, &w)| {
@@ -173,5 +187,24 @@ mod tests {
             ]
         );
         assert_eq!(b.iter().collect::<Vec<_>>(), [0, 1, 5, 64, 65, 129]);
+        let next: Vec<_> = [0, 2, 6, 63, 64, 66, 129, 130, 500]
+            .iter()
+            .map(|&p| b.next_set(p))
+            .collect();
+        assert_eq!(
+            next,
+            [
+                Some(0),
+                Some(5),
+                Some(64),
+                Some(64),
+                Some(64),
+                Some(129),
+                Some(129),
+                None,
+                None
+            ]
+        );
+        assert_eq!(PageBitmap::empty(130).next_set(0), None);
     }
 }

@@ -74,6 +74,13 @@ impl Missing {
         n
     }
 
+    /// Claims the extent (as [`Missing::take_extent`]) at the first missing page from
+    /// `from` on, wrapping around to page 0; None once nothing is missing.
+    pub fn take_next_extent(&mut self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let p = self.bits.next_set(from).or_else(|| self.bits.next_set(0))?;
+        Some((p, self.take_extent(p, max)))
+    }
+
     /// The region with the fewest pages still missing (but some), lowest address first.
     pub fn fewest_missing_region(&self) -> Option<u64> {
         self.per_region_missing
@@ -134,6 +141,30 @@ mod tests {
             "425 missing against 511 and 512"
         );
         assert_eq!(m.take_extent(3 * 512, 64), 0, "beyond the end");
+    }
+
+    #[test]
+    fn the_next_extent_wraps_around_and_ends_only_when_nothing_is_missing() {
+        let pages = 3 * 512;
+        let mut m = Missing::new(PageBitmap::full(pages), 4096);
+        // What broke a post-copy (the push ended with pages missing that the guest never
+        // asked for): a scan from an already sent stretch must still find them.
+        for p in (0..pages).filter(|p| !(700..710).contains(p) && *p != 3) {
+            assert!(m.take(p));
+        }
+        assert_eq!(m.take_next_extent(1000, 64), Some((3, 1)), "wrapped around");
+        assert_eq!(m.take_next_extent(4, 64), Some((700, 10)));
+        assert_eq!(m.take_next_extent(0, 64), None);
+        assert_eq!(m.take_next_extent(pages + 5, 64), None, "beyond the end");
+        // An extent still stops at its region's end.
+        let mut m = Missing::new(PageBitmap::full(pages), 4096);
+        assert_eq!(m.take_next_extent(500, 64), Some((500, 12)));
+        assert_eq!(m.take_next_extent(pages - 1, 64), Some((pages - 1, 1)));
+        assert_eq!(
+            m.take_next_extent(pages, 64),
+            Some((0, 64)),
+            "from the start"
+        );
     }
 
     #[test]

@@ -135,27 +135,16 @@ fn push(s: &mut Session, shared: &Shared) -> Result<u64, Error> {
     let mut pushed = 0u64;
     s.progress.update(Phase::Push, s.writer.bytes);
     match s.req.push_order {
-        // From the last demand request onwards, in address order.
         PushOrder::Sequential => {
-            let (mut cursor, mut idle, mut followed) = (0u64, 0u64, u64::MAX);
-            while idle < pages && !shared.stopped() {
+            let mut order = Sequential::default();
+            while !shared.stopped() {
                 let hint = shared.last_request.load(Ordering::Relaxed);
-                if hint != followed && hint < pages {
-                    followed = hint;
-                    cursor = hint;
-                }
-                let p = cursor % pages;
-                match shared.take_extent(p, s.layout.extent_max_pages()) {
-                    0 => {
-                        cursor = p + 1;
-                        idle += 1;
-                    }
-                    n => {
-                        push_extent(s, (p, n), &mut pushed)?;
-                        cursor = p + n;
-                        idle = 0;
-                    }
-                }
+                let next = {
+                    let mut m = shared.missing.lock().unwrap_or_else(|e| e.into_inner());
+                    order.next(&mut m, hint, s.layout.extent_max_pages())
+                };
+                let Some(extent) = next else { break };
+                push_extent(s, extent, &mut pushed)?;
             }
         }
         // Region by region, the one with the fewest pages missing first.
@@ -181,6 +170,31 @@ fn push(s: &mut Session, shared: &Shared) -> Result<u64, Error> {
         },
     }
     Ok(pushed)
+}
+
+/// The sequential push order: from the last demand request onwards, in address order,
+/// wrapping around; it ends when nothing is missing, never after a scan of pages sent
+/// already (a jump to a new request cuts such a scan short and would leave the pages
+/// it skipped unsent).
+#[derive(Default)]
+struct Sequential {
+    cursor: u64,
+    /// The request the cursor last jumped to.
+    followed: Option<u64>,
+}
+
+impl Sequential {
+    /// Claims the next extent to push; `hint` is the page of the last demand request
+    /// (`u64::MAX`: none yet).
+    fn next(&mut self, missing: &mut Missing, hint: u64, max: u64) -> Option<(u64, u64)> {
+        if hint != u64::MAX && self.followed != Some(hint) {
+            self.followed = Some(hint);
+            self.cursor = hint;
+        }
+        let extent = missing.take_next_extent(self.cursor, max)?;
+        self.cursor = extent.0 + extent.1;
+        Some(extent)
+    }
 }
 
 fn push_extent(s: &mut Session, extent: (u64, u64), pushed: &mut u64) -> Result<(), Error> {
@@ -275,5 +289,49 @@ fn serve_urgent(
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sequential_push_follows_requests_and_sends_every_page_a_jump_skipped() {
+        // 100 4 KiB pages (one region), extents of 4 pages.
+        let mut m = Missing::new(PageBitmap::full(100), 4096);
+        let mut order = Sequential::default();
+        let mut sent = Vec::new();
+        let none = u64::MAX;
+        while sent.len() < 40 {
+            sent.extend(
+                order
+                    .next(&mut m, none, 4)
+                    .map(|(p, n)| p..p + n)
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        // A request for page 60 (and its prefetch, 61..75) is served on the urgent
+        // connection; the push follows it.
+        assert!(m.take_extent(60, 16) == 16);
+        assert_eq!(order.next(&mut m, 60, 4), Some((76, 4)));
+        while let Some((p, n)) = order.next(&mut m, 60, 4) {
+            sent.extend(p..p + n);
+            if p + n == 100 {
+                break;
+            }
+        }
+        // Wrapped around; a request for page 45 takes 45..59 while 40..44 are unsent.
+        assert_eq!(m.take_extent(45, 16), 15);
+        let mut rest = Vec::new();
+        while let Some((p, n)) = order.next(&mut m, 45, 4) {
+            rest.extend(p..p + n);
+        }
+        assert_eq!(
+            rest,
+            (40..45).collect::<Vec<_>>(),
+            "the pages the jump skipped"
+        );
     }
 }

@@ -326,12 +326,8 @@ enum Outcome {
 fn resolve_fault(ctx: &FaultContext, gpa: Gpa, vcpu: Option<usize>, dirtied: Dirtied) -> Outcome {
     let mut first_decision = true;
     loop {
-        let token = ctx.stage.seq();
-        if token.in_progress() {
-            std::thread::yield_now();
-            continue;
-        }
-        let (counter, hinted) = match ctx.stage.lookup(gpa, Intent::Vcpu) {
+        let (token, lookup) = ctx.stage.decide(gpa, Intent::Vcpu);
+        let (counter, hinted) = match lookup {
             Lookup::Fault(_, FaultCause::Hint) => (&ctx.stats.hint_faults, true),
             Lookup::Mapped(_) => (&ctx.stats.raced, false),
             Lookup::Fault(_, FaultCause::Absent) if ctx.pager.get().is_some() => {

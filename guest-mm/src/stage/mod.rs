@@ -230,6 +230,16 @@ impl SecondStage {
         self.notifier.seq()
     }
 
+    /// A fault path's decision: the leaf at `gpa` and the sequence token, both read
+    /// under the table lock. Every invalidation runs under that lock, so the token is
+    /// never in progress: a fault that meets a running invalidation sleeps on the lock
+    /// until it ends, instead of spinning on the count (a spinning fault thread of
+    /// higher priority would starve the invalidating thread on its core).
+    pub fn decide(&self, gpa: Gpa, intent: Intent) -> (SeqToken, Lookup) {
+        let t = self.lock();
+        (self.notifier.seq(), t.lookup(gpa, intent))
+    }
+
     /// The fault path's commit: if no invalidation ran since `token`, make the leaf at
     /// `gpa` present and accessed, then run `install` (the host-side mapping of the span
     /// it is given, e.g. UFFDIO_CONTINUE) while still holding the table, so no

@@ -20,6 +20,10 @@ pub struct MigrationReport {
     /// of its extent: the next pages in its region), unasked.
     #[serde(default)]
     pub pages_prefetched: u64,
+    /// Post-copy: requested pages the push had claimed already (in flight on the main
+    /// connection), sent again on the urgent channel rather than waited for.
+    #[serde(default)]
+    pub pages_resent: u64,
     pub demand_fault_us_p50: f64,
     pub demand_fault_us_p99: f64,
     pub demand_fault_us_max: f64,

@@ -27,6 +27,8 @@ struct Shared {
     last_request: AtomicU64,
     demand: AtomicU64,
     prefetched: AtomicU64,
+    /// Requested pages the push had claimed already, sent again on the urgent channel.
+    resent: AtomicU64,
     /// Set when either side failed: the other stops.
     stop: AtomicBool,
     /// When the push sent its last page.
@@ -78,6 +80,7 @@ pub(super) fn run(s: &mut Session, missing: PageBitmap) -> Result<(), Error> {
         last_request: AtomicU64::new(u64::MAX),
         demand: AtomicU64::new(0),
         prefetched: AtomicU64::new(0),
+        resent: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         push_done: Mutex::new(None),
     };
@@ -120,6 +123,7 @@ pub(super) fn run(s: &mut Session, missing: PageBitmap) -> Result<(), Error> {
     s.report.pages_pushed += pushed;
     s.report.pages_demand += shared.demand.load(Ordering::Relaxed);
     s.report.pages_prefetched += shared.prefetched.load(Ordering::Relaxed);
+    s.report.pages_resent += shared.resent.load(Ordering::Relaxed);
     if let Some(d) = urgent_end.stats {
         s.report.demand_fault_us_p50 = d.us_p50;
         s.report.demand_fault_us_p99 = d.us_p99;
@@ -141,7 +145,7 @@ fn push(s: &mut Session, shared: &Shared) -> Result<u64, Error> {
                 let hint = shared.last_request.load(Ordering::Relaxed);
                 let next = {
                     let mut m = shared.missing.lock().unwrap_or_else(|e| e.into_inner());
-                    order.next(&mut m, hint, s.layout.extent_max_pages())
+                    order.next(&mut m, hint, push_extent_pages(&s.layout))
                 };
                 let Some(extent) = next else { break };
                 push_extent(s, extent, &mut pushed)?;
@@ -159,7 +163,7 @@ fn push(s: &mut Session, shared: &Shared) -> Result<u64, Error> {
                 if shared.stopped() {
                     return Ok(pushed);
                 }
-                match shared.take_extent(p, s.layout.extent_max_pages()) {
+                match shared.take_extent(p, push_extent_pages(&s.layout)) {
                     0 => p += 1,
                     n => {
                         push_extent(s, (p, n), &mut pushed)?;
@@ -206,6 +210,13 @@ fn push_extent(s: &mut Session, extent: (u64, u64), pushed: &mut u64) -> Result<
         s.progress.update(Phase::Push, s.writer.bytes);
     }
     Ok(())
+}
+
+/// The longest extent the push sends: 16 pages of 4 KiB (64 KiB), a huge page whole. The
+/// destination holds its table lock while it writes and CONTINUEs an extent, and an
+/// urgent install waits for it: shorter extents keep that wait short.
+fn push_extent_pages(layout: &Layout) -> u64 {
+    layout.extent_max_pages().min(16)
 }
 
 /// How many pages a demanded one brings along: up to 15 more 4 KiB pages (64 KiB in
@@ -255,10 +266,27 @@ fn serve_urgent(
             Message::PageRequest { gpa } => {
                 let p = gpa.0 / layout.page_size;
                 shared.last_request.store(p, Ordering::Relaxed);
-                if shared.take(p) {
-                    shared.demand.fetch_add(1, Ordering::Relaxed);
-                    sender.send(&mut w, p, step, timeouts.io)?;
-                    w.flush().map_err(wire)?;
+                // A page the push claimed already may sit behind megabytes of pushed
+                // pages in the main connection's buffers: it goes again here, at once
+                // (the destination drops whichever copy comes second).
+                let fresh = shared.take(p);
+                let counter = match fresh {
+                    true => &shared.demand,
+                    false => &shared.resent,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let sent = sender
+                    .send(&mut w, p, step, timeouts.io)
+                    .and_then(|()| w.flush().map_err(wire));
+                match sent {
+                    Ok(()) => {}
+                    // The pushed copy may have completed the destination meanwhile: it
+                    // ended this connection after its Complete, which the next read
+                    // brings (or the real failure, if the connection broke).
+                    Err(_) if !fresh => continue,
+                    Err(e) => return Err(e),
+                }
+                if fresh {
                     // The pages after it, which a vCPU walking memory touches next, in
                     // a frame of their own once the demanded one is out.
                     let ahead = shared.take_extent(p + 1, prefetch_pages(layout));

@@ -93,7 +93,7 @@ struct Running {
     fault: Option<FaultThread>,
     numa: Vec<Periodic>,
     stress: Option<StressZapper>,
-    /// A migration destination on hugetlb populating its RAM ([`GuestMemory::prepare_incoming`]).
+    /// A migration destination populating its RAM ([`GuestMemory::prepare_incoming`]).
     populate: Option<Populator>,
     fault_path: FaultPathKind,
     report: Option<MemoryReport>,
@@ -455,18 +455,18 @@ impl GuestMemory {
         }
     }
 
-    /// A migration destination, before its source connects: hugetlb RAM is populated
-    /// on a thread of its own (the first touch of a huge page zeroes it, and hugetlbfs
-    /// cannot be written without that; see [`crate::ram::populate`]), so that the pages
-    /// arriving later are copied, not zeroed and copied, on the receive path. Nothing to
-    /// do for other backings (shmem is written with `pwrite`, which skips the zeroing) or
-    /// RAM populated already. Returns whether a population started.
+    /// A migration destination, before its source connects: file-backed RAM is
+    /// populated on a thread of its own (see [`crate::ram::populate`]), so that the
+    /// pages arriving later are copied into place, not allocated (and on hugetlb zeroed)
+    /// first on the receive path. Nothing to do for anonymous RAM or RAM populated
+    /// already. Returns whether a population started.
     pub fn prepare_incoming(&self) -> Result<bool, Error> {
         let hugetlb = self.ram.backing().hugetlb_page().is_some();
+        let shmem = self.ram.backing() == BackingKind::Shmem;
         let populated =
             self.cfg.ram.prefault == Prefault::Populate || self.cfg.ram.numa.emulated_zones();
         let mut r = self.running();
-        if !hugetlb || populated || r.populate.is_some() {
+        if !(hugetlb || shmem) || populated || r.populate.is_some() {
             return Ok(false);
         }
         r.populate = Some(

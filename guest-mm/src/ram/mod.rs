@@ -226,7 +226,28 @@ impl GuestRam {
     /// Allocates the backing pages of `range` through the staging view (see
     /// [`populate`]); pages already there keep their content.
     pub(crate) fn populate_staging(&self, range: GpaRange) -> Result<(), Error> {
-        self.staging_mapping().populate_range(range)
+        let fd = match (self.backing, self.zones.single_memfd()) {
+            (BackingKind::Shmem, Some(fd)) => fd,
+            _ => return self.staging_mapping().populate_range(range),
+        };
+        // shmem: allocated, not zeroed (a fallocated page is zeroed when first read,
+        // and a whole-page `pwrite` skips that), half the cost of faulting it in.
+        // SAFETY: allocates pages of our own memfd inside guest RAM; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::FALLOC_FL_KEEP_SIZE,
+                range.start.0 as libc::off_t,
+                range.len() as libc::off_t,
+            )
+        };
+        match r {
+            0 => Ok(()),
+            _ => Err(Error::Os {
+                op: "fallocate of guest RAM's memfd (populating it)",
+                source: std::io::Error::last_os_error(),
+            }),
+        }
     }
 
     pub fn view_layout(&self) -> ViewLayout {

@@ -252,7 +252,7 @@ fn staging_writes_do_not_map_the_guest_view_and_populate_maps_it() {
 }
 
 #[test]
-fn an_incoming_vm_on_hugetlb_populates_its_staging_view_and_keeps_what_arrived() {
+fn an_incoming_vm_populates_its_ram_and_keeps_what_arrived() {
     use crate::config::MemoryConfig;
     use crate::memory::GuestMemory;
     use crate::ram::populate::PopulateEnd;
@@ -264,9 +264,31 @@ fn an_incoming_vm_on_hugetlb_populates_its_staging_view_and_keeps_what_arrived()
         ..Default::default()
     })
     .unwrap();
-    // shmem is written with pwrite, which does not zero first: nothing to do.
-    assert!(!shmem.prepare_incoming().unwrap());
-    assert!(shmem.wait_populated().is_none());
+    let page = vec![0x5a_u8; SIZE_2M as usize];
+    let mut back = vec![0u8; SIZE_2M as usize];
+    shmem
+        .write_page(Gpa(4 << 20), PageContent::Bytes(&page[..4096]))
+        .unwrap();
+    assert!(shmem.prepare_incoming().unwrap());
+    let end = shmem.wait_populated();
+    assert!(matches!(end, Some(PopulateEnd::Complete)), "{end:?}");
+    assert!(shmem.wait_populated().is_none(), "waited for once");
+    shmem.read_page(Gpa(4 << 20), &mut back[..4096]).unwrap();
+    assert!(
+        back[..4096] == page[..4096],
+        "populating changed a page that was there"
+    );
+    shmem.read_page(Gpa(8 << 20), &mut back[..4096]).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 0));
+    assert_eq!(shmem.huge_mapped_bytes(View::Guest).unwrap(), 0);
+    // Anonymous RAM has no page cache to fill ahead.
+    let anon = GuestMemory::create(&MemoryConfig {
+        ram: cfg(size, BackingKind::Anon),
+        vcpus: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!anon.prepare_incoming().unwrap());
     if !pool_ok(SIZE_2M, size / SIZE_2M) {
         return;
     }
@@ -277,14 +299,12 @@ fn an_incoming_vm_on_hugetlb_populates_its_staging_view_and_keeps_what_arrived()
     })
     .unwrap();
     // A page that arrived before (or while) RAM is populated keeps its content.
-    let page = vec![0x5a_u8; SIZE_2M as usize];
     mem.write_page(Gpa(4 << 20), PageContent::Bytes(&page))
         .unwrap();
     assert!(mem.prepare_incoming().unwrap());
     assert!(!mem.prepare_incoming().unwrap(), "one population at a time");
     let end = mem.wait_populated();
     assert!(matches!(end, Some(PopulateEnd::Complete)), "{end:?}");
-    let mut back = vec![0u8; SIZE_2M as usize];
     mem.read_page(Gpa(4 << 20), &mut back).unwrap();
     assert!(back == page, "populating changed a page that was there");
     // Every page is allocated, through the staging view only: the guest view stays
@@ -293,6 +313,28 @@ fn an_incoming_vm_on_hugetlb_populates_its_staging_view_and_keeps_what_arrived()
     assert_eq!(mem.huge_mapped_bytes(View::Guest).unwrap(), 0);
     mem.read_page(Gpa(8 << 20), &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn a_shmem_population_allocates_the_memfd_without_mapping_it() {
+    use std::os::unix::fs::MetadataExt;
+    let size = 16 << 20;
+    let ram = std::sync::Arc::new(GuestRam::create(&cfg(size, BackingKind::Shmem)).unwrap());
+    let allocated = |ram: &GuestRam| {
+        let fd = ram.zones.single_memfd().unwrap();
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        std::fs::metadata(path).unwrap().blocks() * 512
+    };
+    assert_eq!(allocated(&ram), 0);
+    let end = crate::ram::populate::Populator::start(ram.clone())
+        .unwrap()
+        .wait();
+    assert!(
+        matches!(end, crate::ram::populate::PopulateEnd::Complete),
+        "{end:?}"
+    );
+    assert_eq!(allocated(&ram), size);
+    assert_eq!(ram.guest_view_rss_bytes().unwrap(), 0);
 }
 
 #[test]

@@ -95,15 +95,6 @@ impl Layout {
         guest_mm::extent_max_pages(self.page_size)
     }
 
-    /// The main connection's socket buffers once post-copy's push runs on it (both
-    /// ends): 256 KiB asked (0.5 MiB held: the kernel doubles it), a millisecond or two at
-    /// the destination's post-copy pace, for a demanded page the push claimed already —
-    /// 8 MiB there measured 20–30 ms. Never less than two backing pages: a huge page
-    /// larger than the buffers would block its writer several times over.
-    pub fn postcopy_buffer(&self) -> usize {
-        (256usize << 10).max(2 * self.page_size as usize)
-    }
-
     /// `gpa` if it starts an extent of `pages` backing pages: 1 to the most, inside one
     /// 2 MiB region (or one huge page), inside guest RAM.
     fn extent_at(&self, gpa: u64, pages: u64) -> Result<Gpa, Refused> {

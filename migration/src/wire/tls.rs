@@ -269,8 +269,4 @@ impl Channel for TlsChannel {
     fn unsent_bytes(&self) -> u64 {
         lock(&self.0.raw).unsent_bytes()
     }
-
-    fn limit_buffers(&self, bytes: usize) {
-        lock(&self.0.raw).limit_buffers(bytes);
-    }
 }

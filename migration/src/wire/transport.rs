@@ -34,10 +34,6 @@ pub trait Channel: Read + Write + Send {
     fn unsent_bytes(&self) -> u64 {
         0
     }
-    /// Asks this end's socket buffers to hold at most about `bytes` each way, from now
-    /// on (best effort). Post-copy's push sets it on the main connection
-    /// ([`crate::wire::message::Layout::postcopy_buffer`]).
-    fn limit_buffers(&self, _bytes: usize) {}
 }
 
 /// Opens connections to a destination (the source's side).
@@ -255,10 +251,6 @@ impl Channel for Stream {
             0 => queued.max(0) as u64,
             _ => 0,
         }
-    }
-
-    fn limit_buffers(&self, bytes: usize) {
-        self.buffers(bytes);
     }
 
     fn shutdown(&self) {

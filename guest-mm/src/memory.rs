@@ -23,7 +23,7 @@ use crate::guest_view::{GuestView, Registration};
 use crate::numa::{NumaEngine, NumaReport};
 use crate::page::{Installed, InstalledPages, PageContent, Pager};
 use crate::periodic::Periodic;
-use crate::ram::populate::{PopulateEnd, Populator};
+use crate::ram::populate::{PopulateEnd, PopulateReport, Populator};
 use crate::ram::{smaps::RssSplit, GuestRam, MovedCache, View};
 use crate::stage::{Accounting, Change, Run, SecondStage};
 use crate::stress::StressZapper;
@@ -85,6 +85,9 @@ pub struct MemoryReport {
     /// Host-side mapping changes (zaps, userfaultfd re-registration after a NUMA move)
     /// that failed: when not 0, guest memory may not have been protected.
     pub host_failures: u64,
+    /// A migration destination's population of its RAM ([`GuestMemory::prepare_incoming`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub populate: Option<PopulateReport>,
 }
 
 /// Threads and their state, behind one lock.
@@ -95,6 +98,8 @@ struct Running {
     stress: Option<StressZapper>,
     /// A migration destination populating its RAM ([`GuestMemory::prepare_incoming`]).
     populate: Option<Populator>,
+    /// How the population ended, once waited for.
+    populated: Option<PopulateReport>,
     fault_path: FaultPathKind,
     report: Option<MemoryReport>,
 }
@@ -183,6 +188,7 @@ impl GuestMemory {
                 numa: Vec::new(),
                 stress: None,
                 populate: None,
+                populated: None,
                 fault_path,
                 report: None,
             }),
@@ -471,7 +477,7 @@ impl GuestMemory {
         }
         r.populate = Some(
             Populator::start(self.ram.clone()).map_err(|source| Error::Os {
-                op: "spawning the thread that populates hugetlb RAM",
+                op: "spawning the thread that populates guest RAM",
                 source,
             })?,
         );
@@ -482,7 +488,9 @@ impl GuestMemory {
     /// how it did; None if none started (or it was waited for already).
     pub fn wait_populated(&self) -> Option<PopulateEnd> {
         let p = self.running().populate.take()?;
-        Some(p.wait())
+        let end = p.wait();
+        self.running().populated = Some(end.report(self.ram.size()));
+        Some(end)
     }
 
     /// Post-copy destination, before any vCPU runs: marks `absent` absent in the table,
@@ -640,9 +648,11 @@ impl GuestMemory {
         r.numa.drain(..).for_each(Periodic::stop);
         let numa = self.numa.as_ref().map(|n| n.report());
         let faults = r.fault.take().map(FaultThread::stop);
-        if let Some(p) = r.populate.take() {
-            p.stop();
-        }
+        let populate = r
+            .populate
+            .take()
+            .map(|p| p.stop().report(self.ram.size()))
+            .or_else(|| r.populated.clone());
         let report = MemoryReport {
             fault_path: r.fault_path.describe(),
             faults,
@@ -650,6 +660,7 @@ impl GuestMemory {
             numa,
             zaps,
             host_failures: self.view.failures(),
+            populate,
         };
         r.report = Some(report.clone());
         report

@@ -41,6 +41,31 @@ pub enum PopulateEnd {
     Panicked,
 }
 
+/// How a population ended, for a run's report.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PopulateReport {
+    /// complete, stopped, failed or panicked.
+    pub end: &'static str,
+    /// Bytes populated from the start of RAM (all of it when complete).
+    pub bytes: Option<u64>,
+    /// Why the host refused (failed only): the receive path allocated the rest itself.
+    pub error: Option<String>,
+}
+
+impl PopulateEnd {
+    pub fn report(&self, ram_bytes: u64) -> PopulateReport {
+        let (end, bytes, error) = match self {
+            PopulateEnd::Complete => ("complete", Some(ram_bytes), None),
+            PopulateEnd::Stopped { bytes } => ("stopped", Some(*bytes), None),
+            PopulateEnd::Failed { bytes, source } => {
+                ("failed", Some(*bytes), Some(source.to_string()))
+            }
+            PopulateEnd::Panicked => ("panicked", None, None),
+        };
+        PopulateReport { end, bytes, error }
+    }
+}
+
 /// The populating thread.
 pub(crate) struct Populator {
     stop: Arc<AtomicBool>,

@@ -281,6 +281,8 @@ fn an_incoming_vm_populates_its_ram_and_keeps_what_arrived() {
     shmem.read_page(Gpa(8 << 20), &mut back[..4096]).unwrap();
     assert!(back[..4096].iter().all(|&b| b == 0));
     assert_eq!(shmem.huge_mapped_bytes(View::Guest).unwrap(), 0);
+    let report = shmem.stop().populate.unwrap();
+    assert_eq!((report.end, report.bytes), ("complete", Some(size)));
     // Anonymous RAM has no page cache to fill ahead.
     let anon = GuestMemory::create(&MemoryConfig {
         ram: cfg(size, BackingKind::Anon),

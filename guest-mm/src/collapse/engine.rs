@@ -2,9 +2,11 @@
 //! huge pages (policy and host sequence in [`super::policy`]).
 //!
 //! Who feeds it:
-//! - a post-copy destination's receivers, after each page they install (`filled`);
 //! - every migration destination once it resumes (`sweep`): regions that pre-copy
-//!   completed before the switch;
+//!   completed before the switch; a post-copy destination (and a lazy restore) once
+//!   every page is in (`sweep` from `end_postcopy`): nothing collapses while post-copy
+//!   runs, where a collapse's in-kernel copy delays the demand path;
+//! - the fault thread, for a region a hint fault resolved whole (`filled`);
 //! - with `--collapse background`, its own khugepaged-like scan of populated regions
 //!   (mincore of the guest view), within a budget of pages per period and collapses per
 //!   second, choosing mTHP orders by recursion over the region's bitmap.

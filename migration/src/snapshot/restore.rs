@@ -4,7 +4,7 @@
 //! Lazy restore is post-copy with the file as its source: the VM's `begin_postcopy`
 //! marks every page absent and takes a [`Pager`]; here that pager is a queue the filler
 //! thread (this one) reads before each background page, and every page goes in through
-//! `install_page` — the same door, table lock and collapse-on-fill as a migrated page.
+//! `install_page` — the same door and table lock as a migrated page (and its collapse when it ends).
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};

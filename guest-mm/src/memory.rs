@@ -584,6 +584,18 @@ impl GuestMemory {
         unregistered
     }
 
+    /// An incoming guest whose absent pages will never come (a lazy restore that cannot
+    /// serve one, a post-copy that gave up) is going away: the guest view is unregistered,
+    /// which wakes every vCPU blocked on an absent page (it reads zeros, or what the page
+    /// cache holds) so that it can leave KVM_RUN at its kick. A vCPU whose fault the kernel
+    /// retries from inside KVM (here the emulated ring 0's page-table walk) otherwise
+    /// never returns to user mode to see its kick, and the run never ends (seen in CI:
+    /// a lazy restore of a changed snapshot, vCPU and fault thread spinning). Only for a
+    /// guest that is being discarded: what it runs between this and its stop is not kept.
+    pub fn abandon_postcopy(&self) -> Result<(), Error> {
+        self.view.register(Registration::None)
+    }
+
     /// A migration destination resumed the guest: collapse every complete region (those
     /// pre-copy rounds completed before the switch).
     pub fn resumed_after_migration(&self) {

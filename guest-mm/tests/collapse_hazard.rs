@@ -131,3 +131,43 @@ fn a_region_with_one_missing_page_is_never_collapsed_and_reads_right_after() {
     assert_eq!(memory.stage().occupancy_2m(Gpa(0)), 0);
     memory.end_postcopy().unwrap();
 }
+
+#[test]
+fn an_abandoned_postcopy_releases_a_reader_blocked_on_an_absent_page() {
+    let memory = GuestMemory::create(&MemoryConfig {
+        ram: RamConfig {
+            size: 8 << 20,
+            backing: BackingKind::Shmem,
+            ..Default::default()
+        },
+        vcpus: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let (tx, requests) = mpsc::channel();
+    let all = GpaRange::new(Gpa(0), Gpa(memory.size()));
+    memory
+        .begin_postcopy(&[all], Arc::new(ChannelPager(Mutex::new(tx))))
+        .unwrap();
+    let base = memory.memslot().userspace_addr;
+    let (done_tx, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let p = (base + 3 * PAGE) as *const u64;
+        // SAFETY: inside the live guest view (the test keeps `memory` until the read
+        // returned or failed); the read blocks until userfaultfd lets it go.
+        let v = unsafe { std::ptr::read_volatile(p) };
+        let _ = done_tx.send(v);
+    });
+    assert_eq!(
+        requests.recv_timeout(Duration::from_secs(30)),
+        Ok(Gpa(3 * PAGE)),
+        "the read never faulted"
+    );
+    // No page will come: without the release the reader waits forever.
+    memory.abandon_postcopy().unwrap();
+    assert_eq!(
+        done.recv_timeout(Duration::from_secs(30)),
+        Ok(0),
+        "the blocked reader was released (and read the hole's zeros)"
+    );
+}

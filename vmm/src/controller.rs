@@ -144,6 +144,9 @@ pub struct RunEnd {
     pub migration_failures: Vec<String>,
     /// The migration failure that ends the run with an error (after its report).
     pub migration_error: Option<String>,
+    /// An incoming guest whose missing pages never came was released and stopped: what
+    /// its vCPUs did after that (they read zeros) is a consequence, not the outcome.
+    pub abandoned: bool,
     pub incoming: Option<IncomingReport>,
     pub console: Arc<Console>,
     pub memory: Arc<GuestMemory>,
@@ -237,6 +240,8 @@ pub struct Controller<'a> {
     /// What ends the run with an error once the vCPUs are finished (a post-copy that
     /// failed after the guest started here, a source that could not resume its guest).
     fatal: Option<Error>,
+    /// See [`RunEnd::abandoned`].
+    abandoned: bool,
     /// A `vm.receive-migration` call, answered when the migration ends here.
     receive_reply: Option<Sender<std::result::Result<(), ReceiveRefusal>>>,
     /// A snapshot waiting for its hot-set period to end.
@@ -285,6 +290,7 @@ impl<'a> Controller<'a> {
             paused_from: None,
             signal: None,
             fatal: None,
+            abandoned: false,
             receive_reply: None,
             snapshot: None,
             snapshot_at_taken: false,
@@ -604,6 +610,11 @@ impl<'a> Controller<'a> {
     /// The run is over: finish the vCPUs, end a migration still in flight, wait for a
     /// destination's receiving thread.
     fn finish(mut self) -> Result<RunEnd> {
+        // As late as possible, so that the released vCPUs run as little as can be before
+        // their stop: a vCPU blocked on a page that will never come cannot stop otherwise.
+        if self.abandoned {
+            self.release_blocked_vcpus();
+        }
         let outcomes = self.vcpus.take().map(|v| v.finish()).unwrap_or_default();
         let end_ns = monotonic_ns();
         // A migration still in flight ends here: the guest finished (or failed) first.
@@ -642,6 +653,7 @@ impl<'a> Controller<'a> {
         Ok(RunEnd {
             entry: self.entry,
             migration_error,
+            abandoned: self.abandoned,
             outcomes,
             timed_out: self.limits.timed_out,
             launch_ns: self.launch_ns,

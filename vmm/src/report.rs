@@ -460,7 +460,9 @@ pub fn assemble(
     let slots: Vec<VcpuSlot> = (0..cfg.vcpus as usize)
         .map(|i| end.mailbox.slot(memory.staging(), i))
         .collect();
-    check_vcpus(&end)?;
+    if !end.abandoned {
+        check_vcpus(&end)?;
+    }
     let exception = exception(&slots);
     if end.timed_out && exception.is_none() && end.migrated.is_none() && !end.handed_over {
         return Err(Error::Timeout(end.timeout));
@@ -517,6 +519,8 @@ pub fn assemble(
         entry: end.entry,
         outcome: if end.no_guest {
             Outcome::NoGuest
+        } else if end.abandoned && end.migration_error.is_some() {
+            Outcome::MigrationFailed
         } else if exception.is_some() {
             Outcome::GuestException
         } else if end.migration_error.is_some() {

@@ -288,7 +288,7 @@ impl Controller<'_> {
 
     /// A guest that will never get its missing pages: the vCPUs waiting for one are let
     /// go so that they can stop (see `GuestMemory::abandon_postcopy`).
-    fn release_blocked_vcpus(&self) {
+    pub(super) fn release_blocked_vcpus(&self) {
         if let Err(e) = self.memory.abandon_postcopy() {
             eprintln!("hugevisor: warning: releasing the vCPUs waiting for pages: {e}");
         }
@@ -329,15 +329,16 @@ impl Controller<'_> {
             // A lazy restore that cannot serve a page (the snapshot changed): no page will
             // come, so the vCPUs waiting for one cannot finish their pass; the run ends
             // now (the vCPUs are kicked), naming the page.
-            // The vCPUs blocked on pages are released first (the guest is discarded).
+            // The vCPUs blocked on pages are released when they are stopped (the guest is
+            // discarded: `abandoned`).
             Err(e) if matches!(self.cfg.guest, crate::config::GuestSource::Restore { .. }) => {
-                self.release_blocked_vcpus();
+                self.abandoned = true;
                 self.fatal = Some(e.into());
                 return Ok(());
             }
             // Post-copy: pages are missing. Stop the guest, fail the run at its end.
             Err(e) => {
-                self.release_blocked_vcpus();
+                self.abandoned = true;
                 self.fatal = Some(e.into());
                 self.request_stop(monotonic_ns());
                 return Ok(());

@@ -45,8 +45,9 @@ fn fill(memory: &GuestMemory, gpa: u64) {
     assert_eq!(installed, Installed::New);
 }
 
-#[test]
-fn a_region_with_one_missing_page_is_never_collapsed_and_reads_right_after() {
+/// 8 MiB of shmem guest RAM, all absent in post-copy, its demand requests on a channel;
+/// the number of absent pages.
+fn postcopy_of_8m() -> (Arc<GuestMemory>, mpsc::Receiver<Gpa>, u64) {
     let memory = GuestMemory::create(&MemoryConfig {
         ram: RamConfig {
             size: 8 << 20,
@@ -62,6 +63,12 @@ fn a_region_with_one_missing_page_is_never_collapsed_and_reads_right_after() {
     let absent = memory
         .begin_postcopy(&[all], Arc::new(ChannelPager(Mutex::new(tx))))
         .unwrap();
+    (memory, requests, absent)
+}
+
+#[test]
+fn a_region_with_one_missing_page_is_never_collapsed_and_reads_right_after() {
+    let (memory, requests, absent) = postcopy_of_8m();
     assert_eq!(absent, memory.size() / PAGE);
     let base = memory.memslot().userspace_addr;
 
@@ -134,21 +141,8 @@ fn a_region_with_one_missing_page_is_never_collapsed_and_reads_right_after() {
 
 #[test]
 fn an_abandoned_postcopy_releases_a_reader_blocked_on_an_absent_page() {
-    let memory = GuestMemory::create(&MemoryConfig {
-        ram: RamConfig {
-            size: 8 << 20,
-            backing: BackingKind::Shmem,
-            ..Default::default()
-        },
-        vcpus: 1,
-        ..Default::default()
-    })
-    .unwrap();
-    let (tx, requests) = mpsc::channel();
-    let all = GpaRange::new(Gpa(0), Gpa(memory.size()));
-    memory
-        .begin_postcopy(&[all], Arc::new(ChannelPager(Mutex::new(tx))))
-        .unwrap();
+    let (memory, requests, absent) = postcopy_of_8m();
+    assert_eq!(absent, memory.size() / PAGE);
     let base = memory.memslot().userspace_addr;
     let (done_tx, done) = mpsc::channel();
     std::thread::spawn(move || {

@@ -530,8 +530,8 @@ impl GuestMemory {
 
     /// One arriving post-copy page: under the table lock, and only if the page is still
     /// absent, write it through the staging view, CONTINUE it into the guest view (waking
-    /// the vCPUs that wait on it) and mark it present. A page that is no longer absent is a duplicate and left alone: the guest may have
-    /// written it since.
+    /// the vCPUs that wait on it) and mark it present. A page that is no longer absent
+    /// is a duplicate and left alone: the guest may have written it since.
     pub fn install_page(&self, gpa: Gpa, page: PageContent<'_>) -> Result<Installed, Error> {
         let len = match page {
             PageContent::Bytes(b) => b.len() as u64,

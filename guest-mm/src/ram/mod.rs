@@ -225,10 +225,18 @@ impl GuestRam {
 
     /// Allocates the backing pages of `range` through the staging view (see
     /// [`populate`]); pages already there keep their content.
+    /// The memfd of shmem RAM in one zone: written with `pwrite` and populated with
+    /// `fallocate` (hugetlbfs has neither that skips zeroing; anon has no file).
+    fn shmem_memfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self.backing {
+            BackingKind::Shmem => self.zones.single_memfd(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn populate_staging(&self, range: GpaRange) -> Result<(), Error> {
-        let fd = match (self.backing, self.zones.single_memfd()) {
-            (BackingKind::Shmem, Some(fd)) => fd,
-            _ => return self.staging_mapping().populate_range(range),
+        let Some(fd) = self.shmem_memfd() else {
+            return self.staging_mapping().populate_range(range);
         };
         // shmem: allocated, not zeroed (a fallocated page is zeroed when first read,
         // and a whole-page `pwrite` skips that), half the cost of faulting it in.
@@ -283,9 +291,9 @@ impl GuestRam {
     /// GiB here (`../shared/brief/host-facts.md`). Everything else (hugetlbfs takes no
     /// `write`, emulated NUMA zones, anon) writes through the staging view.
     pub fn write_bytes(&self, gpa: Gpa, bytes: &[u8]) -> Result<(), Error> {
-        let fd = match (self.backing, self.zones.single_memfd()) {
-            (BackingKind::Shmem, Some(fd)) => fd,
-            _ => {
+        let fd = match self.shmem_memfd() {
+            Some(fd) => fd,
+            None => {
                 return self
                     .staging
                     .write_slice(bytes, gpa.into())

@@ -107,7 +107,7 @@ struct Running {
 /// Guest memory of one VM. `Send + Sync`; held in an `Arc`.
 pub struct GuestMemory {
     cfg: MemoryConfig,
-    ram: Arc<GuestRam>,
+    pub(crate) ram: Arc<GuestRam>,
     stage: Arc<SecondStage>,
     view: Arc<GuestView>,
     vcpus: Arc<VcpuThreads>,

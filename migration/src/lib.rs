@@ -112,7 +112,7 @@ pub use host::{
     DestinationVm, GuestPages, HostError, IncomingEvent, NoProgress, Paused, Phase, Progress,
     SourceVm, VmState,
 };
-pub use report::{Converged, IncomingReport, MigrationReport};
+pub use report::{Converged, IncomingReport, MigrationReport, RoundReport};
 pub use wire::auth::{Auth, Key, Session};
 pub use wire::frame::{is_zero, Frame, FrameKind, FrameReader, FrameWriter};
 pub use wire::message::{

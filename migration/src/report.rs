@@ -65,6 +65,23 @@ pub struct MigrationReport {
     /// Where the downtime went, step by step on the source's clock.
     #[serde(default)]
     pub downtime_steps: DowntimeSteps,
+    /// Pre-copy, hybrid and auto: each round as it was sent (see [`RoundReport`]).
+    #[serde(default)]
+    pub rounds: Vec<RoundReport>,
+}
+
+/// One pre-copy round: what it sent, how long it took, what the guest wrote meanwhile
+/// (the next round's pages, or the stop-and-copy's), and the throttle it ran under.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub pages: u64,
+    pub ms: f64,
+    /// Bytes per second the peer took over the rounds of dirty pages so far (round 0's
+    /// alone for round 0), the rate the pause decision uses.
+    pub mib_per_s: f64,
+    /// Pages written while this round was sent.
+    pub dirty_after: u64,
+    pub throttle_percent: u32,
 }
 
 /// The switch-over's steps as the source timed them, in milliseconds: stopping the

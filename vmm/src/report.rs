@@ -140,6 +140,9 @@ pub struct RunReport {
     pub fault_us_p50: f64,
     pub fault_us_p99: f64,
     pub faults: Option<FaultReport>,
+    /// A migration destination's population of its RAM while it waited (how it ended,
+    /// how far it got); None where none ran.
+    pub populate: Option<guest_mm::ram::populate::PopulateReport>,
     pub zaps: u64,
     pub memmap: Option<Memmap>,
     pub numa_hint_faults: u64,
@@ -554,6 +557,7 @@ pub fn assemble(
         fault_us_p50: faults.as_ref().map(|f| f.fault_us_p50).unwrap_or(0.0),
         fault_us_p99: faults.as_ref().map(|f| f.fault_us_p99).unwrap_or(0.0),
         faults,
+        populate: mem.populate.clone(),
         zaps: mem.zaps,
         memmap: figures.memmap,
         numa_hint_faults: numa.as_ref().map(|n| n.numa_hint_faults).unwrap_or(0),

@@ -1,6 +1,7 @@
 //! Tests of guest RAM on this host: views, emulated NUMA moves, prefault, memfd names.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 
 use super::*;
 use crate::config::ThpMode;
@@ -281,6 +282,19 @@ fn an_incoming_vm_populates_its_ram_and_keeps_what_arrived() {
     shmem.read_page(Gpa(8 << 20), &mut back[..4096]).unwrap();
     assert!(back[..4096].iter().all(|&b| b == 0));
     assert_eq!(shmem.huge_mapped_bytes(View::Guest).unwrap(), 0);
+    // Pages arriving now are copied through the populated staging view, into the memfd
+    // the guest view maps.
+    assert_eq!(shmem.ram.staging_populated.load(Ordering::Acquire), size);
+    shmem.write_pages(Gpa(8 << 20), &page[..8192]).unwrap();
+    let mut file = vec![0u8; 8192];
+    let fd = shmem.ram.memfd().unwrap();
+    // SAFETY: reads into a live buffer of its length from our own memfd.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), file.as_mut_ptr().cast(), 8192, 8 << 20) };
+    assert_eq!(n, 8192);
+    assert!(
+        file == page[..8192],
+        "the copy through the staging view reached the memfd"
+    );
     let report = shmem.stop().populate.unwrap();
     assert_eq!((report.end, report.bytes), ("complete", Some(size)));
     // Anonymous RAM has no page cache to fill ahead.

@@ -21,7 +21,7 @@ use std::time::Instant;
 use super::{RoundPages, Session, State};
 use crate::error::{Error, HostCall, Step};
 use crate::host::Phase;
-use crate::report::Converged;
+use crate::report::{Converged, RoundReport};
 use crate::wire::message::Message;
 use crate::Mode;
 
@@ -136,7 +136,15 @@ impl Session<'_> {
             start,
         );
         self.report.precopy_rounds = n + 1;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
         let dirty = self.take_dirty(step)?;
+        self.report.rounds.push(RoundReport {
+            pages: sent,
+            ms,
+            mib_per_s: self.convergence.rate / f64::from(1 << 20),
+            dirty_after: dirty.len() as u64,
+            throttle_percent: self.convergence.throttle,
+        });
         let next = match self.req.mode {
             Mode::Hybrid if n + 1 < HYBRID_ROUNDS => Next::Round,
             Mode::Hybrid => Next::Pause(Converged::NotApplicable),

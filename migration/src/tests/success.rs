@@ -44,6 +44,14 @@ fn precopy_rounds_until_the_dirty_set_stops_shrinking_then_hands_over() {
     assert_eq!(s.precopy_rounds, 4, "{s:?}");
     assert!(s.pages_precopy >= 1024 + 3 * 8 + 8, "{s:?}");
     assert_eq!(d.pages, s.pages_precopy);
+    // Each round in the report: round 0 all of RAM, then what the one before left.
+    let sent: Vec<u64> = s.rounds.iter().map(|r| r.pages).collect();
+    assert_eq!(sent.len(), 4, "{s:?}");
+    assert_eq!(sent[0], 1024, "{s:?}");
+    for w in s.rounds.windows(2) {
+        assert_eq!(w[1].pages, w[0].dirty_after, "{s:?}");
+    }
+    assert!(s.rounds.iter().all(|r| r.mib_per_s > 0.0), "{s:?}");
     assert!(s.memory_hash.is_some());
     assert!(
         s.bytes_sent < 3 * MIB,
